@@ -102,6 +102,7 @@ class DataConfig:
 
     dataset: str = "occluded_duke"
     root: Optional[str] = None  # folder or URL prefix holding index.json and the shards
+    eval_root: Optional[str] = None  # query/gallery from another dataset (Market→Occluded-REID); None: root
     train_urls: List[str] = field(default_factory=list)  # explicit shard URLs; empty: from root/index.json
     query_urls: List[str] = field(default_factory=list)
     gallery_urls: List[str] = field(default_factory=list)
