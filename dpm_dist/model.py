@@ -185,7 +185,10 @@ class DPMNet(nn.Module):
         return self.backbone(images, camids)
 
     def forward(self, images: torch.Tensor, camids: Optional[torch.Tensor] = None) -> DPMOutput:
-        enc = self.encode(images, camids)
+        return self.head(self.encode(images, camids))
+
+    def head(self, enc: BackboneOutput) -> DPMOutput:
+        """BNNeck and mask generator on top of a backbone output."""
         return DPMOutput(
             feat=enc.feat,
             feat_bn=self.bottleneck(enc.feat),

@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# One node, N processes (GPUs, or CPU processes with gloo):
+#   bash launch/torchrun.sh 8 experiment=occluded_duke engine=zero1_fp16 model.pretrained=/weights/jx_vit_base_p16_224-80ecf9dd.pth
+# Several nodes, static rendezvous (run on every node with its NODE_RANK):
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 bash launch/torchrun.sh 8 experiment=occluded_duke
+# Several nodes, c10d rendezvous (elastic membership; same command on every node):
+#   NNODES=2 RDZV_ENDPOINT=10.0.0.1:29400 RDZV_ID=dpm42 bash launch/torchrun.sh 8 experiment=occluded_duke
+# data.num_ids is per rank: the global batch is num_ids × num_instances × world size (paper: 16×4 on 1 GPU).
+set -euo pipefail
+NPROC=${1:?usage: torchrun.sh NPROC_PER_NODE [hydra overrides...]}
+shift
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+NNODES=${NNODES:-1}
+if [ -n "${RDZV_ENDPOINT:-}" ]; then
+    exec "$PY" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC" \
+        --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "${RDZV_ID:-dpm}" \
+        -m dpm_dist.cli "$@"
+elif [ "$NNODES" -gt 1 ]; then
+    exec "$PY" -m torch.distributed.run --nnodes "$NNODES" --node-rank "${NODE_RANK:?set NODE_RANK}" \
+        --nproc-per-node "$NPROC" --master-addr "${MASTER_ADDR:?set MASTER_ADDR}" --master-port "${MASTER_PORT:-29500}" \
+        -m dpm_dist.cli "$@"
+else
+    exec "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" -m dpm_dist.cli "$@"
+fi
