@@ -137,3 +137,26 @@ def test_exact_equals_reference_world_size_2_zero_1_and_2(tmp_path):
     reference = torch.load(tmp_path / "reference_0.pt")
     for name in ("exact_1.pt", "exact_2.pt"):
         _assert_same(torch.load(tmp_path / name), reference, atol=1e-5)
+
+
+@pytest.mark.parametrize("precision,zero", [("bf16", 1), ("fp16", 0), ("fp16", 2)])
+def test_mixed_precision_runs_with_fp32_weights_and_loss_scaling(single_process, precision, zero):
+    from dpm_dist.engine import DPMEngine
+
+    engine = DPMEngine(W.fresh_model(), W.make_cfg("exact", zero, precision=precision), single_process)
+    engine.start_epoch(2)
+    for batch in W.batches(single_process, 2):
+        metrics = engine.step(batch)
+    assert all(math.isfinite(v) for v in metrics.values())
+    assert engine.model.prototypes.dtype == torch.float32  # autocast keeps fp32 master weights, like the official AMP
+    assert ("loss_scale" in metrics) == (precision == "fp16")
+
+
+def test_deepspeed_config_never_inherits_gradient_clipping():
+    from dpm_dist.engine import deepspeed_config
+
+    cfg = W.make_cfg("exact", 2)
+    ds = deepspeed_config(cfg, DistEnv(world_size=2, rank=0))
+    assert ds["gradient_clipping"] == 0.0 and ds["zero_optimization"]["stage"] == 2
+    assert ds["train_batch_size"] == 12 and ds["train_micro_batch_size_per_gpu"] == 6
+    assert "torch_autocast" not in ds
