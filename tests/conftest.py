@@ -1,0 +1,91 @@
+"""Shared fixtures: a tiny synthetic shard set, and real loopback HTTP and S3 (moto) servers serving it."""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+TINY = dict(seed=3, num_ids=8, num_test_ids=5, images_per_id=6, query_per_id=2, gallery_per_id=3, num_cams=3,
+            height=32, width=16, max_count=6)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Synthetic shards: 8 train ids × 6 images (8 shards), 5 test ids × (2 query + 3 gallery), 32×16 px.
+
+    Session-scoped and read-only: tests that damage shards copy them first.
+    """
+    from dpm_dist.synth import write_synthetic_shards
+
+    return Path(write_synthetic_shards(str(tmp_path_factory.mktemp("tiny") / "synthetic"), **TINY))
+
+
+class _Handler(SimpleHTTPRequestHandler):
+    """Static files; anything under /private/ answers 403 (an unauthorised bucket)."""
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/private/"):
+            self.send_error(403, "Forbidden")
+            return
+        super().do_GET()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="session")
+def http_root(tiny_shards: Path) -> Iterator[str]:
+    """``http://127.0.0.1:PORT`` serving the parent folder of ``tiny_shards`` from a thread."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(_Handler, directory=str(tiny_shards.parent)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint() -> Iterator[str]:
+    """A moto S3 server on loopback (the way s3fs tests itself) with dummy credentials."""
+    from moto.server import ThreadedMotoServer
+
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE",
+                                            "BOTO_CONFIG", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", BOTO_CONFIG="/dev/null",
+                      AWS_DEFAULT_REGION="us-east-1")
+    os.environ.pop("AWS_PROFILE", None)
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    yield f"http://127.0.0.1:{port}"
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def s3_shards(s3_endpoint: str, tiny_shards: Path) -> str:
+    """``s3://dpm-test/synthetic``: the tiny shards uploaded to a bucket of the moto server."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, skip_instance_cache=True)
+    fs.mkdir("dpm-test")
+    for path in sorted(tiny_shards.iterdir()):
+        fs.put_file(str(path), f"dpm-test/synthetic/{path.name}")
+    return "s3://dpm-test/synthetic"

@@ -1,0 +1,116 @@
+"""Bad input: every case raises an error naming the shard/key/URL (or, when configured, a counted skip)."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from dpm_dist.dist import DistEnv
+from dpm_dist.loader import build_eval_loader, build_train_loader, load_manifest
+from dpm_dist.shards import ShardError, read_manifest, write_dataset
+from dpm_dist.storage import StorageError
+from dpm_dist.synth import SynthSpec, synth_samples
+from tests.conftest import free_port
+from tests.test_loader import data_cfg
+
+
+@pytest.fixture
+def copy(tiny_shards: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_shards, root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def corrupt_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 ids × 2 train images (so every P=3×K=2 batch holds every image), one of them a cut-off JPEG."""
+    spec = SynthSpec(seed=0, num_ids=3, num_test_ids=2, images_per_id=2, query_per_id=1, gallery_per_id=2,
+                     height=32, width=16)
+    samples = list(synth_samples(spec))
+    bad = next(i for i, s in enumerate(samples) if s.role == "train")
+    samples[bad] = samples[bad].__class__(**{**vars(samples[bad]), "jpg": samples[bad].jpg[:200]})
+    root = tmp_path_factory.mktemp("corrupt")
+    write_dataset(samples, str(root), dataset="synthetic", max_count=3)
+    return root
+
+
+CORRUPT_KEY = "train_0001_c1s1_000000_00"  # the first training image synthesised
+
+
+@pytest.mark.parametrize("sampler", ["stream", "exact"])
+def test_corrupt_image_is_named_or_skipped_and_counted(corrupt_root: Path, sampler: str,
+                                                       caplog: pytest.LogCaptureFixture) -> None:
+    key = CORRUPT_KEY
+    cfg = data_cfg(str(corrupt_root), sampler=sampler, shuffle_buffer=6, batches_per_epoch=10)
+    with pytest.raises(ShardError, match=rf"shard .*train-0000\d\.tar.*{key}.*corrupt image"):
+        list(build_train_loader(cfg, DistEnv(), epoch=1, seed=0))
+    skip = data_cfg(str(corrupt_root), sampler=sampler, shuffle_buffer=6, batches_per_epoch=10, skip_corrupt=True)
+    with caplog.at_level(logging.WARNING, logger="dpm_dist.loader"):
+        batches = list(build_train_loader(skip, DistEnv(), epoch=1, seed=0))
+    assert batches
+    for batch in batches:
+        assert sorted(Counter(batch["pids"].tolist()).values()) == [2, 2, 2]  # still exactly P×K
+        assert key not in batch["keys"]  # replaced by the other image of the same identity
+    assert any(key in r.getMessage() and "skipping corrupt sample" in r.getMessage() for r in caplog.records)
+
+
+def test_truncated_tar_is_named(copy: Path) -> None:
+    name = read_manifest(str(copy))["splits"]["train"]["shards"][0]["name"]
+    data = (copy / name).read_bytes()
+    (copy / name).write_bytes(data[: len(data) // 2 + 100])
+    with pytest.raises(ShardError, match=rf"{name}: truncated: \d+ bytes, index.json says {len(data)}"):
+        build_train_loader(data_cfg(str(copy), sampler="exact"), DistEnv(), epoch=1, seed=0)
+    for sampler in ("exact", "stream"):  # without the manifest's sizes the tar reader must notice
+        cfg = data_cfg(str(copy), sampler=sampler, verify_sha=False, train_urls=[str(copy / name)],
+                       batches_per_epoch=3)
+        with pytest.raises(ShardError, match=rf"{name}: truncated"):
+            list(build_train_loader(cfg, DistEnv(), epoch=1, seed=0))
+
+
+def test_sha_mismatch_is_named(copy: Path) -> None:
+    name = read_manifest(str(copy))["splits"]["gallery"]["shards"][1]["name"]
+    data = bytearray((copy / name).read_bytes())
+    data[1500] ^= 0x01
+    (copy / name).write_bytes(bytes(data))
+    with pytest.raises(ShardError, match=rf"{name}: sha256 mismatch"):
+        list(build_eval_loader(data_cfg(str(copy)), DistEnv(), "gallery"))
+
+
+def test_missing_shard_is_named_even_from_a_worker_process(copy: Path) -> None:
+    name = read_manifest(str(copy))["splits"]["gallery"]["shards"][0]["name"]
+    (copy / name).unlink()
+    with pytest.raises(StorageError, match=rf"{name} does not exist"):
+        list(build_eval_loader(data_cfg(str(copy), num_workers=2), DistEnv(), "gallery"))
+
+
+def test_unreachable_storage_fails_after_bounded_retries() -> None:
+    port = free_port()  # nothing listens there
+    with pytest.raises(StorageError, match=rf"http://127.0.0.1:{port}/x/index.json is unreachable after 2 attempts"):
+        load_manifest(data_cfg(f"http://127.0.0.1:{port}/x"))
+    with pytest.raises(StorageError, match=r"s3://bucket/x/index.json is unreachable after 2 attempts"):
+        load_manifest(data_cfg("s3://bucket/x", s3_endpoint=f"http://127.0.0.1:{port}"))
+
+
+def test_unauthorised_storage_is_not_retried(http_root: str, s3_shards: str, s3_endpoint: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(StorageError, match=rf"access to {http_root}/private/x/index.json was refused"):
+        load_manifest(data_cfg(f"{http_root}/private/x"))
+    import moto.settings
+
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # the server now checks credentials
+    with pytest.raises(StorageError, match=rf"access to {s3_shards}/index.json was refused"):
+        load_manifest(data_cfg(s3_shards, s3_endpoint=s3_endpoint))
+    with pytest.raises(StorageError, match="s3://no-such-bucket/x/index.json does not exist"):
+        monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", float("inf"))
+        load_manifest(data_cfg("s3://no-such-bucket/x", s3_endpoint=s3_endpoint))
+
+
+def test_fewer_identities_than_p_is_an_error(tiny_shards: Path) -> None:
+    for sampler in ("stream", "exact"):
+        with pytest.raises(ValueError, match="P=9 but the training set .* has only 8 identities"):
+            build_train_loader(data_cfg(str(tiny_shards), sampler=sampler, num_ids=9, shuffle_buffer=18), DistEnv(),
+                               epoch=1, seed=0)

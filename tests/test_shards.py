@@ -1,0 +1,195 @@
+"""Shard writing for every layout, the manifest, atomic writes, ``dpm-shards verify`` and the CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import tarfile
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dpm_dist.layouts import parse_market_name, parse_msmt_name, scan_layout
+from dpm_dist.shards import (Sample, iter_shard, read_manifest, split_contiguous, verify, write_dataset,
+                             write_records)
+from dpm_dist.shards_cli import main as shards_main
+
+
+def save_image(path: Path, colour: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = {".jpg": "JPEG", ".png": "PNG", ".tif": "TIFF"}[path.suffix]
+    Image.new("RGB", (8, 16), (colour, 255 - colour, 40)).save(path, format=fmt)
+
+
+def market_folder(root: Path, ext: str = ".jpg") -> Dict[str, List[Tuple[int, int]]]:
+    """Market-style folder: pids 0 (distractor), 2, 5, 11, junk -1 in the gallery; a digit-laden parent dir."""
+    files = {"bounding_box_train": [(11, 1), (11, 2), (2, 1), (5, 3), (5, 3)],
+             "query": [(2, 1), (5, 2)], "bounding_box_test": [(2, 2), (5, 1), (0, 4), (-1, 3)]}
+    for sub, items in files.items():
+        for i, (pid, cam) in enumerate(items):
+            save_image(root / sub / f"{pid:04d}_c{cam}s1_{i:06d}_00{ext}", 10 * i + pid)
+    return files
+
+
+def test_market_style_layouts_round_trip(tmp_path: Path) -> None:
+    src = tmp_path / "run_c9" / "Market"  # digits + "_c" in a parent folder must not be parsed
+    market_folder(src)
+    for layout in ("market1501", "dukemtmc", "occluded_duke"):
+        out = tmp_path / layout
+        manifest = write_records(scan_layout(layout, str(src)), str(out), dataset=layout, max_count=2)
+        assert read_manifest(str(out)) == json.loads((out / "index.json").read_text())
+        assert manifest["dataset"] == layout and manifest["num_train_ids"] == 3
+        assert manifest["relabel"] == {"2": 0, "5": 1, "11": 2}  # sorted pids
+        train = manifest["splits"]["train"]
+        assert train["num_samples"] == 5 and len(train["shards"]) == 3 and train["cams"] == {"0": 2, "1": 1, "2": 2}
+        gallery = manifest["splits"]["gallery"]
+        assert gallery["num_samples"] == 3 and gallery["num_ids"] == 3  # junk -1 dropped, pid 0 kept
+        assert manifest["num_cams"] == 4
+        assert verify(str(out)) == []
+        samples = [s for e in train["shards"] for s in iter_shard(e["name"], (out / e["name"]).read_bytes())]
+        metas = {s["key"]: s["meta"] for s in samples}
+        meta = metas["train_0011_c2s1_000001_00"]
+        assert meta == {"pid": 11, "label": 2, "camid": 1, "split": "train", "role": "train",
+                        "source": "bounding_box_train/0011_c2s1_000001_00.jpg"}
+        jpg = next(s["jpg"] for s in samples if s["key"] == "train_0011_c2s1_000001_00")
+        assert jpg == (src / meta["source"]).read_bytes()  # JPEGs are copied, not re-encoded
+
+
+def test_generic_layout_reencodes_png_and_allows_missing_splits(tmp_path: Path) -> None:
+    for name in ("0003_c1_a.png", "0003_c2_b.png", "0007_c1_c.png"):
+        save_image(tmp_path / "src" / "bounding_box_train" / name, 100)
+    manifest = write_records(scan_layout("generic", str(tmp_path / "src")), str(tmp_path / "out"), dataset="generic")
+    assert set(manifest["splits"]) == {"train"} and manifest["num_train_ids"] == 2
+    shard = manifest["splits"]["train"]["shards"][0]["name"]
+    sample = next(iter_shard(shard, (tmp_path / "out" / shard).read_bytes()))
+    assert sample["jpg"][:3] == b"\xff\xd8\xff"
+    assert Image.open(io.BytesIO(sample["jpg"])).size == (8, 16)
+
+
+def test_msmt17_from_list_files(tmp_path: Path) -> None:
+    lists = {"list_train.txt": ("train", [(0, 1), (0, 3), (4, 15)]), "list_val.txt": ("train", [(4, 2)]),
+             "list_query.txt": ("test", [(9, 2)]), "list_gallery.txt": ("test", [(9, 5), (12, 2)])}
+    for list_name, (sub, items) in lists.items():
+        lines = []
+        for i, (pid, cam) in enumerate(items):
+            rel = f"{pid:04d}/{pid:04d}_{i:03d}_{cam:02d}_0303morning_{i:04d}_0.jpg"
+            save_image(tmp_path / "MSMT17_V1" / sub / rel, pid + i)
+            lines.append(f"{rel} {pid}\n")
+        (tmp_path / "MSMT17_V1" / list_name).write_text("".join(lines))
+    manifest = write_records(scan_layout("msmt17", str(tmp_path / "MSMT17_V1")), str(tmp_path / "out"), dataset="msmt17")
+    assert manifest["splits"]["train"]["num_samples"] == 4  # train + val
+    assert manifest["splits"]["train"]["cams"] == {"0": 1, "1": 1, "2": 1, "14": 1}
+    assert manifest["relabel"] == {"0": 0, "4": 1} and manifest["num_cams"] == 15
+    assert manifest["splits"]["gallery"]["num_ids"] == 2 and verify(str(tmp_path / "out")) == []
+
+
+def test_occluded_reid_raw_release_is_renamed_like_rename_py(tmp_path: Path) -> None:
+    src = tmp_path / "Occluded_REID"
+    for folder in ("occluded_body_images", "whole_body_images"):
+        for pid in (1, 200):
+            for idx in (1, 2, 5):
+                save_image(src / folder / f"{pid:03d}" / f"{pid:03d}_{idx:02d}.tif", pid % 255)
+    manifest = write_records(scan_layout("occluded_reid", str(src)), str(tmp_path / "out"), dataset="occluded_reid")
+    assert set(manifest["splits"]) == {"query", "gallery"} and manifest["num_train_ids"] == 0
+    assert manifest["splits"]["query"]["cams"] == {"0": 6} and manifest["splits"]["gallery"]["cams"] == {"2": 6}
+    out = tmp_path / "out"
+    keys = {s["key"]: s["meta"] for role in ("query", "gallery")
+            for e in manifest["splits"][role]["shards"] for s in iter_shard(e["name"], (out / e["name"]).read_bytes())}
+    assert keys["query_0200_c1s1_000250_00"]["source"] == "occluded_body_images/200/200_05.tif"
+    assert keys["gallery_0001_c3s3_000100_00"]["camid"] == 2 and keys["gallery_0001_c3s3_000100_00"]["pid"] == 1
+    assert verify(str(out)) == []
+
+
+def test_names_are_parsed_from_the_basename_and_bad_names_are_named(tmp_path: Path) -> None:
+    assert parse_market_name("some/dir_c7/0042_c3s1_000151_01.jpg") == (42, 2)
+    assert parse_market_name("-1_c1s1_000001_00.jpg") == (-1, 0)
+    assert parse_msmt_name("0007/0007_011_09_0303morning_0015_0.jpg") == (7, 8)
+    with pytest.raises(ValueError, match="holiday.jpg"):
+        parse_market_name("query/holiday.jpg")
+    save_image(tmp_path / "bounding_box_train" / "0001_c1s1_000001_00.jpg", 1)
+    save_image(tmp_path / "bounding_box_train" / "person.jpg", 1)
+    with pytest.raises(ValueError, match="person.jpg"):
+        scan_layout("generic", str(tmp_path))
+    (tmp_path / "bounding_box_train" / "person.jpg").unlink()
+    with pytest.raises(ValueError, match="query"):
+        scan_layout("market1501", str(tmp_path))  # missing folder named
+
+
+def sample(i: int, role: str = "train") -> Sample:
+    buf = io.BytesIO()
+    Image.fromarray(np.full((16, 8, 3), i * 20 % 255, np.uint8)).save(buf, format="JPEG")
+    return Sample(f"{role}_{i:04d}", buf.getvalue(), pid=i % 3, camid=i % 2, role=role, source=f"x/{i}.jpg")
+
+
+def test_shards_roll_over_by_count_and_bytes(tmp_path: Path) -> None:
+    by_count = write_dataset([sample(i) for i in range(10)], str(tmp_path / "a"), dataset="generic", max_count=4)
+    assert [e["num_samples"] for e in by_count["splits"]["train"]["shards"]] == [4, 4, 2]
+    same = [Sample(f"train_{i}", sample(0).jpg, i % 3, 0, "train", f"x/{i}.jpg") for i in range(10)]
+    size = len(sample(0).jpg) + 1536
+    by_bytes = write_dataset(same, str(tmp_path / "b"), dataset="generic", max_bytes=3 * size)
+    assert [e["num_samples"] for e in by_bytes["splits"]["train"]["shards"]] == [3, 3, 3, 1]
+    assert by_count["train_label_counts"] == [4, 3, 3]
+
+
+def test_a_crash_while_writing_leaves_no_complete_looking_shard(tmp_path: Path) -> None:
+    from dpm_dist.shards import write_shards
+
+    samples = [sample(i) for i in range(6)]
+    samples[5] = Sample("train_bad", sample(5).jpg, object(), 0, "train", "x/bad.jpg")  # fails mid-tar
+    with pytest.raises(TypeError):
+        write_shards(samples, str(tmp_path), "train", labels={}, max_count=4, max_bytes=1 << 30)
+    names = sorted(os.listdir(tmp_path))
+    assert names == ["train-00000.tar"]  # the finished shard only: no partial tar, no temp file
+    with tarfile.open(tmp_path / names[0]) as tar:
+        assert len(tar.getnames()) == 8
+
+
+def test_verify_reports_problems_by_shard_and_key(tiny_shards: Path, tmp_path: Path) -> None:
+    root = tmp_path / "copy"
+    shutil.copytree(tiny_shards, root)
+    manifest = read_manifest(str(root))
+    first, second = (e["name"] for e in manifest["splits"]["train"]["shards"][:2])
+    data = bytearray((root / first).read_bytes())
+    data[2000] ^= 0xFF  # same size, different bytes
+    (root / first).write_bytes(bytes(data))
+    (root / second).unlink()
+    problems = verify(str(root))
+    assert any(first in p and "sha256 mismatch" in p for p in problems)
+    assert any(second in p and "does not exist" in p for p in problems)
+    assert any("split train" in p for p in problems)
+    assert shards_main(["verify", str(root)]) == 1
+    assert shards_main(["verify", str(tiny_shards)]) == 0
+
+
+def test_verify_decodes_every_image(tmp_path: Path) -> None:
+    samples = [sample(i) for i in range(4)]
+    samples[2] = Sample("train_0002", samples[2].jpg[:40], 2, 0, "train", "x/2.jpg")
+    write_dataset(samples, str(tmp_path), dataset="generic")
+    problems = verify(str(tmp_path))
+    assert len(problems) == 1 and "train_0002" in problems[0] and "train-00000.tar" in problems[0]
+
+
+def test_cli_write_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    market_folder(tmp_path / "src")
+    assert shards_main(["write", "--layout", "market1501", "--src", str(tmp_path / "src"), "--out",
+                        str(tmp_path / "out"), "--max-bytes", "1kB"]) == 0
+    manifest = read_manifest(str(tmp_path / "out"))
+    assert len(manifest["splits"]["train"]["shards"]) == 5  # one sample per 1 kB shard
+    assert "train: 5 images / 3 ids / 5 shards" in capsys.readouterr().out
+    assert shards_main(["write", "--layout", "market1501", "--src", str(tmp_path / "nope"), "--out",
+                        str(tmp_path / "o2")]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_split_contiguous_covers_every_shard_once() -> None:
+    counts = [5, 1, 7, 3, 3, 9, 2]
+    for world in (1, 2, 3, 5, 9):
+        parts = [split_contiguous(counts, r, world) for r in range(world)]
+        flat = [i for p in parts for i in p]
+        assert flat == list(range(len(counts)))  # contiguous, in order, exactly once
+    assert split_contiguous([4], 1, 2) == []
