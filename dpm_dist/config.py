@@ -120,6 +120,11 @@ class DataConfig:
     batches_per_epoch: int = 0  # stream mode: 0 = dataset size / (P·K·world)
     skip_corrupt: bool = False  # count and log corrupt samples instead of raising
     eval_batch_size: int = 256
+    verify_sha: bool = True  # check every shard's size and sha256 against index.json when it is read
+    cache_dir: Optional[str] = None  # exact mode: local copies of remote shards; None: ~/.cache/dpm-dist/shards
+    io_retries: int = 3  # attempts per remote read (index.json, shards), with doubling backoff
+    io_backoff_s: float = 0.5  # first wait between attempts
+    io_timeout_s: float = 30.0  # per-request timeout for HTTP(S) and S3
 
     def __post_init__(self) -> None:
         _check_choice(self.dataset, "data.dataset", DATASETS)
@@ -134,6 +139,9 @@ class DataConfig:
         _check(self.shuffle_buffer >= self.num_ids * self.num_instances, "data.shuffle_buffer", "must hold at least one P×K batch")
         _check(self.batches_per_epoch >= 0, "data.batches_per_epoch", f"must be >= 0, got {self.batches_per_epoch}")
         _check(self.eval_batch_size > 0, "data.eval_batch_size", f"must be > 0, got {self.eval_batch_size}")
+        _check(self.io_retries >= 1, "data.io_retries", f"must be >= 1, got {self.io_retries}")
+        _check(self.io_backoff_s >= 0.0, "data.io_backoff_s", f"must be >= 0, got {self.io_backoff_s}")
+        _check(self.io_timeout_s > 0.0, "data.io_timeout_s", f"must be > 0, got {self.io_timeout_s}")
 
     @property
     def batch_size(self) -> int:
@@ -193,17 +201,18 @@ class EngineConfig:
 
 @dataclass
 class EvalConfig:
-    """Retrieval protocol (SPEC §7)."""
+    """Retrieval protocol (SPEC §7) and the distributed evaluator (dpm_dist/evaluator.py)."""
 
     period: int = 10  # epochs between evaluations; the last epoch always evaluates
     distance: str = "masked_cosine"  # masked_cosine (DPM) | cosine | euclidean
-    max_rank: int = 50
-    query_chunk: int = 1024  # queries scored at once; bounds memory
-    rerank: bool = False  # k-reciprocal re-ranking (not used for the paper's numbers)
+    max_rank: int = 50  # CMC length (shortened to the gallery size when that is smaller)
+    query_chunk: int = 256  # queries scored at once: memory ~ query_chunk × gallery × 20 bytes; ranks take whole chunks
+    rerank: bool = False  # k-reciprocal re-ranking on plain Euclidean distances (not used for the paper's numbers)
     rerank_k1: int = 20
     rerank_k2: int = 6
     rerank_lambda: float = 0.3
     num_pictures: int = 4  # ranked-list pictures written by dpm-eval
+    picture_topk: int = 10  # gallery items shown after each query
 
     def __post_init__(self) -> None:
         _check_choice(self.distance, "eval.distance", DISTANCES)
@@ -212,28 +221,108 @@ class EvalConfig:
         _check(self.query_chunk >= 1, "eval.query_chunk", f"must be >= 1, got {self.query_chunk}")
         _check(self.rerank_k1 >= 1 and self.rerank_k2 >= 1, "eval.rerank_k1", "k1 and k2 must be >= 1")
         _check(0.0 <= self.rerank_lambda <= 1.0, "eval.rerank_lambda", f"must be in [0, 1], got {self.rerank_lambda}")
+        _check(self.num_pictures >= 0, "eval.num_pictures", f"must be >= 0, got {self.num_pictures}")
+        _check(self.picture_topk >= 1, "eval.picture_topk", f"must be >= 1, got {self.picture_topk}")
+
+
+SPACE_TYPES = {  # search-space entry type -> the keys it needs
+    "uniform": ("low", "high"),
+    "loguniform": ("low", "high"),
+    "quniform": ("low", "high", "q"),
+    "randint": ("low", "high"),
+    "choice": ("values",),
+    "grid": ("values",),
+}
+
+
+SCALAR_TYPES = ("float", "int", "str", "bool", "Optional[float]", "Optional[int]", "Optional[str]")
+
+
+def _scalar_field_type(key: str) -> Optional[str]:
+    """The type (as written) of the scalar :class:`DPMConfig` field named by dotted ``key``, or None."""
+    import dataclasses
+
+    sections = {cls.__name__: cls for cls in (ModelConfig, LossConfig, DataConfig, OptimConfig, EngineConfig,
+                                              EvalConfig, LogConfig, SearchConfig)}
+    node: Any = DPMConfig
+    *path, leaf = key.split(".")
+    for part in path:  # field types are strings here (``from __future__ import annotations``)
+        types = {f.name: f.type for f in dataclasses.fields(node)}
+        if types.get(part) not in sections:
+            return None
+        node = sections[types[part]]
+    kind = {f.name: f.type for f in dataclasses.fields(node)}.get(leaf)
+    return kind if kind in SCALAR_TYPES else None
+
+
+def check_space_entry(key: str, entry: Any, searcher: str) -> None:
+    """Raise ``ValueError`` naming ``search.space.<key>`` when the entry is malformed."""
+    name = f"search.space.{key}"
+    field_type = _scalar_field_type(key)
+    _check(key.split(".")[0] not in ("search", "log") and field_type is not None, name,
+           "not a searchable config field (expected a dotted key such as loss.alpha, loss.beta, loss.margin, "
+           "loss.scale or optim.base_lr)")
+    _check(isinstance(entry, dict) and "type" in entry, name, f"expected {{type: ..., ...}}, got {entry!r}")
+    kind = entry["type"]
+    _check(kind in SPACE_TYPES, name, f"unknown type {kind!r}; expected one of {', '.join(SPACE_TYPES)}")
+    needed = SPACE_TYPES[kind]
+    extra = sorted(set(entry) - set(needed) - {"type"})
+    _check(not extra, name, f"unexpected keys {extra} for type {kind} (it takes {', '.join(needed)})")
+    missing = [k for k in needed if k not in entry]
+    _check(not missing, name, f"type {kind} needs {', '.join(missing)}")
+    if "values" in needed:
+        values = entry["values"]
+        _check(isinstance(values, (list, tuple)) and len(values) > 0, name, f"values must be a non-empty list, got {values!r}")
+    else:
+        low, high = entry["low"], entry["high"]
+        _check(all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)), name,
+               f"low and high must be numbers, got {low!r}, {high!r}")
+        _check(low < high, name, f"low ({low}) must be < high ({high})")
+        if kind == "loguniform":
+            _check(low > 0, name, f"loguniform needs low > 0, got {low}")
+        if kind == "randint":
+            _check(isinstance(low, int) and isinstance(high, int), name, "randint needs integer low and high (high excluded)")
+        if kind == "quniform":
+            _check(entry["q"] > 0, name, f"q must be > 0, got {entry['q']}")
+        _check(kind == "randint" or "float" in field_type, name,
+               f"type {kind} samples floats but the field is {field_type} (use randint or choice)")
+        _check("int" in field_type or "float" in field_type, name, f"type {kind} samples numbers but the field is {field_type}")
+    _check(not (kind == "grid" and searcher == "optuna"), name,
+           "type grid cannot be used with search.searcher=optuna (use choice, or searcher=random/grid)")
+    _check(kind == "grid" or searcher != "grid", name, f"search.searcher=grid needs every entry to be type grid, got {kind}")
 
 
 @dataclass
 class SearchConfig:
-    """Ray Tune search over α, β, m, s (used by dpm-tune only)."""
+    """Ray Tune search over α, β, m, s, lr (``dpm-tune``; ``dpm-train`` reads only ``metric``, for its best checkpoint).
 
-    metric: str = "mAP"
+    ``space`` maps a dotted config key to ``{type: uniform|loguniform|quniform|randint|choice|grid, ...}``:
+    ``low``/``high`` (``q`` for quniform; randint excludes high) or ``values``.
+    """
+
+    metric: str = "mAP"  # evaluation metric reported to Tune: mAP | rank1 | mINP
     mode: str = "max"
-    searcher: str = "optuna"  # optuna | random | grid
+    searcher: str = "optuna"  # optuna (TPE) | random (grid entries expanded, others sampled) | grid
     scheduler: str = "asha"  # asha | fifo
-    num_samples: int = 8
+    num_samples: int = 8  # trials (random/optuna); repetitions of the whole grid (grid)
+    seed: Optional[int] = None  # searcher seed
     max_t: int = 0  # ASHA horizon in epochs; 0: optim.epochs
-    grace_period: int = 1
+    grace_period: int = 1  # ASHA: epochs before a trial can be stopped
     reduction_factor: int = 2
-    workers_per_trial: int = 1
-    cpus_per_worker: int = 1
+    workers_per_trial: int = 1  # Ray Train (DeepSpeed) workers per trial
+    cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
-    max_concurrent_trials: int = 0  # 0: derived from the cluster's resources
-    max_failures: int = 1
-    storage_path: Optional[str] = None  # local folder or s3://bucket/prefix
-    s3_endpoint: Optional[str] = None
-    name: str = "dpm_search"
+    driver_cpus: float = 1.0  # CPUs held by each trial's Tune function (the Ray Train driver)
+    max_concurrent_trials: int = 0  # 0: as many as the cluster's CPUs/GPUs hold
+    max_failures: int = 1  # worker-group restarts per trial, each from the trial's last checkpoint
+    storage_path: Optional[str] = None  # local folder, NFS, or s3://bucket/prefix; None: runs/tune
+    s3_endpoint: Optional[str] = None  # e.g. http://127.0.0.1:9000 for MinIO; None: AWS default chain
+    name: str = "dpm_search"  # experiment folder under storage_path; re-running resumes it
+    results_dir: Optional[str] = None  # local folder for results.csv and best/; None: <storage>/<name> if local
+    local_dir: Optional[str] = None  # node-local scratch for the workers' run folders; None: system temp
+    ray_address: Optional[str] = None  # None: $RAY_ADDRESS, else a new local Ray instance
+    num_cpus: int = 0  # CPUs of a new local Ray instance; 0: all of this machine
+    inject_crash_at_epoch: int = 0  # TESTS ONLY: rank 1 exits once (per search) at this epoch's report
     space: Dict[str, Any] = field(default_factory=dict)  # dotted key -> {type: uniform, low:, high:}
 
     def __post_init__(self) -> None:
@@ -242,7 +331,19 @@ class SearchConfig:
         _check_choice(self.searcher, "search.searcher", ("optuna", "random", "grid"))
         _check_choice(self.scheduler, "search.scheduler", ("asha", "fifo"))
         _check(self.num_samples >= 1, "search.num_samples", f"must be >= 1, got {self.num_samples}")
+        _check(self.max_t >= 0, "search.max_t", f"must be >= 0, got {self.max_t}")
+        _check(self.grace_period >= 1, "search.grace_period", f"must be >= 1, got {self.grace_period}")
+        _check(self.reduction_factor >= 2, "search.reduction_factor", f"must be >= 2, got {self.reduction_factor}")
         _check(self.workers_per_trial >= 1, "search.workers_per_trial", f"must be >= 1, got {self.workers_per_trial}")
+        _check(self.cpus_per_worker >= 0 and self.gpus_per_worker >= 0 and self.driver_cpus >= 0, "search.cpus_per_worker",
+               "cpus_per_worker, gpus_per_worker and driver_cpus must be >= 0")
+        _check(self.max_concurrent_trials >= 0, "search.max_concurrent_trials", f"must be >= 0, got {self.max_concurrent_trials}")
+        _check(self.max_failures >= 0, "search.max_failures", f"must be >= 0, got {self.max_failures}")
+        _check(self.num_cpus >= 0, "search.num_cpus", f"must be >= 0, got {self.num_cpus}")
+        _check(self.inject_crash_at_epoch >= 0, "search.inject_crash_at_epoch", f"must be >= 0, got {self.inject_crash_at_epoch}")
+        _check(bool(self.name) and "/" not in self.name, "search.name", f"must be a non-empty folder name, got {self.name!r}")
+        for key, entry in self.space.items():
+            check_space_entry(key, entry, self.searcher)
 
 
 @dataclass

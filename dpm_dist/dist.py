@@ -60,36 +60,26 @@ def device_for(env: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def init_process_group(env: DistEnv, *, timeout_s: float = 600.0) -> None:
     """Initialise the default process group once: NCCL on GPUs, gloo on CPUs.
 
-    A single process gets a world of one on loopback too: DeepSpeed's engines expect a process group.
+    A single process gets a world of one over an in-memory store: DeepSpeed's engines expect a process group.
     The collective helpers below stay the identity at world size 1.
     """
     if tdist.is_initialized():
         return
-    if not env.distributed:
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-        for name, value in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_WORLD_SIZE", 1)):
-            os.environ.setdefault(name, str(value))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(device_for(env))
-    tdist.init_process_group(
-        backend=backend,
-        rank=env.rank,
-        world_size=env.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if not env.distributed:
+        # An in-memory store: no port to pick (a free-port guess can be taken before it is bound, or an
+        # inherited MASTER_PORT can point at another process's store).
+        for name, value in (("RANK", 0), ("LOCAL_RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_WORLD_SIZE", 1)):
+            os.environ.setdefault(name, str(value))
+        tdist.init_process_group(backend=backend, store=tdist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        return
+    tdist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
 
 
 def is_active() -> bool:

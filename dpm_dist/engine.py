@@ -186,17 +186,28 @@ class DPMEngine:
             metrics["loss_scale"] = scale
         return metrics
 
-    def loss_scale(self) -> Optional[float]:
-        for engine in (self.main,):
+    def _scalers(self) -> Iterator[tuple[str, Any]]:
+        """The fp16 GradScaler of each engine (DeepSpeed's torch_autocast keeps it out of its checkpoints)."""
+        for name, engine in self.modules():
             scaler = getattr(engine, "torch_autocast_z0_gradscaler", None) or getattr(engine.optimizer, "torch_autocast_gradscaler", None)
             if scaler is not None:
-                return float(scaler.get_scale())
-        return None
+                yield name, scaler
+
+    def loss_scale(self) -> Optional[float]:
+        return next((float(scaler.get_scale()) for name, scaler in self._scalers() if name == "main"), None)
 
     # ------------------------------------------------------------------ state
     def modules(self) -> Iterator[tuple[str, Any]]:
         yield "main", self.main
         yield "mask", self.mask
+
+    def scaler_state(self) -> dict[str, Any]:
+        return {name: scaler.state_dict() for name, scaler in self._scalers()}
+
+    def load_scaler_state(self, state: dict[str, Any]) -> None:
+        for name, scaler in self._scalers():
+            if name in state:
+                scaler.load_state_dict(state[name])
 
     def scheduler_state(self) -> dict[str, Any]:
         return {"main": self.sched_main.state_dict(), "mask": self.sched_mask.state_dict() if self.sched_mask else None}

@@ -1,0 +1,47 @@
+"""``dpm-train``: the Hydra entry point. The same command runs under any launcher.
+
+    dpm-train                                   # the CPU demo (experiment=tiny on the synthetic shards)
+    dpm-train experiment=occluded_duke engine=zero1_fp16 model.pretrained=/path/jx_vit_base_p16_224-80ecf9dd.pth
+    torchrun --nproc-per-node 8 -m dpm_dist.cli experiment=occluded_duke
+    deepspeed --hostfile launch/hostfile --module dpm_dist.cli experiment=occluded_duke
+
+Re-running the same command resumes from ``<log.output_dir>/checkpoints/latest``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+CONFIG_DIR = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, "configs"))
+
+
+def run_training(cfg_node: Any) -> dict[str, float]:
+    """Validate the composed config, join the process group, train, and return the final metrics."""
+    from dpm_dist.config import to_config
+    from dpm_dist.dist import DistEnv, init_process_group
+    from dpm_dist.train import train
+
+    cfg = to_config(cfg_node)
+    if cfg.model.pretrained and not os.path.isfile(cfg.model.pretrained):  # before any process group or model
+        raise FileNotFoundError(f"config field `model.pretrained`: weights file not found: {cfg.model.pretrained}")
+    env = DistEnv.from_env()
+    init_process_group(env)
+    results = train(cfg, env)
+    if env.is_main:
+        print(json.dumps({"results": results, "tensorboard": os.path.join(os.path.abspath(cfg.log.output_dir), "tb")}), flush=True)
+    return results
+
+
+def main() -> None:
+    import hydra
+
+    from dpm_dist.config import register_configs
+
+    register_configs()
+    hydra.main(config_path=CONFIG_DIR, config_name="train", version_base="1.3")(run_training)()
+
+
+if __name__ == "__main__":
+    main()
