@@ -1,0 +1,248 @@
+"""dpm-tune: search-space validation, and real searches on a local Ray cluster (CPU, 2 DeepSpeed workers a trial).
+
+The slow test runs the ``dpm-tune`` command itself (a local Ray instance per run, started and shut down
+by the command): a search of 3 tiny trials with ASHA in which rank 1 of the first trial to reach epoch 2
+exits once (``search.inject_crash_at_epoch``) and is recovered from the epoch-1 checkpoint; the search
+is interrupted with SIGINT after its first trial, while the second one runs, and resumed by re-running the same command; the best
+trial's preset is then trained by ``dpm-train``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from dpm_dist.cli import CONFIG_DIR
+from dpm_dist.config import SearchConfig, register_configs, to_config
+
+TUNE_PRESETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "tune").glob("*.yaml"))
+VENV_BIN = Path(sys.executable).parent
+RUN_TIMEOUT_S = 420  # one dpm-tune command; the whole slow test stays well under this on 2 cores
+
+
+def _base(overrides: list[str]) -> dict:
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+        node = compose("train", overrides=overrides)
+    return OmegaConf.to_container(OmegaConf.structured(to_config(node)), resolve=True)
+
+
+# ---- search space and configuration (no Ray cluster) ---------------------------------------------
+
+@pytest.mark.parametrize("preset", TUNE_PRESETS)
+def test_every_tune_preset_composes_and_its_space_is_valid(preset):
+    from dpm_dist.tune import check_space, param_space
+
+    base = _base([f"+tune={preset}"])
+    assert base["search"]["space"], preset
+    check_space(base)
+    assert set(param_space(base["search"]["space"])) == set(base["search"]["space"])
+    text = (Path(CONFIG_DIR) / "tune" / f"{preset}.yaml").read_text().splitlines()
+    assert text[1].startswith(f"# dpm-tune tune={preset}")
+
+
+@pytest.mark.parametrize("entry, searcher, message", [
+    ({"loss.alpah": {"type": "uniform", "low": 0.1, "high": 0.9}}, "random", "search.space.loss.alpah`: not a searchable"),
+    ({"model.img_size": {"type": "choice", "values": [[128, 64]]}}, "random", "search.space.model.img_size`: not a searchable"),
+    ({"loss.beta": {"type": "loguniform", "low": 0.3, "high": 0.01}}, "random", "search.space.loss.beta`: low (0.3) must be < high"),
+    ({"loss.beta": {"type": "loguniform", "low": 0.0, "high": 0.3}}, "random", "search.space.loss.beta`: loguniform needs low > 0"),
+    ({"loss.margin": {"type": "normal", "low": 0.2, "high": 0.5}}, "random", "search.space.loss.margin`: unknown type 'normal'"),
+    ({"loss.scale": {"type": "grid", "values": [16.0, 30.0]}}, "optuna", "search.space.loss.scale`: type grid cannot be used with search.searcher=optuna"),
+    ({"loss.scale": {"type": "choice", "values": [16.0]}}, "grid", "search.space.loss.scale`: search.searcher=grid needs every entry"),
+    ({"loss.scale": {"type": "choice", "values": []}}, "random", "search.space.loss.scale`: values must be a non-empty list"),
+    ({"loss.margin": {"type": "uniform", "low": 0.2}}, "random", "search.space.loss.margin`: type uniform needs high"),
+    ({"loss.margin": {"type": "uniform", "low": 0.2, "high": 0.5, "q": 0.1}}, "random", "search.space.loss.margin`: unexpected keys ['q']"),
+    ({"optim.epochs": {"type": "randint", "low": 2.5, "high": 9}}, "random", "search.space.optim.epochs`: randint needs integer"),
+    ({"loss.alpha": "uniform(0, 1)"}, "random", "search.space.loss.alpha`: expected {type: ..., ...}"),
+    ({"data.num_ids": {"type": "uniform", "low": 4, "high": 8}}, "random", "search.space.data.num_ids`: type uniform samples floats but the field is int"),
+    ({"engine.update_mode": {"type": "randint", "low": 0, "high": 2}}, "random", "search.space.engine.update_mode`: type randint samples numbers but the field is str"),
+])
+def test_bad_search_space_entry_is_a_clear_error(entry, searcher, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        SearchConfig(searcher=searcher, space=entry)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"loss.alpha": {"type": "uniform", "low": 0.5, "high": 1.5}}, "search.space.loss.alpha`: value 1.5 gives an invalid config"),
+    ({"optim.epochs": {"type": "choice", "values": [3, 0]}}, "search.space.optim.epochs`: value 0 gives an invalid config"),
+    ({"data.num_ids": {"type": "randint", "low": 1, "high": 8}}, "search.space.data.num_ids`: value 1 gives an invalid config"),
+])
+def test_space_values_outside_the_schema_are_a_clear_error(entry, message):
+    from dpm_dist.tune import check_space
+
+    base = _base(["+tune=tiny_asha"])
+    base["search"]["space"] = entry
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_space(base)
+
+
+def test_bad_entry_stops_dpm_tune_before_any_trial(tmp_path):
+    proc = subprocess.run(
+        [str(VENV_BIN / "dpm-tune"), f"search.storage_path={tmp_path}",
+         "search.space={loss.beta: {type: loguniform, low: 0.3, high: 0.01}}"],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode != 0
+    assert "search.space.loss.beta`: low (0.3) must be < high (0.01)" in proc.stdout + proc.stderr
+    assert not (tmp_path / "tiny_asha").exists()
+
+
+def test_trial_config_applies_sampled_values_and_output_dir():
+    from dpm_dist.tune import trial_config
+
+    base = _base(["+tune=tiny_asha"])
+    cfg = trial_config(base, {"loss.alpha": 0.25, "loss.scale": 64.0, "optim.base_lr": 0.004}, output_dir="/x/rank_1")
+    assert (cfg.loss.alpha, cfg.loss.scale, cfg.optim.base_lr, cfg.log.output_dir) == (0.25, 64.0, 0.004, "/x/rank_1")
+    assert cfg.loss.beta == base["loss"]["beta"]
+
+
+def test_concurrency_follows_the_cluster_resources():
+    from dpm_dist.tune import concurrent_trials
+
+    search = SearchConfig(workers_per_trial=2, cpus_per_worker=1.0, driver_cpus=1.0).__dict__
+    assert concurrent_trials(search, {"CPU": 7.0}) == 2
+    gpu = SearchConfig(workers_per_trial=4, cpus_per_worker=8.0, gpus_per_worker=1.0).__dict__
+    assert concurrent_trials(gpu, {"CPU": 128.0, "GPU": 16.0}) == 3  # CPUs: 128 // 33 = 3, GPUs: 16 // 4 = 4
+    assert concurrent_trials(dict(gpu, max_concurrent_trials=1), {"CPU": 128.0, "GPU": 16.0}) == 1
+    with pytest.raises(ValueError, match="one trial needs 3 CPUs"):
+        concurrent_trials(search, {"CPU": 2.0})
+
+
+def test_asha_runs_on_the_reported_epoch():
+    from dpm_dist.tune import _scheduler
+
+    asha = _scheduler(SearchConfig(grace_period=2, reduction_factor=3).__dict__, epochs=9)
+    assert (asha._time_attr, asha._max_t, asha._reduction_factor) == ("epoch", 9, 3)
+    assert [rung for rung, _ in asha._brackets[0]._rungs] == [6, 2]  # stop decisions at epochs 2 and 6
+    assert type(_scheduler(SearchConfig(scheduler="fifo").__dict__, epochs=9)).__name__ == "FIFOScheduler"
+
+
+def test_tune_group_is_added_to_the_hydra_overrides():
+    from dpm_dist.tune_cli import hydra_argv
+
+    assert hydra_argv(["a.b=1"]) == ["+tune=tiny_asha", "a.b=1"]
+    assert hydra_argv(["tune=optuna_asha", "a.b=1"]) == ["+tune=optuna_asha", "a.b=1"]
+    assert hydra_argv(["+tune=grid_margin_scale"]) == ["+tune=grid_margin_scale"]
+
+
+# ---- a real search on a local Ray cluster ----------------------------------------------------------
+
+def _tune_command(tiny_shards: Path, out: Path) -> list[str]:
+    return [str(VENV_BIN / "dpm-tune"), "tune=tiny_asha", f"data.root={tiny_shards}", "data.num_ids=4",
+            "data.num_instances=2", "optim.epochs=3", "optim.steps_per_epoch=2", "search.num_samples=3",
+            "search.grace_period=2",  # ASHA's only rung is epoch 2: no trial can be stopped at epoch 1
+            f"search.storage_path={out / 'storage'}", f"search.local_dir={out / 'local'}",
+            f"search.results_dir={out / 'results'}", "search.num_cpus=2", "search.inject_crash_at_epoch=2"]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End a dpm-tune run (and with it the local Ray instance it started) if it is still going."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=30)
+
+
+def _env() -> dict[str, str]:
+    return dict(os.environ, DS_ACCELERATOR="cpu", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", RAY_DEDUP_LOGS="0",
+                PYTHONUNBUFFERED="1")
+
+
+def _result_lines(storage: Path) -> dict[str, int]:
+    return {p.parent.name: len(p.read_text().splitlines()) for p in storage.glob("tiny_asha/trial_*/result.json")}
+
+
+@pytest.mark.slow
+def test_search_with_crash_interrupt_resume_and_best_config_reuse(tiny_shards, tmp_path):
+    command = _tune_command(tiny_shards, tmp_path)
+    log1 = open(tmp_path / "run1.log", "w")
+    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=tmp_path)
+    try:
+        completed = interrupted = None
+        for line in first.stdout:  # Ctrl-C once a first trial is done and a second one has reported epoch 1
+            log1.write(line)
+            if found := re.search(r"Trial trial_(\w+) completed after", line):
+                completed = completed or found.group(1)
+            elif (found := re.search(r"Trial trial_(\w+) finished iteration 1 ", line)) and completed:
+                interrupted = found.group(1)
+                first.send_signal(signal.SIGINT)
+                break
+        assert interrupted is not None, (tmp_path / "run1.log").read_text()[-3000:]
+        log1.write(first.communicate(timeout=RUN_TIMEOUT_S)[0])
+    finally:
+        _stop(first)
+        log1.close()
+    run1 = (tmp_path / "run1.log").read_text()
+    assert "search.inject_crash_at_epoch: rank 1 exits at epoch 2" in run1
+    assert (tmp_path / "local" / "tiny_asha" / ".crash_injected").exists()
+    storage = tmp_path / "storage"
+    lines_before = _result_lines(storage)
+    assert lines_before.get(f"trial_{completed}", 0) >= 1
+
+    second = subprocess.run(command, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    (tmp_path / "run2.log").write_text(second.stdout + second.stderr)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "dpm-tune: resuming" in second.stdout
+    assert "rank 1 exits" not in second.stdout  # the injected crash happens once per search
+
+    rows = list(csv.DictReader(open(tmp_path / "results" / "results.csv")))
+    print("\n" + second.stdout[second.stdout.index("results of tiny_asha"):])
+    assert len(rows) == 3 and {r["status"] for r in rows} <= {"done", "stopped"}
+    by_trial = {r["trial"]: r for r in rows}
+    assert by_trial[completed]["status"] == "done" and by_trial[completed]["epochs"] == "3"
+    assert by_trial[completed]["restored_from"] == "1"  # rank 1 died at epoch 2; restart from epoch 1's checkpoint
+    assert int(by_trial[interrupted]["restored_from"]) >= 1  # the interrupted trial resumed from its last checkpoint
+    assert _result_lines(storage)[f"trial_{completed}"] == lines_before[f"trial_{completed}"]  # not redone
+    assert float(rows[0]["mAP"]) >= max(float(r["mAP"]) for r in rows)
+    assert list((storage / "tiny_asha" / f"trial_{completed}" / "tensorboard").glob("events.out.tfevents.*"))
+
+    best = tmp_path / "results" / "best"
+    header = (best / "experiment" / "best.yaml").read_text().splitlines()[1]
+    assert header.startswith(f"# dpm-train --config-dir {best} experiment=best")
+    train = subprocess.run([str(VENV_BIN / "dpm-train"), "--config-dir", str(best), "experiment=best", "optim.epochs=1",
+                            f"log.output_dir={tmp_path / 'retrain'}"],
+                           capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
+    assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
+    used = OmegaConf.load(tmp_path / "retrain" / "config.yaml")
+    for key in ("loss.alpha", "loss.beta", "loss.margin", "loss.scale"):
+        assert OmegaConf.select(used, key) == pytest.approx(float(rows[0][key])), key
+    assert json.loads((tmp_path / "retrain" / "results.json").read_text())["epochs"] == 1
+
+
+@pytest.mark.slow
+def test_search_stored_on_s3_resumes_from_the_bucket(tiny_shards, tmp_path, s3_endpoint):
+    """One Optuna trial with storage in a (moto) S3 bucket; the same command again restores it from there."""
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, skip_instance_cache=True)
+    fs.mkdir("dpm-sweeps")
+    command = [str(VENV_BIN / "dpm-tune"), "tune=tiny_asha", f"data.root={tiny_shards}", "data.num_ids=4",
+               "data.num_instances=2", "optim.epochs=1", "optim.steps_per_epoch=1", "search.num_samples=1",
+               "search.searcher=optuna", "search.storage_path=s3://dpm-sweeps/team", f"search.s3_endpoint={s3_endpoint}",
+               f"search.local_dir={tmp_path / 'local'}", "search.num_cpus=2"]
+    first = subprocess.run(command, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    [trial] = [p.rsplit("/", 1)[1] for p in fs.ls("dpm-sweeps/team/tiny_asha") if "/trial_" in p]
+    assert fs.ls(f"dpm-sweeps/team/tiny_asha/{trial}/train/epoch_0001")  # the merged checkpoint of both workers
+    assert fs.exists("dpm-sweeps/team/tiny_asha/results/results.csv")
+    assert fs.exists("dpm-sweeps/team/tiny_asha/results/best/experiment/best.yaml")
+    results = fs.cat(f"dpm-sweeps/team/tiny_asha/{trial}/result.json").decode()
+
+    second = subprocess.run(command, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "dpm-tune: resuming dpm-sweeps/team/tiny_asha" in second.stdout
+    assert fs.cat(f"dpm-sweeps/team/tiny_asha/{trial}/result.json").decode() == results  # nothing re-run
+    rows = list(csv.DictReader(open(tmp_path / "runs" / "tune" / "tiny_asha" / "results.csv")))
+    assert [r["trial"] for r in rows] == [trial.removeprefix("trial_")] and rows[0]["status"] == "done"
