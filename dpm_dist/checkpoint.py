@@ -127,17 +127,29 @@ def consolidate_zero_state(folder: str) -> dict[str, dict[str, torch.Tensor]]:
     if not files:
         raise FileNotFoundError(f"no ZeRO optimiser files (zero_pp_rank_*_optim_states.pt) in {folder}")
     pieces: dict[str, dict[str, list[torch.Tensor]]] = {}
+    scalars: dict[int, dict[str, Any]] = {}
+    group_of: dict[str, int] = {}
     for path in files:
         osd = torch.load(path, map_location="cpu", weights_only=False)[OPTIMIZER_STATE_DICT]
         base = osd[BASE_OPTIMIZER_STATE]
         states = base["state"] if isinstance(base, dict) else dict(enumerate(base))
         for group, mapping in enumerate(osd[PARAM_SLICE_MAPPINGS]):
             flat = {"fp32": osd[SINGLE_PARTITION_OF_FP32_GROUPS][group]}
-            flat.update({k: v for k, v in states.get(group, {}).items() if torch.is_tensor(v) and v.dim() > 0})
+            for key, value in states.get(group, {}).items():  # e.g. SGD's momentum; AdamW's moments and step
+                if _is_flat(value):
+                    flat[key] = value
+                else:
+                    scalars.setdefault(group, {})[key] = value  # the same on every rank
             for name, frag in mapping.items():
+                group_of[name] = group
                 for key, tensor in flat.items():
                     pieces.setdefault(name, {}).setdefault(key, []).append(tensor.narrow(0, frag.start, frag.numel))
-    return {name: {key: torch.cat(parts) for key, parts in by_key.items()} for name, by_key in pieces.items()}
+    return {name: {**{key: torch.cat(parts) for key, parts in by_key.items()}, **scalars.get(group_of[name], {})}
+            for name, by_key in pieces.items()}
+
+
+def _is_flat(value: Any) -> bool:
+    return torch.is_tensor(value) and value.dim() > 0
 
 
 def load_resharded_zero_state(ds_engine: Any, folder: str) -> None:
@@ -155,8 +167,9 @@ def load_resharded_zero_state(ds_engine: Any, folder: str) -> None:
                 got = "missing" if name not in full else f"{full[name]['fp32'].numel()} values"
                 raise RuntimeError(f"checkpoint {folder}: parameter {name!r} ({p.numel()} values) is {got} there")
             saved.append((p, full[name]))
-        keys = sorted({k for _, state in saved for k in state if k != "fp32"})
-        states = {k: torch.zeros_like(flat) for k in keys}
+        flat_keys = sorted({k for _, state in saved for k, v in state.items() if k != "fp32" and _is_flat(v)})
+        states = {k: torch.zeros_like(flat) for k in flat_keys}
+        scalars = {k: v.clone() if torch.is_tensor(v) else v for _, state in saved for k, v in state.items() if not _is_flat(v)}
         for p, state in saved:
             if p._hp_mapping is None:  # no slice of this parameter lives on this rank
                 continue
@@ -164,8 +177,8 @@ def load_resharded_zero_state(ds_engine: Any, folder: str) -> None:
             with torch.no_grad():  # the flat fp32 partition is the optimiser's leaf parameter
                 for key, dst in [("fp32", flat), *states.items()]:
                     dst.narrow(0, hp.start, hp.numel).copy_(state[key].narrow(0, lp.start, lp.numel))
-        if states:
-            zopt.optimizer.state[flat].update(states)
+        if states or scalars:
+            zopt.optimizer.state[flat].update({**scalars, **states})
 
 
 def resume(engine: Any, root: str, env: DistEnv) -> Optional[dict[str, Any]]:

@@ -30,7 +30,11 @@ def run_training(cfg_node: Any) -> dict[str, float]:
     init_process_group(env)
     results = train(cfg, env)
     if env.is_main:
-        print(json.dumps({"results": results, "tensorboard": os.path.join(os.path.abspath(cfg.log.output_dir), "tb")}), flush=True)
+        tb = os.path.join(os.path.abspath(cfg.log.output_dir), "tb")
+        print(json.dumps({"results": results, "tensorboard": tb}), flush=True)
+        if results:
+            print(f"rank-1 {results['rank1']:.1%}  mAP {results['mAP']:.1%}  ({int(results['num_query'])} queries, "
+                  f"{int(results['num_gallery'])} gallery images)   TensorBoard: tensorboard --logdir {tb}", flush=True)
     return results
 
 

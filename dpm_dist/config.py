@@ -152,6 +152,7 @@ class DataConfig:
 class OptimConfig:
     """SGD groups and the per-epoch warmup + cosine schedule of the official code (SPEC §5.1-5.2)."""
 
+    name: str = "sgd"  # sgd (official) | adamw (not the paper's: for ViTs trained from scratch, e.g. the CPU demo)
     base_lr: float = 0.008
     bias_lr_factor: float = 2.0
     momentum: float = 0.9
@@ -165,6 +166,7 @@ class OptimConfig:
     steps_per_epoch: int = 0  # 0: one epoch of the sampler; > 0 caps iterations (quick runs)
 
     def __post_init__(self) -> None:
+        _check_choice(self.name, "optim.name", ("sgd", "adamw"))
         _check(self.base_lr > 0.0, "optim.base_lr", f"must be > 0, got {self.base_lr}")
         _check(self.bias_lr_factor > 0.0, "optim.bias_lr_factor", f"must be > 0, got {self.bias_lr_factor}")
         _check(0.0 <= self.momentum < 1.0, "optim.momentum", f"must be in [0, 1), got {self.momentum}")
@@ -205,6 +207,7 @@ class EvalConfig:
 
     period: int = 10  # epochs between evaluations; the last epoch always evaluates
     distance: str = "masked_cosine"  # masked_cosine (DPM) | cosine | euclidean
+    neck_feat: str = "before"  # test feature: before the BNNeck (official TEST.NECK_FEAT) | after (running stats)
     max_rank: int = 50  # CMC length (shortened to the gallery size when that is smaller)
     query_chunk: int = 256  # queries scored at once: memory ~ query_chunk × gallery × 20 bytes; ranks take whole chunks
     rerank: bool = False  # k-reciprocal re-ranking on plain Euclidean distances (not used for the paper's numbers)
@@ -216,6 +219,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check_choice(self.distance, "eval.distance", DISTANCES)
+        _check_choice(self.neck_feat, "eval.neck_feat", ("before", "after"))
         _check(self.period >= 1, "eval.period", f"must be >= 1, got {self.period}")
         _check(self.max_rank >= 1, "eval.max_rank", f"must be >= 1, got {self.max_rank}")
         _check(self.query_chunk >= 1, "eval.query_chunk", f"must be >= 1, got {self.query_chunk}")

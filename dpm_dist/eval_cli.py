@@ -136,7 +136,7 @@ def run_eval(cfg: DPMConfig, checkpoint: str, env: DistEnv, *, output_dir: Optio
     cfg = dataclasses.replace(cfg, model=model_cfg, data=dataclasses.replace(cfg.data, img_size=list(model_cfg.img_size)))
     model.to(device)
     start = time.perf_counter()
-    query, gallery = extract_and_gather(model, cfg.data, env, device=device)
+    query, gallery = extract_and_gather(model, cfg.data, env, device=device, neck_feat=cfg.eval.neck_feat)
     extracted = time.perf_counter()
     metrics = evaluate_embeddings(query, gallery, cfg.eval, env)
     scored = time.perf_counter()

@@ -48,8 +48,12 @@ class Embeddings:
 
 
 @torch.no_grad()
-def extract(model: torch.nn.Module, batches: Iterable[dict[str, Any]], *, device: torch.device | str) -> Embeddings:
+def extract(model: torch.nn.Module, batches: Iterable[dict[str, Any]], *, device: torch.device | str,
+            neck_feat: str = "before") -> Embeddings:
     """Embed this rank's batches with the model in eval mode, no autocast (its train/eval mode is restored).
+
+    The feature is taken before the BNNeck (``neck_feat="before"``, the official ``TEST.NECK_FEAT``) or
+    after it (``"after"``: running statistics, so a direction shared by every image is removed).
 
     Inputs take the dtype of the model's weights: fp32 (SPEC §7.1) unless an engine keeps them in half.
     """
@@ -68,7 +72,7 @@ def extract(model: torch.nn.Module, batches: Iterable[dict[str, Any]], *, device
             roles += list(batch["roles"])
             pids.append(batch["pids"].to(device))
             camids.append(camid)
-            feats.append(out.feat.float())
+            feats.append((out.feat_bn if neck_feat == "after" else out.feat).float())
             masks.append(out.mask.float())
     finally:
         model.train(was_training)
@@ -149,13 +153,14 @@ def _reranked_chunks(query: Embeddings, gallery: Embeddings, eval_cfg: Any, chun
 
 
 def extract_and_gather(model: torch.nn.Module, data_cfg: Any, env: DistEnv, *, device: torch.device | str,
-                       loaders: Optional[dict[str, Iterable[dict[str, Any]]]] = None) -> tuple[Embeddings, Embeddings]:
+                       loaders: Optional[dict[str, Iterable[dict[str, Any]]]] = None,
+                       neck_feat: str = "before") -> tuple[Embeddings, Embeddings]:
     """(query, gallery) embeddings of the whole evaluation set, the same on every rank. Collective."""
     if loaders is None:
         from dpm_dist.loader import build_eval_loader
 
         loaders = {role: build_eval_loader(data_cfg, env, role) for role in ROLES}
-    parts = [extract(model, loaders[role], device=device) for role in ROLES]
+    parts = [extract(model, loaders[role], device=device, neck_feat=neck_feat) for role in ROLES]
     local = Embeddings(
         keys=parts[0].keys + parts[1].keys,
         roles=parts[0].roles + parts[1].roles,
@@ -177,7 +182,7 @@ def evaluate(model: torch.nn.Module, cfg: Any, env: DistEnv, *, device: torch.de
     Keys: ``mAP``, ``mINP``, ``rank1``, ``rank5``, ``rank10``, ``num_query``, ``num_gallery``,
     ``num_valid_query`` (queries with a true match; the others are skipped as in the official code).
     """
-    query, gallery = extract_and_gather(model, cfg.data, env, device=device)
+    query, gallery = extract_and_gather(model, cfg.data, env, device=device, neck_feat=cfg.eval.neck_feat)
     return evaluate_embeddings(query, gallery, cfg.eval, env).as_dict()
 
 

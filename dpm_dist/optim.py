@@ -1,6 +1,6 @@
 """Optimisers and the learning-rate schedule of the official code (SPEC §5.1-5.2).
 
-Two SGD optimisers: one for everything but the HMG ("main"), one for the HMG ("mask"). The
+Two SGD optimisers (AdamW as an option): one for everything but the HMG ("main"), one for the HMG ("mask"). The
 official code makes one group per tensor; groups here are merged by (lr, weight decay), which is the
 same update. Biases get ``base_lr × bias_lr_factor`` and ``weight_decay_bias``; nothing else is
 exempt from weight decay (no LayerNorm/pos_embed exemption, as in the official code).
@@ -36,14 +36,21 @@ def param_groups(named: Iterable[tuple[str, nn.Parameter]], *, base_lr: float, b
     return [g for g in groups if g["params"]]
 
 
-def build_optimizers(model: nn.Module, optim_cfg: Any) -> tuple[torch.optim.SGD, torch.optim.SGD]:
-    """(main, mask) SGD optimisers over ``model.non_mask_parameters()`` and ``model.mask_parameters()``."""
+def build_optimizers(model: nn.Module, optim_cfg: Any) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+    """(main, mask) optimisers over ``model.non_mask_parameters()`` and ``model.mask_parameters()``.
+
+    ``optim.name=sgd`` (default) is the official SGD; ``adamw`` uses the same groups with AdamW
+    (decoupled weight decay; ``momentum`` unused), for ViTs trained from scratch, where SGD barely
+    fits the training set (the tiny CPU demo has no ImageNet weights to start from).
+    """
     mask_ids = {id(p) for p in model.mask_parameters()}
     named = list(model.named_parameters())
     common = dict(base_lr=optim_cfg.base_lr, bias_lr_factor=optim_cfg.bias_lr_factor, weight_decay=optim_cfg.weight_decay,
                   weight_decay_bias=optim_cfg.weight_decay_bias)
     main = param_groups([(n, p) for n, p in named if id(p) not in mask_ids], **common)
     mask = param_groups([(n, p) for n, p in named if id(p) in mask_ids], all_bias_decay=True, **common)
+    if optim_cfg.name == "adamw":
+        return torch.optim.AdamW(main, lr=optim_cfg.base_lr), torch.optim.AdamW(mask, lr=optim_cfg.base_lr)
     sgd = dict(momentum=optim_cfg.momentum, dampening=0.0, nesterov=False)
     return torch.optim.SGD(main, lr=optim_cfg.base_lr, **sgd), torch.optim.SGD(mask, lr=optim_cfg.base_lr, **sgd)
 

@@ -54,6 +54,9 @@ def test_paper_presets_follow_spec_section_8():
         cfg = _compose([f"experiment={name}"])
         assert (list(cfg.model.stride), cfg.loss.margin, cfg.model.grid) == ([12, 12], 0.3, (21, 10))
     assert _compose(["experiment=market1501"]).optim.epochs == 50
+    for name in ("occluded_duke", "market1501", "dukemtmc", "market_to_occluded_reid", "msmt17"):
+        cfg = _compose([f"experiment={name}"])  # the official optimiser and test feature
+        assert (cfg.optim.name, cfg.eval.neck_feat, cfg.eval.distance) == ("sgd", "before", "masked_cosine"), name
     assert _compose(["experiment=dukemtmc"]).optim.epochs == 150
     oreid = _compose(["experiment=market_to_occluded_reid"])
     assert (oreid.loss.beta, oreid.data.color_jitter, oreid.data.eval_root, oreid.loss.margin) == (0.01, True, "shards/occluded_reid", 0.3)
@@ -78,6 +81,8 @@ def test_search_fields_are_plain_overrides():
         ("data.img_size=[256,128]", "data.img_size"),
         ("data.num_instances=1", "data.num_instances"),
         ("eval.distance=manhattan", "eval.distance"),
+        ("eval.neck_feat=middle", "eval.neck_feat"),
+        ("optim.name=adam", "optim.name"),
     ],
 )
 def test_bad_values_name_the_field(override, field):

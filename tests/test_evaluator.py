@@ -218,3 +218,17 @@ def test_extract_uses_eval_mode_and_restores_train_mode():
     torch.testing.assert_close(emb.feats[:3], out.feat)
     torch.testing.assert_close(emb.masks[:3], out.mask)
     assert ((emb.masks > 0) & (emb.masks < 1)).all()
+
+
+def test_neck_feat_after_takes_the_bnneck_output_with_running_statistics():
+    data = synthetic_embeddings()
+    model = tiny_model()
+    model.bottleneck.running_mean.normal_()  # a non-trivial running mean to subtract
+    batches = model_batches(data, list(range(6)), "query", batch_size=3)
+    after = extract(model, batches, device="cpu", neck_feat="after")
+    with torch.no_grad():
+        model.eval()
+        out = model(torch.stack([image_for(k) for k in data.keys[:3]]), data.camids[:3])
+    torch.testing.assert_close(after.feats[:3], out.feat_bn)
+    torch.testing.assert_close(after.feats[:3], model.bottleneck(out.feat))
+    assert not torch.allclose(after.feats[:3], out.feat)
