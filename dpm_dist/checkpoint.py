@@ -112,6 +112,10 @@ def _zero_rank_files(folder: str) -> list[str]:
     return [os.path.join(folder, f) for f in sorted(files, key=lambda f: int(f.split("_")[3]))]
 
 
+def _is_flat(value: Any) -> bool:
+    return torch.is_tensor(value) and value.dim() > 0
+
+
 def consolidate_zero_state(folder: str) -> dict[str, dict[str, torch.Tensor]]:
     """Every parameter's full flat fp32 weights (``fp32``) and optimiser state (``momentum_buffer``...)
     from the ZeRO-1/2 files of all ranks of one engine's checkpoint, keyed by parameter name.
@@ -146,10 +150,6 @@ def consolidate_zero_state(folder: str) -> dict[str, dict[str, torch.Tensor]]:
                     pieces.setdefault(name, {}).setdefault(key, []).append(tensor.narrow(0, frag.start, frag.numel))
     return {name: {**{key: torch.cat(parts) for key, parts in by_key.items()}, **scalars.get(group_of[name], {})}
             for name, by_key in pieces.items()}
-
-
-def _is_flat(value: Any) -> bool:
-    return torch.is_tensor(value) and value.dim() > 0
 
 
 def load_resharded_zero_state(ds_engine: Any, folder: str) -> None:

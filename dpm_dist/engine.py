@@ -208,11 +208,3 @@ class DPMEngine:
         for name, scaler in self._scalers():
             if name in state:
                 scaler.load_state_dict(state[name])
-
-    def scheduler_state(self) -> dict[str, Any]:
-        return {"main": self.sched_main.state_dict(), "mask": self.sched_mask.state_dict() if self.sched_mask else None}
-
-    def load_scheduler_state(self, state: dict[str, Any]) -> None:
-        self.sched_main.load_state_dict(state["main"])
-        if self.sched_mask is not None and state.get("mask") is not None:
-            self.sched_mask.load_state_dict(state["mask"])

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
@@ -34,15 +35,9 @@ def _env() -> dict[str, str]:
     return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _torchrun(nproc: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-            "--master-port", str(_free_port()), "-m", "dpm_dist.cli"]
+            "--master-port", str(free_port()), "-m", "dpm_dist.cli"]
 
 
 def _overrides(shards: Path, out: Path, *extra: str) -> list[str]:
@@ -179,7 +174,7 @@ def test_two_nodes_in_network_namespaces_train_with_zero2(tiny_shards, tmp_path)
     if why:
         pytest.skip(why)
     out, logs = tmp_path / "two_node", tmp_path / "logs"
-    env = dict(_env(), PYTHON=sys.executable, LOG_DIR=str(logs), RDZV_PORT=str(_free_port()))
+    env = dict(_env(), PYTHON=sys.executable, LOG_DIR=str(logs), RDZV_PORT=str(free_port()))
     proc = subprocess.run(["bash", str(ROOT / "launch" / "two_node_netns.sh"), "1", "-m", "dpm_dist.cli",
                            *_overrides(tiny_shards, out, "engine.zero_stage=2", "optim.epochs=2", "eval.period=2")],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=RUN_TIMEOUT_S)
@@ -209,7 +204,7 @@ def test_bad_config_fails_fast_naming_the_field(tiny_shards, tmp_path, override,
 def test_deepspeed_launcher_with_a_hostfile_and_no_ssh(tiny_shards, tmp_path):
     (tmp_path / "hostfile").write_text("localhost slots=2\n")
     out = tmp_path / "ds"
-    env = dict(_env(), DS_NO_SSH="1", NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()),
+    env = dict(_env(), DS_NO_SSH="1", NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                DEEPSPEED=str(VENV_BIN / "deepspeed"), PATH=f"{VENV_BIN}:{os.environ['PATH']}")
     proc = subprocess.run(["bash", str(ROOT / "launch" / "deepspeed.sh"), str(tmp_path / "hostfile"),
                            *_overrides(tiny_shards, out, "engine.zero_stage=1", "optim.epochs=1", "eval.period=1")],
