@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from dpm_dist.retrieval import evaluate_features
+from dpm_dist.eval.retrieval import evaluate_features
 
 
 def make_data(num_query: int, num_gallery: int, dim: int, num_ids: int, num_cams: int, noise: float, dtype, seed: int = 0):

@@ -6,12 +6,12 @@ run (defaults: about a minute on 2 cores). Other examples:
     .venv/bin/python benchmarks/loader_throughput.py --workers 4 --num-ids 200 --reps 7     # a bigger box
     .venv/bin/python benchmarks/loader_throughput.py --shuffle-buffer 2000 --sources local,http,s3
 
-One synthetic dataset (``dpm_dist.synth``, 256×128 px JPEGs by default) is rendered once and written
+One synthetic dataset (``dpm_dist.data.synth``, 256×128 px JPEGs by default) is rendered once and written
 both as shards + ``index.json`` and as a Market-style ``bounding_box_train/`` folder of the very same
-JPEG bytes. The sources, all producing P×K batches of (3, 256, 128) tensors with the SPEC §6.1 train
+JPEG bytes. The sources, all producing P×K batches of (3, 256, 128) tensors with the docs/method.md §6.1 train
 augmentation:
 
-* ``shards: local``        the project's stream loader (``dpm_dist.loader.build_train_loader``,
+* ``shards: local``        the project's stream loader (``dpm_dist.data.loader.build_train_loader``,
                             ``data.sampler=stream``) over the shard folder;
 * ``shards: HTTP``         the same loader over ``http://127.0.0.1:PORT/...`` (a ThreadingHTTPServer
                             serving the shard folder from a thread of this process);
@@ -57,12 +57,12 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from dpm_dist.config import DataConfig  # noqa: E402
 from dpm_dist.dist import DistEnv  # noqa: E402
-from dpm_dist.layouts import scan_layout  # noqa: E402
-import dpm_dist.loader  # noqa: E402
-from dpm_dist.loader import build_train_loader  # noqa: E402
-from dpm_dist.sampling import official_pk_indices  # noqa: E402
-from dpm_dist.shards import write_dataset  # noqa: E402
-from dpm_dist.synth import SynthSpec, synth_samples  # noqa: E402
+from dpm_dist.data.layouts import scan_layout  # noqa: E402
+import dpm_dist.data.loader  # noqa: E402
+from dpm_dist.data.loader import build_train_loader  # noqa: E402
+from dpm_dist.data.sampling import official_pk_indices  # noqa: E402
+from dpm_dist.data.shards import write_dataset  # noqa: E402
+from dpm_dist.data.synth import SynthSpec, synth_samples  # noqa: E402
 
 
 # ---- data
@@ -180,14 +180,14 @@ SHARD_READS = multiprocessing.Value("l", 0)  # shared with forked workers
 
 def count_shard_reads() -> None:
     """Count the loader's whole-shard reads (instrumentation only: the wrapped call is unchanged)."""
-    fetch = dpm_dist.loader.fetch_shard
+    fetch = dpm_dist.data.loader.fetch_shard
 
     def counted(*a: Any, **k: Any) -> bytes:
         with SHARD_READS.get_lock():
             SHARD_READS.value += 1
         return fetch(*a, **k)
 
-    dpm_dist.loader.fetch_shard = counted
+    dpm_dist.data.loader.fetch_shard = counted
 
 
 def measure(loader: Iterable[Any], batches: int, batch_size: int) -> Tuple[float, int]:

@@ -1,4 +1,4 @@
-"""Masked ArcFace CE: the two-matmul form of dpm_dist.losses vs the official per-sample loop.
+"""Masked ArcFace CE: the two-matmul form of dpm_dist.train.losses vs the official per-sample loop.
 
     .venv/bin/python benchmarks/masked_arcface.py --batch 64 --classes 702 --dim 768 --reps 15
 
@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from dpm_dist.losses import arcface_logits, masked_cosine
+from dpm_dist.train.losses import arcface_logits, masked_cosine
 
 
 def official_logits(feat: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

@@ -7,7 +7,7 @@
 Each mode gets its own engine over an identical model; the modes are timed round-robin (one step of
 each per round, after warm-up) so machine noise hits them alike. Prints the median seconds per step,
 samples/s and the ratios to ``reference``. On CUDA it also prints peak memory and model FLOP
-utilisation from the SPEC §10.1 cost model (2 × MACs).
+utilisation from the docs/method.md §10.1 cost model (2 × MACs).
 """
 
 from __future__ import annotations
@@ -20,8 +20,8 @@ import torch
 
 from dpm_dist.config import to_config
 from dpm_dist.dist import DistEnv, init_process_group
-from dpm_dist.engine import DPMEngine
-from dpm_dist.model import create_model
+from dpm_dist.train.engine import DPMEngine
+from dpm_dist.model.dpm import create_model
 
 MODELS = {
     "tiny": dict(model=dict(embed_dim=64, depth=4, num_heads=4, tap_blocks=(1, 2, 3, 4)), img=(128, 64), stride=(12, 12), batch=32),
@@ -78,7 +78,7 @@ def bench(name: str, batch: int, steps: int, precision: str) -> None:
         med = statistics.median(times[m])
         line = f"{m:<10} {med:8.3f} {batch / med:10.1f} {ref / med:12.2f}x"
         if cuda and name == "vit_b":
-            # SPEC §10.1-10.3 at stride 11: ViT-B 21.9 + HMG 10.9 GMAC/image forward, backward ≈ 2× forward.
+            # docs/method.md §10.1-10.3 at stride 11: ViT-B 21.9 + HMG 10.9 GMAC/image forward, backward ≈ 2× forward.
             step1 = 3 * 21.9 + 2 * 10.9  # full fwd/bwd, no HMG weight grads (87.5)
             macs = {"reference": 2 * 3 * 32.8, "exact": step1 + 21.9 + 2 * 10.9, "approx": step1 + 2 * 10.9}[m]
             flops = 2 * macs * 1e9 * batch / med

@@ -4,7 +4,7 @@ Each section is a dataclass whose ``__post_init__`` raises ``ValueError`` naming
 Hydra/OmegaConf type-check the YAML against these classes; :func:`to_config` turns a composed
 ``DictConfig`` into real dataclass instances, which runs the validation on the final values.
 
-Defaults are the paper's recipe for Occluded-Duke as the official code runs it (SPEC §8); presets in
+Defaults are the paper's recipe for Occluded-Duke as the official code runs it (docs/method.md §8); presets in
 ``configs/experiment/`` change only what the official per-dataset configs change.
 """
 
@@ -35,7 +35,7 @@ def _check_pair(value: List[int], name: str) -> None:
 
 @dataclass
 class ModelConfig:
-    """DPM network: timm ViT backbone + SIE + HMG + BNNeck + prototypes (SPEC §1-2, §4.1-4.2)."""
+    """DPM network: timm ViT backbone + SIE + HMG + BNNeck + prototypes (docs/method.md §1-2, §4.1-4.2)."""
 
     backbone: str = "vit_base_patch16_224"  # any timm ViT name; built with pretrained=False
     embed_dim: Optional[int] = None  # overrides of the timm architecture (tiny test models)
@@ -71,14 +71,14 @@ class ModelConfig:
 
     @property
     def grid(self) -> tuple[int, int]:
-        """Token grid (h, w) of the overlapping patch embedding (SPEC §1.2: a product, not a sum)."""
+        """Token grid (h, w) of the overlapping patch embedding (docs/method.md §1.2: a product, not a sum)."""
         (height, width), (sy, sx) = self.img_size, self.stride
         return (height - self.patch_size) // sy + 1, (width - self.patch_size) // sx + 1
 
 
 @dataclass
 class LossConfig:
-    """L = α·CE(plain) + (1−α)·CE(masked ArcFace) + β·L_hem + w_tri·L_triplet (SPEC §4.6)."""
+    """L = α·CE(plain) + (1−α)·CE(masked ArcFace) + β·L_hem + w_tri·L_triplet (docs/method.md §4.6)."""
 
     alpha: float = 0.5  # plain vs masked classification weight
     beta: float = 0.1  # HEM weight (0.01 for Market→Occluded-REID)
@@ -98,7 +98,7 @@ class LossConfig:
 
 @dataclass
 class DataConfig:
-    """Where the shards are and how batches are formed (SPEC §5.5, §6)."""
+    """Where the shards are and how batches are formed (docs/method.md §5.5, §6)."""
 
     dataset: str = "occluded_duke"
     root: Optional[str] = None  # folder or URL prefix holding index.json and the shards
@@ -150,7 +150,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    """SGD groups and the per-epoch warmup + cosine schedule of the official code (SPEC §5.1-5.2)."""
+    """SGD groups and the per-epoch warmup + cosine schedule of the official code (docs/method.md §5.1-5.2)."""
 
     name: str = "sgd"  # sgd (official) | adamw (not the paper's: for ViTs trained from scratch, e.g. the CPU demo)
     base_lr: float = 0.008
@@ -181,9 +181,9 @@ class OptimConfig:
 
 @dataclass
 class EngineConfig:
-    """DeepSpeed wrapping of the two-step DPM update (SPEC §5.4, §10)."""
+    """DeepSpeed wrapping of the two-step DPM update (docs/method.md §5.4, §10)."""
 
-    update_mode: str = "exact"  # exact | reference | approx (SPEC §10.2-10.3)
+    update_mode: str = "exact"  # exact | reference | approx (docs/method.md §10.2-10.3)
     zero_stage: int = 0
     precision: str = "fp32"  # fp32 | bf16 | fp16 (dynamic loss scaling)
     gradient_clipping: float = 0.0  # explicit: DeepSpeed's own default is 1.0
@@ -203,7 +203,7 @@ class EngineConfig:
 
 @dataclass
 class EvalConfig:
-    """Retrieval protocol (SPEC §7) and the distributed evaluator (dpm_dist/evaluator.py)."""
+    """Retrieval protocol (docs/method.md §7) and the distributed evaluator (dpm_dist/evaluator.py)."""
 
     period: int = 10  # epochs between evaluations; the last epoch always evaluates
     distance: str = "masked_cosine"  # masked_cosine (DPM) | cosine | euclidean

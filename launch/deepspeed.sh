@@ -13,4 +13,4 @@ extra=()
 if [ -n "${DS_NO_SSH:-}" ]; then
     extra=(--no_ssh --node_rank "${NODE_RANK:?set NODE_RANK}" --master_addr "${MASTER_ADDR:?set MASTER_ADDR}" --master_port "${MASTER_PORT:-29500}")
 fi
-exec "$DS" --hostfile "$HOSTFILE" "${extra[@]}" --no_local_rank --module dpm_dist.cli "$@"
+exec "$DS" --hostfile "$HOSTFILE" "${extra[@]}" --no_local_rank --module dpm_dist.cli.train "$@"

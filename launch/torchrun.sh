@@ -15,11 +15,11 @@ NNODES=${NNODES:-1}
 if [ -n "${RDZV_ENDPOINT:-}" ]; then
     exec "$PY" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC" \
         --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "${RDZV_ID:-dpm}" \
-        -m dpm_dist.cli "$@"
+        -m dpm_dist.cli.train "$@"
 elif [ "$NNODES" -gt 1 ]; then
     exec "$PY" -m torch.distributed.run --nnodes "$NNODES" --node-rank "${NODE_RANK:?set NODE_RANK}" \
         --nproc-per-node "$NPROC" --master-addr "${MASTER_ADDR:?set MASTER_ADDR}" --master-port "${MASTER_PORT:-29500}" \
-        -m dpm_dist.cli "$@"
+        -m dpm_dist.cli.train "$@"
 else
-    exec "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" -m dpm_dist.cli "$@"
+    exec "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" -m dpm_dist.cli.train "$@"
 fi

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Two "nodes" on one machine: two network namespaces joined by a veth pair, one torchrun node in each,
 # c10d rendezvous over that link, hosted by node 0 (gloo pinned to the veth interfaces). Needs root (ip netns).
-#   sudo bash launch/two_node_netns.sh 1 -m dpm_dist.cli experiment=tiny optim.epochs=1 log.output_dir=runs/two_node
+#   sudo bash launch/two_node_netns.sh 1 -m dpm_dist.cli.train experiment=tiny optim.epochs=1 log.output_dir=runs/two_node
 # Arguments after NPROC_PER_NODE are what torchrun runs (a script path or -m module, then its args).
 # Each node's output goes to $LOG_DIR/node<i>.log (default runs/two_node_logs).
 set -euo pipefail

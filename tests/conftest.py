@@ -14,6 +14,11 @@ import pytest
 
 TINY = dict(seed=3, num_ids=8, num_test_ids=5, images_per_id=6, query_per_id=2, gallery_per_id=3, num_cams=3,
             height=32, width=16, max_count=6)
+# dpm-train overrides for the tiny ViT at 64×32 px on those shards: 3 epochs × 2 steps, tens of seconds on 2 cores.
+TINY_TRAIN = ["model=vit_tiny", "model.img_size=[64,32]", "model.stride=[6,6]", "model.patch_size=8", "data.img_size=[64,32]",
+              "data.num_ids=4", "data.num_instances=2", "data.num_workers=0", "data.eval_batch_size=8", "optim.epochs=3",
+              "optim.warmup_epochs=1", "optim.steps_per_epoch=2", "eval.period=3", "log.log_every=1", "log.progress=false",
+              "engine.deterministic=true"]
 
 
 def free_port() -> int:
@@ -28,7 +33,7 @@ def tiny_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     Session-scoped and read-only: tests that damage shards copy them first.
     """
-    from dpm_dist.synth import write_synthetic_shards
+    from dpm_dist.data.synth import write_synthetic_shards
 
     return Path(write_synthetic_shards(str(tmp_path_factory.mktemp("tiny") / "synthetic"), **TINY))
 

@@ -14,7 +14,7 @@ import torch
 
 from dpm_dist.config import to_config
 from dpm_dist.dist import DistEnv, init_process_group
-from dpm_dist.model import create_model
+from dpm_dist.model.dpm import create_model
 
 TINY = dict(backbone="vit_base_patch16_224", embed_dim=32, depth=4, num_heads=4, tap_blocks=(1, 2, 3, 4), drop_path=0.0,
             img_size=(64, 32), patch_size=8, stride=(6, 6), num_classes=6, num_cams=3)
@@ -52,7 +52,7 @@ def fresh_model():
 
 
 def run(mode: str, zero: int, env: DistEnv, steps: int = 3, **kw) -> dict[str, torch.Tensor]:
-    from dpm_dist.engine import DPMEngine
+    from dpm_dist.train.engine import DPMEngine
 
     engine = DPMEngine(fresh_model(), make_cfg(mode, zero, **kw), env)
     engine.start_epoch(2)

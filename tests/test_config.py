@@ -5,17 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
+from dpm_dist.cli.common import CONFIG_MODULE
 from dpm_dist.config import DPMConfig, register_configs, to_config
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # the source of truth; composed through the package
 
 
 def _compose(overrides: list[str]) -> DPMConfig:
     register_configs()
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base=None):
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
         return to_config(compose("train", overrides=overrides))
 
 

@@ -13,7 +13,7 @@ import torch
 
 from dpm_dist.config import OptimConfig
 from dpm_dist.dist import DistEnv, init_process_group
-from dpm_dist.optim import build_optimizers, build_scheduler
+from dpm_dist.train.optim import build_optimizers, build_scheduler
 
 sys.path.insert(0, str(Path(__file__).parent))
 import engine_worker as W  # noqa: E402
@@ -62,7 +62,7 @@ def test_param_groups_follow_spec_5_1():
 
 def official_loop(steps: int = 3) -> dict[str, torch.Tensor]:
     """The official processor.py loop in plain PyTorch: two SGDs, two full forward/backward passes."""
-    from dpm_dist.losses import dpm_loss
+    from dpm_dist.train.losses import dpm_loss
 
     model = W.fresh_model()
     cfg = W.make_cfg("reference", 0)
@@ -112,7 +112,7 @@ def test_approx_is_close_but_not_exact(single_process):
     approx = W.run("approx", 0, single_process)
     params = [name for name, _ in W.fresh_model().named_parameters()]
     diff = max(float((approx[k] - reference[k]).abs().max()) for k in params)
-    assert 0 < diff < 0.5  # same recipe, but the HMG sees the pre-update backbone (SPEC §10.3)
+    assert 0 < diff < 0.5  # same recipe, but the HMG sees the pre-update backbone (docs/method.md §10.3)
     # BN statistics update once instead of twice per iteration
     assert int(approx["bottleneck.num_batches_tracked"]) * 2 == int(reference["bottleneck.num_batches_tracked"])
 
@@ -141,7 +141,7 @@ def test_exact_equals_reference_world_size_2_zero_1_and_2(tmp_path):
 
 @pytest.mark.parametrize("precision,zero", [("bf16", 1), ("fp16", 0), ("fp16", 2)])
 def test_mixed_precision_runs_with_fp32_weights_and_loss_scaling(single_process, precision, zero):
-    from dpm_dist.engine import DPMEngine
+    from dpm_dist.train.engine import DPMEngine
 
     engine = DPMEngine(W.fresh_model(), W.make_cfg("exact", zero, precision=precision), single_process)
     engine.start_epoch(2)
@@ -153,7 +153,7 @@ def test_mixed_precision_runs_with_fp32_weights_and_loss_scaling(single_process,
 
 
 def test_deepspeed_config_never_inherits_gradient_clipping():
-    from dpm_dist.engine import deepspeed_config
+    from dpm_dist.train.engine import deepspeed_config
 
     cfg = W.make_cfg("exact", 2)
     ds = deepspeed_config(cfg, DistEnv(world_size=2, rank=0))
@@ -164,8 +164,8 @@ def test_deepspeed_config_never_inherits_gradient_clipping():
 
 @pytest.mark.parametrize("zero", [0, 1])
 def test_checkpoint_keeps_the_fp16_loss_scale_and_weights(single_process, zero, tmp_path):
-    from dpm_dist import checkpoint
-    from dpm_dist.engine import DPMEngine
+    from dpm_dist.train import checkpoint
+    from dpm_dist.train.engine import DPMEngine
 
     cfg = W.make_cfg("exact", zero, precision="fp16")
     engine = DPMEngine(W.fresh_model(), cfg, single_process)
@@ -189,8 +189,8 @@ def test_checkpoint_keeps_the_fp16_loss_scale_and_weights(single_process, zero, 
 def test_resharded_zero_state_continues_exactly_like_the_saved_engine(single_process, zero, optimizer, tmp_path):
     """The world-size-independent path: weights + SGD momentum rebuilt from the rank files, then the
     next step of the reloaded engine equals the next step of the engine that saved them."""
-    from dpm_dist import checkpoint
-    from dpm_dist.engine import DPMEngine
+    from dpm_dist.train import checkpoint
+    from dpm_dist.train.engine import DPMEngine, consolidate_zero_state, load_resharded_zero_state
 
     cfg = W.make_cfg("exact", zero)
     cfg.optim.name = optimizer
@@ -200,7 +200,7 @@ def test_resharded_zero_state_continues_exactly_like_the_saved_engine(single_pro
     for batch in batches[:2]:
         engine.step(batch)
     checkpoint.save(engine, str(tmp_path), epoch=1, step=2, env=single_process, meta={}, keep_last=1, is_best=False)
-    full = checkpoint.consolidate_zero_state(str(tmp_path / "epoch_0001" / "main"))
+    full = consolidate_zero_state(str(tmp_path / "epoch_0001" / "main"))
     for name, param in engine.main.module.named_parameters():
         if name in full:
             assert torch.equal(full[name]["fp32"], param.detach().flatten()), name
@@ -211,7 +211,7 @@ def test_resharded_zero_state_continues_exactly_like_the_saved_engine(single_pro
     fresh.start_epoch(2)
     for name, ds_engine in fresh.modules():
         ds_engine.load_checkpoint(str(tmp_path / "epoch_0001"), tag=name, load_module_only=True, load_optimizer_states=False)
-        checkpoint.load_resharded_zero_state(ds_engine, str(tmp_path / "epoch_0001" / name))
+        load_resharded_zero_state(ds_engine, str(tmp_path / "epoch_0001" / name))
     torch.manual_seed(11)
     engine.step(batches[2])
     torch.manual_seed(11)

@@ -12,8 +12,8 @@ import torch.multiprocessing as mp
 
 from dpm_dist.config import EvalConfig
 from dpm_dist.dist import DistEnv
-from dpm_dist.evaluator import Embeddings, evaluate_embeddings, extract, extract_and_gather, gather_embeddings, split_roles
-from dpm_dist.retrieval import evaluate_features
+from dpm_dist.eval.evaluator import Embeddings, evaluate_embeddings, extract, extract_and_gather, gather_embeddings, split_roles
+from dpm_dist.eval.retrieval import evaluate_features
 
 from test_retrieval import per_query_reference
 
@@ -67,7 +67,7 @@ def model_batches(data: Embeddings, share: list[int], role: str, batch_size: int
 
 
 def tiny_model():
-    from dpm_dist.model import create_model
+    from dpm_dist.model.dpm import create_model
 
     torch.manual_seed(0)
     model = create_model(**TINY_MODEL)
@@ -78,7 +78,7 @@ def tiny_model():
 def scenarios(env: DistEnv, shards: str | None) -> dict:
     """Everything the multi-rank test compares, computed on this rank."""
     from dpm_dist.config import to_config
-    from dpm_dist.evaluator import evaluate
+    from dpm_dist.eval.evaluator import evaluate
 
     data = synthetic_embeddings()
     local = data.select(rank_share(len(data), env.rank, env.world_size))

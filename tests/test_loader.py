@@ -13,8 +13,8 @@ import torch
 
 from dpm_dist.config import DataConfig
 from dpm_dist.dist import DistEnv
-from dpm_dist.loader import build_eval_loader, build_train_loader, load_manifest, num_train_batches
-from dpm_dist.sampling import official_pk_indices, stream_seed
+from dpm_dist.data.loader import build_eval_loader, build_train_loader, load_manifest, num_train_batches
+from dpm_dist.data.sampling import official_pk_indices, stream_seed
 
 
 def data_cfg(root: str, **kw: Any) -> DataConfig:
@@ -65,7 +65,7 @@ def test_exact_mode_is_the_official_sampler_over_the_shards(tiny_shards: Path) -
     assert interleaved == keys[:len(interleaved)]
     assert len(keys) == len(set(keys))  # every id has >= K images: no image twice in an epoch
     # recompute the official list from the shard labels in shard order
-    from dpm_dist.loader import _index_shards, _shards
+    from dpm_dist.data.loader import _index_shards, _shards
 
     index = _index_shards(cfg, _shards(cfg, "train", str(tiny_shards), load_manifest(cfg)))
     shared = stream_seed(5, 2)
@@ -140,12 +140,12 @@ def test_explicit_urls_and_eval_root(tiny_shards: Path, http_root: str, tmp_path
                    batches_per_epoch=2)
     keys = {k for b in epoch_batches(cfg) for k in b["keys"]}
     allowed = set()
-    from dpm_dist.shards import iter_shard
+    from dpm_dist.data.shards import iter_shard
 
     for n in names[:4]:
         allowed |= {s["key"] for s in iter_shard(n, (tiny_shards / n).read_bytes())}
     assert keys <= allowed
-    from dpm_dist.synth import write_synthetic_shards
+    from dpm_dist.data.synth import write_synthetic_shards
 
     other = write_synthetic_shards(str(tmp_path / "six_cams"), num_ids=2, num_test_ids=2, images_per_id=2,
                                    num_cams=6, height=32, width=16)

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from dpm_dist.dist import DistEnv
-from dpm_dist.loader import build_eval_loader, build_train_loader, load_manifest
-from dpm_dist.shards import ShardError, read_manifest, write_dataset
-from dpm_dist.storage import StorageError
-from dpm_dist.synth import SynthSpec, synth_samples
+from dpm_dist.data.loader import build_eval_loader, build_train_loader, load_manifest
+from dpm_dist.data.shards import ShardError, read_manifest, write_dataset
+from dpm_dist.data.storage import StorageError
+from dpm_dist.data.synth import SynthSpec, synth_samples
 from tests.conftest import free_port
 from tests.test_loader import data_cfg
 
@@ -49,7 +49,7 @@ def test_corrupt_image_is_named_or_skipped_and_counted(corrupt_root: Path, sampl
     with pytest.raises(ShardError, match=rf"shard .*train-0000\d\.tar.*{key}.*corrupt image"):
         list(build_train_loader(cfg, DistEnv(), epoch=1, seed=0))
     skip = data_cfg(str(corrupt_root), sampler=sampler, shuffle_buffer=6, batches_per_epoch=10, skip_corrupt=True)
-    with caplog.at_level(logging.WARNING, logger="dpm_dist.loader"):
+    with caplog.at_level(logging.WARNING, logger="dpm_dist.data.loader"):
         batches = list(build_train_loader(skip, DistEnv(), epoch=1, seed=0))
     assert batches
     for batch in batches:

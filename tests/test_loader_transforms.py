@@ -1,4 +1,4 @@
-"""SPEC §6.1/§6.2 transforms against torchvision's own, and the erasing/flip/crop semantics."""
+"""docs/method.md §6.1/§6.2 transforms against torchvision's own, and the erasing/flip/crop semantics."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from dpm_dist.transforms import random_erase, eval_transform, train_transform
+from dpm_dist.data.transforms import random_erase, eval_transform, train_transform
 
 
 def image() -> Image.Image:

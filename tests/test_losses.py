@@ -1,4 +1,4 @@
-"""DPM losses against the official code's arithmetic and hand-computed values (SPEC §3, §4.3-4.6)."""
+"""DPM losses against the official code's arithmetic and hand-computed values (docs/method.md §3, §4.3-4.6)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from dpm_dist.config import LossConfig
-from dpm_dist.losses import (arcface_logits, batch_hard_distances, dpm_loss, hem_loss, loss_terms_from_config,
+from dpm_dist.train.losses import (arcface_logits, batch_hard_distances, dpm_loss, hem_loss, loss_terms_from_config,
                              masked_arcface_ce, masked_cosine, soft_margin_triplet)
 
 
@@ -113,7 +113,7 @@ def test_arcface_margin_and_fallback_branches():
     others = torch.ones_like(cos, dtype=torch.bool).scatter(1, labels[:, None], False)
     torch.testing.assert_close(got[others], s * cos[others])  # non-target columns are s·cos, no margin
     torch.testing.assert_close(got, official_arcface(cos, labels, s, m))
-    assert abs(m * math.sin(m) - 0.23971) < 1e-5 and abs(th + 0.87758) < 1e-5  # SPEC §4.4 constants
+    assert abs(m * math.sin(m) - 0.23971) < 1e-5 and abs(th + 0.87758) < 1e-5  # docs/method.md §4.4 constants
 
 
 @pytest.mark.parametrize("value", [1.0 + 1e-6, 1.0, -1.0, -1.0 - 1e-6])
@@ -254,7 +254,7 @@ def test_only_the_masked_term_reaches_the_mask():
     (g_total,) = torch.autograd.grad(dpm_loss(**x, mask=mask, **kw)["loss"], mask)
     masked = masked_arcface_ce(x["feat_bn"], mask, x["prototypes"], x["labels"], margin=0.5, scale=30.0)
     (g_masked,) = torch.autograd.grad(0.5 * masked, mask)
-    torch.testing.assert_close(g_total, g_masked)  # SPEC §5.4: the step-2 gradient of the HMG
+    torch.testing.assert_close(g_total, g_masked)  # docs/method.md §5.4: the step-2 gradient of the HMG
 
 
 def test_loss_terms_from_config():

@@ -1,4 +1,4 @@
-"""DPM network: grids, SIE, taps, HEM logits, HMG, BNNeck, batch size 1 (SPEC §1-2, §4.1-4.2)."""
+"""DPM network: grids, SIE, taps, HEM logits, HMG, BNNeck, batch size 1 (docs/method.md §1-2, §4.1-4.2)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpm_dist.model import DPMNet, create_model
+from dpm_dist.model.dpm import DPMNet, create_model
 
 TINY = dict(backbone="vit_base_patch16_224", embed_dim=32, depth=4, num_heads=4, tap_blocks=(1, 2, 3, 4), drop_path=0.0)
 
@@ -126,9 +126,9 @@ def test_hmg_layer_stack_for_vit_b_widths():
     assert torch.count_nonzero(model.mask_gen.fc.weight) == 0
     total = sum(p.numel() for p in model.parameters())
     hmg = sum(p.numel() for p in model.mask_gen.parameters())
-    assert hmg == 58_992_384  # SPEC §2.2: ≈ 58.99 M
+    assert hmg == 58_992_384  # docs/method.md §2.2: ≈ 58.99 M
     assert total == 145_373_184  # ViT 85.8 M + HMG 59.0 M + W 0.54 M (the official count adds the dead 0.77 M fc)
-    # LN eps 1e-6, qkv bias, linearly increasing drop path (SPEC §1.1)
+    # LN eps 1e-6, qkv bias, linearly increasing drop path (docs/method.md §1.1)
     blocks = model.backbone.blocks
     assert blocks[0].norm1.eps == 1e-6 and model.backbone.norm.eps == 1e-6
     assert blocks[0].attn.qkv.bias is not None
@@ -149,7 +149,7 @@ def test_bnneck_and_prototypes_init():
 def test_parameter_split_by_submodule_covers_everything_once():
     model = tiny()
     main, mask = model.non_mask_parameters(), model.mask_parameters()
-    assert len(mask) == 14  # 3 convs × 2 + 3 BNs × 2 + fc × 2 (SPEC §2.2)
+    assert len(mask) == 14  # 3 convs × 2 + 3 BNs × 2 + fc × 2 (docs/method.md §2.2)
     ids = [id(p) for p in main + mask]
     trainable = [id(p) for p in model.parameters() if p.requires_grad]
     assert sorted(ids) == sorted(trainable)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpm_dist.retrieval import (
+from dpm_dist.eval.retrieval import (
     RankingSums,
     arccos_distance,
     cmc_map_minp,
@@ -152,7 +152,7 @@ def test_query_chunks_cover_every_query_once_with_fixed_boundaries():
 # --- distances ---------------------------------------------------------------------------------------
 
 def official_masked_cosine(qf, gf, qm):
-    """SPEC §7.4 per query, as the official cosine_single: normalize(m_i * normalize(gf)), then q̂·."""
+    """docs/method.md §7.4 per query, as the official cosine_single: normalize(m_i * normalize(gf)), then q̂·."""
     rows = [F.normalize(qf[i:i + 1]) @ F.normalize(qm[i:i + 1] * F.normalize(gf)).T for i in range(qf.shape[0])]
     return torch.cat(rows)
 

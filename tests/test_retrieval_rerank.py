@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpm_dist.rerank import k_reciprocal_distance
+from dpm_dist.eval.rerank import k_reciprocal_distance
 
 
 def loop_rerank(q, g, k1, k2, lambda_value):

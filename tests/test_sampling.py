@@ -10,7 +10,7 @@ from collections import Counter, defaultdict
 import numpy as np
 import pytest
 
-from dpm_dist.sampling import official_pk_indices, pk_batches, rank_batches, stream_seed
+from dpm_dist.data.sampling import official_pk_indices, pk_batches, rank_batches, stream_seed
 
 
 def reference_sampler(labels: list[int], num_ids: int, k: int) -> list[int]:

@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from dpm_dist.layouts import parse_market_name, parse_msmt_name, scan_layout
-from dpm_dist.shards import (Sample, iter_shard, read_manifest, split_contiguous, verify, write_dataset,
+from dpm_dist.data.layouts import parse_market_name, parse_msmt_name, scan_layout
+from dpm_dist.data.shards import (Sample, iter_shard, read_manifest, split_contiguous, verify, write_dataset,
                              write_records)
-from dpm_dist.shards_cli import main as shards_main
+from dpm_dist.cli.shards import main as shards_main
 
 
 def save_image(path: Path, colour: int) -> None:
@@ -137,7 +137,7 @@ def test_shards_roll_over_by_count_and_bytes(tmp_path: Path) -> None:
 
 
 def test_a_crash_while_writing_leaves_no_complete_looking_shard(tmp_path: Path) -> None:
-    from dpm_dist.shards import write_shards
+    from dpm_dist.data.shards import write_shards
 
     samples = [sample(i) for i in range(6)]
     samples[5] = Sample("train_bad", sample(5).jpg, object(), 0, "train", "x/bad.jpg")  # fails mid-tar

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from dpm_dist.layouts import parse_market_name, scan_layout
-from dpm_dist.shards import read_manifest, verify, write_records
-from dpm_dist.shards_cli import main as shards_main
-from dpm_dist.synth import SynthSpec, synth_samples, write_synthetic_shards
+from dpm_dist.data.layouts import parse_market_name, scan_layout
+from dpm_dist.data.shards import read_manifest, verify, write_records
+from dpm_dist.cli.shards import main as shards_main
+from dpm_dist.data.synth import SynthSpec, synth_samples, write_synthetic_shards
 
 SMALL = dict(num_ids=4, num_test_ids=3, images_per_id=5, query_per_id=2, gallery_per_id=4, height=32, width=16)
 

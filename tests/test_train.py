@@ -1,7 +1,7 @@
 """``dpm-train`` end to end on CPU (gloo): 2-rank ZeRO-1 and 2-"node" ZeRO-2 runs, ``kill -9`` + resume to
 the same weights, resume on another number of ranks, and fail-fast configuration errors.
 
-Every run is the real command (``dpm-train`` / ``torchrun -m dpm_dist.cli``) on the tiny synthetic
+Every run is the real command (``dpm-train`` / ``torchrun -m dpm_dist.cli.train``) on the tiny synthetic
 shards of ``conftest.py`` with the tiny ViT at 64×32 px; each takes tens of seconds on 2 cores.
 """
 
@@ -19,16 +19,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import free_port
+from tests.conftest import TINY_TRAIN, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 RUN_TIMEOUT_S = 300
 
-TINY = ["model=vit_tiny", "model.img_size=[64,32]", "model.stride=[6,6]", "model.patch_size=8", "data.img_size=[64,32]",
-        "data.num_ids=4", "data.num_instances=2", "data.num_workers=0", "data.eval_batch_size=8", "optim.epochs=3",
-        "optim.warmup_epochs=1", "optim.steps_per_epoch=2", "eval.period=3", "log.log_every=1", "log.progress=false",
-        "engine.deterministic=true"]
+TINY = TINY_TRAIN
 
 
 def _env() -> dict[str, str]:
@@ -37,7 +34,7 @@ def _env() -> dict[str, str]:
 
 def _torchrun(nproc: int) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-            "--master-port", str(free_port()), "-m", "dpm_dist.cli"]
+            "--master-port", str(free_port()), "-m", "dpm_dist.cli.train"]
 
 
 def _overrides(shards: Path, out: Path, *extra: str) -> list[str]:
@@ -175,7 +172,7 @@ def test_two_nodes_in_network_namespaces_train_with_zero2(tiny_shards, tmp_path)
         pytest.skip(why)
     out, logs = tmp_path / "two_node", tmp_path / "logs"
     env = dict(_env(), PYTHON=sys.executable, LOG_DIR=str(logs), RDZV_PORT=str(free_port()))
-    proc = subprocess.run(["bash", str(ROOT / "launch" / "two_node_netns.sh"), "1", "-m", "dpm_dist.cli",
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "two_node_netns.sh"), "1", "-m", "dpm_dist.cli.train",
                            *_overrides(tiny_shards, out, "engine.zero_stage=2", "optim.epochs=2", "eval.period=2")],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=RUN_TIMEOUT_S)
     node_logs = {p.name: p.read_text() for p in logs.glob("node*.log")}

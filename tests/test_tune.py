@@ -19,20 +19,21 @@ import sys
 from pathlib import Path
 
 import pytest
-from hydra import compose, initialize_config_dir
+from hydra import compose, initialize_config_module
 from omegaconf import OmegaConf
 
-from dpm_dist.cli import CONFIG_DIR
+from dpm_dist.cli.common import CONFIG_MODULE
 from dpm_dist.config import SearchConfig, register_configs, to_config
 
-TUNE_PRESETS = sorted(p.stem for p in (Path(CONFIG_DIR) / "tune").glob("*.yaml"))
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+TUNE_PRESETS = sorted(p.stem for p in (CONFIGS / "tune").glob("*.yaml"))
 VENV_BIN = Path(sys.executable).parent
 RUN_TIMEOUT_S = 420  # one dpm-tune command; the whole slow test stays well under this on 2 cores
 
 
 def _base(overrides: list[str]) -> dict:
     register_configs()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base=None):
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base=None):
         node = compose("train", overrides=overrides)
     return OmegaConf.to_container(OmegaConf.structured(to_config(node)), resolve=True)
 
@@ -41,13 +42,13 @@ def _base(overrides: list[str]) -> dict:
 
 @pytest.mark.parametrize("preset", TUNE_PRESETS)
 def test_every_tune_preset_composes_and_its_space_is_valid(preset):
-    from dpm_dist.tune import check_space, param_space
+    from dpm_dist.tune.search import check_space, param_space
 
     base = _base([f"+tune={preset}"])
     assert base["search"]["space"], preset
     check_space(base)
     assert set(param_space(base["search"]["space"])) == set(base["search"]["space"])
-    text = (Path(CONFIG_DIR) / "tune" / f"{preset}.yaml").read_text().splitlines()
+    text = (CONFIGS / "tune" / f"{preset}.yaml").read_text().splitlines()
     assert text[1].startswith(f"# dpm-tune tune={preset}")
 
 
@@ -78,7 +79,7 @@ def test_bad_search_space_entry_is_a_clear_error(entry, searcher, message):
     ({"data.num_ids": {"type": "randint", "low": 1, "high": 8}}, "search.space.data.num_ids`: value 1 gives an invalid config"),
 ])
 def test_space_values_outside_the_schema_are_a_clear_error(entry, message):
-    from dpm_dist.tune import check_space
+    from dpm_dist.tune.search import check_space
 
     base = _base(["+tune=tiny_asha"])
     base["search"]["space"] = entry
@@ -97,7 +98,7 @@ def test_bad_entry_stops_dpm_tune_before_any_trial(tmp_path):
 
 
 def test_trial_config_applies_sampled_values_and_output_dir():
-    from dpm_dist.tune import trial_config
+    from dpm_dist.tune.search import trial_config
 
     base = _base(["+tune=tiny_asha"])
     cfg = trial_config(base, {"loss.alpha": 0.25, "loss.scale": 64.0, "optim.base_lr": 0.004}, output_dir="/x/rank_1")
@@ -106,7 +107,7 @@ def test_trial_config_applies_sampled_values_and_output_dir():
 
 
 def test_concurrency_follows_the_cluster_resources():
-    from dpm_dist.tune import concurrent_trials
+    from dpm_dist.tune.search import concurrent_trials
 
     search = SearchConfig(workers_per_trial=2, cpus_per_worker=1.0, driver_cpus=1.0).__dict__
     assert concurrent_trials(search, {"CPU": 7.0}) == 2
@@ -118,7 +119,7 @@ def test_concurrency_follows_the_cluster_resources():
 
 
 def test_asha_runs_on_the_reported_epoch():
-    from dpm_dist.tune import _scheduler
+    from dpm_dist.tune.search import _scheduler
 
     asha = _scheduler(SearchConfig(grace_period=2, reduction_factor=3).__dict__, epochs=9)
     assert (asha._time_attr, asha._max_t, asha._reduction_factor) == ("epoch", 9, 3)
@@ -127,7 +128,7 @@ def test_asha_runs_on_the_reported_epoch():
 
 
 def test_tune_group_is_added_to_the_hydra_overrides():
-    from dpm_dist.tune_cli import hydra_argv
+    from dpm_dist.cli.tune import hydra_argv
 
     assert hydra_argv(["a.b=1"]) == ["+tune=tiny_asha", "a.b=1"]
     assert hydra_argv(["tune=optuna_asha", "a.b=1"]) == ["+tune=optuna_asha", "a.b=1"]

@@ -8,9 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dpm_dist import convert
-from dpm_dist.model import create_model
-from dpm_dist.weights import load_dpm_checkpoint, load_imagenet_vit, official_key, resize_pos_embed
+from dpm_dist.cli import convert as convert_cli
+from dpm_dist.model import convert
+from dpm_dist.model.dpm import create_model
+from dpm_dist.model.weights import load_dpm_checkpoint, load_imagenet_vit, official_key, resize_pos_embed
 
 TINY = dict(embed_dim=32, depth=4, num_heads=4, tap_blocks=(1, 2, 3, 4), drop_path=0.0)
 
@@ -72,7 +73,7 @@ def test_load_imagenet_vit_errors_name_key_and_shapes(tmp_path):
 
 
 def _official_state(dim: int, depth: int, tokens: int, cams: int, classes: int, taps: int = 4) -> dict[str, torch.Tensor]:
-    """A reference-named DPM state dict of the right shapes (SPEC §7 parity-test naming)."""
+    """A reference-named DPM state dict of the right shapes (docs/method.md §7 parity-test naming)."""
     g = torch.Generator().manual_seed(2)
     r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
     sd = {"base.cls_token": r(1, 1, dim), "base.pos_embed": r(1, tokens, dim), "base.sie_embed": r(cams, 1, dim),
@@ -154,7 +155,7 @@ def test_converter_errors_name_key_shapes_and_stride(tmp_path, capsys):
 
 def test_convert_cli(tmp_path, capsys):
     torch.save(_official_state(dim=768, depth=12, tokens=211, cams=6, classes=13), tmp_path / "market.pth")
-    rc = convert.main([str(tmp_path / "market.pth"), str(tmp_path / "out.pt"), "--stride", "12", "12"])
+    rc = convert_cli.main([str(tmp_path / "market.pth"), str(tmp_path / "out.pt"), "--stride", "12", "12"])
     assert rc == 0
     report = json.loads(capsys.readouterr().out)
     assert report["num_tokens"] == 211 and report["num_cams"] == 6 and report["num_classes"] == 13

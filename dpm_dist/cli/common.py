@@ -1,0 +1,114 @@
+"""What every command shares: the shipped configs, absolute user paths, and one-line user errors.
+
+The YAML presets live in the repository's top-level ``configs/`` folder, which the wheel installs as the
+package ``dpm_dist.configs`` (``package-dir`` in pyproject.toml), so a plain ``pip install`` finds them
+exactly as an editable one does. ``--config-dir`` adds a folder of one's own in front of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from typing import Any, Callable, Optional, Sequence, TypeVar
+
+T = TypeVar("T")
+
+CONFIG_MODULE = "dpm_dist.configs"
+CONFIG_PATH = f"pkg://{CONFIG_MODULE}"  # Hydra's search-path form of the package
+CONFIG_NAME = "train"
+
+
+def compose_config(overrides: Sequence[str]) -> Any:
+    """``train.yaml`` + overrides, validated into a :class:`~dpm_dist.config.DPMConfig` (works under any launcher)."""
+    from hydra import compose, initialize_config_module
+
+    from dpm_dist.config import register_configs, to_config
+
+    register_configs()
+    with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
+        return to_config(compose(config_name=CONFIG_NAME, overrides=list(overrides)))
+
+
+# ---- user paths: made absolute where the user typed them, before any launcher, process group or Ray --------
+
+PATH_FIELDS = ("model.pretrained", "data.root", "data.eval_root", "data.cache_dir", "log.output_dir",
+               "search.storage_path", "search.results_dir", "search.local_dir")
+PATH_LIST_FIELDS = ("data.train_urls", "data.query_urls", "data.gallery_urls")
+
+
+def absolute_path(value: Optional[str]) -> Optional[str]:
+    """``value`` made absolute against the current folder (``~`` expanded); URLs and None unchanged."""
+    if not value or "://" in value:
+        return value
+    return os.path.abspath(os.path.expanduser(value))
+
+
+def resolve_paths(cfg: Any) -> Any:
+    """A copy of the :class:`~dpm_dist.config.DPMConfig` with every local path field absolute.
+
+    Ray workers, ``torchrun`` agents and a later ``dpm-eval`` run in other folders; a path resolved here
+    means the same file wherever it is read, and it is what ``config.yaml`` and model files record.
+    """
+    sections: dict[str, dict[str, Any]] = {}
+    for key in PATH_FIELDS + PATH_LIST_FIELDS:
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        fixed = [absolute_path(v) for v in value] if key in PATH_LIST_FIELDS else absolute_path(value)
+        sections.setdefault(section, {})[name] = fixed
+    return dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s), **f) for s, f in sections.items()})
+
+
+def check_local_inputs(cfg: Any) -> None:
+    """Fail in seconds, naming the field, when a local input the run needs is missing (before Ray or ranks start)."""
+    if cfg.model.pretrained and not os.path.isfile(cfg.model.pretrained):
+        raise FileNotFoundError(f"config field `model.pretrained`: weights file not found: {cfg.model.pretrained}")
+    roots = [("data.root", cfg.data.root, not cfg.data.train_urls), ("data.eval_root", cfg.data.eval_root, True)]
+    for field, root, needs_index in roots:
+        if not root or "://" in root:
+            continue
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"config field `{field}`: no such folder: {root} "
+                                    f"(make shards with `dpm-shards write ...` or `dpm-shards synth --out {root}`)")
+        if needs_index and not os.path.isfile(os.path.join(root, "index.json")):
+            raise FileNotFoundError(f"config field `{field}`: {root} holds no index.json (not a shard folder; "
+                                    f"see `dpm-shards verify {root}`)")
+
+
+# ---- errors a person can act on ------------------------------------------------------------------------------
+
+# User mistakes are ValueError (bad values, bad files: the house rule) and OSError (missing files, storage);
+# anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, OSError)
+DEBUG_ENV = "HYDRA_FULL_ERROR"  # the documented switch: HYDRA_FULL_ERROR=1 shows the traceback of a user error too
+
+
+def debug_enabled() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0")
+
+
+def run_guarded(prog: str, fn: Callable[[], T], *, on_interrupt: Optional[Callable[[], str]] = None) -> T:
+    """Run ``fn``; a user error becomes ``<prog>: error: <message>`` on stderr and exit status 2 (the
+    traceback only with ``HYDRA_FULL_ERROR=1``); Ctrl-C prints one line (``on_interrupt()`` says what was
+    saved and how to resume) and exits 130. Bugs propagate with their traceback."""
+    try:
+        return fn()
+    except KeyboardInterrupt:
+        hint = on_interrupt() if on_interrupt else ""
+        print(f"{prog}: interrupted{'; ' + hint if hint else ''}", file=sys.stderr, flush=True)
+        raise SystemExit(130) from None
+    except USER_ERRORS as err:
+        if debug_enabled():
+            raise
+        print(f"{prog}: error: {_one_line(err)}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err) or type(err).__name__
+    if isinstance(err, OSError) and err.filename and str(err.filename) not in text:
+        text = f"{err.filename}: {err.strerror or text}"
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if len(lines) > 2:
+        lines = [lines[0], f"({len(lines) - 1} more lines: {DEBUG_ENV}=1 shows them)"]
+    return "\n  ".join(lines)

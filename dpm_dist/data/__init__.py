@@ -1,0 +1,8 @@
+"""Data: dataset folders -> shards -> identity-balanced P×K batches and exactly-once eval streams.
+
+Owns the dataset layouts (``layouts``), reading from local disk, HTTP(S) and S3 (``storage``), the shard
+format and its manifest (``shards``), the synthetic occluded-person set (``synth``), P×K batch formation
+(``sampling``), the image transforms (``transforms``) and the webdataset pipelines (``loader``).
+
+Must not import model code (``dpm_dist.model``), the engine, the evaluator, Ray or DeepSpeed.
+"""

@@ -1,0 +1,377 @@
+"""Train and eval batches from shards on disk, HTTP(S) or S3. The only module building webdataset pipelines.
+
+Train, ``data.sampler=stream``: each (rank, worker) resamples shards with its own seeded RNG (seed,
+epoch, rank, worker), expands them to samples and forms P×K batches in a bounded buffer
+(:func:`dpm_dist.data.sampling.pk_batches`); the loader stops after :func:`num_train_batches`, the same
+count on every rank. Decoding and augmentation run in the DataLoader workers.
+
+Train, ``data.sampler=exact``: the official per-epoch sampler (docs/method.md §5.5) over every training sample,
+seeded by (seed, epoch) identically on all ranks, dealt to ranks as in docs/method.md §5.6; shards are read
+through a local copy (remote shards are cached under ``data.cache_dir``) with random access.
+
+Eval: query/gallery shards split contiguously over ranks by sample count, then over workers; each
+sample is read exactly once, with no padding.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+from itertools import islice
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from dpm_dist.config import DataConfig
+from dpm_dist.dist import DistEnv
+from dpm_dist.data.sampling import official_pk_indices, pk_batches, rank_batches, stream_seed
+from dpm_dist.data.shards import (ShardError, decode_image, fetch_shard, iter_shard, read_manifest, shard_entries,
+                             split_contiguous, tar_members)
+from dpm_dist.data.storage import IOOptions, is_remote, join_url, local_path
+from dpm_dist.data.transforms import eval_transform, train_transform
+
+log = logging.getLogger(__name__)
+Shard = Tuple[str, Optional[Dict[str, Any]]]  # (url, index.json entry or None)
+
+
+def io_options(cfg: DataConfig) -> IOOptions:
+    return IOOptions(s3_endpoint=cfg.s3_endpoint, retries=cfg.io_retries, backoff_s=cfg.io_backoff_s,
+                     timeout_s=cfg.io_timeout_s)
+
+
+def _train_root(cfg: DataConfig) -> str:
+    if cfg.root:
+        return cfg.root
+    if cfg.train_urls:
+        return cfg.train_urls[0].rsplit("/", 1)[0] if "/" in cfg.train_urls[0] else "."
+    raise ValueError("config field `data.root`: set it (folder or URL holding index.json) or `data.train_urls`")
+
+
+def load_manifest(cfg: DataConfig) -> Dict[str, Any]:
+    """``index.json`` of the training data, with ``num_cams`` covering ``data.eval_root``'s cameras too."""
+    manifest = read_manifest(_train_root(cfg), io_options(cfg))
+    if cfg.eval_root:
+        other = read_manifest(cfg.eval_root, io_options(cfg))
+        manifest = {**manifest, "num_cams": max(manifest["num_cams"], other["num_cams"])}
+    return manifest
+
+
+def _shards(cfg: DataConfig, role: str, root: str, manifest: Dict[str, Any]) -> List[Shard]:
+    entries = shard_entries(manifest, role)
+    explicit = {"train": cfg.train_urls, "query": cfg.query_urls, "gallery": cfg.gallery_urls}[role]
+    if not explicit:
+        return [(join_url(root, e["name"]), e if cfg.verify_sha else None) for e in entries]
+    by_name = {e["name"]: e for e in entries}
+    return [(url, by_name.get(url.rsplit("/", 1)[-1]) if cfg.verify_sha else None) for url in explicit]
+
+
+def num_train_batches(cfg: DataConfig, world_size: int, manifest: Optional[Dict[str, Any]] = None) -> int:
+    """Batches per epoch on every rank. Stream: ``data.batches_per_epoch`` or samples / (P·K·W).
+
+    Exact: an upper bound (the official ``__len__`` estimate / W); ``len()`` of the epoch's loader is exact.
+    """
+    manifest = manifest or load_manifest(cfg)
+    if cfg.sampler == "stream":
+        if cfg.batches_per_epoch:
+            return cfg.batches_per_epoch
+        return max(1, manifest["splits"]["train"]["num_samples"] // (cfg.batch_size * world_size))
+    k = cfg.num_instances
+    chunks = sum(max(n, k) // k for n in manifest["train_label_counts"])
+    return chunks // cfg.num_ids // world_size
+
+
+# ---- per-sample work, shared by both train modes (runs in the workers)
+
+
+def _train_item(jpg: bytes, meta: Dict[str, Any], key: str, url: str, gen: torch.Generator,
+                cfg: DataConfig) -> Dict[str, Any]:
+    item = {"label": int(meta["label"]), "camid": int(meta["camid"]), "key": key, "image": None}
+    try:
+        img = decode_image(jpg, url=url, key=key)
+    except ShardError as exc:
+        if not cfg.skip_corrupt:
+            raise
+        _count_corrupt(exc)
+        return item
+    item["image"] = train_transform(img, gen, size=cfg.img_size, flip_prob=cfg.flip_prob, padding=cfg.padding,
+                                    erase_prob=cfg.erase_prob, jitter=cfg.color_jitter)
+    return item
+
+
+_NUM_CORRUPT = [0]
+_CORRUPT_KEYS: Set[str] = set()  # distinct (shard URL, key) pairs skipped in this process
+
+
+def _count_corrupt(exc: Exception, where: Optional[Tuple[str, str]] = None) -> None:
+    _NUM_CORRUPT[0] += 1
+    if where is not None:
+        _CORRUPT_KEYS.add(where)
+    log.warning("skipping corrupt sample (%d so far in this process): %s", _NUM_CORRUPT[0], exc)
+
+
+def _collate_train(items: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """Stack a P×K batch; a skipped corrupt image (exact mode) is replaced by another image of its identity."""
+    for i, item in enumerate(items):
+        if item["image"] is None:
+            donors = [d for d in items if d["label"] == item["label"] and d["image"] is not None]
+            if not donors:
+                raise ShardError(f"sample {item['key']!r}: every image of its identity in the batch is corrupt")
+            items[i] = {**donors[0], "image": donors[0]["image"].clone()}
+    return {"images": torch.stack([it["image"] for it in items]),
+            "pids": torch.tensor([it["label"] for it in items], dtype=torch.long),
+            "camids": torch.tensor([it["camid"] for it in items], dtype=torch.long),
+            "keys": [it["key"] for it in items]}
+
+
+# ---- stream mode
+
+
+class _ResampledShards:
+    """First pipeline stage: an endless, seeded draw of shards for this (rank, worker)."""
+
+    def __init__(self, shards: List[Shard], seed: int) -> None:
+        self.shards, self.seed = shards, seed
+
+    def __call__(self) -> Iterator[Dict[str, Any]]:
+        info = get_worker_info()
+        worker = info.id if info is not None else 0
+        rng = random.Random(stream_seed(self.seed, worker))
+        while True:
+            url, entry = self.shards[rng.randrange(len(self.shards))]
+            yield {"url": url, "entry": entry, "seed": stream_seed(self.seed, worker, rng.getrandbits(62))}
+
+
+def _decodes(sample: Dict[str, Any]) -> bool:
+    """Whether the image decodes; JPEG draft mode (1/8 scale) makes the check cheap but still reads it all."""
+    try:
+        with Image.open(io.BytesIO(sample["jpg"])) as img:
+            img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+            img.load()
+        return True
+    except Exception as exc:
+        _count_corrupt(ShardError(f"shard {sample['url']}: sample {sample['key']!r}: corrupt image ({exc})"),
+                       (sample["url"], sample["key"]))
+        return False
+
+
+def _expand(sources: Iterable[Dict[str, Any]], opts: IOOptions, skip_corrupt: bool) -> Iterator[Dict[str, Any]]:
+    """Samples of each shard in a seeded order; with ``skip_corrupt`` undecodable ones are dropped here,
+    before batching, so batches stay exactly P×K."""
+    for src in sources:
+        samples = list(iter_shard(src["url"], fetch_shard(src["url"], src["entry"], opts)))
+        random.Random(src["seed"]).shuffle(samples)
+        yield from (s for s in samples if not skip_corrupt or _decodes(s))
+
+
+def _augment_batches(batches: Iterable[List[Dict[str, Any]]], cfg: DataConfig, seed: int) -> Iterator[Dict[str, Any]]:
+    info = get_worker_info()
+    worker = info.id if info is not None else 0
+    for number, batch in enumerate(batches):
+        gen = torch.Generator().manual_seed(stream_seed(seed, worker, number))
+        yield _collate_train([_train_item(s["jpg"], s["meta"], s["key"], s["url"], gen, cfg) for s in batch])
+
+
+class _Epoch:
+    """``n`` batches of an endless loader; ``len()`` is ``n``."""
+
+    def __init__(self, loader: Iterable[Dict[str, Any]], n: int) -> None:
+        self.loader, self.n = loader, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        return islice(iter(self.loader), self.n)
+
+
+def _stream_loader(cfg: DataConfig, env: DistEnv, shards: List[Shard], seed: int, n: int, num_samples: int) -> _Epoch:
+    import webdataset as wds
+
+    if len(shards) < env.world_size * max(1, cfg.num_workers):
+        raise ValueError(f"{len(shards)} training shards for {env.world_size} ranks × {max(1, cfg.num_workers)} "
+                         "workers: write more, smaller shards (dpm-shards write --max-count) or lower data.num_workers")
+    # At most half the training set is buffered: a buffer holding nearly every sample could only refill
+    # by re-drawing the few samples a batch released (about 34 reads per image measured; half: ~1).
+    opts, buffer = io_options(cfg), max(cfg.batch_size, min(cfg.shuffle_buffer, num_samples // 2))
+    pipeline = wds.DataPipeline(
+        _ResampledShards(shards, seed),
+        lambda src: _expand(src, opts, cfg.skip_corrupt),
+        lambda samples: pk_batches(samples, label=lambda s: s["meta"]["label"], num_ids=cfg.num_ids,
+                                   num_instances=cfg.num_instances, buffer_size=buffer,
+                                   rng=random.Random(stream_seed(seed, _worker_id())), key=lambda s: s["key"],
+                                   num_distinct=lambda: num_samples - len(_CORRUPT_KEYS)),
+        lambda batches: _augment_batches(batches, cfg, seed),
+    )
+    loader = DataLoader(pipeline, batch_size=None, num_workers=cfg.num_workers,
+                        persistent_workers=False, prefetch_factor=2 if cfg.num_workers else None)
+    return _Epoch(loader, n)
+
+
+def _worker_id() -> int:
+    info = get_worker_info()
+    return info.id if info is not None else 0
+
+
+# ---- exact mode
+
+
+_INDEX_CACHE: Dict[Tuple[str, ...], List[Tuple[str, int, int, str, Dict[str, Any]]]] = {}
+
+
+def _local_copy(url: str, entry: Optional[Dict[str, Any]], cfg: DataConfig) -> str:
+    """A local path for the shard: itself when local (checked once), else a sha-named cached download."""
+    if not is_remote(url):
+        if entry is not None:
+            fetch_shard(url, entry, io_options(cfg))
+        return local_path(url)
+    cache = os.path.expanduser(cfg.cache_dir or "~/.cache/dpm-dist/shards")
+    name = entry["sha256"] if entry else hashlib.sha256(url.encode()).hexdigest()
+    path = os.path.join(cache, f"{name}.tar")
+    if not (os.path.exists(path) and (entry is None or os.path.getsize(path) == entry["num_bytes"])):
+        os.makedirs(cache, exist_ok=True)
+        data = fetch_shard(url, entry, io_options(cfg))
+        tmp = f"{path}.tmp.{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    return path
+
+
+def _index_shards(cfg: DataConfig, shards: List[Shard]) -> List[Tuple[str, int, int, str, Dict[str, Any]]]:
+    """(path, jpg offset, jpg size, key, meta) of every training sample, in shard order."""
+    ident = tuple(u for u, _ in shards)
+    if ident in _INDEX_CACHE:
+        return _INDEX_CACHE[ident]
+    index = []
+    for url, entry in shards:
+        path = _local_copy(url, entry, cfg)
+        jpgs, metas = {}, {}
+        with open(path, "rb") as f:
+            for member in tar_members(url, f, os.path.getsize(path)):
+                key, _, ext = member.name.partition(".")
+                if ext == "jpg":
+                    jpgs[key] = (member.offset_data, member.size)
+                elif ext == "json":
+                    f.seek(member.offset_data)
+                    metas[key] = json.loads(f.read(member.size))
+        for key in list(jpgs) + [k for k in metas if k not in jpgs]:
+            if key not in jpgs or key not in metas:
+                raise ShardError(f"shard {url}: sample {key!r} lacks .jpg or .json")
+            index.append((path, *jpgs[key], key, metas[key]))
+    _INDEX_CACHE[ident] = index
+    return index
+
+
+class _IndexedTrain(Dataset):
+    """Random access to training samples; items are ``(index, augmentation seed)`` pairs."""
+
+    def __init__(self, index: List[Tuple[str, int, int, str, Dict[str, Any]]], cfg: DataConfig) -> None:
+        self.index, self.cfg = index, cfg
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, item: Tuple[int, int]) -> Dict[str, Any]:
+        path, offset, size, key, meta = self.index[item[0]]
+        with open(path, "rb") as f:
+            f.seek(offset)
+            jpg = f.read(size)
+        return _train_item(jpg, meta, key, path, torch.Generator().manual_seed(item[1]), self.cfg)
+
+
+def _exact_loader(cfg: DataConfig, env: DistEnv, shards: List[Shard], seed: int, epoch: int) -> DataLoader:
+    index = _index_shards(cfg, shards)
+    shared = stream_seed(seed, epoch)  # the same on every rank, as rank 0's seed is in docs/method.md §5.6
+    flat = official_pk_indices([m["label"] for *_, m in index], cfg.num_ids, cfg.num_instances,
+                               random.Random(shared), np.random.RandomState(shared % 2**32))
+    batches = rank_batches(flat, cfg.batch_size, env.rank, env.world_size)
+    if not batches:
+        raise ValueError(f"exact sampler: an epoch of {len(flat)} samples gives no {cfg.num_ids}×{cfg.num_instances} "
+                         f"batch for each of {env.world_size} ranks; lower data.num_ids or the world size")
+    seeded = [[(i, stream_seed(shared, env.rank, b, j)) for j, i in enumerate(batch)] for b, batch in enumerate(batches)]
+    return DataLoader(_IndexedTrain(index, cfg), batch_sampler=seeded, num_workers=cfg.num_workers,
+                      collate_fn=_collate_train)
+
+
+def build_train_loader(cfg: DataConfig, env: DistEnv, *, epoch: int, seed: int) -> Iterable[Dict[str, Any]]:
+    """One epoch of P×K batches for ``env.rank``; every rank gets the same number of batches.
+
+    Batches are dicts: ``images`` (B, 3, H, W) in [-1, 1], ``pids`` (relabelled 0..C-1), ``camids``, ``keys``.
+    Deterministic given (seed, epoch, rank, num_workers); resuming at epoch e rebuilds the same stream.
+    """
+    manifest = load_manifest(cfg)
+    root = _train_root(cfg)
+    shards = _shards(cfg, "train", root, manifest)
+    if not shards:
+        raise ValueError(f"no training shards in {root} (index.json has no train split)")
+    if manifest["num_train_ids"] < cfg.num_ids:
+        raise ValueError(f"config field `data.num_ids`: P={cfg.num_ids} but the training set {root} has only "
+                         f"{manifest['num_train_ids']} identities")
+    if cfg.sampler == "exact":
+        return _exact_loader(cfg, env, shards, seed, epoch)
+    stream = stream_seed(seed, epoch, env.rank)
+    return _stream_loader(cfg, env, shards, stream, num_train_batches(cfg, env.world_size, manifest),
+                          manifest["splits"]["train"]["num_samples"])
+
+
+# ---- evaluation
+
+
+class _EvalStream(IterableDataset):
+    def __init__(self, shards: List[Shard], cfg: DataConfig) -> None:
+        self.shards, self.cfg = shards, cfg
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        info = get_worker_info()
+        mine = self.shards[info.id::info.num_workers] if info is not None else self.shards
+        items: List[Dict[str, Any]] = []
+        for url, entry in mine:
+            for s in iter_shard(url, fetch_shard(url, entry, io_options(self.cfg))):
+                try:
+                    img = decode_image(s["jpg"], url=url, key=s["key"])
+                except ShardError as exc:
+                    if not self.cfg.skip_corrupt:
+                        raise
+                    _count_corrupt(exc)
+                    continue
+                items.append({"image": eval_transform(img, size=self.cfg.img_size), **s})
+                if len(items) == self.cfg.eval_batch_size:
+                    yield _collate_eval(items)
+                    items = []
+        if items:
+            yield _collate_eval(items)
+
+
+def _collate_eval(items: List[Dict[str, Any]]) -> Dict[str, Any]:
+    return {"images": torch.stack([it["image"] for it in items]),
+            "pids": torch.tensor([int(it["meta"]["pid"]) for it in items], dtype=torch.long),
+            "camids": torch.tensor([int(it["meta"]["camid"]) for it in items], dtype=torch.long),
+            "keys": [it["key"] for it in items], "roles": [it["meta"]["role"] for it in items]}
+
+
+def build_eval_loader(cfg: DataConfig, env: DistEnv, role: str) -> Iterable[Dict[str, Any]]:
+    """This rank's share of ``role`` (query or gallery): every sample once across ranks, no padding.
+
+    Batches of up to ``eval_batch_size``: ``images``, ``pids`` (original), ``camids``, ``keys``, ``roles``.
+    A rank whose share is empty gets an empty iterable.
+    """
+    if role not in ("query", "gallery"):
+        raise ValueError(f"role {role!r}: expected 'query' or 'gallery'")
+    root = cfg.eval_root or _train_root(cfg)
+    manifest = read_manifest(root, io_options(cfg))
+    shards = _shards(cfg, role, root, manifest)
+    if not shards:
+        raise ValueError(f"no {role} shards in {root} (index.json has no {role} split)")
+    counts = [e["num_samples"] if e else 1 for _, e in shards]
+    mine = [shards[i] for i in split_contiguous(counts, env.rank, env.world_size)]
+    if not mine:
+        return []
+    workers = min(cfg.num_workers, len(mine))
+    return DataLoader(_EvalStream(mine, cfg), batch_size=None, num_workers=workers)

@@ -1,0 +1,131 @@
+"""Identity-balanced P×K batch formation. Pure Python; RNGs are passed in, never global.
+
+* :func:`official_pk_indices` is the official ``RandomIdentitySampler.__iter__`` (docs/method.md §5.5) with the
+  global ``random`` / ``numpy.random`` replaced by explicit generators.
+* :func:`rank_batches` cuts that list into P×K batches and deals them to ranks round-robin (docs/method.md §5.6),
+  the same count to every rank.
+* :func:`pk_batches` forms P×K batches from an endless sample stream with a bounded buffer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import OrderedDict, defaultdict
+from typing import Any, Callable, Dict, Hashable, Iterable, Iterator, List, Optional, Sequence, Set
+
+import numpy as np
+
+
+def stream_seed(*parts: int) -> int:
+    """A 63-bit seed from integers (seed, epoch, rank, worker, ...), stable across processes and runs."""
+    digest = hashlib.blake2b(",".join(str(int(p)) for p in parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+def official_pk_indices(labels: Sequence[int], num_ids: int, num_instances: int, rng: random.Random,
+                        np_rng: np.random.RandomState) -> List[int]:
+    """One epoch of the official sampler: a flat index list, consecutive P×K blocks of distinct ids.
+
+    Per id (in first-seen order): copy its indices, up-sample to K with replacement if it has fewer,
+    shuffle, cut into chunks of K dropping the remainder. Then while at least P ids have chunks: draw P
+    distinct ids and pop the first chunk of each.
+    """
+    index_dic: Dict[int, List[int]] = defaultdict(list)
+    for index, label in enumerate(labels):
+        index_dic[label].append(index)
+    pids = list(index_dic)
+    chunks: Dict[int, List[List[int]]] = defaultdict(list)
+    for pid in pids:
+        idxs = list(index_dic[pid])
+        if len(idxs) < num_instances:
+            idxs = [int(i) for i in np_rng.choice(idxs, size=num_instances, replace=True)]
+        rng.shuffle(idxs)
+        for start in range(0, len(idxs) - num_instances + 1, num_instances):
+            chunks[pid].append(idxs[start:start + num_instances])
+    avail, out = list(pids), []
+    while len(avail) >= num_ids:
+        for pid in rng.sample(avail, num_ids):
+            out.extend(chunks[pid].pop(0))
+            if not chunks[pid]:
+                avail.remove(pid)
+    return out
+
+
+def rank_batches(indices: Sequence[int], batch_size: int, rank: int, world_size: int) -> List[List[int]]:
+    """Batches ``rank, rank+W, ...`` of the flat list cut into ``batch_size`` blocks; equal count per rank."""
+    num_batches = len(indices) // batch_size // world_size
+    return [list(indices[(b * world_size + rank) * batch_size:(b * world_size + rank + 1) * batch_size])
+            for b in range(num_batches)]
+
+
+def pk_batches(samples: Iterable[Any], *, label: Callable[[Any], Hashable], num_ids: int, num_instances: int,
+               buffer_size: int, rng: random.Random,
+               key: Optional[Callable[[Any], Hashable]] = None,
+               num_distinct: Optional[Callable[[], int]] = None) -> Iterator[List[Any]]:
+    """Endless P×K batches (lists of samples) from a shuffled, endless sample stream.
+
+    The buffer fills to ``buffer_size`` samples, then each batch draws P distinct ids among those with
+    at least K buffered samples and takes K random samples of each. When fewer than P ids are ready,
+    the largest not-ready ids are up-sampled with replacement (like the official sampler does for ids
+    with fewer than K images). When the buffer holds fewer than P distinct ids, the oldest sample of the
+    largest id is evicted, so a buffer of one id cannot stall the stream. With ``key``, a sample whose
+    key is already buffered (a resampled shard seen twice) is passed over; then ``num_distinct()``, the
+    number of distinct samples the stream can still yield (it shrinks as corrupt ones are skipped),
+    caps the buffer, so it never waits for samples that do not exist, and a stream whose every usable
+    sample is buffered in fewer than P identities is an error instead of a hang.
+    """
+    if buffer_size < num_ids * num_instances:
+        raise ValueError(f"shuffle buffer {buffer_size} cannot hold one {num_ids}×{num_instances} batch")
+    buffer: "OrderedDict[Hashable, List[Any]]" = OrderedDict()
+    size = 0
+    held: Set[Hashable] = set()
+    for sample in samples:
+        if key is not None:
+            if key(sample) in held:
+                continue
+            held.add(key(sample))
+        buffer.setdefault(label(sample), []).append(sample)
+        size += 1
+        bound = num_distinct() if num_distinct is not None else None
+        if size < (buffer_size if bound is None else min(buffer_size, bound)):
+            continue
+        if len(buffer) < num_ids:
+            if bound is not None and size >= bound:
+                raise ValueError(f"the training stream holds only {len(buffer)} distinct identities in its {size} "
+                                 f"usable samples, fewer than P={num_ids} (corrupt samples skipped?)")
+            largest = max(buffer, key=lambda k: len(buffer[k]))
+            held.discard(key(buffer[largest].pop(0)) if key is not None else None)
+            size -= 1
+            if not buffer[largest]:
+                del buffer[largest]
+            continue
+        batch = _take_batch(buffer, num_ids, num_instances, rng)
+        if key is not None:
+            held.difference_update(key(s) for s in batch)
+        yield batch
+        size = sum(len(v) for v in buffer.values())
+
+
+def _take_batch(buffer: "OrderedDict[Hashable, List[Any]]", num_ids: int, num_instances: int,
+                rng: random.Random) -> List[Any]:
+    ready = [k for k, v in buffer.items() if len(v) >= num_instances]
+    if len(ready) >= num_ids:
+        chosen = rng.sample(ready, num_ids)
+    else:
+        rest = sorted((k for k in buffer if k not in set(ready)), key=lambda k: -len(buffer[k]))
+        chosen = ready + rest[:num_ids - len(ready)]
+    batch: List[Any] = []
+    for pid in chosen:
+        items = buffer[pid]
+        if len(items) >= num_instances:
+            picks = rng.sample(range(len(items)), num_instances)
+            batch.extend(items[i] for i in picks)
+            for i in sorted(picks, reverse=True):
+                items.pop(i)
+        else:
+            batch.extend(items + [rng.choice(items) for _ in range(num_instances - len(items))])
+            items.clear()
+        if not items:
+            del buffer[pid]
+    return batch

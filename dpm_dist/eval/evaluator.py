@@ -1,0 +1,209 @@
+"""Distributed evaluation: exact-once extraction, all-gather, query-sharded retrieval (docs/method.md §7).
+
+    every rank: its share of the query and gallery loaders ─► model (eval, fp32, no grad) ─► (key, role,
+        pid, camid, feat before BN, mask)
+    all ranks:  variable-length all-gather ─► dedupe by (role, key) ─► sort by (role, key) ─► split by role
+    rank r:     query chunks r·n/W .. (r+1)·n/W against the whole gallery ─► additive sums (CMC counts,
+        per-query AP/INP slots) ─► all-reduce ─► identical metrics on every rank
+
+Samples are identified by their key, never by their position, so the result does not depend on the
+number of ranks, the loader's order or padding. The query chunks have fixed boundaries and each query's
+AP lands in its own slot of the reduced vector (every other rank adds exact zeros), so every world size
+computes the same floats. Every function that talks to other ranks says "Collective" and must be called
+by all ranks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterable, Optional
+
+import torch
+
+from dpm_dist import dist
+from dpm_dist.dist import DistEnv
+from dpm_dist.eval.retrieval import RankingSums, RetrievalMetrics, chunk_distance_fn, finalize, query_chunks, score_queries
+
+ROLES = ("query", "gallery")
+
+
+@dataclass
+class Embeddings:
+    """Test-time outputs of a set of samples; rows line up with ``keys``."""
+
+    keys: list[str]
+    roles: list[str]
+    pids: torch.Tensor  # (N,) int64
+    camids: torch.Tensor  # (N,) int64
+    feats: torch.Tensor  # (N, D) feature before the BNNeck
+    masks: torch.Tensor  # (N, D) HMG mask
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def select(self, index: list[int]) -> "Embeddings":
+        rows = torch.as_tensor(index, dtype=torch.long, device=self.feats.device)
+        return Embeddings([self.keys[i] for i in index], [self.roles[i] for i in index], self.pids[rows],
+                          self.camids[rows], self.feats[rows], self.masks[rows])
+
+
+@torch.no_grad()
+def extract(model: torch.nn.Module, batches: Iterable[dict[str, Any]], *, device: torch.device | str,
+            neck_feat: str = "before") -> Embeddings:
+    """Embed this rank's batches with the model in eval mode, no autocast (its train/eval mode is restored).
+
+    The feature is taken before the BNNeck (``neck_feat="before"``, the official ``TEST.NECK_FEAT``) or
+    after it (``"after"``: running statistics, so a direction shared by every image is removed).
+
+    Inputs take the dtype of the model's weights: fp32 (docs/method.md §7.1) unless an engine keeps them in half.
+    """
+    was_training = model.training
+    dtype = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    model.eval()
+    keys: list[str] = []
+    roles: list[str] = []
+    pids, camids, feats, masks = [], [], [], []
+    try:
+        for batch in batches:
+            camid = batch["camids"].to(device)
+            with torch.autocast(device_type=torch.device(device).type, enabled=False):
+                out = model(batch["images"].to(device, dtype=dtype), camid)
+            keys += list(batch["keys"])
+            roles += list(batch["roles"])
+            pids.append(batch["pids"].to(device))
+            camids.append(camid)
+            feats.append((out.feat_bn if neck_feat == "after" else out.feat).float())
+            masks.append(out.mask.float())
+    finally:
+        model.train(was_training)
+    return _concat(keys, roles, pids, camids, feats, masks, device=device)
+
+
+def _concat(keys, roles, pids, camids, feats, masks, *, device) -> Embeddings:
+    if not feats:  # a rank may hold no samples; it still takes part in every collective
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return Embeddings([], [], empty, empty.clone(), torch.zeros(0, 0, device=device), torch.zeros(0, 0, device=device))
+    return Embeddings(keys, roles, torch.cat(pids).long(), torch.cat(camids).long(), torch.cat(feats), torch.cat(masks))
+
+
+def gather_embeddings(local: Embeddings) -> Embeddings:
+    """Every rank's embeddings, deduplicated by (role, key) and sorted by it. Collective.
+
+    The result is the same on every rank and independent of how the samples were split over ranks.
+    """
+    dim = max(int(d) for d in dist.all_gather_objects(local.feats.shape[1] if len(local) else 0))
+    feats = local.feats if len(local) else local.feats.new_zeros(0, dim)
+    masks = local.masks if len(local) else local.masks.new_zeros(0, dim)
+    names = [name for part in dist.all_gather_objects(list(zip(local.roles, local.keys))) for name in part]
+    everything = Embeddings(
+        keys=[k for _, k in names],
+        roles=[r for r, _ in names],
+        pids=dist.all_gather_varlen(local.pids),
+        camids=dist.all_gather_varlen(local.camids),
+        feats=dist.all_gather_varlen(feats.contiguous()),
+        masks=dist.all_gather_varlen(masks.contiguous()),
+    )
+    first: dict[tuple[str, str], int] = {}
+    for i, name in enumerate(names):
+        j = first.setdefault(name, i)  # duplicates (padding) are the same sample: keep one
+        if j != i and (everything.pids[i] != everything.pids[j] or everything.camids[i] != everything.camids[j]):
+            raise ValueError(f"sample {name[1]!r} ({name[0]}) appears twice with different pid/camera; keys must be unique")
+    return everything.select([first[name] for name in sorted(first)])
+
+
+def split_roles(embeddings: Embeddings) -> tuple[Embeddings, Embeddings]:
+    """(query, gallery) by each sample's role; raises if either is empty or a role is unknown."""
+    unknown = sorted(set(embeddings.roles) - set(ROLES))
+    if unknown:
+        raise ValueError(f"unknown sample roles {unknown}; expected {ROLES}")
+    parts = [embeddings.select([i for i, r in enumerate(embeddings.roles) if r == role]) for role in ROLES]
+    for role, part in zip(ROLES, parts):
+        if len(part) == 0:
+            raise ValueError(f"the evaluation set has no {role} samples")
+    return parts[0], parts[1]
+
+
+def evaluate_embeddings(query: Embeddings, gallery: Embeddings, eval_cfg: Any, env: DistEnv) -> RetrievalMetrics:
+    """Metrics of gathered query/gallery embeddings, query chunks spread over the ranks. Collective.
+
+    ``eval_cfg`` is a :class:`dpm_dist.config.EvalConfig` (distance, max_rank, query_chunk, rerank*).
+    """
+    num_query = len(query)
+    chunks = query_chunks(num_query, eval_cfg.query_chunk, rank=env.rank, world_size=env.world_size)
+    if eval_cfg.rerank:
+        chunk_distance = _reranked_chunks(query, gallery, eval_cfg, chunks)
+    else:
+        chunk_distance = chunk_distance_fn(query.feats, gallery.feats, q_mask=query.masks, metric=eval_cfg.distance)
+    sums = score_queries(chunk_distance, query.pids, gallery.pids, query.camids, gallery.camids, chunks=chunks,
+                         max_rank=eval_cfg.max_rank)
+    max_rank = sums.cmc_counts.numel()
+    total = dist.all_reduce_sum(sums.flat())
+    return finalize(RankingSums.from_flat(total, num_query, max_rank), num_gallery=len(gallery))
+
+
+def _reranked_chunks(query: Embeddings, gallery: Embeddings, eval_cfg: Any, chunks: list[tuple[int, int]]):
+    from dpm_dist.eval.rerank import k_reciprocal_distance
+
+    if not chunks:  # this rank scores no query (more ranks than chunks); it still joins the all-reduce
+        return lambda start, end: query.feats.new_zeros(end - start, len(gallery))
+    lo, hi = chunks[0][0], chunks[-1][1]
+    rows = k_reciprocal_distance(query.feats, gallery.feats, k1=eval_cfg.rerank_k1, k2=eval_cfg.rerank_k2,
+                                 lambda_value=eval_cfg.rerank_lambda, query_range=(lo, hi))
+    return lambda start, end: rows[start - lo:end - lo]
+
+
+def extract_and_gather(model: torch.nn.Module, data_cfg: Any, env: DistEnv, *, device: torch.device | str,
+                       loaders: Optional[dict[str, Iterable[dict[str, Any]]]] = None,
+                       neck_feat: str = "before") -> tuple[Embeddings, Embeddings]:
+    """(query, gallery) embeddings of the whole evaluation set, the same on every rank. Collective."""
+    if loaders is None:
+        from dpm_dist.data.loader import build_eval_loader
+
+        loaders = {role: build_eval_loader(data_cfg, env, role) for role in ROLES}
+    parts = [extract(model, loaders[role], device=device, neck_feat=neck_feat) for role in ROLES]
+    local = Embeddings(
+        keys=parts[0].keys + parts[1].keys,
+        roles=parts[0].roles + parts[1].roles,
+        pids=torch.cat([parts[0].pids, parts[1].pids]),
+        camids=torch.cat([parts[0].camids, parts[1].camids]),
+        feats=_cat_rows(parts[0].feats, parts[1].feats),
+        masks=_cat_rows(parts[0].masks, parts[1].masks),
+    )
+    return split_roles(gather_embeddings(local))
+
+
+def _cat_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return b if a.numel() == 0 else a if b.numel() == 0 else torch.cat([a, b])
+
+
+def evaluate(model: torch.nn.Module, cfg: Any, env: DistEnv, *, device: torch.device | str) -> dict[str, float]:
+    """Evaluate ``model`` on ``cfg.data``'s query/gallery sets; the same dict on every rank. Collective.
+
+    Keys: ``mAP``, ``mINP``, ``rank1``, ``rank5``, ``rank10``, ``num_query``, ``num_gallery``,
+    ``num_valid_query`` (queries with a true match; the others are skipped as in the official code).
+    """
+    query, gallery = extract_and_gather(model, cfg.data, env, device=device, neck_feat=cfg.eval.neck_feat)
+    return evaluate_embeddings(query, gallery, cfg.eval, env).as_dict()
+
+
+def fetch_images(data_cfg: Any, env: DistEnv, wanted: set[tuple[str, str]], *,
+                 loaders: Optional[dict[str, Iterable[dict[str, Any]]]] = None) -> dict[tuple[str, str], torch.Tensor]:
+    """The (normalised) images of the wanted (role, key) samples, on every rank. Collective.
+
+    A second pass over this rank's share of the loaders (decoding only, no model): the pictures are
+    chosen after ranking, and keeping every image from the first pass would cost O(dataset) memory.
+    """
+    if loaders is None:
+        from dpm_dist.data.loader import build_eval_loader
+
+        loaders = {role: build_eval_loader(data_cfg, env, role) for role in ROLES}
+    found: dict[tuple[str, str], torch.Tensor] = {}
+    for role in ROLES:
+        for batch in loaders[role]:
+            for i, (key, r) in enumerate(zip(batch["keys"], batch["roles"])):
+                if (r, key) in wanted:
+                    found[(r, key)] = batch["images"][i].cpu()
+    merged: dict[tuple[str, str], torch.Tensor] = {}
+    for part in dist.all_gather_objects(found):
+        merged.update(part)
+    return merged

@@ -1,0 +1,349 @@
+"""Masked retrieval and the Market protocol (docs/method.md §7) as pure tensor functions: no process group, no I/O.
+
+Distances. DPM scores query i against gallery j with the query's mask only:
+``cos_ij = <q̂_i, normalize(m_i ⊙ ĝ_j)>``, ``d_ij = arccos(clip(cos_ij, -1+1e-5, 1-1e-5))``. Here that is two
+matrix products, ``((Q̂ ⊙ M) Ĝᵀ) / max(√(M² (Ĝ²)ᵀ), 1e-12)`` (docs/method.md §10.4), evaluated a chunk of queries at
+a time so that the Q×G matrix never has to exist.
+
+Ranking order. arccos is strictly decreasing, so in exact arithmetic ordering by ``arccos(clip(cos))``
+ascending is the same as ordering by ``-clip(cos)`` ascending, ties included (ties are exactly the pairs
+with equal clipped cosines, e.g. every ``cos > 1-1e-5``). The official code evaluates the arccos in
+float32, which rounds neighbouring cosines near 0 onto one value (float32 spacing is ~1e-9 at cos 0.01
+but ~1.2e-7 at π/2), and then breaks those spurious ties with numpy's unstable quicksort, i.e. in an
+arbitrary order. We rank by :func:`ranking_distance` (``-clip(cos)``, exact: negation does not round),
+which is the clipped-arccos order without the rounding ties, and break the remaining true ties by the
+gallery index (a stable sort). The reported distance values (:func:`arccos_distance`) are the official
+ones.
+
+Metrics. :func:`cmc_map_minp` is the Market protocol of the official ``eval_func``: per query, drop
+gallery items with the same pid and the same camera; skip queries with no true match left (error if
+none is left); CMC from the first match, AP = mean over matches of precision at the match, and mINP as
+in fast-reid/AGW (#matches / rank of the hardest match). It never sorts a whole row: every metric is a
+function of the ranks of the true matches, and the rank of match t is the number of kept items that
+precede it, counted with one ``searchsorted`` against the query's few sorted match keys.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+
+CLIP_EPS = 1e-5  # official clip before arccos (docs/method.md §7.4)
+NORM_EPS = 1e-12  # F.normalize's eps, as in the official code
+METRICS = ("masked_cosine", "cosine", "euclidean")
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, p=2, dim=1, eps=NORM_EPS)
+
+
+@dataclass(frozen=True)
+class Gallery:
+    """Gallery features prepared once for repeated chunked scoring (all L2-normalised, (G, D))."""
+
+    feat: torch.Tensor  # ĝ
+    feat_sq: torch.Tensor  # ĝ ⊙ ĝ, the denominator operand of the masked cosine
+
+    @classmethod
+    def build(cls, g_feat: torch.Tensor) -> "Gallery":
+        feat = l2_normalize(g_feat)
+        return cls(feat=feat, feat_sq=feat * feat)
+
+
+def _as_gallery(g_feat: torch.Tensor | Gallery) -> Gallery:
+    return g_feat if isinstance(g_feat, Gallery) else Gallery.build(g_feat)
+
+
+def _masked_cosine(q_feat: torch.Tensor, q_mask: torch.Tensor, gallery: Gallery, *, negate: bool) -> torch.Tensor:
+    # Negating the small (C, D) operand negates the product exactly (rounding is sign-symmetric), so the
+    # ranking distance -cos costs no pass over the (C, G) matrix.
+    q = l2_normalize(q_feat) * q_mask
+    cos = (q.neg_() if negate else q) @ gallery.feat.T
+    norm_sq = (q_mask * q_mask) @ gallery.feat_sq.T  # ‖m_i ⊙ ĝ_j‖²
+    return cos.mul_(norm_sq.clamp_min_(NORM_EPS * NORM_EPS).rsqrt_())  # / max(‖m ⊙ ĝ‖, eps)
+
+
+def _cosine(q_feat: torch.Tensor, gallery: Gallery, *, negate: bool) -> torch.Tensor:
+    q = l2_normalize(q_feat)
+    return (q.neg_() if negate else q) @ gallery.feat.T
+
+
+def masked_cosine_similarity(q_feat: torch.Tensor, q_mask: torch.Tensor, g_feat: torch.Tensor | Gallery) -> torch.Tensor:
+    """(Q, G) cosines ``<q̂_i, normalize(m_i ⊙ ĝ_j)>`` as two matrix products (features need not be normalised)."""
+    return _masked_cosine(q_feat, q_mask, _as_gallery(g_feat), negate=False)
+
+
+def cosine_similarity(q_feat: torch.Tensor, g_feat: torch.Tensor | Gallery) -> torch.Tensor:
+    """(Q, G) plain cosines of the L2-normalised features (the masked cosine with an all-ones mask)."""
+    return _cosine(q_feat, _as_gallery(g_feat), negate=False)
+
+
+def euclidean_distance(q_feat: torch.Tensor, g_feat: torch.Tensor | Gallery) -> torch.Tensor:
+    """(Q, G) squared Euclidean distances of the L2-normalised features (official ``euclidean_distance``)."""
+    gallery = _as_gallery(g_feat)
+    q_hat = l2_normalize(q_feat)
+    dist = (q_hat * q_hat).sum(1, keepdim=True) + gallery.feat_sq.sum(1)[None, :]
+    return dist.addmm_(q_hat, gallery.feat.T, alpha=-2.0)
+
+
+def ranking_distance(cos: torch.Tensor) -> torch.Tensor:
+    """``-clip(cos)``: orders exactly as ``arccos(clip(cos))`` (see the module docstring), without rounding ties."""
+    return cos.neg().clamp_(-1.0 + CLIP_EPS, 1.0 - CLIP_EPS)
+
+
+def arccos_distance(cos: torch.Tensor) -> torch.Tensor:
+    """The official distance values ``arccos(clip(cos, -1+1e-5, 1-1e-5))``."""
+    return cos.clamp(-1.0 + CLIP_EPS, 1.0 - CLIP_EPS).arccos_()
+
+
+def distance_matrix(q_feat: torch.Tensor, g_feat: torch.Tensor | Gallery, *, q_mask: Optional[torch.Tensor] = None,
+                    metric: str = "masked_cosine") -> torch.Tensor:
+    """(Q, G) ranking distances, smaller is better: what the evaluator sorts.
+
+    ``masked_cosine`` (DPM, needs ``q_mask``) and ``cosine`` give :func:`ranking_distance` of the cosine
+    (bit for bit ``ranking_distance(masked_cosine_similarity(...))``); ``euclidean`` the squared
+    Euclidean distance of the normalised features.
+    """
+    gallery = _as_gallery(g_feat)
+    if metric == "masked_cosine":
+        if q_mask is None:
+            raise ValueError("metric masked_cosine needs the query masks (q_mask)")
+        return _masked_cosine(q_feat, q_mask, gallery, negate=True).clamp_(-1.0 + CLIP_EPS, 1.0 - CLIP_EPS)
+    if metric == "cosine":
+        return _cosine(q_feat, gallery, negate=True).clamp_(-1.0 + CLIP_EPS, 1.0 - CLIP_EPS)
+    if metric == "euclidean":
+        return euclidean_distance(q_feat, gallery)
+    raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Ranks of the true matches
+
+
+def same_pid_pairs(q_pids: torch.Tensor, g_pids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, cols) of all query/gallery pairs with the same pid, row-major with columns ascending.
+
+    Found through the gallery sorted by pid (O(pairs)), not by comparing the whole (Q, G) grid.
+    """
+    order = torch.argsort(g_pids, stable=True)
+    sorted_pids = g_pids[order]
+    lo = torch.searchsorted(sorted_pids, q_pids)
+    num = torch.searchsorted(sorted_pids, q_pids, right=True) - lo
+    rows = torch.repeat_interleave(torch.arange(q_pids.numel(), device=q_pids.device), num)
+    within = torch.arange(rows.numel(), device=q_pids.device) - (torch.cumsum(num, 0) - num)[rows]
+    return rows, order[lo[rows] + within]
+
+
+def match_ranks(dist: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, q_camids: torch.Tensor,
+                g_camids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-based ranks of each query's true matches in its kept gallery list, ascending.
+
+    Kept: every gallery item except those with the query's pid *and* camera. True match: same pid,
+    other camera. Ties in distance are ordered by gallery index (a stable sort).
+
+    Returns:
+        ``ranks`` (Q, R) int64, row i valid in its first ``num_rel[i]`` entries (0 after), and
+        ``num_rel`` (Q,) int64.
+    """
+    num_q, device = dist.shape[0], dist.device
+    rows, cols = same_pid_pairs(q_pids, g_pids)
+    junk = q_camids[rows] == g_camids[cols]
+    m_rows, m_cols = rows[~junk], cols[~junk]
+    num_rel = torch.bincount(m_rows, minlength=num_q)
+    width = max(int(num_rel.max()) if num_q else 0, 1) + 1  # + a padding column, so any bucket indexes it
+    # Each query's matches as (distance, column), sorted by distance then column; padding (inf) sorts last.
+    slot = torch.arange(m_rows.numel(), device=device) - (torch.cumsum(num_rel, 0) - num_rel)[m_rows]
+    match_val = torch.full((num_q, width), float("inf"), dtype=dist.dtype, device=device)
+    match_col = torch.full((num_q, width), dist.shape[1], dtype=torch.int64, device=device)
+    match_val[m_rows, slot] = dist[m_rows, m_cols]
+    match_col[m_rows, slot] = m_cols
+    match_val, order = match_val.sort(dim=1, stable=True)
+    match_col = match_col.gather(1, order)
+    # bucket(g) = number of matches ranked strictly ahead of item g, so g is at or before match t iff
+    # bucket <= t. searchsorted counts the matches with a smaller distance; an item whose distance equals
+    # a match's (a tie) also has the tied matches with a smaller column ahead of it.
+    bucket = torch.searchsorted(match_val, dist)
+    tied = match_val.gather(1, bucket) == dist
+    tied[m_rows, m_cols] = False  # matches are placed by their sorted slot below
+    if bool(tied.any()):
+        t_rows, t_cols = tied.nonzero(as_tuple=True)
+        ahead = (match_val[t_rows] == dist[t_rows, t_cols][:, None]) & (match_col[t_rows] < t_cols[:, None])
+        bucket[t_rows, t_cols] += ahead.sum(1)
+    inverse = torch.empty_like(order).scatter_(1, order, torch.arange(width, device=device).expand_as(order))
+    bucket[m_rows, m_cols] = inverse[m_rows, slot]
+    counts = torch.zeros((num_q, width + 1), dtype=torch.int64, device=device)
+    counts.scatter_add_(1, bucket, bucket.new_ones(()).expand_as(bucket))
+    counts.index_put_((rows[junk], bucket[rows[junk], cols[junk]]), torch.tensor(-1, device=device), accumulate=True)
+    ranks = counts.cumsum(1)[:, :width - 1]
+    return ranks * (torch.arange(width - 1, device=device)[None, :] < num_rel[:, None]), num_rel
+
+
+# ---------------------------------------------------------------------------------------------------
+# Metrics from match ranks: additive sums (for query shards) and their final values
+
+
+@dataclass
+class RankingSums:
+    """Per-query results of scored queries. Sums over disjoint query shards are exact (one writer per slot).
+
+    ``ap``, ``inp``, ``num_rel`` and ``first_rank`` have one slot per query of the whole query set; a
+    shard fills only its own slots (0 elsewhere, also for queries without a match).
+    """
+
+    cmc_counts: torch.Tensor  # (max_rank,) int64: valid queries whose first match is within rank k+1
+    ap: torch.Tensor  # (Q,) float64
+    inp: torch.Tensor  # (Q,) float64
+    num_rel: torch.Tensor  # (Q,) int64: true matches kept (0: skipped)
+    first_rank: torch.Tensor  # (Q,) int64: rank of the first true match (0: skipped)
+
+    @classmethod
+    def zeros(cls, num_query: int, max_rank: int, device: torch.device | str = "cpu") -> "RankingSums":
+        f64, i64 = dict(dtype=torch.float64, device=device), dict(dtype=torch.int64, device=device)
+        return cls(torch.zeros(max_rank, **i64), torch.zeros(num_query, **f64), torch.zeros(num_query, **f64),
+                   torch.zeros(num_query, **i64), torch.zeros(num_query, **i64))
+
+    def add_(self, ranks: torch.Tensor, num_rel: torch.Tensor, start: int) -> "RankingSums":
+        """Account queries ``start .. start+len(num_rel)`` from their :func:`match_ranks` output."""
+        valid = num_rel > 0
+        n = num_rel.clamp_min(1)
+        first = ranks[:, 0]
+        hist = torch.bincount(first[valid].clamp_max(self.cmc_counts.numel() + 1), minlength=self.cmc_counts.numel() + 2)
+        self.cmc_counts += hist[1:-1].cumsum(0)  # first rank r counts for every k >= r
+        slot = torch.arange(ranks.shape[1], device=ranks.device, dtype=torch.float64)[None, :] + 1.0
+        precision = torch.where(ranks > 0, slot / ranks.clamp_min(1).to(torch.float64), 0.0)
+        last = ranks.gather(1, (n - 1)[:, None]).squeeze(1)
+        end = start + num_rel.numel()
+        self.ap[start:end] = precision.sum(1) / n * valid
+        self.inp[start:end] = torch.where(valid, n.to(torch.float64) / last.clamp_min(1).to(torch.float64), 0.0)
+        self.num_rel[start:end] = num_rel
+        self.first_rank[start:end] = torch.where(valid, first, 0)
+        return self
+
+    def flat(self) -> torch.Tensor:
+        """All fields in one float64 vector (integers below 2**53 are exact), for a single all-reduce."""
+        return torch.cat([self.cmc_counts.double(), self.ap, self.inp, self.num_rel.double(), self.first_rank.double()])
+
+    @classmethod
+    def from_flat(cls, flat: torch.Tensor, num_query: int, max_rank: int) -> "RankingSums":
+        cmc, ap, inp, num_rel, first = flat.split([max_rank, num_query, num_query, num_query, num_query])
+        return cls(cmc.round().long(), ap, inp, num_rel.round().long(), first.round().long())
+
+
+@dataclass
+class RetrievalMetrics:
+    cmc: torch.Tensor  # (max_rank,) float64: fraction of valid queries matched within rank k+1
+    mAP: float
+    mINP: float
+    num_valid: int  # queries with at least one true match (the rest are skipped, as in the official code)
+    num_query: int
+    num_gallery: int
+    ap: torch.Tensor  # (Q,) per-query AP (0 for skipped queries)
+    num_rel: torch.Tensor  # (Q,)
+
+    def as_dict(self, ranks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
+        out = {"mAP": self.mAP, "mINP": self.mINP}
+        out.update({f"rank{k}": float(self.cmc[min(k, self.cmc.numel()) - 1]) for k in ranks})
+        out.update({"num_query": float(self.num_query), "num_gallery": float(self.num_gallery),
+                    "num_valid_query": float(self.num_valid)})
+        return out
+
+
+def effective_max_rank(max_rank: int, num_gallery: int) -> int:
+    """The official code shortens the CMC to the gallery size when the gallery is smaller."""
+    return max(1, min(max_rank, num_gallery))
+
+
+def finalize(sums: RankingSums, *, num_gallery: int) -> RetrievalMetrics:
+    """Means over the valid queries, in query order (so every shard layout gives the same floats)."""
+    valid = sums.num_rel > 0
+    num_valid = int(valid.sum())
+    if num_valid == 0:
+        raise ValueError("no query has a true match in the gallery once same-pid-same-camera items are removed; "
+                         "check the query/gallery split and the camera ids")
+    return RetrievalMetrics(
+        cmc=sums.cmc_counts.double() / num_valid,
+        mAP=float(sums.ap.sum() / num_valid),
+        mINP=float(sums.inp.sum() / num_valid),
+        num_valid=num_valid,
+        num_query=int(sums.num_rel.numel()),
+        num_gallery=num_gallery,
+        ap=sums.ap,
+        num_rel=sums.num_rel,
+    )
+
+
+def query_chunks(num_query: int, chunk: int, *, rank: int = 0, world_size: int = 1) -> list[tuple[int, int]]:
+    """This rank's contiguous run of ``[start, end)`` query chunks.
+
+    Chunk boundaries depend on ``chunk`` only, never on the world size, so every chunk is the same
+    matrix product on any number of ranks (identical floats); ranks take whole chunks.
+    """
+    bounds = [(s, min(s + chunk, num_query)) for s in range(0, num_query, chunk)]
+    n = len(bounds)
+    return bounds[rank * n // world_size:(rank + 1) * n // world_size]
+
+
+def score_queries(chunk_distance: Callable[[int, int], torch.Tensor], q_pids: torch.Tensor, g_pids: torch.Tensor,
+                  q_camids: torch.Tensor, g_camids: torch.Tensor, *, chunks: list[tuple[int, int]],
+                  max_rank: int = 50) -> RankingSums:
+    """Rank the given query chunks against the whole gallery; ``chunk_distance(start, end)`` gives (end-start, G)."""
+    num_gallery = g_pids.numel()
+    sums = RankingSums.zeros(q_pids.numel(), effective_max_rank(max_rank, num_gallery), device=g_pids.device)
+    for start, end in chunks:
+        ranks, num_rel = match_ranks(chunk_distance(start, end), q_pids[start:end], g_pids, q_camids[start:end], g_camids)
+        sums.add_(ranks, num_rel, start)
+    return sums
+
+
+def cmc_map_minp(dist: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, q_camids: torch.Tensor,
+                 g_camids: torch.Tensor, *, max_rank: int = 50, query_chunk: int = 1024) -> RetrievalMetrics:
+    """CMC, mAP and mINP of a (Q, G) distance matrix (smaller is better) under the Market protocol."""
+    sums = score_queries(lambda s, e: dist[s:e], q_pids, g_pids, q_camids, g_camids,
+                         chunks=query_chunks(dist.shape[0], query_chunk), max_rank=max_rank)
+    return finalize(sums, num_gallery=dist.shape[1])
+
+
+def evaluate_features(q_feat: torch.Tensor, g_feat: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor,
+                      q_camids: torch.Tensor, g_camids: torch.Tensor, *, q_mask: Optional[torch.Tensor] = None,
+                      metric: str = "masked_cosine", max_rank: int = 50, query_chunk: int = 256) -> RetrievalMetrics:
+    """Single-process convenience: distances chunk by chunk, then :func:`finalize`. Never builds Q×G."""
+    sums = score_queries(chunk_distance_fn(q_feat, g_feat, q_mask=q_mask, metric=metric), q_pids, g_pids, q_camids,
+                         g_camids, chunks=query_chunks(q_feat.shape[0], query_chunk), max_rank=max_rank)
+    return finalize(sums, num_gallery=g_feat.shape[0])
+
+
+def chunk_distance_fn(q_feat: torch.Tensor, g_feat: torch.Tensor, *, q_mask: Optional[torch.Tensor] = None,
+                      metric: str = "masked_cosine") -> Callable[[int, int], torch.Tensor]:
+    """``(start, end) -> distance_matrix`` of those queries against the (once-prepared) gallery."""
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
+    if metric == "masked_cosine" and q_mask is None:
+        raise ValueError("metric masked_cosine needs the query masks (q_mask)")
+    gallery = Gallery.build(g_feat)
+
+    def chunk(start: int, end: int) -> torch.Tensor:
+        mask = q_mask[start:end] if q_mask is not None else None
+        return distance_matrix(q_feat[start:end], gallery, q_mask=mask, metric=metric)
+
+    return chunk
+
+
+def top_k_gallery(dist_row: torch.Tensor, q_pid: int, q_camid: int, g_pids: torch.Tensor, g_camids: torch.Tensor,
+                  k: int) -> torch.Tensor:
+    """Indices of the first ``k`` kept gallery items of one query, in (distance, index) order."""
+    kept = (~((g_pids == q_pid) & (g_camids == q_camid))).nonzero().squeeze(1)
+    order = torch.sort(dist_row[kept], stable=True).indices
+    return kept[order[:k]]
+
+
+def pick_queries(ap: torch.Tensor, num_rel: torch.Tensor, num: int) -> list[int]:
+    """``num`` valid queries spread from the lowest to the highest AP (deterministic), for pictures."""
+    valid = (num_rel > 0).nonzero().squeeze(1)
+    if num <= 0 or valid.numel() == 0:
+        return []
+    by_ap = valid[torch.sort(ap[valid], stable=True).indices]
+    positions = torch.linspace(0, by_ap.numel() - 1, min(num, by_ap.numel())).round().long()
+    return sorted(set(by_ap[positions].tolist()))

@@ -1,0 +1,141 @@
+"""Evaluating one model file end to end: load it, evaluate on every rank, write results and pictures.
+
+:func:`load_model` builds the architecture the file records (our model files carry their training
+config; the converter's files their facts) and loads the weights strictly; :func:`run_eval` is what
+``dpm-eval`` runs on every rank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import time
+from typing import Any, Optional
+
+import torch
+
+from dpm_dist import dist
+from dpm_dist.config import DPMConfig, ModelConfig
+from dpm_dist.dist import DistEnv
+
+
+def _checkpoint_meta(path: str) -> dict[str, Any]:
+    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    meta = obj.get("meta") if isinstance(obj, dict) else None
+    return dict(meta) if isinstance(meta, dict) else {}
+
+
+def model_config_for(cfg: DPMConfig, meta: dict[str, Any]) -> ModelConfig:
+    """The checkpoint's own architecture when it records one, else the composed ``model`` section."""
+    fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    saved = (meta.get("config") or {}).get("model")
+    if saved:
+        return ModelConfig(**{k: v for k, v in saved.items() if k in fields})
+    known = {k: meta[k] for k in ("img_size", "stride", "backbone", "tap_blocks", "embed_dim", "depth", "patch_size")
+             if k in meta}
+    return dataclasses.replace(cfg.model, **known)
+
+
+def load_model(path: str, cfg: DPMConfig) -> tuple[torch.nn.Module, ModelConfig, dict[str, Any]]:
+    """Build the DPM model for ``path`` (our export or an official state dict) and load it strictly."""
+    from dpm_dist.model.dpm import build_model
+    from dpm_dist.model.weights import describe_state_dict, load_state_dict_checked, read_dpm_state_dict
+
+    meta = _checkpoint_meta(path)
+    state = read_dpm_state_dict(path)
+    facts = describe_state_dict(state)
+    model_cfg = model_config_for(cfg, meta)
+    model = build_model(model_cfg, num_classes=facts["num_classes"], num_cams=facts["num_cams"])
+    load_state_dict_checked(model, state, source=path)
+    return model, model_cfg, meta
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[-60:]
+
+
+def write_pictures(out_dir: str, model: torch.nn.Module, query, gallery, metrics, cfg: DPMConfig, env: DistEnv, *,
+                   device: torch.device) -> list[str]:
+    """Ranked lists, head cross-correlations and masks of a few queries. Collective (image fetch); rank 0 draws."""
+    from dpm_dist.eval.evaluator import fetch_images
+    from dpm_dist.eval.retrieval import arccos_distance, distance_matrix, masked_cosine_similarity, pick_queries, top_k_gallery
+    from dpm_dist.eval import pictures
+
+    chosen = pick_queries(metrics.ap, metrics.num_rel, cfg.eval.num_pictures)
+    tops = {}
+    for i in chosen:
+        row = distance_matrix(query.feats[i:i + 1], gallery.feats, q_mask=query.masks[i:i + 1], metric=cfg.eval.distance)[0]
+        tops[i] = (top_k_gallery(row, int(query.pids[i]), int(query.camids[i]), gallery.pids, gallery.camids,
+                                 cfg.eval.picture_topk).tolist(), row)
+    wanted = {("query", query.keys[i]) for i in chosen} | {("gallery", gallery.keys[j]) for top, _ in tops.values() for j in top}
+    images = fetch_images(cfg.data, env, wanted)
+    if not env.is_main or not chosen:
+        return []
+    folder = os.path.join(out_dir, "pictures")
+    q_images = torch.stack([images[("query", query.keys[i])] for i in chosen])
+    model.eval()
+    with torch.no_grad():
+        attn = model(q_images.to(device), query.camids[chosen].to(device)).attn_logits.float().cpu()
+    corr = pictures.head_correlation(attn)
+    written = []
+    for n, i in enumerate(chosen):
+        top, row = tops[i]
+        name = f"{n:02d}_{_safe(query.keys[i])}"
+        if cfg.eval.distance == "euclidean":
+            shown = [f"d={float(row[j]):.3f}" for j in top]
+        else:
+            cos = masked_cosine_similarity(query.feats[i:i + 1], query.masks[i:i + 1], gallery.feats[top]) \
+                if cfg.eval.distance == "masked_cosine" else -row[top][None, :]
+            shown = [f"d={float(d):.3f}" for d in arccos_distance(cos)[0]]
+        written.append(pictures.save_ranked_list(
+            os.path.join(folder, f"ranked_{name}.png"), images[("query", query.keys[i])],
+            [images[("gallery", gallery.keys[j])] for j in top], [bool(gallery.pids[j] == query.pids[i]) for j in top],
+            query_title=f"query pid {int(query.pids[i])} cam {int(query.camids[i])}\nAP {float(metrics.ap[i]):.3f}",
+            gallery_titles=[f"{s}\npid {int(gallery.pids[j])} c{int(gallery.camids[j])}" for s, j in zip(shown, top)]))
+        written.append(pictures.save_head_correlation(os.path.join(folder, f"head_correlation_{name}.png"), corr[n],
+                                                       title=f"last block, query {query.keys[i][:32]}"))
+        written.append(pictures.save_mask_plot(os.path.join(folder, f"mask_{name}.png"), query.masks[i],
+                                                title=f"HMG mask, query {query.keys[i][:32]}"))
+    written.append(pictures.save_head_correlation(os.path.join(folder, "head_correlation_mean.png"), corr.mean(0),
+                                                   title=f"last block, mean over {len(chosen)} queries"))
+    return written
+
+
+def run_eval(cfg: DPMConfig, checkpoint: str, env: DistEnv, *, output_dir: Optional[str] = None) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` on every rank; rank 0 writes results.json, TensorBoard scalars and pictures."""
+    from dpm_dist.eval.evaluator import evaluate_embeddings, extract_and_gather
+
+    device = dist.device_for(env)
+    out_dir = output_dir or os.path.join(cfg.log.output_dir, "eval")
+    model, model_cfg, meta = load_model(checkpoint, cfg)
+    cfg = dataclasses.replace(cfg, model=model_cfg, data=dataclasses.replace(cfg.data, img_size=list(model_cfg.img_size)))
+    model.to(device)
+    start = time.perf_counter()
+    query, gallery = extract_and_gather(model, cfg.data, env, device=device, neck_feat=cfg.eval.neck_feat)
+    extracted = time.perf_counter()
+    metrics = evaluate_embeddings(query, gallery, cfg.eval, env)
+    scored = time.perf_counter()
+    written = write_pictures(out_dir, model, query, gallery, metrics, cfg, env, device=device) if cfg.eval.num_pictures else []
+    result = {
+        "checkpoint": os.path.abspath(checkpoint),
+        "metrics": metrics.as_dict(),
+        "cmc": metrics.cmc.tolist(),
+        "world_size": env.world_size,
+        "seconds": {"extract_and_gather": extracted - start, "retrieval": scored - extracted},
+        "eval": dataclasses.asdict(cfg.eval),
+        "data_root": cfg.data.eval_root or cfg.data.root,
+        "pictures": [os.path.relpath(p, out_dir) for p in written],
+    }
+    if env.is_main:
+        from dpm_dist.loggers import TensorBoardLogger
+
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "results.json"), "w") as f:
+            json.dump(result, f, indent=2)
+        if cfg.log.tensorboard:
+            logger = TensorBoardLogger(os.path.join(out_dir, "tb"))
+            logger.log({f"eval/{k}": v for k, v in metrics.as_dict().items()}, int(meta.get("epoch", 0)))
+            logger.close()
+    return result

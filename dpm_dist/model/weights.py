@@ -1,0 +1,162 @@
+"""Loading weights from local files: ImageNet ViT, official DPM checkpoints, and our own exports.
+
+Nothing here downloads anything. Every mismatch is an error that names the key and both shapes.
+
+Official DPM key map (``transformer_150.pth`` and friends; a ``module.`` prefix is stripped first):
+
+=============================================  ===========================================
+official key                                   dpm-dist key
+=============================================  ===========================================
+``base.cls_token`` / ``base.pos_embed``        ``backbone.cls_token`` / ``backbone.pos_embed``
+``base.sie_embed``                             ``backbone.sie_embed``
+``base.patch_embed.proj.{weight,bias}``        ``backbone.patch_embed.proj.{weight,bias}``
+``base.blocks.{i}.*``                          ``backbone.blocks.{i}.*`` (timm names match)
+``base.norm.{weight,bias}``                    ``backbone.norm.{weight,bias}``
+``base.ConvLayer.{0,2,4}.{0,1}.*``             ``mask_gen.layers.{0,2,4}.{0,1}.*`` (conv, BN)
+``base.attfc.{weight,bias}``                   ``mask_gen.fc.{weight,bias}``
+``classifier.weight``                          ``classifier.weight`` (the prototypes W)
+``bottleneck.*``                               ``bottleneck.*`` (BNNeck)
+``base.fc.*``                                  dropped (the unused 1000-way head)
+=============================================  ===========================================
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+_OFFICIAL_RULES: tuple[tuple[str, Optional[str]], ...] = (
+    (r"^base\.fc\.", None),
+    (r"^base\.ConvLayer\.", "mask_gen.layers."),
+    (r"^base\.attfc\.", "mask_gen.fc."),
+    (r"^base\.", "backbone."),
+    (r"^classifier\.", "classifier."),
+    (r"^bottleneck\.", "bottleneck."),
+)
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.endswith(".npz"):
+        raise ValueError(f"{path}: Google .npz checkpoints are not supported; use the PyTorch jx_vit_base_p16_224 file or a timm state dict")
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for wrapper in ("model", "state_dict", "module"):
+        if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
+            obj = obj[wrapper]
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ValueError(f"{path}: expected a state dict of tensors")
+    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], old_grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
+    """Resize a (1, 1+h·w, D) position embedding to ``new_grid`` exactly as docs/method.md §1.4 says.
+
+    The class-token slot is kept as is; the grid is resized with bilinear interpolation,
+    ``align_corners=False`` and no antialiasing (timm's default is bicubic + antialias: not faithful).
+    """
+    cls_slot, grid = pos_embed[:, :1], pos_embed[:, 1:]
+    if old_grid is None:
+        side = int(math.isqrt(grid.shape[1]))
+        if side * side != grid.shape[1]:
+            raise ValueError(f"pos_embed has {grid.shape[1]} patch slots, not a square grid; pass old_grid")
+        old_grid = (side, side)
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    dim = grid.shape[-1]
+    grid = grid.reshape(1, old_grid[0], old_grid[1], dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid.float(), size=tuple(new_grid), mode="bilinear", align_corners=False, antialias=False)
+    grid = grid.permute(0, 2, 3, 1).reshape(1, new_grid[0] * new_grid[1], dim).to(pos_embed.dtype)
+    return torch.cat([cls_slot, grid], dim=1)
+
+
+def load_state_dict_checked(module: nn.Module, state: Mapping[str, torch.Tensor], *, source: str, may_be_missing: frozenset[str] = frozenset()) -> None:
+    """Load ``state`` into ``module``; unknown keys, missing keys and shape mismatches are errors naming the key."""
+    own = module.state_dict()
+    unknown = sorted(k for k in state if k not in own)
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) {unknown[:8]}{' ...' if len(unknown) > 8 else ''} (not in the model)")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise ValueError(f"{source}: key {key!r} has shape {tuple(value.shape)} in the file but {tuple(own[key].shape)} in the model")
+    missing = sorted(k for k in own if k not in state and k not in may_be_missing)
+    if missing:
+        raise ValueError(f"{source}: missing key(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+    module.load_state_dict(state, strict=False)
+
+
+def load_imagenet_vit(model: nn.Module, path: str) -> None:
+    """Load ImageNet ViT weights (``jx_vit_base_p16_224-80ecf9dd.pth`` or a timm state dict) into ``model.backbone``.
+
+    Keys containing ``head`` or ``dist`` are dropped; a 2-D patch weight is reshaped; ``pos_embed``
+    is resized to the model's grid. The HMG, SIE, BNNeck and prototypes keep their initialisation.
+    """
+    backbone = model.backbone
+    raw = read_state_dict(path)
+    state: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        if "head" in key or "dist" in key or key.startswith("fc_norm."):
+            continue
+        if key == "patch_embed.proj.weight" and value.ndim == 2:
+            ph, pw = backbone.patch_embed.proj.kernel_size
+            value = value.reshape(value.shape[0], -1, ph, pw)
+        if key == "pos_embed":
+            value = resize_pos_embed(value, backbone.grid)
+        state[key] = value
+    load_state_dict_checked(backbone, state, source=path, may_be_missing=frozenset({"sie_embed"}))
+
+
+def official_key(key: str) -> Optional[str]:
+    """dpm-dist name of an official DPM key, or None for keys that are dropped (``base.fc``)."""
+    for pattern, replacement in _OFFICIAL_RULES:
+        if re.match(pattern, key):
+            return None if replacement is None else re.sub(pattern, replacement, key, count=1)
+    raise ValueError(f"unknown official DPM key {key!r}")
+
+
+def is_official_state_dict(state: Mapping[str, Any]) -> bool:
+    return any(k.startswith("base.") for k in state)
+
+
+def convert_official_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename an official DPM state dict (``base.*``, ``classifier.weight``, ``bottleneck.*``) to ours."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        key = key[len("module."):] if key.startswith("module.") else key
+        new = official_key(key)
+        if new is not None:
+            out[new] = value
+    return out
+
+
+def read_dpm_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A DPM state dict in our naming from our export, a DeepSpeed fp32 export or an official file."""
+    state = read_state_dict(path)
+    return convert_official_state_dict(state) if is_official_state_dict(state) else state
+
+
+def load_dpm_checkpoint(model: nn.Module, path: str) -> None:
+    """Load a complete DPM model (ours or an official checkpoint) strictly: every key, every shape."""
+    load_state_dict_checked(model, read_dpm_state_dict(path), source=path)
+
+
+def describe_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """Shape facts of a DPM state dict in our naming (for the converter and error messages)."""
+    pos = state["backbone.pos_embed"]
+    sie = state.get("backbone.sie_embed")
+    blocks = {int(k.split(".")[2]) for k in state if k.startswith("backbone.blocks.")}
+    return {
+        "embed_dim": int(pos.shape[-1]),
+        "num_tokens": int(pos.shape[1]),
+        "num_classes": int(state["classifier.weight"].shape[0]),
+        "num_cams": int(sie.shape[0]) if sie is not None else 0,
+        "depth": len(blocks),
+        "patch_size": int(state["backbone.patch_embed.proj.weight"].shape[-1]),
+        "num_taps": int(state["mask_gen.layers.0.0.weight"].shape[1]) // int(pos.shape[-1]),
+    }

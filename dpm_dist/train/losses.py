@@ -1,0 +1,240 @@
+"""DPM losses as pure functions (docs/method.md §3, §4.3-4.6): no process group, no config objects, no devices.
+
+    L = α·CE(f_bn·Wᵀ, y) + (1−α)·CE(ArcFace(masked_cos(f_bn, m, W)), y) + β·L_hem(A) + w_tri·L_tri(f)
+
+The cosine, ArcFace, HEM and triplet arithmetic runs in fp32 even under autocast (float64 inputs stay
+float64, which the parity tests use). Only the masked ArcFace term depends on the mask generator, so
+the engine's step-2 update backpropagates :func:`masked_arcface_ce` alone (docs/method.md §5.4).
+
+Cross-rank behaviour is the caller's choice, expressed through plain arguments: ``hem_ref_batch``
+fixes the HEM scale whatever the per-rank batch (docs/method.md §5.6), and ``triplet_feat``/``triplet_labels``
+let the engine pass features all-gathered from every rank for the mining.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from dpm_dist.config import LossConfig
+
+HEM_EPS = 1e-6  # inside the square root of the row norm, as the official featureL2Norm
+NORM_EPS = 1e-12  # F.normalize's clamp, also used for the masked-prototype norm
+DIST_EPS = 1e-12  # squared-distance clamp before the square root (TransReID euclidean_dist)
+
+
+def _no_autocast(t: torch.Tensor) -> torch.autocast:
+    return torch.autocast(device_type=t.device.type, enabled=False)
+
+
+def _fp32(t: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 → fp32; fp32 and fp64 are kept."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def masked_cosine(feat_bn: torch.Tensor, mask: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """Cosine between each feature and every prototype masked by that sample's mask (docs/method.md §4.4).
+
+    Equals the official per-sample loop ``⟨f̂_b, normalize(m_b ⊙ Ŵ_c)⟩`` with two matmuls:
+    ``((f̂ ⊙ m) · Ŵᵀ) ⊘ max(√((m ⊙ m) · (Ŵ ⊙ Ŵ)ᵀ), 1e-12)``; no (B, C, D) tensor is formed.
+
+    Args:
+        feat_bn: (B, D) features after the BNNeck.
+        mask: (B, D) mask-generator output in (0, 1).
+        prototypes: (C, D) classifier weight W.
+
+    Returns:
+        (B, C) cosines in fp32 (fp64 for fp64 inputs).
+    """
+    with _no_autocast(feat_bn):
+        f = F.normalize(_fp32(feat_bn), dim=1, eps=NORM_EPS)  # (B, D)
+        w = F.normalize(_fp32(prototypes), dim=1, eps=NORM_EPS)  # (C, D)
+        m = _fp32(mask)  # (B, D)
+        num = (f * m) @ w.t()  # (B, C)
+        den = ((m * m) @ (w * w).t()).sqrt().clamp_min(NORM_EPS)  # (B, C) = ‖m_b ⊙ Ŵ_c‖
+        return num / den
+
+
+def arcface_logits(cos: torch.Tensor, labels: torch.Tensor, *, margin: float, scale: float) -> torch.Tensor:
+    """Insightface ArcFace logits (easy_margin off, no label smoothing), computed in fp32.
+
+    The target column becomes ``s·cos(θ+m)`` where ``cos θ > cos(π−m)`` and ``s·(cos θ − m·sin m)``
+    elsewhere; the other columns are ``s·cos θ``. The sine is ``√(1−cos²)`` clamped at 0, unlike the
+    official MArcface whose unclamped sine turns a rounded cos > 1 into NaN.
+
+    Args:
+        cos: (B, C) cosines.
+        labels: (B,) class indices.
+        margin: additive angular margin m.
+        scale: logit scale s.
+
+    Returns:
+        (B, C) logits in fp32 (fp64 for fp64 inputs).
+    """
+    th = math.cos(math.pi - margin)
+    mm = math.sin(math.pi - margin) * margin
+    with _no_autocast(cos):
+        cos = _fp32(cos)
+        index = labels.view(-1, 1)
+        cos_t = cos.gather(1, index)  # (B, 1) target column only: the margin never touches the rest
+        sin_sq = 1.0 - cos_t * cos_t
+        positive = sin_sq > 0
+        # Double where: sine = 0 at |cos| >= 1 with a zero (not inf/NaN) gradient through the sqrt.
+        sine = torch.where(positive, sin_sq.where(positive, 1.0).sqrt(), 0.0)
+        phi = cos_t * math.cos(margin) - sine * math.sin(margin)
+        phi = torch.where(cos_t > th, phi, cos_t - mm)
+        return scale * cos.scatter(1, index, phi)
+
+
+def masked_arcface_ce(feat_bn: torch.Tensor, mask: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor, *,
+                      margin: float, scale: float) -> torch.Tensor:
+    """CE of the masked ArcFace logits ("L_M-cls"), mean over the batch: the only mask-dependent term.
+
+    Args:
+        feat_bn: (B, D) features after the BNNeck.
+        mask: (B, D) mask-generator output.
+        prototypes: (C, D) classifier weight W.
+        labels: (B,) class indices.
+        margin: ArcFace m.
+        scale: ArcFace s.
+
+    Returns:
+        Scalar loss in fp32.
+    """
+    logits = arcface_logits(masked_cosine(feat_bn, mask, prototypes), labels, margin=margin, scale=scale)
+    return F.cross_entropy(logits, labels)
+
+
+def hem_loss(attn_logits: torch.Tensor, *, ref_batch: Optional[int] = 64) -> torch.Tensor:
+    """Head Enrich Module loss (docs/method.md §3.2): heads pushed towards orthogonal CLS→patch attention.
+
+    Rows are normalised as ``A / √(Σ_p A² + 1e-6)``, ``G_b = Â_b Â_bᵀ`` and the per-sample term is
+    ``‖G_b − I‖²_F``. The official code sums it over the batch and divides by H². Here the sum is
+    taken over ``ref_batch`` samples: ``(ref_batch / H²) · mean_b ‖G_b − I‖²_F``, so the weight does
+    not drift with the per-rank batch size; under gradient averaging across ranks it is the official
+    value of a ``ref_batch``-sample batch (equal to it exactly when the local batch is ``ref_batch``).
+
+    Args:
+        attn_logits: (B, H, P) last-block CLS→patch attention logits before the softmax.
+        ref_batch: number of samples the sum stands for; None gives the official plain sum over the
+            local batch.
+
+    Returns:
+        Scalar loss in fp32.
+    """
+    with _no_autocast(attn_logits):
+        a = _fp32(attn_logits)  # (B, H, P)
+        num_heads = a.shape[1]
+        a_hat = a / (a.pow(2).sum(-1, keepdim=True) + HEM_EPS).sqrt()
+        gram = a_hat @ a_hat.transpose(1, 2)  # (B, H, H)
+        eye = torch.eye(num_heads, dtype=a.dtype, device=a.device)
+        per_sample = (gram - eye).pow(2).sum((1, 2))  # (B,)
+        total = per_sample.sum() if ref_batch is None else ref_batch * per_sample.mean()
+        return total / num_heads**2
+
+
+def batch_hard_distances(feat: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Hardest positive and hardest negative Euclidean distance of every anchor (docs/method.md §4.5).
+
+    Distances use ``√(max(‖a‖² + ‖b‖² − 2ab, 1e-12))`` over the full N×N matrix; the diagonal counts as
+    a positive (at distance 1e-6, so it never wins the max when the anchor has another positive).
+
+    Args:
+        feat: (N, D) features before the BNNeck, not normalised.
+        labels: (N,) identities.
+
+    Returns:
+        ``(d_ap, d_an)``, each (N,) in fp32.
+    """
+    with _no_autocast(feat):
+        x = _fp32(feat)
+        sq = x.pow(2).sum(1)  # (N,)
+        dist = (sq[:, None] + sq[None, :] - 2.0 * x @ x.t()).clamp_min(DIST_EPS).sqrt()  # (N, N)
+        same = labels[:, None] == labels[None, :]
+        d_ap = dist.masked_fill(~same, float("-inf")).max(dim=1).values
+        d_an = dist.masked_fill(same, float("inf")).min(dim=1).values
+        return d_ap, d_an
+
+
+def soft_margin_triplet(feat: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Soft-margin batch-hard triplet loss ``mean_i log(1 + exp(d_ap(i) − d_an(i)))``.
+
+    Args:
+        feat: (N, D) features before the BNNeck.
+        labels: (N,) identities; every anchor needs a positive and a negative (P×K batches).
+
+    Returns:
+        Scalar loss in fp32.
+    """
+    d_ap, d_an = batch_hard_distances(feat, labels)
+    # softplus is the stable form of SoftMarginLoss(d_an − d_ap, 1).
+    return F.softplus(d_ap - d_an).mean()
+
+
+def dpm_loss(*, feat: torch.Tensor, feat_bn: torch.Tensor, mask: torch.Tensor, attn_logits: torch.Tensor,
+             prototypes: torch.Tensor, labels: torch.Tensor, alpha: float, beta: float, margin: float, scale: float,
+             triplet_weight: float = 1.0, hem_ref_batch: Optional[int] = 64,
+             triplet_feat: Optional[torch.Tensor] = None,
+             triplet_labels: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+    """The full DPM objective (docs/method.md §4.6) and its named terms.
+
+    Args:
+        feat: (B, D) features before the BNNeck (triplet input).
+        feat_bn: (B, D) features after the BNNeck (classifier input).
+        mask: (B, D) mask-generator output.
+        attn_logits: (B, H, P) HEM input.
+        prototypes: (C, D) classifier weight W, shared by both classification branches.
+        labels: (B,) class indices.
+        alpha: weight of the plain CE; the masked ArcFace CE gets 1 − alpha.
+        beta: HEM weight.
+        margin: ArcFace m.
+        scale: ArcFace s.
+        triplet_weight: triplet weight.
+        hem_ref_batch: see :func:`hem_loss`.
+        triplet_feat: (N, D) features to mine over instead of ``feat``, e.g. all-gathered from every
+            rank (the local rows among them); every row is an anchor.
+        triplet_labels: (N,) identities of ``triplet_feat``.
+
+    Returns:
+        ``loss`` (total), ``loss_id`` (plain CE), ``loss_mask_id`` (masked ArcFace CE), ``loss_hem``,
+        ``loss_triplet``, the detached ``acc`` of the plain logits and the detached mean hardest
+        distances ``dist_ap`` / ``dist_an``.
+    """
+    if (triplet_feat is None) != (triplet_labels is None):
+        raise ValueError("triplet_feat and triplet_labels must be given together")
+    if triplet_feat is None:
+        triplet_feat, triplet_labels = feat, labels
+
+    logits = _fp32(F.linear(feat_bn, prototypes))  # (B, C) raw dot products: no norm, no scale
+    loss_id = F.cross_entropy(logits, labels)
+    loss_mask_id = masked_arcface_ce(feat_bn, mask, prototypes, labels, margin=margin, scale=scale)
+    loss_hem = hem_loss(attn_logits, ref_batch=hem_ref_batch)
+    d_ap, d_an = batch_hard_distances(triplet_feat, triplet_labels)
+    loss_triplet = F.softplus(d_ap - d_an).mean()
+    loss = alpha * loss_id + (1.0 - alpha) * loss_mask_id + beta * loss_hem + triplet_weight * loss_triplet
+    return {
+        "loss": loss,
+        "loss_id": loss_id,
+        "loss_mask_id": loss_mask_id,
+        "loss_hem": loss_hem,
+        "loss_triplet": loss_triplet,
+        "acc": (logits.detach().argmax(1) == labels).float().mean(),
+        "dist_ap": d_ap.detach().mean(),
+        "dist_an": d_an.detach().mean(),
+    }
+
+
+def loss_terms_from_config(loss_cfg: LossConfig) -> dict[str, Any]:
+    """Keyword arguments of :func:`dpm_loss` taken from a ``LossConfig``."""
+    return {
+        "alpha": loss_cfg.alpha,
+        "beta": loss_cfg.beta,
+        "margin": loss_cfg.margin,
+        "scale": loss_cfg.scale,
+        "triplet_weight": loss_cfg.triplet_weight,
+        "hem_ref_batch": loss_cfg.hem_ref_batch,
+    }

@@ -1,0 +1,410 @@
+"""Ray Tune search over DPM's α, β, m, s (and lr): each trial is a Ray Train run of N DeepSpeed workers.
+
+The only module that imports ``ray``. Shape of a search (Ray 2.60, Train V2)::
+
+    Tuner(trial_driver)                      one Tune function trial per sampled config (1 CPU)
+      └─ TorchTrainer(train_worker).fit()    a Ray Train run with search.workers_per_trial workers
+           └─ dpm_dist.train.train(cfg, env, report)   the same loop as dpm-train, on every worker
+
+Each periodic evaluation is reported by every worker with its files of the checkpoint just written
+(Ray merges them into one checkpoint folder in storage), and forwarded to Tune by
+``TuneReportCallback`` for the searcher and the ASHA scheduler (time attribute ``epoch``). Workers
+keep their run folders on node-local scratch; a restarted worker group (``FailureConfig``) or a
+restored search (``Tuner.restore``) rebuilds them from the Ray checkpoint alone, so nothing relies
+on a file system shared between nodes except ``search.storage_path`` (NFS or S3 on clusters).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import posixpath
+import shutil
+import tempfile
+import time
+from typing import Any, Optional
+
+import ray
+import ray.train
+import ray.tune
+from omegaconf import OmegaConf
+from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from dpm_dist.config import DPMConfig, to_config
+from dpm_dist.dist import DistEnv
+
+FORWARDED_ENV = ("DS_ACCELERATOR", "OMP_NUM_THREADS")  # driver env vars the training workers also need
+PG_KEY = "ray_placement_group"  # reported by the workers: the placement group their trial holds
+RELEASE_GRACE_S = 10.0  # after a trial ends, time for its Tune actor (and Train controller) to exit
+
+
+# ---- search space ---------------------------------------------------------------------------------
+
+def param_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Tune domains keyed by dotted config key, from validated ``search.space`` entries."""
+    tune = ray.tune
+    builders = {
+        "uniform": lambda e: tune.uniform(e["low"], e["high"]),
+        "loguniform": lambda e: tune.loguniform(e["low"], e["high"]),
+        "quniform": lambda e: tune.quniform(e["low"], e["high"], e["q"]),
+        "randint": lambda e: tune.randint(e["low"], e["high"]),
+        "choice": lambda e: tune.choice(list(e["values"])),
+        "grid": lambda e: tune.grid_search(list(e["values"])),
+    }
+    return {key: builders[entry["type"]](entry) for key, entry in space.items()}
+
+
+def _extremes(entry: dict[str, Any]) -> list[Any]:
+    if "values" in entry:
+        return list(entry["values"])
+    if entry["type"] == "randint":
+        return [entry["low"], entry["high"] - 1]
+    return [entry["low"], entry["high"]]
+
+
+def check_space(base: dict[str, Any]) -> None:
+    """Raise ``ValueError`` naming the entry when a value of ``search.space`` makes an invalid config.
+
+    Every entry's bounds (or values) are applied to the base config and validated by the schema,
+    so α ∈ [0, 1.5] fails here instead of in the trials.
+    """
+    space = base["search"]["space"]
+    if not space:
+        raise ValueError("config field `search.space`: empty; pick a configs/tune/*.yaml (tune=...) or set entries")
+    for key, entry in space.items():
+        for value in _extremes(entry):
+            try:
+                trial_config(base, {key: value})
+            except Exception as err:  # schema type errors (OmegaConf) and range checks (ValueError)
+                raise ValueError(f"config field `search.space.{key}`: value {value!r} gives an invalid config: {err}") from err
+
+
+def trial_config(base: dict[str, Any], overrides: dict[str, Any], output_dir: Optional[str] = None) -> DPMConfig:
+    """The validated config of one trial: the resolved base config with the sampled dotted overrides."""
+    node = OmegaConf.create(base)
+    for key, value in overrides.items():
+        OmegaConf.update(node, key, value, merge=False)
+    if output_dir is not None:
+        node.log.output_dir = output_dir
+    return to_config(node)
+
+
+# ---- per-worker training function ---------------------------------------------------------------
+
+def _materialize(checkpoint: Optional["ray.train.Checkpoint"], run_dir: str) -> int:
+    """Rebuild ``run_dir/checkpoints`` from the Ray checkpoint (an ``epoch_XXXX`` folder); its epoch or 0."""
+    shutil.rmtree(run_dir, ignore_errors=True)  # stale local state of an earlier attempt on this node
+    ckpt_root = os.path.join(run_dir, "checkpoints")
+    os.makedirs(ckpt_root)
+    if checkpoint is None:
+        return 0
+    staging = os.path.join(ckpt_root, "incoming")
+    checkpoint.to_directory(staging)
+    with open(os.path.join(staging, "meta.json")) as f:
+        meta = json.load(f)
+    os.replace(staging, os.path.join(ckpt_root, meta["tag"]))
+    with open(os.path.join(ckpt_root, "latest"), "w") as f:
+        f.write(meta["tag"])
+    return int(meta["epoch"])
+
+
+def _maybe_crash(loop: dict[str, Any], rank: int, epoch: int) -> None:
+    """TESTS ONLY (``search.inject_crash_at_epoch``): rank 1 dies once per search, before reporting."""
+    if loop["crash_epoch"] == 0 or rank != 1 or epoch != loop["crash_epoch"]:
+        return
+    try:
+        os.close(os.open(loop["crash_marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    except FileExistsError:
+        return
+    ray.train.get_all_reported_checkpoints()  # the previous epoch's checkpoint is registered: nothing is lost
+    print(f"search.inject_crash_at_epoch: rank 1 exits at epoch {epoch}", flush=True)
+    os._exit(17)
+
+
+def _upload_tensorboard(run_dir: str) -> None:
+    """Copy rank 0's TensorBoard folder next to the trial's Ray Train run in storage."""
+    import pyarrow.fs
+
+    local_tb = os.path.join(run_dir, "tb")
+    if not os.path.isdir(local_tb):
+        return
+    storage = ray.train.get_context().get_storage()
+    dest = posixpath.join(posixpath.dirname(storage.experiment_fs_path), "tensorboard")
+    storage.storage_filesystem.create_dir(dest, recursive=True)
+    pyarrow.fs.copy_files(local_tb, dest, destination_filesystem=storage.storage_filesystem)
+
+
+def _placement_group_id() -> str:
+    group = ray.util.get_current_placement_group()
+    return group.id.hex() if group is not None else ""
+
+
+def train_worker(loop: dict[str, Any]) -> None:
+    """One Ray Train worker of a trial: restore the run folder from Ray's checkpoint, then ``train``."""
+    from dpm_dist.train.loop import train
+
+    ctx = ray.train.get_context()
+    env = DistEnv(rank=ctx.get_world_rank(), local_rank=ctx.get_local_rank(), world_size=ctx.get_world_size(),
+                  local_world_size=ctx.get_local_world_size())
+    run_dir = os.path.join(loop["local_dir"], f"rank_{env.rank}")
+    restored_epoch = _materialize(ray.train.get_checkpoint(), run_dir)
+    cfg = trial_config(loop["base"], loop["overrides"], output_dir=run_dir)
+
+    def report(metrics: dict[str, float], epoch: int, folder: Optional[str]) -> None:
+        _maybe_crash(loop, env.rank, epoch)
+        checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
+        if env.is_main:
+            _upload_tensorboard(run_dir)
+        extra = {"epoch": epoch, "restored_epoch": restored_epoch, PG_KEY: _placement_group_id()}
+        ray.train.report(dict(metrics, **extra), checkpoint=checkpoint,
+                         checkpoint_dir_name=os.path.basename(folder) if folder else None,
+                         delete_local_checkpoint_after_upload=not env.is_main)
+
+    train(cfg, env, report=report)
+
+
+# ---- per-trial driver (the Tune function) ---------------------------------------------------------
+
+def trial_driver(config: dict[str, Any], *, base: dict[str, Any]) -> None:
+    """One Tune trial: a Ray Train run whose name and storage stay fixed, so a re-run resumes it."""
+    search = base["search"]
+    ctx = ray.tune.get_context()
+    storage = ctx.get_storage()
+    trial_id = ctx.get_trial_id()
+    local_root = search["local_dir"] or os.path.join(tempfile.gettempdir(), "dpm-tune")
+    loop = {
+        "base": base,
+        "overrides": dict(config),
+        "local_dir": os.path.join(local_root, search["name"], trial_id),
+        "crash_epoch": search["inject_crash_at_epoch"],
+        "crash_marker": os.path.join(local_root, search["name"], ".crash_injected"),
+    }
+    env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    trainer = TorchTrainer(
+        train_worker,
+        train_loop_config=loop,
+        scaling_config=ray.train.ScalingConfig(
+            num_workers=search["workers_per_trial"], use_gpu=search["gpus_per_worker"] > 0,
+            resources_per_worker=_worker_resources(search)),
+        run_config=ray.train.RunConfig(
+            name="train", storage_path=storage.trial_fs_path, storage_filesystem=storage.storage_filesystem,
+            failure_config=ray.train.FailureConfig(max_failures=search["max_failures"]),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=search["metric"],
+                                                         checkpoint_score_order=search["mode"]),
+            callbacks=[TuneReportCallback()],
+            worker_runtime_env={"env_vars": env_vars}),
+    )
+    trainer.fit()
+
+
+def _worker_resources(search: dict[str, Any]) -> dict[str, float]:
+    resources = {"CPU": float(search["cpus_per_worker"])}
+    if search["gpus_per_worker"] > 0:
+        resources["GPU"] = float(search["gpus_per_worker"])
+    return resources
+
+
+def concurrent_trials(search: dict[str, Any], cluster: dict[str, float]) -> int:
+    """``search.max_concurrent_trials``, or as many trials as the cluster's CPUs and GPUs hold.
+
+    Raises ``ValueError`` when not even one trial fits (Ray Train would wait for resources forever);
+    on an autoscaling cluster set ``search.max_concurrent_trials`` to skip the check.
+    """
+    if search["max_concurrent_trials"] > 0:
+        return int(search["max_concurrent_trials"])
+    workers = search["workers_per_trial"]
+    need = {"CPU": search["driver_cpus"] + workers * search["cpus_per_worker"],
+            "GPU": workers * search["gpus_per_worker"]}
+    fits = [int(cluster.get(kind, 0) // amount) for kind, amount in need.items() if amount > 0]
+    if fits and min(fits) < 1:
+        raise ValueError(f"config field `search.workers_per_trial`: one trial needs {need['CPU']:g} CPUs and "
+                         f"{need['GPU']:g} GPUs (driver_cpus + workers_per_trial × cpus/gpus_per_worker) but the Ray "
+                         f"cluster has {cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs")
+    return max(1, min(fits)) if fits else 1
+
+
+# ---- the search ------------------------------------------------------------------------------------
+
+def storage_of(search: dict[str, Any]) -> tuple[str, Any]:
+    """(storage path, pyarrow filesystem or None) for ``search.storage_path`` (local path or s3://)."""
+    path = search["storage_path"] or "runs/tune"
+    if not path.startswith("s3://"):
+        return os.path.abspath(path), None
+    if not search["s3_endpoint"]:
+        return path, None  # pyarrow's own S3 with the AWS default credential chain
+    import pyarrow.fs
+    import s3fs
+
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": search["s3_endpoint"]})
+    return path[len("s3://"):], pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+
+
+class ReleaseStoppedTrials(ray.tune.Callback):
+    """Remove the worker placement group of every trial Tune stopped (ASHA) or that failed.
+
+    Stopping a trial kills its Tune actor, and with it the Ray Train controller it owns, before the
+    controller can remove its workers' placement group; a group lives as long as the job that
+    created it. Ray Train's own cleaner actor needs the State API (the dashboard of ray[default]);
+    without it the group's CPUs/GPUs stay reserved until ``dpm-tune`` exits and later trials wait
+    forever. This removes them from the Tune driver a little after the trial ended instead.
+    """
+
+    def setup(self, **info: Any) -> None:
+        self.groups: dict[str, str] = {}
+        self.due: list[tuple[float, str]] = []
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if result.get(PG_KEY):
+            self.groups[trial.trial_id] = result[PG_KEY]
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._schedule(trial)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._schedule(trial)
+
+    def _schedule(self, trial: Any) -> None:
+        if trial.trial_id in self.groups:
+            self.due.append((time.monotonic() + RELEASE_GRACE_S, self.groups.pop(trial.trial_id)))
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        from ray.util.placement_group import PlacementGroup, placement_group_table
+
+        now = time.monotonic()
+        for deadline, group_id in [d for d in self.due if d[0] <= now]:
+            self.due.remove((deadline, group_id))
+            group = PlacementGroup(ray.PlacementGroupID.from_hex(group_id))
+            if placement_group_table(group).get("state") == "CREATED":
+                ray.util.remove_placement_group(group)
+
+
+def _trial_dirname(trial: Any) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def build_tuner(base: dict[str, Any]) -> "ray.tune.Tuner":
+    """A new Tuner, or the interrupted one restored from storage (finished trials are not redone)."""
+    search = base["search"]
+    storage_path, fs = storage_of(search)
+    trainable = ray.tune.with_resources(ray.tune.with_parameters(trial_driver, base=base), {"cpu": search["driver_cpus"]})
+    experiment = posixpath.join(storage_path, search["name"])
+    if ray.tune.Tuner.can_restore(experiment, storage_filesystem=fs):
+        print(f"dpm-tune: resuming {experiment}", flush=True)
+        return ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
+                                      storage_filesystem=fs)
+    return ray.tune.Tuner(
+        trainable,
+        param_space=param_space(search["space"]),
+        tune_config=ray.tune.TuneConfig(
+            metric=search["metric"], mode=search["mode"], num_samples=search["num_samples"],
+            search_alg=_searcher(search, concurrent_trials(search, ray.cluster_resources())),
+            scheduler=_scheduler(search, base["optim"]["epochs"]),
+            trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_dirname),
+        run_config=ray.tune.RunConfig(name=search["name"], storage_path=storage_path, storage_filesystem=fs,
+                                      failure_config=ray.tune.FailureConfig(max_failures=0), verbose=2,
+                                      callbacks=[ReleaseStoppedTrials()]),
+    )
+
+
+def _searcher(search: dict[str, Any], max_concurrent: int) -> Any:
+    if search["searcher"] == "optuna":
+        import optuna
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(sampler=optuna.samplers.TPESampler(seed=search["seed"])), max_concurrent)
+    from ray.tune.search import BasicVariantGenerator
+
+    return BasicVariantGenerator(random_state=search["seed"], max_concurrent=max_concurrent)
+
+
+def _scheduler(search: dict[str, Any], epochs: int) -> Any:
+    if search["scheduler"] == "fifo":
+        return ray.tune.schedulers.FIFOScheduler()
+    return ray.tune.schedulers.ASHAScheduler(time_attr="epoch", max_t=search["max_t"] or epochs,
+                                             grace_period=search["grace_period"],
+                                             reduction_factor=search["reduction_factor"])
+
+
+def connect(search: dict[str, Any]) -> None:
+    """Join ``search.ray_address`` / ``$RAY_ADDRESS``, or start a local Ray instance."""
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    address = search["ray_address"] or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=search["num_cpus"] or None, include_dashboard=False)
+
+
+def run_search(base: dict[str, Any]) -> "ray.tune.ResultGrid":
+    """Validate the space, run (or resume) the search, and return Tune's results."""
+    check_space(base)
+    connect(base["search"])
+    return build_tuner(base).fit()
+
+
+# ---- results ---------------------------------------------------------------------------------------
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value  # numpy scalars from the samplers
+
+
+def results_rows(grid: "ray.tune.ResultGrid", base: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per trial, best first: sampled values, status, epochs run, and the metrics of its best epoch.
+
+    ``status`` is ``done`` (reached max_t), ``stopped`` (ASHA), or Tune's status (ERROR, PENDING, ...);
+    ``restored_from`` is the epoch of the checkpoint a restarted worker group resumed from (0: never).
+    """
+    search = base["search"]
+    metric, sign = search["metric"], 1.0 if search["mode"] == "max" else -1.0
+    max_t = search["max_t"] or base["optim"]["epochs"]
+    statuses = {t.trial_id: t.status for t in getattr(grid, "_experiment_analysis").trials}
+    rows = []
+    for result in grid:
+        trial_id = os.path.basename(result.path).removeprefix("trial_")
+        row: dict[str, Any] = {"trial": trial_id}
+        row.update({key: _plain(result.config.get(key)) for key in search["space"]})
+        frame = result.metrics_dataframe
+        status = statuses.get(trial_id, "UNKNOWN")
+        if frame is None or frame.empty or metric not in frame:
+            row.update(status=status, epochs=0, best_epoch=None, mAP=None, rank1=None, mINP=None, restored_from=0)
+        else:
+            best = frame.loc[(frame[metric] * sign).idxmax()]
+            epochs = int(frame["epoch"].max())
+            if status == "TERMINATED":
+                status = "done" if epochs >= max_t else "stopped"
+            row.update(status=status, epochs=epochs, best_epoch=int(best["epoch"]),
+                       mAP=float(best["mAP"]), rank1=float(best["rank1"]), mINP=float(best["mINP"]),
+                       restored_from=int(frame["restored_epoch"].max()))
+        rows.append(row)
+    return sorted(rows, key=lambda r: -sign * r[metric] if r[metric] is not None else float("inf"))
+
+
+def best_trial(rows: list[dict[str, Any]], base: dict[str, Any]) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:
+    """(full resolved config, trial summary) of the first row of :func:`results_rows`, or None."""
+    search = base["search"]
+    if not rows or rows[0][search["metric"]] is None:
+        return None
+    row = rows[0]
+    overrides = {key: row[key] for key in search["space"]}
+    config = OmegaConf.to_container(OmegaConf.structured(trial_config(base, overrides)), resolve=True)
+    summary = f"{search['metric']}={row[search['metric']]:.4f} at epoch {row['best_epoch']}"
+    return config, {"trial": row["trial"], "overrides": overrides, "summary": summary}
+
+
+def publish_results(local_dir: str, search: dict[str, Any]) -> Optional[str]:
+    """Copy results.csv and best/ into ``<storage>/<name>/results`` when the storage is remote; its URI."""
+    import pyarrow.fs
+
+    path, fs = storage_of(search)
+    if fs is None and not path.startswith("s3://"):
+        return None  # local storage: results_dir defaults to the experiment folder itself
+    dest = posixpath.join(path, search["name"], "results")
+    if fs is None:
+        fs, dest = pyarrow.fs.FileSystem.from_uri(dest)
+    fs.create_dir(dest, recursive=True)
+    pyarrow.fs.copy_files(local_dir, dest, destination_filesystem=fs)
+    return f"s3://{dest}"
