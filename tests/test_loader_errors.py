@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -87,12 +90,34 @@ def test_missing_shard_is_named_even_from_a_worker_process(copy: Path) -> None:
         list(build_eval_loader(data_cfg(str(copy), num_workers=2), DistEnv(), "gallery"))
 
 
-def test_unreachable_storage_fails_after_bounded_retries() -> None:
+def test_unreachable_storage_fails_after_bounded_retries(monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")  # credentials present: the endpoint is what fails
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
     port = free_port()  # nothing listens there
-    with pytest.raises(StorageError, match=rf"http://127.0.0.1:{port}/x/index.json is unreachable after 2 attempts"):
-        load_manifest(data_cfg(f"http://127.0.0.1:{port}/x"))
-    with pytest.raises(StorageError, match=r"s3://bucket/x/index.json is unreachable after 2 attempts"):
-        load_manifest(data_cfg("s3://bucket/x", s3_endpoint=f"http://127.0.0.1:{port}"))
+    dead = f"http://127.0.0.1:{port}/x"
+    with caplog.at_level(logging.WARNING, logger="dpm_dist.data.storage"):
+        with pytest.raises(StorageError, match=rf"{dead}/index.json is unreachable after 2 attempts"):
+            load_manifest(data_cfg(dead))
+        with pytest.raises(StorageError, match=r"s3://bucket/x/index.json is unreachable after 2 attempts"):
+            load_manifest(data_cfg("s3://bucket/x", s3_endpoint=f"http://127.0.0.1:{port}"))
+    retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
+    assert len(retries) == 2 and "attempt 1 of 2" in retries[0]  # one logged retry per URL
+
+
+def test_missing_s3_credentials_are_named_and_not_retried(s3_shards: str, s3_endpoint: str, tmp_path: Path) -> None:
+    empty = tmp_path / "empty_aws_file"
+    empty.write_text("")  # a developer's ~/.aws must not leak in
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_") and k != "HYDRA_FULL_ERROR"}
+    env.update(AWS_SHARED_CREDENTIALS_FILE=str(empty), AWS_CONFIG_FILE=str(empty), AWS_EC2_METADATA_DISABLED="true",
+               AWS_DEFAULT_REGION="us-east-1", DS_ACCELERATOR="cpu")
+    cmd = [str(Path(sys.executable).parent / "dpm-shards"), "verify", s3_shards, "--s3-endpoint", s3_endpoint]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.strip()]  # no "retrying" warnings before it
+    assert line.startswith(f"dpm-shards: error: {s3_shards}/index.json: no credentials found")
+    assert "AWS_ACCESS_KEY_ID" in line and "AWS_PROFILE" in line and "data.s3_endpoint" in line
+    assert "attempts" not in line
 
 
 def test_unauthorised_storage_is_not_retried(http_root: str, s3_shards: str, s3_endpoint: str,

@@ -6,6 +6,8 @@ import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 from typing import Dict, List, Tuple
@@ -15,9 +17,22 @@ import pytest
 from PIL import Image
 
 from dpm_dist.data.layouts import parse_market_name, parse_msmt_name, scan_layout
-from dpm_dist.data.shards import (Sample, iter_shard, read_manifest, split_contiguous, verify, write_dataset,
-                             write_records)
+from dpm_dist.data.shards import (Sample, ShardError, iter_shard, read_manifest, split_contiguous, verify,
+                                  write_dataset, write_records)
 from dpm_dist.cli.shards import main as shards_main
+
+DPM_SHARDS = str(Path(sys.executable).parent / "dpm-shards")
+
+
+def run_shards(args: List[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    """The installed ``dpm-shards`` command, run from ``cwd`` (paths in ``args`` relative to it)."""
+    full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    return subprocess.run([DPM_SHARDS, *args], cwd=cwd, env={**full_env, "DS_ACCELERATOR": "cpu", **env},
+                          capture_output=True, text=True, timeout=300)
+
+
+def error_lines(proc: subprocess.CompletedProcess) -> List[str]:
+    return [ln for ln in proc.stderr.splitlines() if ln.strip()]
 
 
 def save_image(path: Path, colour: int) -> None:
@@ -161,9 +176,13 @@ def test_verify_reports_problems_by_shard_and_key(tiny_shards: Path, tmp_path: P
     problems = verify(str(root))
     assert any(first in p and "sha256 mismatch" in p for p in problems)
     assert any(second in p and "does not exist" in p for p in problems)
-    assert any("split train" in p for p in problems)
+    assert len(problems) == 2  # the split's totals are not reported again for an unreadable shard
     assert shards_main(["verify", str(root)]) == 1
     assert shards_main(["verify", str(tiny_shards)]) == 0
+    shutil.copytree(tiny_shards, tmp_path / "counts")
+    manifest["splits"]["train"]["cams"]["0"] += 1  # sound shards, but index.json disagrees with them
+    (tmp_path / "counts" / "index.json").write_text(json.dumps(manifest))
+    assert [p for p in verify(str(tmp_path / "counts")) if p.startswith("split train: camera counts")]
 
 
 def test_verify_decodes_every_image(tmp_path: Path) -> None:
@@ -181,9 +200,101 @@ def test_cli_write_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> 
     manifest = read_manifest(str(tmp_path / "out"))
     assert len(manifest["splits"]["train"]["shards"]) == 5  # one sample per 1 kB shard
     assert "train: 5 images / 3 ids / 5 shards" in capsys.readouterr().out
-    assert shards_main(["write", "--layout", "market1501", "--src", str(tmp_path / "nope"), "--out",
-                        str(tmp_path / "o2")]) == 2
+    with pytest.raises(SystemExit, match="2"):
+        shards_main(["write", "--layout", "market1501", "--src", str(tmp_path / "nope"), "--out", str(tmp_path / "o2")])
     assert "nope" in capsys.readouterr().err
+
+
+def noise_jpeg(path: Path, seed: int) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(seed).integers(0, 255, (64, 32, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, format="JPEG", quality=90)
+
+
+def test_cli_write_refuses_a_truncated_jpeg_or_skips_and_records_it(tmp_path: Path) -> None:
+    market_folder(tmp_path / "src")
+    bad = tmp_path / "src" / "bounding_box_train" / "0002_c2s1_000009_00.jpg"
+    noise_jpeg(bad, 0)
+    bad.write_bytes(bad.read_bytes()[:300])  # a cut-off copy: headers fine, scan data missing
+    proc = run_shards(["write", "--layout", "market1501", "--src", "src", "--out", "out"], tmp_path)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    (line,) = error_lines(proc)
+    assert line.startswith("dpm-shards: error: file ") and str(bad) in line and "cannot decode image" in line
+    assert "--skip-corrupt" in line and not (tmp_path / "out").exists()  # nothing written
+
+    proc = run_shards(["write", "--layout", "market1501", "--src", "src", "--out", "out", "--skip-corrupt"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert f"wrote {tmp_path / 'out'}: train: 5 images" in proc.stdout  # relative --out resolved
+    (warning,) = error_lines(proc)
+    assert "skipped 1 corrupt image(s)" in warning and "bounding_box_train/0002_c2s1_000009_00.jpg" in warning
+    manifest = read_manifest(str(tmp_path / "out"))
+    assert manifest["num_skipped"] == 1 and manifest["splits"]["train"]["num_samples"] == 5
+    (skipped,) = manifest["skipped"]
+    assert skipped["path"] == "bounding_box_train/0002_c2s1_000009_00.jpg" and skipped["reason"]
+    assert run_shards(["verify", "out"], tmp_path).returncode == 0
+
+
+def test_hidden_files_are_ignored_and_jpeg_extensions_accepted(tmp_path: Path) -> None:
+    market_folder(tmp_path / "src")
+    train = tmp_path / "src" / "bounding_box_train"
+    (train / "._0011_c1s1_000000_00.jpg").write_bytes(b"\x00\x05\x16\x07" + bytes(60))  # macOS AppleDouble
+    (train / ".DS_Store").write_bytes(bytes(16))
+    noise_jpeg(train / "0007_c1s1_000001_00.jpeg", 1)
+    noise_jpeg(train / "0007_c2s1_000002_00.JPG", 2)
+    proc = run_shards(["write", "--layout", "market1501", "--src", "src", "--out", "out"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "train: 7 images / 4 ids" in proc.stdout
+    sources = {s["meta"]["source"] for e in read_manifest(str(tmp_path / "out"))["splits"]["train"]["shards"]
+               for s in iter_shard(e["name"], (tmp_path / "out" / e["name"]).read_bytes())}
+    assert {"bounding_box_train/0007_c1s1_000001_00.jpeg", "bounding_box_train/0007_c2s1_000002_00.JPG"} <= sources
+    raw = tmp_path / "Occluded_REID"
+    for folder in ("occluded_body_images", "whole_body_images"):
+        save_image(raw / folder / "001" / "001_01.tif", 1)
+        (raw / folder / ".DS_Store").write_bytes(bytes(16))  # a file beside the person folders
+        (raw / folder / "001" / "._001_01.tif").write_bytes(bytes(16))
+    assert len(scan_layout("occluded_reid", str(raw))) == 2
+
+
+def test_bad_keys_are_refused_before_any_shard_is_written(tmp_path: Path) -> None:
+    samples = [sample(i) for i in range(4)] + [sample(i, "gallery") for i in range(3)]
+    samples[-1] = Sample("gallery_a.b", samples[-1].jpg, 1, 0, "gallery", "x/a.b.jpg")
+    with pytest.raises(ShardError, match=r"gallery_a\.b"):
+        write_dataset(samples, str(tmp_path / "out"), dataset="generic")
+    assert not list(tmp_path.glob("out/*.tar"))  # the train shards were not written first
+
+
+@pytest.mark.parametrize("case", ["missing_src", "no_images", "verify_missing", "verify_not_shards"])
+def test_cli_user_errors_are_one_line_naming_the_culprit(tmp_path: Path, case: str) -> None:
+    for sub in ("bounding_box_train", "query", "bounding_box_test"):
+        (tmp_path / "empty" / sub).mkdir(parents=True)
+    (tmp_path / "empty" / "query" / "._0001_c1s1_000001_00.jpg").write_bytes(bytes(8))  # hidden: not an image
+    args, culprit = {
+        "missing_src": (["write", "--layout", "market1501", "--src", "nope"],
+                        f"--src {tmp_path / 'nope'}: no such folder"),
+        "no_images": (["write", "--layout", "market1501", "--src", "empty"], f"{tmp_path / 'empty'}': no images found"),
+        "verify_missing": (["verify", "gone"], f"no such folder: {tmp_path / 'gone'}"),
+        "verify_not_shards": (["verify", "empty"], f"{tmp_path / 'empty'} holds no index.json"),
+    }[case]
+    proc = run_shards(args, tmp_path)
+    assert proc.returncode == 2
+    (line,) = error_lines(proc)
+    assert line.startswith("dpm-shards: error: ") and culprit in line, line
+    assert not (tmp_path / "shards").exists()
+    debug = run_shards(args, tmp_path, HYDRA_FULL_ERROR="1")
+    assert debug.returncode != 0 and "Traceback" in debug.stderr
+
+
+def test_cli_verify_names_a_damaged_shard_in_one_line(tiny_shards: Path, tmp_path: Path) -> None:
+    shutil.copytree(tiny_shards, tmp_path / "copy")
+    name = read_manifest(str(tmp_path / "copy"))["splits"]["gallery"]["shards"][1]["name"]
+    data = bytearray((tmp_path / "copy" / name).read_bytes())
+    data[1500] ^= 0x01
+    (tmp_path / "copy" / name).write_bytes(bytes(data))
+    proc = run_shards(["verify", "copy"], tmp_path)
+    assert proc.returncode == 1
+    (line,) = error_lines(proc)
+    assert f"shard {tmp_path / 'copy' / name}: sha256 mismatch" in line
+    assert proc.stdout.strip() == f"{tmp_path / 'copy'}: 1 problem(s)"
 
 
 def test_split_contiguous_covers_every_shard_once() -> None:

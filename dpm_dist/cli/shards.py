@@ -5,6 +5,10 @@
     dpm-shards write --layout msmt17 --src /data/MSMT17_V1 --max-bytes 256MB
     dpm-shards synth --out shards/synthetic [--folder /tmp/synthetic_folder] [--num-ids 50]
     dpm-shards verify shards/occluded_duke          # or http://host/occluded_duke, s3://bucket/occluded_duke
+
+Every image is decoded while writing: a corrupt one is an error naming the file, or with ``--skip-corrupt``
+it is left out, counted and listed in ``index.json``. User errors are one line ``dpm-shards: error: ...``
+(exit 2; the traceback with ``HYDRA_FULL_ERROR=1``).
 """
 
 from __future__ import annotations
@@ -14,11 +18,13 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from dpm_dist.cli.common import absolute_path, run_guarded
 from dpm_dist.data.layouts import LAYOUTS, scan_layout
-from dpm_dist.data.shards import read_manifest, verify, write_records
-from dpm_dist.data.storage import IOOptions, StorageError
+from dpm_dist.data.shards import MANIFEST, CorruptImageError, read_manifest, verify, write_records
+from dpm_dist.data.storage import IOOptions, is_remote, local_path
 from dpm_dist.data.synth import SynthSpec, write_synthetic_folder, write_synthetic_shards
 
+PROG = "dpm-shards"
 DEFAULT_ROOT = "shards"
 SYNTH_FLAGS = ("num_ids", "num_test_ids", "images_per_id", "query_per_id", "gallery_per_id", "num_cams", "height", "width")
 
@@ -42,12 +48,14 @@ def _summary(manifest: dict, out: str) -> str:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="dpm-shards", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     write = sub.add_parser("write", help="convert a dataset folder into shards")
     write.add_argument("--layout", required=True, choices=sorted(LAYOUTS))
     write.add_argument("--src", required=True, help="dataset folder")
     write.add_argument("--out", help=f"output folder (default {DEFAULT_ROOT}/<layout>)")
+    write.add_argument("--skip-corrupt", action="store_true",
+                       help="leave out images that do not decode (counted, listed in index.json) instead of failing")
     synth = sub.add_parser("synth", help="generate the built-in synthetic occluded-person dataset")
     synth.add_argument("--out", help=f"shard folder (default {DEFAULT_ROOT}/synthetic)")
     synth.add_argument("--folder", help="also (or, with --no-shards, only) write a Market-style image folder")
@@ -64,32 +72,57 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(argv)
+def _write(args: argparse.Namespace) -> int:
+    src = absolute_path(args.src)
+    if not os.path.isdir(src):
+        raise FileNotFoundError(f"--src {src}: no such folder")
+    out = absolute_path(args.out or os.path.join(DEFAULT_ROOT, args.layout))
     try:
-        if args.command == "write":
-            out = args.out or os.path.join(DEFAULT_ROOT, args.layout)
-            manifest = write_records(scan_layout(args.layout, args.src), out, dataset=args.layout,
-                                     max_count=args.max_count, max_bytes=args.max_bytes, seed=args.seed)
-            print(_summary(manifest, out))
-        elif args.command == "synth":
-            fields = {f: getattr(args, f) for f in SYNTH_FLAGS}
-            if args.folder:
-                print(f"wrote {write_synthetic_folder(args.folder, SynthSpec(seed=args.seed, **fields))}")
-            if not args.no_shards:
-                out = write_synthetic_shards(args.out or os.path.join(DEFAULT_ROOT, "synthetic"), seed=args.seed,
-                                             max_count=args.max_count, max_bytes=args.max_bytes, **fields)
-                print(_summary(read_manifest(out), out))
-        else:
-            problems = verify(args.root, IOOptions(s3_endpoint=args.s3_endpoint))
-            for line in problems:
-                print(line, file=sys.stderr)
-            print(f"{args.root}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
-            return 1 if problems else 0
-    except (ValueError, StorageError) as exc:  # ShardError is a ValueError
-        print(f"dpm-shards: error: {exc}", file=sys.stderr)
-        return 2
+        manifest = write_records(scan_layout(args.layout, src), out, dataset=args.layout,
+                                 skip_corrupt=args.skip_corrupt, max_count=args.max_count, max_bytes=args.max_bytes,
+                                 seed=args.seed)
+    except CorruptImageError as exc:
+        raise ValueError(f"{exc}; nothing was written (--skip-corrupt leaves such files out, "
+                         f"listed in index.json)") from exc
+    print(_summary(manifest, out))
+    if manifest["skipped"]:
+        first = manifest["skipped"][0]
+        print(f"{PROG}: warning: skipped {manifest['num_skipped']} corrupt image(s), listed under \"skipped\" in "
+              f"{os.path.join(out, 'index.json')}; first: {first['path']} ({first['reason']})", file=sys.stderr)
     return 0
+
+
+def _synth(args: argparse.Namespace) -> int:
+    fields = {f: getattr(args, f) for f in SYNTH_FLAGS}
+    if args.folder:
+        print(f"wrote {write_synthetic_folder(absolute_path(args.folder), SynthSpec(seed=args.seed, **fields))}")
+    if not args.no_shards:
+        out = write_synthetic_shards(absolute_path(args.out or os.path.join(DEFAULT_ROOT, "synthetic")),
+                                     seed=args.seed, max_count=args.max_count, max_bytes=args.max_bytes, **fields)
+        print(_summary(read_manifest(out), out))
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    root = absolute_path(args.root)
+    if not is_remote(root):
+        folder = local_path(root)
+        if not os.path.isdir(folder):
+            raise FileNotFoundError(f"verify: no such folder: {folder}")
+        if not os.path.isfile(os.path.join(folder, MANIFEST)):
+            raise FileNotFoundError(f"verify: {folder} holds no {MANIFEST} (not a shard folder)")
+    problems = verify(root, IOOptions(s3_endpoint=args.s3_endpoint))
+    for line in problems:
+        print(line, file=sys.stderr)
+    print(f"{root}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    return 1 if problems else 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Exit status 0 done, 1 ``verify`` found problems, 2 a user error (one line on stderr, naming the culprit)."""
+    args = _parser().parse_args(argv)
+    run = {"write": _write, "synth": _synth, "verify": _verify}[args.command]
+    return run_guarded(PROG, lambda: run(args))
 
 
 if __name__ == "__main__":

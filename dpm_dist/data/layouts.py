@@ -3,6 +3,11 @@
 pid and camid come from the file *name* only (the official regex searched the full path, so a folder
 such as ``run_c1/`` broke it). Junk pid −1 is dropped, pid 0 (Market distractors) is kept, training
 pids are relabelled in sorted order by :func:`relabel`.
+
+Hidden entries (a leading dot: macOS ``._*`` resource forks, ``.DS_Store``) are never images: the official
+parsers' ``glob('*.jpg')`` would pick up ``._0001_c1s1_000001_00.jpg`` and fail on it, so they are skipped.
+Extensions are matched case-insensitively and ``.jpeg`` counts as JPEG (the official parsers take ``*.jpg``
+only; this is our documented extension).
 """
 
 from __future__ import annotations
@@ -14,7 +19,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 MARKET_RE = re.compile(r"^([-\d]+)_c(\d+)")
 MARKET_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+JPEG_EXTS = (".jpg", ".jpeg")
+IMAGE_EXTS = JPEG_EXTS + (".png", ".bmp", ".tif", ".tiff")
 SPLITS = ("train", "query", "gallery")
 
 
@@ -55,13 +61,18 @@ def make_key(role: str, source: str) -> str:
     return re.sub(r"[^A-Za-z0-9_-]", "_", f"{role}_{stem}")
 
 
+def is_hidden(name: str) -> bool:
+    """A leading dot: ``._x.jpg`` (macOS AppleDouble), ``.DS_Store``, editor and sync droppings."""
+    return name.startswith(".")
+
+
 def _list_images(folder: str, exts: Tuple[str, ...]) -> List[str]:
     if not os.path.isdir(folder):
         raise ValueError(f"folder {folder!r} does not exist (expected by the dataset layout)")
-    return sorted(n for n in os.listdir(folder) if n.lower().endswith(exts))
+    return sorted(n for n in os.listdir(folder) if n.lower().endswith(exts) and not is_hidden(n))
 
 
-def scan_market_style(root: str, *, folders: Optional[Dict[str, str]] = None, exts: Tuple[str, ...] = (".jpg",),
+def scan_market_style(root: str, *, folders: Optional[Dict[str, str]] = None, exts: Tuple[str, ...] = JPEG_EXTS,
                       optional: Tuple[str, ...] = ()) -> List[Record]:
     """Market-1501 / DukeMTMC-reID / Occluded-Duke / generic: one flat folder per split."""
     records: List[Record] = []
@@ -126,7 +137,8 @@ def scan_occluded_reid(root: str) -> List[Record]:
         folder = os.path.join(root, sub)
         if not os.path.isdir(folder):
             raise ValueError(f"folder {folder!r} does not exist (raw Occluded-REID needs both image folders)")
-        for person in sorted(os.listdir(folder)):
+        persons = [p for p in os.listdir(folder) if not is_hidden(p) and os.path.isdir(os.path.join(folder, p))]
+        for person in sorted(persons):
             for name in _list_images(os.path.join(folder, person), IMAGE_EXTS):
                 match = re.match(r"^(\d+)_(\d+)$", os.path.splitext(name)[0])
                 if match is None:

@@ -14,10 +14,11 @@ import os
 import random
 import tarfile
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
 
-from PIL import Image
+from PIL import Image, ImageFile
 
 from dpm_dist.data.layouts import SPLITS, Record, relabel
 from dpm_dist.data.storage import IOOptions, StorageError, join_url, read_bytes
@@ -42,24 +43,55 @@ class Sample:
     source: str
 
 
+class CorruptImageError(ValueError):
+    """A source image that does not decode; ``path`` is the file, ``reason`` what the decoder said."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"file {path!r}: cannot decode image ({reason})")
+        self.path, self.reason = path, reason
+
+
+@contextmanager
+def _strict_decoding() -> Iterator[None]:
+    """PIL's global ``LOAD_TRUNCATED_IMAGES`` (set by some libraries) would pad a cut-off JPEG with grey."""
+    saved, ImageFile.LOAD_TRUNCATED_IMAGES = ImageFile.LOAD_TRUNCATED_IMAGES, False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved
+
+
 def encode_jpeg(path: str, quality: int = 95) -> bytes:
-    """JPEG bytes of an image file: JPEGs are copied unchanged, other formats are re-encoded."""
+    """JPEG bytes of an image file, decoded first so a corrupt file never reaches a shard: JPEGs are
+    copied unchanged, other formats are re-encoded. Raises :class:`CorruptImageError` naming the file."""
     with open(path, "rb") as f:
         data = f.read()
-    if data[:3] == b"\xff\xd8\xff":
-        return data
+    is_jpeg = data[:3] == b"\xff\xd8\xff"
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with _strict_decoding(), Image.open(io.BytesIO(data)) as img:
+            if is_jpeg:  # draft (1/8-scale DCT) still reads every entropy-coded byte, so truncation is caught
+                img.draft("RGB", (max(1, img.width // 8), max(1, img.height // 8)))
+                img.load()
+                return data
             out = io.BytesIO()
             img.convert("RGB").save(out, format="JPEG", quality=quality)
-    except Exception as exc:
-        raise ValueError(f"file {path!r}: cannot decode image ({exc})") from exc
-    return out.getvalue()
+            return out.getvalue()
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:  # what PIL's decoders raise
+        raise CorruptImageError(path, str(exc) or type(exc).__name__) from exc
 
 
-def samples_from_records(records: Iterable[Record]) -> Iterator[Sample]:
+def samples_from_records(records: Iterable[Record], skipped: Optional[List[Dict[str, str]]] = None) -> Iterator[Sample]:
+    """Encoded samples; with a ``skipped`` list, a corrupt image is appended there (``{"path", "reason"}``,
+    path relative to the dataset folder) instead of raising. A missing or unreadable file always raises."""
     for rec in records:
-        yield Sample(rec.key, encode_jpeg(rec.path), rec.pid, rec.camid, rec.role, rec.source)
+        try:
+            jpg = encode_jpeg(rec.path)
+        except CorruptImageError as exc:
+            if skipped is None:
+                raise
+            skipped.append({"path": rec.source, "reason": exc.reason})
+            continue
+        yield Sample(rec.key, jpg, rec.pid, rec.camid, rec.role, rec.source)
 
 
 def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -89,9 +121,21 @@ def _write_atomic(path: str, write: Any) -> None:
             os.remove(tmp)
 
 
-def write_shards(samples: Iterable[Sample], out_dir: str, prefix: str, *, labels: Dict[int, int],
+def check_keys(samples: Sequence[Sample]) -> None:
+    """Refuse bad or duplicate sample keys before anything is written (a key becomes a tar member name)."""
+    for s in samples:
+        if "." in s.key or "/" in s.key:
+            raise ShardError(f"sample key {s.key!r} (file {s.source!r}) must not contain '.' or '/'")
+    keys = Counter(s.key for s in samples)
+    dupes = [k for k, n in keys.items() if n > 1]
+    if dupes:
+        raise ShardError(f"duplicate sample keys, e.g. {dupes[0]!r}")
+
+
+def write_shards(samples: Sequence[Sample], out_dir: str, prefix: str, *, labels: Dict[int, int],
                  max_count: int, max_bytes: int) -> List[Dict[str, Any]]:
     """Write ``samples`` into ``{prefix}-%05d.tar`` shards; each closes at ``max_count`` samples or ``max_bytes``."""
+    check_keys(samples)
     entries: List[Dict[str, Any]] = []
     batch: List[Sample] = []
 
@@ -114,8 +158,6 @@ def write_shards(samples: Iterable[Sample], out_dir: str, prefix: str, *, labels
 
     size = 0
     for sample in samples:
-        if "." in sample.key or "/" in sample.key:
-            raise ShardError(f"sample key {sample.key!r} (file {sample.source!r}) must not contain '.' or '/'")
         batch.append(sample)
         size += len(sample.jpg) + 1536  # two tar headers + json
         if len(batch) >= max_count or size >= max_bytes:
@@ -144,10 +186,7 @@ def write_dataset(samples: Iterable[Sample], out_dir: str, *, dataset: str, max_
         if s.role not in by_role:
             raise ShardError(f"file {s.source!r}: unknown role {s.role!r}")
         by_role[s.role].append(s)
-    keys = Counter(s.key for group in by_role.values() for s in group)
-    dupes = [k for k, n in keys.items() if n > 1]
-    if dupes:
-        raise ShardError(f"duplicate sample keys, e.g. {dupes[0]!r}")
+    check_keys([s for group in by_role.values() for s in group])
     labels = relabel([s.pid for s in by_role["train"]])
     for group in by_role.values():
         group.sort(key=lambda s: s.key)  # the same shards whatever order the files were listed in
@@ -169,9 +208,17 @@ def write_dataset(samples: Iterable[Sample], out_dir: str, *, dataset: str, max_
     return manifest
 
 
-def write_records(records: Sequence[Record], out_dir: str, *, dataset: str, **kwargs: Any) -> Dict[str, Any]:
-    """:func:`write_dataset` over files found by :func:`dpm_dist.data.layouts.scan_layout`."""
-    return write_dataset(samples_from_records(records), out_dir, dataset=dataset, **kwargs)
+def write_records(records: Sequence[Record], out_dir: str, *, dataset: str, skip_corrupt: bool = False,
+                  **kwargs: Any) -> Dict[str, Any]:
+    """:func:`write_dataset` over files found by :func:`dpm_dist.data.layouts.scan_layout`. Every image is
+    decoded first (nothing is written if one fails); with ``skip_corrupt`` undecodable ones are left out and
+    listed in the manifest's ``skipped`` (``num_skipped`` counts them)."""
+    skipped: List[Dict[str, str]] = []
+    samples = list(samples_from_records(records, skipped if skip_corrupt else None))
+    if not samples:
+        raise ValueError(f"no decodable images among the {len(records)} files found ({len(skipped)} corrupt)")
+    extra = {**(kwargs.pop("extra", None) or {}), "skipped": skipped, "num_skipped": len(skipped)}
+    return write_dataset(samples, out_dir, dataset=dataset, extra=extra, **kwargs)
 
 
 # ---- reading
@@ -242,7 +289,7 @@ def iter_shard(url: str, data: bytes) -> Iterator[Dict[str, Any]]:
 def decode_image(data: bytes, *, url: str, key: str) -> Image.Image:
     """RGB image of a sample; a corrupt or truncated JPEG is a :class:`ShardError` naming shard and key."""
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with _strict_decoding(), Image.open(io.BytesIO(data)) as img:
             return img.convert("RGB")
     except Exception as exc:
         raise ShardError(f"shard {url}: sample {key!r}: corrupt image ({exc})") from exc
@@ -253,7 +300,7 @@ def verify(root: str, opts: IOOptions = IOOptions()) -> List[str]:
     manifest = read_manifest(root, opts)
     problems: List[str] = []
     for role, split in manifest["splits"].items():
-        total, pids, cams = 0, set(), Counter()
+        total, pids, cams, unreadable = 0, set(), Counter(), False
         for entry in split["shards"]:
             url = join_url(root, entry["name"])
             try:
@@ -271,6 +318,9 @@ def verify(root: str, opts: IOOptions = IOOptions()) -> List[str]:
                 total += count
             except (ShardError, StorageError) as exc:
                 problems.append(str(exc))
+                unreadable = True
+        if unreadable:
+            continue  # the split's totals are off by that shard: one line per damaged shard, not two
         if total != split["num_samples"] or len(pids) != split["num_ids"]:
             problems.append(f"split {role}: {total} samples / {len(pids)} ids, index.json says "
                             f"{split['num_samples']} / {split['num_ids']}")

@@ -3,17 +3,20 @@
 S3 goes through fsspec/s3fs with the standard AWS credential chain (env vars, profile, instance role)
 and an optional endpoint (MinIO, moto, Ceph). HTTP uses urllib with a timeout: unlike webdataset's
 curl handler (30 retries × 30 s connect timeout) a dead server fails in seconds, naming the URL.
-A missing object or refused credentials is not retried.
+A missing object, refused access or missing S3 credentials is not retried; each retry is logged.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from typing import Any, Dict, Optional, Tuple
+
+log = logging.getLogger(__name__)
 
 
 class StorageError(OSError):
@@ -77,6 +80,21 @@ def _read_once(url: str, opts: IOOptions) -> bytes:
         return f.read()
 
 
+def _no_credentials(exc: BaseException) -> bool:
+    """botocore found no credentials anywhere in its chain (a local fact: retrying cannot help)."""
+    try:
+        from botocore.exceptions import NoCredentialsError
+    except ImportError:
+        return False
+    return isinstance(exc, NoCredentialsError)
+
+
+def no_credentials_message(url: str) -> str:
+    return (f"{url}: no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE "
+            f"(a profile in ~/.aws/credentials), or run with an instance role; the endpoint of MinIO/Ceph/moto "
+            f"is data.s3_endpoint (dpm-shards verify --s3-endpoint)")
+
+
 def read_bytes(url: str, opts: IOOptions = IOOptions()) -> bytes:
     """The whole object at ``url``. Transient failures are retried ``opts.retries`` times in total."""
     delay, last = opts.backoff_s, None
@@ -88,8 +106,12 @@ def read_bytes(url: str, opts: IOOptions = IOOptions()) -> bytes:
         except PermissionError as exc:
             raise StorageError(f"access to {url} was refused: check credentials/permissions ({exc})") from exc
         except Exception as exc:  # network errors come in many types (urllib, botocore, aiohttp)
+            if _no_credentials(exc):
+                raise StorageError(no_credentials_message(url)) from exc
             last = exc
             if attempt < opts.retries:
+                log.warning("reading %s failed (attempt %d of %d: %s: %s); retrying in %.1f s", url, attempt,
+                            opts.retries, type(exc).__name__, exc, delay)
                 time.sleep(delay)
                 delay *= 2
     raise StorageError(f"{url} is unreachable after {opts.retries} attempts: {type(last).__name__}: {last}")
