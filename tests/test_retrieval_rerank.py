@@ -64,3 +64,21 @@ def test_lambda_one_is_the_normalised_original_distance():
     original = torch.cdist(feat, feat) ** 2
     expected = (original / original.max(dim=1, keepdim=True).values)[:4, 4:]
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("k1,k2", [(6, 3), (5, 1), (10, 4), (20, 6)])
+def test_sparse_rerank_equals_the_dense_one(k1, k2, monkeypatch):
+    from dpm_dist.eval import rerank_sparse
+
+    monkeypatch.setattr(rerank_sparse, "ROW_CHUNK", 7)  # several row chunks
+    monkeypatch.setattr(rerank_sparse, "PAIR_CHUNK", 50)  # and several pair pieces per chunk
+    g = torch.Generator().manual_seed(k1 + k2)
+    centres = torch.randn(8, 12, generator=g)
+    q = centres[torch.randint(0, 8, (13,), generator=g)] + 0.7 * torch.randn(13, 12, generator=g)
+    gal = centres[torch.randint(0, 8, (57,), generator=g)] + 0.7 * torch.randn(57, 12, generator=g)
+    dense = k_reciprocal_distance(q, gal, k1=k1, k2=k2, lambda_value=0.3)
+    sparse = rerank_sparse.sparse_k_reciprocal_distance(q, gal, k1=k1, k2=k2, lambda_value=0.3)
+    torch.testing.assert_close(sparse, dense, rtol=0, atol=1e-6)
+    assert (dense < 0.3 * 1.0 + 0.7 - 1e-6).any()  # some pairs share k-reciprocal neighbours (Jaccard < 1)
+    rows = rerank_sparse.sparse_k_reciprocal_distance(q, gal, k1=k1, k2=k2, lambda_value=0.3, query_range=(4, 11))
+    torch.testing.assert_close(rows, sparse[4:11], rtol=0, atol=0)

@@ -23,6 +23,7 @@ import torch
 from dpm_dist import dist
 from dpm_dist.dist import DistEnv
 from dpm_dist.eval.retrieval import RankingSums, RetrievalMetrics, chunk_distance_fn, finalize, query_chunks, score_queries
+from dpm_dist.eval.sharded import GalleryShard, evaluate_sharded, shard_gallery
 
 ROLES = ("query", "gallery")
 
@@ -123,11 +124,15 @@ def split_roles(embeddings: Embeddings) -> tuple[Embeddings, Embeddings]:
     return parts[0], parts[1]
 
 
-def evaluate_embeddings(query: Embeddings, gallery: Embeddings, eval_cfg: Any, env: DistEnv) -> RetrievalMetrics:
+def evaluate_embeddings(query: Embeddings, gallery: "Embeddings | GalleryShard", eval_cfg: Any, env: DistEnv) -> RetrievalMetrics:
     """Metrics of gathered query/gallery embeddings, query chunks spread over the ranks. Collective.
 
-    ``eval_cfg`` is a :class:`dpm_dist.config.EvalConfig` (distance, max_rank, query_chunk, rerank*).
+    ``eval_cfg`` is a :class:`dpm_dist.config.EvalConfig` (distance, max_rank, query_chunk, rerank*). A
+    :class:`~dpm_dist.eval.sharded.GalleryShard` gallery (``eval.shard_gallery``) is scored by
+    :func:`dpm_dist.eval.sharded.evaluate_sharded`: every chunk on every rank against its share, the same floats.
     """
+    if isinstance(gallery, GalleryShard):
+        return evaluate_sharded(query, gallery, eval_cfg)
     num_query = len(query)
     chunks = query_chunks(num_query, eval_cfg.query_chunk, rank=env.rank, world_size=env.world_size)
     if eval_cfg.rerank:
@@ -143,24 +148,33 @@ def evaluate_embeddings(query: Embeddings, gallery: Embeddings, eval_cfg: Any, e
 
 def _reranked_chunks(query: Embeddings, gallery: Embeddings, eval_cfg: Any, chunks: list[tuple[int, int]]):
     from dpm_dist.eval.rerank import k_reciprocal_distance
+    from dpm_dist.eval.rerank_sparse import sparse_k_reciprocal_distance
 
     if not chunks:  # this rank scores no query (more ranks than chunks); it still joins the all-reduce
         return lambda start, end: query.feats.new_zeros(end - start, len(gallery))
     lo, hi = chunks[0][0], chunks[-1][1]
-    rows = k_reciprocal_distance(query.feats, gallery.feats, k1=eval_cfg.rerank_k1, k2=eval_cfg.rerank_k2,
-                                 lambda_value=eval_cfg.rerank_lambda, query_range=(lo, hi))
+    rerank = sparse_k_reciprocal_distance if eval_cfg.rerank_method == "sparse" else k_reciprocal_distance
+    rows = rerank(query.feats, gallery.feats, k1=eval_cfg.rerank_k1, k2=eval_cfg.rerank_k2,
+                  lambda_value=eval_cfg.rerank_lambda, query_range=(lo, hi))
     return lambda start, end: rows[start - lo:end - lo]
 
 
 def extract_and_gather(model: torch.nn.Module, data_cfg: Any, env: DistEnv, *, device: torch.device | str,
-                       loaders: Optional[dict[str, Iterable[dict[str, Any]]]] = None,
-                       neck_feat: str = "before") -> tuple[Embeddings, Embeddings]:
-    """(query, gallery) embeddings of the whole evaluation set, the same on every rank. Collective."""
+                       loaders: Optional[dict[str, Iterable[dict[str, Any]]]] = None, neck_feat: str = "before",
+                       shard_gallery: bool = False) -> tuple[Embeddings, "Embeddings | GalleryShard"]:
+    """(query, gallery) embeddings of the whole evaluation set, the same on every rank. Collective.
+
+    With ``shard_gallery`` the gallery stays where it was extracted: this rank's deduplicated
+    :class:`~dpm_dist.eval.sharded.GalleryShard` (features without masks; only keys, pids and cameras
+    are gathered).
+    """
     if loaders is None:
         from dpm_dist.data.loader import build_eval_loader
 
         loaders = {role: build_eval_loader(data_cfg, env, role) for role in ROLES}
     parts = [extract(model, loaders[role], device=device, neck_feat=neck_feat) for role in ROLES]
+    if shard_gallery:
+        return gather_queries(parts[0]), _shard(parts[1], env)
     local = Embeddings(
         keys=parts[0].keys + parts[1].keys,
         roles=parts[0].roles + parts[1].roles,
@@ -170,6 +184,20 @@ def extract_and_gather(model: torch.nn.Module, data_cfg: Any, env: DistEnv, *, d
         masks=_cat_rows(parts[0].masks, parts[1].masks),
     )
     return split_roles(gather_embeddings(local))
+
+
+def gather_queries(local: Embeddings) -> Embeddings:
+    """Every rank's query rows, deduplicated and sorted by key (as :func:`gather_embeddings`). Collective."""
+    query = gather_embeddings(local)
+    if len(query) == 0:
+        raise ValueError("the evaluation set has no query samples")
+    return query
+
+
+def _shard(local: Embeddings, env: DistEnv) -> GalleryShard:
+    """This rank's gallery share without its masks (the masked cosine uses only the query's). Collective."""
+    no_mask = local.masks.new_zeros(len(local), 0)
+    return shard_gallery(Embeddings(local.keys, local.roles, local.pids, local.camids, local.feats, no_mask), env)
 
 
 def _cat_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -182,7 +210,8 @@ def evaluate(model: torch.nn.Module, cfg: Any, env: DistEnv, *, device: torch.de
     Keys: ``mAP``, ``mINP``, ``rank1``, ``rank5``, ``rank10``, ``num_query``, ``num_gallery``,
     ``num_valid_query`` (queries with a true match; the others are skipped as in the official code).
     """
-    query, gallery = extract_and_gather(model, cfg.data, env, device=device, neck_feat=cfg.eval.neck_feat)
+    query, gallery = extract_and_gather(model, cfg.data, env, device=device, neck_feat=cfg.eval.neck_feat,
+                                        shard_gallery=cfg.eval.shard_gallery)
     return evaluate_embeddings(query, gallery, cfg.eval, env).as_dict()
 
 
