@@ -7,10 +7,13 @@ the same code paths as a multi-node job.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+import re
+import socket
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as tdist
@@ -60,9 +63,11 @@ def device_for(env: DistEnv) -> torch.device:
     return torch.device("cpu")
 
 
-def init_process_group(env: DistEnv, *, timeout_s: float = 600.0) -> None:
+def init_process_group(env: DistEnv, *, timeout_s: float = 300.0) -> None:
     """Initialise the default process group once: NCCL on GPUs, gloo on CPUs.
 
+    ``timeout_s`` (``engine.collective_timeout_s``) bounds every collective, of the default group and of
+    the groups DeepSpeed creates later: a rank whose peer stopped answering raises instead of waiting.
     A single process gets a world of one over an in-memory store: DeepSpeed's engines expect a process group.
     The collective helpers below stay the identity at world size 1.
     """
@@ -70,8 +75,12 @@ def init_process_group(env: DistEnv, *, timeout_s: float = 600.0) -> None:
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
+        # Tear down (abort the communicators, end the process) once a collective times out; torch's
+        # default (3) skips the clean-up. Blocking wait stays the user's choice (TORCH_NCCL_BLOCKING_WAIT=1).
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
         torch.cuda.set_device(device_for(env))
     timeout = datetime.timedelta(seconds=timeout_s)
+    bound_new_groups(timeout)
     if not env.distributed:
         # An in-memory store: no port to pick (a free-port guess can be taken before it is bound, or an
         # inherited MASTER_PORT can point at another process's store).
@@ -80,6 +89,21 @@ def init_process_group(env: DistEnv, *, timeout_s: float = 600.0) -> None:
         tdist.init_process_group(backend=backend, store=tdist.HashStore(), rank=0, world_size=1, timeout=timeout)
         return
     tdist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
+    _NODES[:] = all_gather_objects(node_address())
+
+
+def bound_new_groups(timeout: datetime.timedelta) -> None:
+    """Make ``timeout`` the default of every later ``new_group``.
+
+    DeepSpeed reduces gradients over its own clone of the world group (``new_group(ranks)``, no timeout),
+    which torch gives the built-in default (30 min for gloo, 10 min for NCCL), not the default group's.
+    torch has no public setter for that default; ``_get_default_timeout`` reads these module globals.
+    """
+    from torch.distributed import distributed_c10d as c10d
+
+    c10d.default_pg_timeout = timeout
+    if c10d.default_pg_nccl_timeout is not None:
+        c10d.default_pg_nccl_timeout = timeout
 
 
 def is_active() -> bool:
@@ -140,3 +164,74 @@ def all_gather_varlen(tensor: torch.Tensor) -> torch.Tensor:
 def destroy() -> None:
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
+
+
+# ---- a peer that stopped answering ---------------------------------------------------------------------------
+
+_NODES: list[str] = []  # node address of every rank, gathered once the process group is up
+RESUME_HINT = "resume by re-running the same command on every node"
+_PEER = re.compile(r"\[([0-9A-Fa-f.:]+)\]:\d+")  # gloo names the remote end as [address]:port
+_TIMED_OUT = re.compile(r"[Tt]imed out|[Tt]imeout")
+
+
+class PeerLostError(ConnectionError):
+    """A collective failed because another rank stopped answering; the message names the rank and node."""
+
+
+def node_address() -> str:
+    """The address this node reaches ``MASTER_ADDR`` from (a UDP ``connect`` sends nothing); else the host name."""
+    master = os.environ.get("MASTER_ADDR", "")
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+            sock.connect((master, 1))
+            return str(sock.getsockname()[0])
+    except (OSError, UnicodeError):
+        return socket.gethostname()
+
+
+def _is_collective_failure(err: BaseException) -> bool:
+    text = str(err)
+    return isinstance(err, tdist.DistError) or any(s in text for s in ("gloo", "NCCL", "by peer", "Timed out waiting"))
+
+
+def _ranks_on(node: str) -> list[int]:
+    return [r for r, n in enumerate(_NODES) if n == node]
+
+
+def _named(ranks: list[int], node: str) -> str:
+    who = f"rank {ranks[0]}" if len(ranks) == 1 else f"ranks {', '.join(map(str, ranks))}"
+    return f"{who} (node {node})"
+
+
+def describe_peer_failure(err: BaseException, env: DistEnv, timeout_s: float) -> str:
+    """One line naming who stopped answering, why, and how to go on."""
+    text = str(err)
+    me = _NODES[env.rank] if len(_NODES) > env.rank else node_address()
+    detail = re.sub(r"\s*" + _PEER.pattern, "", text.split("] ", 1)[-1]).split(". ", 1)[0].strip()  # "Read error: Connection reset by peer"
+    cause = f"collective timed out after {timeout_s:g} s" if _TIMED_OUT.search(text) else detail
+    peer = _PEER.search(text)
+    others = [r for r in range(len(_NODES)) if r != env.rank]
+    other_nodes = sorted({_NODES[r] for r in others} - {me})
+    on_peer = [r for r in _ranks_on(peer.group(1)) if r != env.rank] if peer else []
+    if on_peer:
+        who = _named(on_peer, peer.group(1))
+    elif peer:
+        who = f"node {peer.group(1)}"
+    elif len(others) == 1:
+        who = _named(others, _NODES[others[0]])
+    elif len(other_nodes) == 1:
+        who = _named(_ranks_on(other_nodes[0]), other_nodes[0])
+    else:
+        who = "a rank on one of nodes " + ", ".join(other_nodes[:8]) + (" ..." if len(other_nodes) > 8 else "") if other_nodes else "a peer rank"
+    return f"{who} stopped answering ({cause}; seen by rank {env.rank} on node {me}); {RESUME_HINT}"
+
+
+@contextlib.contextmanager
+def peer_failures(env: DistEnv, timeout_s: float) -> Iterator[None]:
+    """Turn a collective that failed on a lost peer (gloo; NCCL with blocking wait) into :class:`PeerLostError`."""
+    try:
+        yield
+    except RuntimeError as err:
+        if not (env.distributed and _is_collective_failure(err)):
+            raise
+        raise PeerLostError(describe_peer_failure(err, env, timeout_s)) from err

@@ -55,7 +55,7 @@ def _s3fs(opts: IOOptions) -> Any:
     cache_key = (os.getpid(), opts.s3_endpoint, opts.timeout_s)
     if cache_key not in _S3:
         config = {"connect_timeout": min(opts.timeout_s, 10.0), "read_timeout": opts.timeout_s,
-                  "retries": {"max_attempts": 1, "mode": "standard"}}  # our loop retries, with backoff
+                  "retries": {"total_max_attempts": 1, "mode": "standard"}}  # no botocore retry: ours, with backoff
         client = {"endpoint_url": opts.s3_endpoint} if opts.s3_endpoint else {}
         fs = s3fs.S3FileSystem(client_kwargs=client, config_kwargs=config, skip_instance_cache=True)
         fs.retries = 1  # s3fs's own loop would add up to 5 tries per attempt
