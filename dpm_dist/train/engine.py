@@ -60,6 +60,19 @@ def deepspeed_config(cfg: DPMConfig, env: DistEnv) -> dict[str, Any]:
     return ds
 
 
+def compile_model(model: DPMNet, backend: str = "inductor") -> None:
+    """``engine.compile``: torch.compile, in place, every ViT block but the last, and the HMG.
+
+    In place (``nn.Module.compile``), so parameter names, checkpoints and the DeepSpeed wrapping are
+    unchanged. The blocks share one compiled graph (same code, parameters are graph inputs). The last
+    block stays eager: the HEM logits come from a forward hook on its qkv projection, which a compiled
+    block would not run. The losses stay eager too: at B×C = 64×702 they are a tiny share of a step.
+    """
+    for block in model.backbone.blocks[:-1]:
+        block.compile(backend=backend)
+    model.mask_gen.compile(backend=backend)
+
+
 def _set_requires_grad(params: list[nn.Parameter], flag: bool) -> None:
     for p in params:
         p.requires_grad_(flag)
@@ -86,6 +99,8 @@ class DPMEngine:
         self.cfg, self.env = cfg, env
         self.device = device_for(env)
         self.model = model.to(self.device)
+        if cfg.engine.compile:
+            compile_model(self.model, cfg.engine.compile_backend)
         self._main_params = model.non_mask_parameters()
         self._mask_params = model.mask_parameters()
         # The frozen BNNeck bias must stay out of both engines.
