@@ -18,6 +18,7 @@ UPDATE_MODES = ("exact", "reference", "approx")
 PRECISIONS = ("fp32", "bf16", "fp16")
 DISTANCES = ("masked_cosine", "cosine", "euclidean")
 SAMPLERS = ("stream", "exact")
+LOG_LEVELS = ("warning", "info", "debug")
 
 
 def _check(cond: bool, name: str, message: str) -> None:
@@ -125,6 +126,7 @@ class DataConfig:
     io_retries: int = 3  # attempts per remote read (index.json, shards), with doubling backoff
     io_backoff_s: float = 0.5  # first wait between attempts
     io_timeout_s: float = 30.0  # per-request timeout for HTTP(S) and S3
+    pin_memory: bool = False  # page-locked train/eval batches, so the engine's non_blocking copy overlaps (CUDA)
 
     def __post_init__(self) -> None:
         _check_choice(self.dataset, "data.dataset", DATASETS)
@@ -164,6 +166,7 @@ class OptimConfig:
     min_lr_factor: float = 0.002  # cosine floor = base_lr · this
     schedule_mask_generator: bool = False  # official: the HMG optimiser is never scheduled
     steps_per_epoch: int = 0  # 0: one epoch of the sampler; > 0 caps iterations (quick runs)
+    fused: bool = False  # torch's fused SGD/AdamW kernel (one launch for all parameters); same update, other rounding
 
     def __post_init__(self) -> None:
         _check_choice(self.name, "optim.name", ("sgd", "adamw"))
@@ -193,12 +196,16 @@ class EngineConfig:
     sync_bn: bool = False  # SyncBatchNorm for the BNNeck and the HMG BNs
     seed: int = 1234
     deterministic: bool = False
+    compile: bool = False  # torch.compile the ViT blocks (all but the last: it carries the HEM hook) and the HMG
+    compile_backend: str = "inductor"  # any torch.compile backend; aot_eager for quick CPU checks
+    collective_timeout_s: float = 300.0  # a collective waiting longer on a peer fails the run (lost node; docs/training.md)
 
     def __post_init__(self) -> None:
         _check_choice(self.update_mode, "engine.update_mode", UPDATE_MODES)
         _check_choice(self.precision, "engine.precision", PRECISIONS)
         _check(self.zero_stage in (0, 1, 2), "engine.zero_stage", f"supported stages are 0, 1, 2 (got {self.zero_stage}); ZeRO-3 cannot toggle trainable params")
         _check(self.gradient_clipping >= 0.0, "engine.gradient_clipping", f"must be >= 0, got {self.gradient_clipping}")
+        _check(self.collective_timeout_s > 0.0, "engine.collective_timeout_s", f"must be > 0, got {self.collective_timeout_s}")
 
 
 @dataclass
@@ -210,12 +217,16 @@ class EvalConfig:
     neck_feat: str = "before"  # test feature: before the BNNeck (official TEST.NECK_FEAT) | after (running stats)
     max_rank: int = 50  # CMC length (shortened to the gallery size when that is smaller)
     query_chunk: int = 256  # queries scored at once: memory ~ query_chunk × gallery × 20 bytes; ranks take whole chunks
+    shard_gallery: bool = False  # each rank keeps its gallery share (never gathered); same metrics (docs/evaluation.md)
     rerank: bool = False  # k-reciprocal re-ranking on plain Euclidean distances (not used for the paper's numbers)
     rerank_k1: int = 20
     rerank_k2: int = 6
     rerank_lambda: float = 0.3
+    rerank_method: str = "dense"  # dense: (Q+G)² matrices | sparse: k-NN lists, O((Q+G)·k1·k2) memory, same values
     num_pictures: int = 4  # ranked-list pictures written by dpm-eval
     picture_topk: int = 10  # gallery items shown after each query
+    topk: int = 0  # > 0: dpm-eval writes each query's top-k gallery keys and distances (dpm_dist/eval/topk.py)
+    topk_format: str = "parquet"  # parquet (pyarrow) | jsonl: <output_dir>/topk.<format>
 
     def __post_init__(self) -> None:
         _check_choice(self.distance, "eval.distance", DISTANCES)
@@ -227,6 +238,9 @@ class EvalConfig:
         _check(0.0 <= self.rerank_lambda <= 1.0, "eval.rerank_lambda", f"must be in [0, 1], got {self.rerank_lambda}")
         _check(self.num_pictures >= 0, "eval.num_pictures", f"must be >= 0, got {self.num_pictures}")
         _check(self.picture_topk >= 1, "eval.picture_topk", f"must be >= 1, got {self.picture_topk}")
+        _check(self.topk >= 0, "eval.topk", f"must be >= 0, got {self.topk}")
+        _check_choice(self.rerank_method, "eval.rerank_method", ("dense", "sparse"))
+        _check_choice(self.topk_format, "eval.topk_format", ("parquet", "jsonl"))
 
 
 SPACE_TYPES = {  # search-space entry type -> the keys it needs
@@ -319,6 +333,8 @@ class SearchConfig:
     driver_cpus: float = 1.0  # CPUs held by each trial's Tune function (the Ray Train driver)
     max_concurrent_trials: int = 0  # 0: as many as the cluster's CPUs/GPUs hold
     max_failures: int = 1  # worker-group restarts per trial, each from the trial's last checkpoint
+    worker_start_timeout_s: float = 60.0  # a trial's worker group must get its resources within this (Ray Train)
+    worker_start_retries: int = 3  # new attempts after a timed-out worker-group start; -1: unbounded (autoscaling)
     storage_path: Optional[str] = None  # local folder, NFS, or s3://bucket/prefix; None: runs/tune
     s3_endpoint: Optional[str] = None  # e.g. http://127.0.0.1:9000 for MinIO; None: AWS default chain
     name: str = "dpm_search"  # experiment folder under storage_path; re-running resumes it
@@ -343,6 +359,8 @@ class SearchConfig:
                "cpus_per_worker, gpus_per_worker and driver_cpus must be >= 0")
         _check(self.max_concurrent_trials >= 0, "search.max_concurrent_trials", f"must be >= 0, got {self.max_concurrent_trials}")
         _check(self.max_failures >= 0, "search.max_failures", f"must be >= 0, got {self.max_failures}")
+        _check(self.worker_start_timeout_s > 0, "search.worker_start_timeout_s", f"must be > 0, got {self.worker_start_timeout_s}")
+        _check(self.worker_start_retries >= -1, "search.worker_start_retries", f"must be >= -1, got {self.worker_start_retries}")
         _check(self.num_cpus >= 0, "search.num_cpus", f"must be >= 0, got {self.num_cpus}")
         _check(self.inject_crash_at_epoch >= 0, "search.inject_crash_at_epoch", f"must be >= 0, got {self.inject_crash_at_epoch}")
         _check(bool(self.name) and "/" not in self.name, "search.name", f"must be a non-empty folder name, got {self.name!r}")
@@ -359,8 +377,11 @@ class LogConfig:
     checkpoint_every: int = 1  # epochs between checkpoints
     keep_last: int = 2
     keep_best: bool = True
+    level: str = "warning"  # what libraries may print: warning (default: known noise hidden) | info | debug (all of it)
+    allow_config_change: List[str] = field(default_factory=list)  # resume: fields allowed to differ from the checkpoint's
 
     def __post_init__(self) -> None:
+        _check_choice(self.level, "log.level", LOG_LEVELS)
         _check(self.log_every >= 1, "log.log_every", f"must be >= 1, got {self.log_every}")
         _check(self.checkpoint_every >= 1, "log.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
         _check(self.keep_last >= 1, "log.keep_last", f"must be >= 1, got {self.keep_last}")

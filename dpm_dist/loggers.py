@@ -5,10 +5,13 @@ The only module that imports ``torch.utils.tensorboard``.
 
 from __future__ import annotations
 
-import json
+import io
+import logging
 import os
+import re
 import sys
 import time
+import warnings
 from typing import Any, Optional, Protocol
 
 from dpm_dist.dist import DistEnv
@@ -31,15 +34,26 @@ class NullLogger:
 class TensorBoardLogger:
     """Scalars under hierarchical tags (``train/loss_id``, ``lr/main_weight``, ``eval/mAP``) + hparams."""
 
-    def __init__(self, log_dir: str) -> None:
+    def __init__(self, log_dir: str, purge_step: Optional[int] = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = log_dir
-        self.writer = SummaryWriter(log_dir=log_dir)
+        # purge_step: a resumed run tells readers to drop the crashed run's events from this step on.
+        self.writer = SummaryWriter(log_dir=log_dir, purge_step=purge_step)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         for key, value in metrics.items():
             self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def log_image(self, tag: str, png_path: str, step: int) -> None:
+        """An image summary of a picture file (PNG/JPEG) already written to disk."""
+        import numpy as np
+        from PIL import Image
+
+        with Image.open(png_path) as image:
+            pixels = np.asarray(image.convert("RGB"))
+        self.writer.add_image(tag, pixels, step, dataformats="HWC")
         self.writer.flush()
 
     def close(self, hparams: Optional[dict[str, Any]] = None, final: Optional[dict[str, float]] = None) -> None:
@@ -50,21 +64,24 @@ class TensorBoardLogger:
 
 
 class StdoutLogger:
-    """One compact line per logged step; eval results in full."""
+    """One compact line per logged step; eval results in full. Written with ``tqdm.write``, so a progress
+    bar on the terminal is cleared first and redrawn after: the two never share a line."""
 
-    def __init__(self, stream=sys.stdout) -> None:
+    def __init__(self, stream=None) -> None:
         self.stream = stream
         self.start = time.time()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        from tqdm import tqdm
+
         keys = [k for k in metrics if k.startswith("eval/")] or [k for k in metrics if k in _HEADLINE]
         body = " ".join(f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in keys)
         if body:
-            print(f"[step {step} +{time.time() - self.start:.0f}s] {body}", file=self.stream, flush=True)
+            tqdm.write(f"[step {step} +{time.time() - self.start:.0f}s] {body}", file=self.stream or sys.stdout)
+            (self.stream or sys.stdout).flush()
 
     def close(self, hparams=None, final=None) -> None:
-        if final:
-            print("final: " + json.dumps(final), file=self.stream, flush=True)
+        pass
 
 
 _HEADLINE = ("train/loss", "train/loss_id", "train/loss_mask_id", "train/loss_hem", "train/loss_triplet", "train/acc", "perf/samples_per_sec")
@@ -83,11 +100,74 @@ class MultiLogger:
             sink.close(hparams, final)
 
 
-def build_logger(log_cfg: Any, env: DistEnv) -> MetricLogger:
-    """TensorBoard (``<output_dir>/tb``) + stdout on rank 0; a no-op logger elsewhere."""
+def build_logger(log_cfg: Any, env: DistEnv, purge_step: Optional[int] = None) -> MetricLogger:
+    """TensorBoard (``<output_dir>/tb``) + stdout on rank 0; a no-op logger elsewhere. ``purge_step``: the
+    first step a resumed run writes again (events of the crashed run from there on are dropped)."""
     if not env.is_main:
         return NullLogger()
-    sinks: list[MetricLogger] = [StdoutLogger()]
-    if log_cfg.tensorboard:
-        sinks.append(TensorBoardLogger(os.path.join(log_cfg.output_dir, "tb")))
+    sinks: list[MetricLogger] = []
+    if log_cfg.tensorboard:  # first: once a step is on stdout, it is on disk too
+        sinks.append(TensorBoardLogger(os.path.join(log_cfg.output_dir, "tb"), purge_step=purge_step))
+    sinks.append(StdoutLogger())
     return MultiLogger(*sinks)
+
+
+# ---- what libraries print (set once per process, at the command's boundary) ---------------------------------
+
+# Output no user can act on, hidden at the default log.level=warning (log.level=info or debug shows it):
+QUIET_LOGGERS = (
+    "torch.utils.cpp_extension",  # "No CUDA runtime is found, using CUDA_HOME=..." on every CPU rank
+    "timm.scheduler.cosine_lr",  # "Cosine annealing scheduler will have no effect..." when optim.epochs=1
+)
+QUIET_WARNINGS = (  # (message regex, category) for warnings.filterwarnings
+    (r"`torch\.distributed\.all_gather_into_tensor` is deprecated", FutureWarning),  # DeepSpeed's ZeRO gathers
+)
+QUIET_PRINTS = (re.compile(r"^DeepSpeed deepspeed\.ops\.\S+ built successfully$"),)  # a print() in deepspeed.comm
+
+
+class _QuietStdout(io.TextIOBase):
+    """``sys.stdout`` minus whole lines that match :data:`QUIET_PRINTS` (a plain ``print`` cannot be leveled)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream, self.pending = stream, ""
+
+    def write(self, text: str) -> int:
+        *lines, self.pending = (self.pending + text).split("\n")
+        kept = [ln + "\n" for ln in lines if not any(p.match(ln) for p in QUIET_PRINTS)]
+        if kept:
+            self.stream.write("".join(kept))
+        return len(text)
+
+    def flush(self) -> None:
+        if self.pending:
+            self.stream.write(self.pending)
+            self.pending = ""
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:  # fileno, isatty, encoding... of the real stream
+        return getattr(self.stream, name)
+
+
+def configure_library_output(level: str) -> None:
+    """``log.level``: ``warning`` shows libraries' warnings and errors but not the noise above (the root
+    logger at WARNING also hides the compiler lines DeepSpeed's op probes log at INFO, and botocore's
+    per-connection "Found credentials" lines); ``info``/``debug`` show everything, DeepSpeed's logger too.
+    dpm-dist's own loggers stay at INFO."""
+    numeric = getattr(logging, level.upper())
+    logging.getLogger().setLevel(numeric)
+    logging.getLogger("dpm_dist").setLevel(min(numeric, logging.INFO))
+    if numeric >= logging.WARNING:
+        for name in QUIET_LOGGERS:
+            logging.getLogger(name).setLevel(logging.ERROR)
+        for message, category in QUIET_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=category)
+        if not isinstance(sys.stdout, _QuietStdout):
+            real, sys.stdout = sys.stdout, _QuietStdout(sys.stdout)
+            for handler in logging.getLogger().handlers:  # Hydra's console handler: still recognised by tqdm's redirect
+                if isinstance(handler, logging.StreamHandler) and handler.stream is real:
+                    handler.setStream(sys.stdout)
+    else:
+        for logger in (logging.getLogger("DeepSpeed"),):  # its own handler, WARNING by default
+            logger.setLevel(numeric)
+            for handler in logger.handlers:
+                handler.setLevel(numeric)

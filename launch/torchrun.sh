@@ -5,12 +5,22 @@
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 bash launch/torchrun.sh 8 experiment=occluded_duke
 # Several nodes, c10d rendezvous (elastic membership; same command on every node):
 #   NNODES=2 RDZV_ENDPOINT=10.0.0.1:29400 RDZV_ID=dpm42 bash launch/torchrun.sh 8 experiment=occluded_duke
+# Runs in the folder you start it from (relative data.root / log.output_dir mean what they say there), with
+# $PYTHON, else the first python3/python on PATH that has dpm_dist installed, else this checkout's .venv.
 # data.num_ids is per rank: the global batch is num_ids × num_instances × world size (paper: 16×4 on 1 GPU).
 set -euo pipefail
 NPROC=${1:?usage: torchrun.sh NPROC_PER_NODE [hydra overrides...]}
 shift
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-.venv/bin/python}
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+pick_python() {
+    if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
+    for py in python3 python "$REPO/.venv/bin/python"; do
+        if command -v "$py" >/dev/null 2>&1 && "$py" -c "import dpm_dist" >/dev/null 2>&1; then echo "$py"; return; fi
+    done
+    echo "$(basename "$0"): error: no python with dpm_dist installed (tried python3, python, $REPO/.venv/bin/python); set PYTHON=/path/to/python" >&2
+    return 2
+}
+PY=$(pick_python)
 NNODES=${NNODES:-1}
 if [ -n "${RDZV_ENDPOINT:-}" ]; then
     exec "$PY" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC" \

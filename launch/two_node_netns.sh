@@ -3,12 +3,21 @@
 # c10d rendezvous over that link, hosted by node 0 (gloo pinned to the veth interfaces). Needs root (ip netns).
 #   sudo bash launch/two_node_netns.sh 1 -m dpm_dist.cli.train experiment=tiny optim.epochs=1 log.output_dir=runs/two_node
 # Arguments after NPROC_PER_NODE are what torchrun runs (a script path or -m module, then its args).
-# Each node's output goes to $LOG_DIR/node<i>.log (default runs/two_node_logs).
+# Each node's output goes to $LOG_DIR/node<i>.log (default runs/two_node_logs). Runs in the folder you start
+# it from, with $PYTHON, else the first python3/python on PATH that has dpm_dist, else this checkout's .venv.
 set -euo pipefail
 NPROC=${1:?usage: two_node_netns.sh NPROC_PER_NODE (-m module | script) [args...]}
 shift
-cd "$(dirname "$0")/.."
-PY=${PYTHON:-$(pwd)/.venv/bin/python}
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+pick_python() {
+    if [ -n "${PYTHON:-}" ]; then echo "$PYTHON"; return; fi
+    for py in python3 python "$REPO/.venv/bin/python"; do
+        if command -v "$py" >/dev/null 2>&1 && "$py" -c "import dpm_dist" >/dev/null 2>&1; then command -v "$py"; return; fi
+    done
+    echo "two_node_netns.sh: error: no python with dpm_dist installed; set PYTHON=/path/to/python" >&2
+    return 2
+}
+PY=$(pick_python)
 TAG=${NETNS_TAG:-dpm$$}
 NET=${NETNS_SUBNET:-10.201.$((RANDOM % 200 + 20))}
 LOG_DIR=${LOG_DIR:-runs/two_node_logs}

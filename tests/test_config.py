@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_module
-from omegaconf import OmegaConf
 
 from dpm_dist.cli.common import CONFIG_MODULE
 from dpm_dist.config import DPMConfig, register_configs, to_config

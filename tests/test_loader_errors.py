@@ -59,6 +59,7 @@ def test_corrupt_image_is_named_or_skipped_and_counted(corrupt_root: Path, sampl
         assert sorted(Counter(batch["pids"].tolist()).values()) == [2, 2, 2]  # still exactly P×K
         assert key not in batch["keys"]  # replaced by the other image of the same identity
     assert any(key in r.getMessage() and "skipping corrupt sample" in r.getMessage() for r in caplog.records)
+    assert sum(b["num_skipped"] for b in batches) >= 1  # what the training loop adds up and reports
 
 
 def test_truncated_tar_is_named(copy: Path) -> None:

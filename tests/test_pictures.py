@@ -6,9 +6,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from dpm_dist.data.layouts import parse_market_name
 from dpm_dist.eval.pictures import (
     MATCH,
     NON_MATCH,
+    camera_label,
     head_correlation,
     save_head_correlation,
     save_mask_plot,
@@ -59,3 +61,27 @@ def test_correlation_and_mask_pictures_are_written(tmp_path):
     for path in (corr, mask):
         with Image.open(path) as image:
             assert image.format == "PNG" and image.width > 200 and image.height > 150
+
+
+def _border_is_blank(path: str, width: int = 2) -> bool:
+    """Nothing drawn in the outermost pixels: no caption runs off the canvas."""
+    grey = np.asarray(Image.open(path).convert("L")).astype(int)
+    edges = np.concatenate([grey[:width].ravel(), grey[-width:].ravel(), grey[:, :width].ravel(), grey[:, -width:].ravel()])
+    return bool((edges > 240).all())
+
+
+def test_captions_are_not_clipped_at_the_edge_of_the_picture(tmp_path):
+    torch.manual_seed(0)
+    images = [torch.rand(3, 64, 32) * 2 - 1 for _ in range(10)]
+    path = save_ranked_list(str(tmp_path / "ranked.png"), images[0], images, [i % 3 == 0 for i in range(10)],
+                            query_title="query\npid 1234 c5\nAP 0.123",
+                            gallery_titles=[f"d=1.234\npid {1000 + i} c{i + 1}" for i in range(10)])
+    assert _border_is_blank(path)
+    corr = save_head_correlation(str(tmp_path / "corr.png"), head_correlation(torch.randn(12, 50)), title="a long title " * 3)
+    mask = save_mask_plot(str(tmp_path / "mask.png"), torch.rand(768), title="HMG mask, query query_0007_c3s1_000003_00")
+    assert _border_is_blank(corr) and _border_is_blank(mask)
+
+
+def test_cameras_are_shown_as_in_the_file_names():
+    _, camid = parse_market_name("0007_c3s1_000003_00.jpg")  # shards hold 0-based camids
+    assert camid == 2 and camera_label(camid) == "c3"

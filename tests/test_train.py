@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -60,12 +61,64 @@ def _assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) ->
                        f"{max(float((a[k].float() - b[k].float()).abs().max()) for k in differ):.3g}"
 
 
+def _relative_workdir(folder: Path, shards: Path) -> Path:
+    """A working folder outside the repository where ``shards`` is a relative path to the tiny shards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "shards").symlink_to(shards)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The reference run: 2 ranks, ZeRO-1, 3 epochs × 2 steps, evaluated at the end, never stopped."""
-    out = tmp_path_factory.mktemp("train") / "uninterrupted"
-    _run(_torchrun(2) + _overrides(tiny_shards, out, "engine.zero_stage=1"), cwd=out.parent)
-    return out
+    """The reference run: 2 ranks, ZeRO-1, 3 epochs × 2 steps, evaluated at the end, never stopped.
+
+    Started as a user would: ``bash launch/torchrun.sh 2`` from a folder of their own, relative paths, the
+    environment's python found on PATH; its output is kept in ``reference.log`` next to the run.
+    """
+    work = _relative_workdir(tmp_path_factory.mktemp("train") / "work", tiny_shards)
+    env = dict(_env(), PATH=f"{VENV_BIN}:{os.environ['PATH']}")
+    env.pop("PYTHON", None)
+    cmd = ["bash", str(ROOT / "launch" / "torchrun.sh"), "2", *TINY, "data.root=shards", "log.output_dir=uninterrupted",
+           "engine.zero_stage=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work, timeout=RUN_TIMEOUT_S)
+    (work / "reference.log").write_text(proc.stdout + "\n----- stderr -----\n" + proc.stderr)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return work / "uninterrupted"
+
+
+@pytest.mark.slow
+def test_launch_script_runs_where_the_user_stands(uninterrupted):
+    # launch/torchrun.sh used to cd into the repository: `shards` and the run folder resolved there.
+    assert (uninterrupted / "results.json").is_file() and uninterrupted.parent.name == "work"
+    assert not (ROOT / "uninterrupted").exists()
+    meta = json.loads((uninterrupted / "checkpoints" / "epoch_0003" / "meta.json").read_text())
+    assert meta["config"]["data"]["root"] == str(uninterrupted.parent / "shards")
+
+
+# What the libraries printed in a tiny run before log.level (2 ranks: 13 lines): DeepSpeed's op probes and
+# shared-memory op build (stdout), torch's CUDA_HOME warning, DeepSpeed's deprecated gather, a stray bar.
+NOISE = ("gcc ", "-laio", "built successfully", "No CUDA runtime is found", "all_gather_into_tensor", "0it [", "final: {")
+
+
+@pytest.mark.slow
+def test_start_up_summary_then_quiet_logs_then_where_everything_is(uninterrupted):
+    text = (uninterrupted.parent / "reference.log").read_text()
+    stdout = text.split("----- stderr -----")[0]
+    for line in ("dpm-train tiny_synthetic\n",
+                 f"  data      synthetic: {uninterrupted.parent / 'shards'} (48 images, 8 identities, 3 cameras; sampler exact)\n",
+                 "  batch     4 ids x 2 images x 2 ranks = 16 images per step\n",
+                 "  schedule  3 epochs x 2 steps, evaluated every 3 epochs and at the end\n",
+                 "  engine    fp32, ZeRO-1, update mode exact\n",
+                 f"  output    {uninterrupted}\n",
+                 "  start     new run\n"):
+        assert line in stdout, (line, stdout[:3000])
+    assert stdout.index("  start     new run") < stdout.index("[step 1 ")  # the block comes first
+    for noise in NOISE:
+        assert noise not in text, (noise, text[-4000:])
+    tail = stdout[stdout.index('{"results"'):]
+    assert "rank-1 " in tail and "(10 queries, 15 gallery images)" in tail
+    assert f"written to {uninterrupted}: model_final.pt, model_best.pt, results.json, config.yaml, checkpoints/ (latest epoch_0003)" in tail
+    assert f"TensorBoard: tensorboard --logdir {uninterrupted / 'tb'}" in tail
 
 
 @pytest.mark.slow
@@ -92,6 +145,15 @@ def test_two_rank_zero1_run_trains_evaluates_and_writes_everything(uninterrupted
                 "lr/main_weight", "lr/main_bias", "lr/mask_weight", "perf/samples_per_sec", "perf/data_time", "eval/mAP", "eval/rank1"):
         assert tag in tags, (tag, sorted(tags))
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
+    assert not [t for t in tags if "num_" in t], sorted(tags)  # counts are neither scalars nor hparam metrics
+
+
+def _tb_steps(tb: Path) -> dict[str, list[int]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    return {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 def _kill_9_tree(pid: int) -> None:
@@ -115,12 +177,12 @@ def test_kill_9_then_the_same_command_resumes_to_the_same_weights(uninterrupted,
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path)
     latest, deadline = out / "checkpoints" / "latest", time.time() + RUN_TIMEOUT_S
-    try:
-        while not (latest.is_file() and latest.read_text().strip()):
+    try:  # a step past the first checkpoint is on stdout, so it is in TensorBoard too
+        while not (latest.is_file() and latest.read_text().strip() and "[step 3 " in (tmp_path / "first.log").read_text()):
             assert proc.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.05)
     finally:
-        _kill_9_tree(proc.pid)  # torchrun and both ranks, as soon as a first checkpoint is complete
+        _kill_9_tree(proc.pid)  # torchrun and both ranks, once the second epoch has logged a step
         proc.wait(timeout=60)
         log.close()
     tag = latest.read_text().strip()
@@ -134,6 +196,35 @@ def test_kill_9_then_the_same_command_resumes_to_the_same_weights(uninterrupted,
     # few ulps of each other, so the kernel path of a freshly loaded vs a trained-in-place parameter
     # can swap near-ties; dpm-eval of the two model files gave identical metrics when this was written.)
     assert json.loads((out / "results.json").read_text())["steps"] == 6
+    steps = _tb_steps(out / "tb")  # the resumed run purged what the killed one logged past its checkpoint
+    assert steps["train/loss"] == [1, 2, 3, 4, 5, 6]
+    assert not {tag: s for tag, s in steps.items() if len(s) != len(set(s))}
+
+
+def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.read_bytes()) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_resuming_a_finished_run_with_another_config_is_refused_and_changes_nothing(uninterrupted, tiny_shards, tmp_path):
+    work = _relative_workdir(tmp_path / "work", tiny_shards)
+    shutil.copytree(uninterrupted, work / "run")
+    before = _snapshot(work / "run")
+    args = [str(VENV_BIN / "dpm-train"), *TINY, "data.root=shards", "log.output_dir=run", "engine.zero_stage=1"]
+    proc = subprocess.run(args + ["loss.alpha=0.3", "loss.margin=0.2"], capture_output=True, text=True, env=_env(), cwd=work,
+                          timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    error = proc.stderr.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("dpm-train: error: log.output_dir "), proc.stderr
+    for part in ("loss.alpha: 0.5 in the checkpoint, 0.3 now", "loss.margin: 0.5 in the checkpoint, 0.2 now",
+                 "use a new log.output_dir", "log.allow_config_change=[loss.alpha,loss.margin]"):
+        assert part in error[0], error[0]
+    assert _snapshot(work / "run") == before
+    # The same command again: finished, nothing trained, no file touched (config.yaml, model files, tb/...).
+    again = _run(args, cwd=work)
+    assert f"{work / 'run'} is finished (epoch_0003, epoch 3 of 3): nothing to train, no file changed" in again.stdout
+    assert "rank-1 " in again.stdout
+    assert _snapshot(work / "run") == before
 
 
 @pytest.mark.slow
@@ -146,12 +237,89 @@ def test_resume_two_ranks_on_one_rank_reshards_the_zero_state(uninterrupted, tin
     assert "resharding the ZeRO-1 optimiser state of epoch_0003 from 2 to 1 ranks" in first.stdout
     assert "resumed from epoch_0003 (epoch 3, step 6, world size 2)" in first.stdout
     _assert_identical(_weights(out), _weights(uninterrupted))
-    # One more epoch on one rank continues from the loaded optimiser state.
-    more = _run(args + ["optim.epochs=4", "eval.period=4"], cwd=tmp_path)
+    # One more epoch on one rank continues from the loaded optimiser state, with a deliberate change of α
+    # that everything the run writes records.
+    more = _run(args + ["optim.epochs=4", "eval.period=4", "loss.alpha=0.3", "log.allow_config_change=[loss.alpha]"], cwd=tmp_path)
     assert "resumed from epoch_0003" in more.stdout
     meta = json.loads((out / "checkpoints" / "epoch_0004" / "meta.json").read_text())
     assert meta["world_size"] == 1 and meta["step"] == 8
-    assert json.loads((out / "results.json").read_text())["steps"] == 8
+    results = json.loads((out / "results.json").read_text())
+    assert results["steps"] == 8
+    expected = {"loss.alpha": [0.5, 0.3], "optim.epochs": [3, 4], "eval.period": [3, 4],
+                "data.root": [str(uninterrupted.parent / "shards"), str(tiny_shards)]}  # the reference ran on a symlink
+    for record in (meta["config_changes"], results["config_changes"], torch.load(out / "model_final.pt")["meta"]["config_changes"]):
+        assert record == [{"after_epoch": 3, "changes": expected}], record
+    assert "# from epoch 4: loss.alpha 0.5 -> 0.3" in (out / "config.yaml").read_text()
+
+
+def test_ctrl_c_says_what_was_saved_and_how_to_resume(tiny_shards, tmp_path):
+    import signal
+
+    work = _relative_workdir(tmp_path / "work", tiny_shards)
+    args = [str(VENV_BIN / "dpm-train"), *TINY, "data.root=shards", "log.output_dir=run", "optim.epochs=40", "eval.period=40",
+            "log.progress=true"]
+    log_path = tmp_path / "out.log"
+    with open(log_path, "w") as log:  # stdout and stderr in one stream, as on a terminal
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=work)
+        deadline = time.time() + RUN_TIMEOUT_S
+        try:
+            while "[step 3 " not in log_path.read_text():  # the first epoch's checkpoint is written
+                assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGINT)
+            assert proc.wait(timeout=120) == 130, log_path.read_text()[-3000:]
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    text = log_path.read_text()
+    tag = (work / "run" / "checkpoints" / "latest").read_text().strip()
+    last = text.strip().splitlines()[-1]
+    epoch = int(tag[-4:])
+    assert last == (f"dpm-train: interrupted; the latest checkpoint is {tag} (epoch {epoch} of 40) in {work / 'run' / 'checkpoints'}; "
+                    "re-run the same command to resume from it"), text[-2000:]
+    assert "Traceback" not in text
+    # The bar (redrawn with \r) and the [step N] lines never share a line; no stray "0it" bar.
+    segments = [s for s in re.split(r"[\r\n]", text) if "[step " in s]
+    assert segments and not [s for s in segments if "it/s" in s or "%|" in s], segments[:5]
+    assert "0it [" not in text
+
+
+def test_skipped_corrupt_samples_are_counted_and_reported_at_the_end(tmp_path):
+    """3 ids × 2 images (every P=3×K=2 batch holds every image), one a cut-off JPEG: with
+    data.skip_corrupt=true each step skips it, and the run says how many it skipped in all."""
+    from dpm_dist.data.shards import write_dataset
+    from dpm_dist.data.synth import SynthSpec, synth_samples
+
+    samples = list(synth_samples(SynthSpec(seed=0, num_ids=3, num_test_ids=2, images_per_id=2, query_per_id=1,
+                                           gallery_per_id=2, height=32, width=16)))
+    bad = next(i for i, s in enumerate(samples) if s.role == "train")
+    samples[bad] = samples[bad].__class__(**{**vars(samples[bad]), "jpg": samples[bad].jpg[:200]})
+    work = tmp_path / "work"
+    write_dataset(samples, str(work / "shards"), dataset="synthetic", max_count=3)
+    args = [str(VENV_BIN / "dpm-train"), *TINY, "data.root=shards", "log.output_dir=run", "data.num_ids=3",
+            "data.skip_corrupt=true", "optim.epochs=1", "eval.period=1"]
+    proc = subprocess.run(args, capture_output=True, text=True, env=_env(), cwd=work, timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    steps = json.loads((work / "run" / "results.json").read_text())["steps"]
+    assert json.loads((work / "run" / "results.json").read_text())["num_skipped_corrupt"] == steps
+    assert f"skipped {steps} corrupt training samples" in proc.stdout
+
+
+def test_help_lists_only_the_groups_dpm_train_uses(tmp_path):
+    proc = subprocess.run([str(VENV_BIN / "dpm-train"), "--help"], capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "experiment: " in proc.stdout and "engine: fp32" in proc.stdout and "model: vit_base, vit_tiny" in proc.stdout
+    assert "tune:" not in proc.stdout and "tiny_asha" not in proc.stdout
+
+
+def test_dataset_must_match_the_shards(tiny_shards, tmp_path):
+    out = tmp_path / "run"
+    proc = subprocess.run([str(VENV_BIN / "dpm-train"), *_overrides(tiny_shards, out), "data.dataset=occluded_duke"],
+                          capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert (f"dpm-train: error: config field `data.dataset`: 'occluded_duke', but the shards in {tiny_shards} were written as "
+            "'synthetic' (index.json); set data.dataset=synthetic, or data.dataset=generic for any shards") in proc.stderr
+    assert not (out / "checkpoints").exists()
 
 
 def _can_make_netns() -> str:
@@ -199,13 +367,23 @@ def test_bad_config_fails_fast_naming_the_field(tiny_shards, tmp_path, override,
 
 @pytest.mark.slow
 def test_deepspeed_launcher_with_a_hostfile_and_no_ssh(tiny_shards, tmp_path):
-    (tmp_path / "hostfile").write_text("localhost slots=2\n")
-    out = tmp_path / "ds"
+    work = _relative_workdir(tmp_path / "work", tiny_shards)
+    (work / "hostfile").write_text("localhost slots=2\n")  # ./hostfile: the default
     env = dict(_env(), DS_NO_SSH="1", NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
-               DEEPSPEED=str(VENV_BIN / "deepspeed"), PATH=f"{VENV_BIN}:{os.environ['PATH']}")
-    proc = subprocess.run(["bash", str(ROOT / "launch" / "deepspeed.sh"), str(tmp_path / "hostfile"),
-                           *_overrides(tiny_shards, out, "engine.zero_stage=1", "optim.epochs=1", "eval.period=1")],
-                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+               PATH=f"{VENV_BIN}:{os.environ['PATH']}")
+    env.pop("DEEPSPEED", None)
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "deepspeed.sh"), *TINY, "data.root=shards", "log.output_dir=ds",
+                           "engine.zero_stage=1", "optim.epochs=1", "eval.period=1"],
+                          capture_output=True, text=True, env=env, cwd=work, timeout=RUN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    meta = json.loads((out / "checkpoints" / "epoch_0001" / "meta.json").read_text())
-    assert meta["world_size"] == 2 and json.loads((out / "results.json").read_text())["steps"] == 2
+    meta = json.loads((work / "ds" / "checkpoints" / "epoch_0001" / "meta.json").read_text())
+    assert meta["world_size"] == 2 and json.loads((work / "ds" / "results.json").read_text())["steps"] == 2
+    assert "Cosine annealing scheduler will have no effect" not in proc.stdout + proc.stderr  # timm, at optim.epochs=1
+
+
+def test_deepspeed_launcher_without_a_hostfile_names_the_example(tmp_path):
+    proc = subprocess.run(["bash", str(ROOT / "launch" / "deepspeed.sh"), "experiment=tiny"], capture_output=True, text=True,
+                          env=_env(), cwd=tmp_path, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == (f"deepspeed.sh: error: hostfile hostfile not found (one line per node, \"host slots=N\"): copy "
+                                   f"{ROOT}/launch/hostfile.example to ./hostfile and edit it, or pass its path first")

@@ -1,10 +1,12 @@
 """dpm-tune: search-space validation, and real searches on a local Ray cluster (CPU, 2 DeepSpeed workers a trial).
 
 The slow test runs the ``dpm-tune`` command itself (a local Ray instance per run, started and shut down
-by the command): a search of 3 tiny trials with ASHA in which rank 1 of the first trial to reach epoch 2
-exits once (``search.inject_crash_at_epoch``) and is recovered from the epoch-1 checkpoint; the search
-is interrupted with SIGINT after its first trial, while the second one runs, and resumed by re-running the same command; the best
-trial's preset is then trained by ``dpm-train``.
+by the command) from a working folder with relative paths: a search of 3 tiny trials first over-committed
+(3 at once on 2 CPUs: every worker group times out, all trials fail, exit 2), then resumed by the plain
+command under the limit (1 at once) with ASHA, rank 1 of the first trial to reach epoch 2 exiting once
+(``search.inject_crash_at_epoch``) and recovered from the epoch-1 checkpoint; that run is interrupted with
+SIGINT after its first trial, while the second one runs (exit 130), and resumed by re-running the same
+command; the best trial's preset is then trained by ``dpm-train``.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -87,14 +90,54 @@ def test_space_values_outside_the_schema_are_a_clear_error(entry, message):
         check_space(base)
 
 
-def test_bad_entry_stops_dpm_tune_before_any_trial(tmp_path):
+def test_bad_entry_stops_dpm_tune_before_any_trial(tiny_shards, tmp_path):
     proc = subprocess.run(
-        [str(VENV_BIN / "dpm-tune"), f"search.storage_path={tmp_path}",
+        [str(VENV_BIN / "dpm-tune"), f"data.root={tiny_shards}", f"search.storage_path={tmp_path}",
          "search.space={loss.beta: {type: loguniform, low: 0.3, high: 0.01}}"],
         capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert proc.returncode != 0
     assert "search.space.loss.beta`: low (0.3) must be < high (0.01)" in proc.stdout + proc.stderr
     assert not (tmp_path / "tiny_asha").exists()
+
+
+def test_missing_data_root_fails_in_seconds_naming_the_field(tmp_path):
+    proc = subprocess.run([str(VENV_BIN / "dpm-tune"), "data.root=shards/nowhere", "search.storage_path=storage"],
+                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=_env())
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"dpm-tune: error: config field `data.root`: no such folder: {tmp_path / 'shards' / 'nowhere'} "
+        f"(make shards with `dpm-shards write ...` or `dpm-shards synth --out {tmp_path / 'shards' / 'nowhere'}`)"]
+    assert "ray" not in proc.stdout.lower() and not (tmp_path / "storage").exists()  # no Ray started
+
+
+def test_help_and_cfg_job_still_work(tmp_path):
+    help_ = subprocess.run([str(VENV_BIN / "dpm-tune"), "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert help_.returncode == 0 and "Configuration groups" in help_.stdout
+    job = subprocess.run([str(VENV_BIN / "dpm-tune"), "--cfg", "job", "search.worker_start_retries=0"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert job.returncode == 0 and "worker_start_retries: 0" in job.stdout and "name: tiny_asha" in job.stdout
+
+
+def test_failed_trials_give_a_non_zero_exit_naming_the_first_error(capsys):
+    from dpm_dist.cli.tune import EXIT_ALL_FAILED, EXIT_SOME_FAILED, _check_failures
+    from dpm_dist.tune.results import error_line
+
+    _check_failures([], 3, "/s/x")
+    failed = [("a_00001", "ValueError: bad", "/s/x/trial_a_00001/error.txt")]
+    with pytest.raises(SystemExit) as some:
+        _check_failures(failed, 3, "/s/x")
+    assert some.value.code == EXIT_SOME_FAILED == 1
+    assert capsys.readouterr().err.splitlines()[0] == \
+        "dpm-tune: error: 1 of 3 trials failed (trial_a_00001); first error (trial_a_00001): ValueError: bad"
+    with pytest.raises(SystemExit) as every:
+        _check_failures(failed * 3, 3, "/s/x")
+    assert every.value.code == EXIT_ALL_FAILED == 2
+    assert "dpm-tune: error: all 3 trials failed; first error (trial_a_00001): ValueError: bad\n  " \
+           "each failed trial's error: /s/x/trial_<id>/error.txt" in capsys.readouterr().err
+    nested = RuntimeError("ray::ImplicitFunc.train()\n  File x\nray.train.ControllerError: Training failed due to "
+                          "controller error:\nThe worker group startup timed out after 5.0 seconds")
+    assert error_line(nested) == ("ray.train.ControllerError: Training failed due to controller error: "
+                                  "The worker group startup timed out after 5.0 seconds")
 
 
 def test_trial_config_applies_sampled_values_and_output_dir():
@@ -133,16 +176,31 @@ def test_tune_group_is_added_to_the_hydra_overrides():
     assert hydra_argv(["a.b=1"]) == ["+tune=tiny_asha", "a.b=1"]
     assert hydra_argv(["tune=optuna_asha", "a.b=1"]) == ["+tune=optuna_asha", "a.b=1"]
     assert hydra_argv(["+tune=grid_margin_scale"]) == ["+tune=grid_margin_scale"]
+    assert hydra_argv(["--cfg", "job", "a.b=1"]) == ["--cfg", "job", "+tune=tiny_asha", "a.b=1"]
+    assert hydra_argv(["--cfg", "job"]) == ["--cfg", "job", "+tune=tiny_asha"]
 
 
 # ---- a real search on a local Ray cluster ----------------------------------------------------------
 
-def _tune_command(tiny_shards: Path, out: Path) -> list[str]:
-    return [str(VENV_BIN / "dpm-tune"), "tune=tiny_asha", f"data.root={tiny_shards}", "data.num_ids=4",
-            "data.num_instances=2", "optim.epochs=3", "optim.steps_per_epoch=2", "search.num_samples=3",
-            "search.grace_period=2",  # ASHA's only rung is epoch 2: no trial can be stopped at epoch 1
-            f"search.storage_path={out / 'storage'}", f"search.local_dir={out / 'local'}",
-            f"search.results_dir={out / 'results'}", "search.num_cpus=2", "search.inject_crash_at_epoch=2"]
+TUNE_ARGS = ["tune=tiny_asha", "data.root=shards/x", "data.num_ids=4",  # relative to the working folder
+             "data.num_instances=2", "optim.epochs=3", "optim.steps_per_epoch=2", "search.num_samples=3",
+             "search.grace_period=2",  # ASHA's only rung is epoch 2: no trial can be stopped at epoch 1
+             "search.storage_path=storage", "search.local_dir=local", "search.results_dir=results",
+             "search.num_cpus=2", "search.inject_crash_at_epoch=2"]
+# 3 trials at once on 2 CPUs: 3 drivers hold 1.5 CPUs and no worker group (1 CPU) can start
+OVERCOMMITTED = ["search.max_concurrent_trials=3", "search.worker_start_timeout_s=5", "search.worker_start_retries=0"]
+
+
+def _max_running(log: str) -> int:
+    """The most trials running at once, from dpm-tune's line at each trial start."""
+    counts = [int(n) for n in re.findall(r"dpm-tune: trial_\w+ started; trials running: (\d+)", log)]
+    assert counts, log[-3000:]
+    return max(counts)
+
+
+def _scratch_trials(tmp_path: Path) -> list[str]:
+    folder = tmp_path / "local" / "tiny_asha"
+    return sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
 
 
 def _stop(proc: subprocess.Popen) -> None:
@@ -166,8 +224,21 @@ def _result_lines(storage: Path) -> dict[str, int]:
 
 
 @pytest.mark.slow
-def test_search_with_crash_interrupt_resume_and_best_config_reuse(tiny_shards, tmp_path):
-    command = _tune_command(tiny_shards, tmp_path)
+def test_search_overcommitted_resumed_interrupted_resumed_and_best_config_reused(tiny_shards, tmp_path):
+    shutil.copytree(tiny_shards, tmp_path / "shards" / "x")
+    command = [str(VENV_BIN / "dpm-tune"), *TUNE_ARGS]
+    over = subprocess.run(command + OVERCOMMITTED, capture_output=True, text=True, env=_env(), cwd=tmp_path,
+                          timeout=RUN_TIMEOUT_S)
+    (tmp_path / "run0.log").write_text(over.stdout + over.stderr)
+    assert over.returncode == 2, over.stdout[-3000:] + over.stderr[-3000:]
+    assert re.search(r"dpm-tune: error: all 3 trials failed; first error \(trial_\w+\): ray\.train\.ControllerError: "
+                     r"Training failed due to controller error: The worker group startup timed out after 5\.0 seconds",
+                     over.stderr), over.stderr[-3000:]
+    assert f"each failed trial's error: {tmp_path / 'storage' / 'tiny_asha'}/trial_<id>/error.txt" in over.stderr
+    assert "results of tiny_asha" in over.stdout  # the table is still printed and written
+    assert [r["status"] for r in csv.DictReader(open(tmp_path / "results" / "results.csv"))] == ["ERROR"] * 3
+    assert len(list((tmp_path / "storage" / "tiny_asha").glob("trial_*/error.txt"))) == 3
+
     log1 = open(tmp_path / "run1.log", "w")
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=tmp_path)
     try:
@@ -186,6 +257,12 @@ def test_search_with_crash_interrupt_resume_and_best_config_reuse(tiny_shards, t
         _stop(first)
         log1.close()
     run1 = (tmp_path / "run1.log").read_text()
+    assert first.returncode == 130, run1[-3000:]
+    assert re.search(r"dpm-tune: interrupted; [12] of 3 trials unfinished; re-run the same command from this folder "
+                     r"to resume: " + re.escape(f"dpm-tune {' '.join(TUNE_ARGS)}"), run1), run1[-3000:]
+    assert "dpm-tune: resuming" in run1 and "dpm-tune: at most 1 trial(s) at once" in run1
+    assert _max_running(run1) == 1  # the 3 errored trials resumed one at a time
+    assert _scratch_trials(tmp_path) == []  # the workers' run folders are removed, also after Ctrl-C
     assert "search.inject_crash_at_epoch: rank 1 exits at epoch 2" in run1
     assert (tmp_path / "local" / "tiny_asha" / ".crash_injected").exists()
     storage = tmp_path / "storage"
@@ -196,7 +273,9 @@ def test_search_with_crash_interrupt_resume_and_best_config_reuse(tiny_shards, t
     (tmp_path / "run2.log").write_text(second.stdout + second.stderr)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "dpm-tune: resuming" in second.stdout
+    assert _max_running(second.stdout) == 1
     assert "rank 1 exits" not in second.stdout  # the injected crash happens once per search
+    assert _scratch_trials(tmp_path) == []
 
     rows = list(csv.DictReader(open(tmp_path / "results" / "results.csv")))
     print("\n" + second.stdout[second.stdout.index("results of tiny_asha"):])

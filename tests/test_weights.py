@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,3 +165,25 @@ def test_convert_cli(tmp_path, capsys):
     assert report["num_tokens"] == 211 and report["num_cams"] == 6 and report["num_classes"] == 13
     saved = torch.load(tmp_path / "out.pt", weights_only=True)
     assert saved["meta"]["stride"] == [12, 12] and "backbone.sie_embed" in saved["model"]
+
+
+def _dpm_convert(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    return subprocess.run([str(Path(sys.executable).parent / "dpm-convert"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=180)
+
+
+def test_convert_command_relative_paths_and_one_line_errors_naming_the_file(tmp_path):
+    torch.save(_official_state(dim=32, depth=4, tokens=243, cams=8, classes=11), tmp_path / "transformer_150.pth")
+    data = (tmp_path / "transformer_150.pth").read_bytes()
+    (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
+    (tmp_path / "noise.pth").write_bytes(os.urandom(2048))
+    for name, says in (("cut.pth", "truncated or damaged torch file"), ("noise.pth", "not a torch file"),
+                       ("absent.pth", "weights file not found")):
+        proc = _dpm_convert(name, "out.pt", cwd=tmp_path)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert lines[0].startswith("dpm-convert: error: ") and str(tmp_path / name) in lines[0] and says in lines[0], lines[0]
+        assert "Traceback" not in proc.stderr and "weights_only" not in proc.stderr and "mmap" not in proc.stderr
+    assert not (tmp_path / "out.pt").exists()

@@ -19,6 +19,16 @@ CONFIG_PATH = f"pkg://{CONFIG_MODULE}"  # Hydra's search-path form of the packag
 CONFIG_NAME = "train"
 
 
+def insert_override(argv: Sequence[str], override: str) -> list[str]:
+    """``argv`` with ``override`` joined to the Hydra overrides it holds (before the first of them, else at the
+    end): Hydra reads its overrides as one run of words, so ``--config-dir D a=1`` must not become
+    ``x=y --config-dir D a=1``."""
+    out = list(argv)
+    first = next((i for i, a in enumerate(out) if "=" in a and not a.startswith("-")), len(out))
+    out.insert(first, override)
+    return out
+
+
 def compose_config(overrides: Sequence[str]) -> Any:
     """``train.yaml`` + overrides, validated into a :class:`~dpm_dist.config.DPMConfig` (works under any launcher)."""
     from hydra import compose, initialize_config_module

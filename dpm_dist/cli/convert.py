@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from typing import Optional, Sequence
 
+from dpm_dist.cli.common import absolute_path, run_guarded
 from dpm_dist.model.convert import convert_official_checkpoint
 from dpm_dist.model.weights import describe_state_dict
 
+PROG = "dpm-convert"
+
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="dpm-convert", description="Convert an official DPM checkpoint to a dpm-dist model file.")
+    parser = argparse.ArgumentParser(prog=PROG, description="Convert an official DPM checkpoint to a dpm-dist model file.")
     parser.add_argument("src", help="official state dict, e.g. transformer_150.pth")
     parser.add_argument("dst", help="output file (.pt)")
     parser.add_argument("--stride", type=int, nargs=2, default=[11, 11], metavar=("SY", "SX"), help="11 11 for Occluded-Duke, 12 12 for Market/Duke")
@@ -23,12 +27,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--backbone", default="vit_base_patch16_224")
     parser.add_argument("--tap-blocks", type=int, nargs="+", default=[2, 4, 10, 12])
     args = parser.parse_args(argv)
+    return run_guarded(PROG, lambda: convert(args))
+
+
+def convert(args: argparse.Namespace) -> int:
+    src, dst = absolute_path(args.src), absolute_path(args.dst)
+    if os.path.isdir(dst):
+        raise IsADirectoryError(f"{dst}: is a folder; give the output file's name (e.g. {os.path.join(dst, 'dpm.pt')})")
     model = convert_official_checkpoint(
-        args.src, args.dst, img_size=args.img_size, stride=args.stride, backbone=args.backbone, tap_blocks=args.tap_blocks
+        src, dst, img_size=args.img_size, stride=args.stride, backbone=args.backbone, tap_blocks=args.tap_blocks
     )
     facts = describe_state_dict(model.state_dict())
     facts["parameters"] = sum(p.numel() for p in model.parameters())
-    print(json.dumps({"written": args.dst, **facts}))
+    print(json.dumps({"written": dst, **facts}))
     return 0
 
 

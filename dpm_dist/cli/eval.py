@@ -1,51 +1,207 @@
 """``dpm-eval``: evaluate a checkpoint on the query/gallery shards, on one or many ranks, with the same numbers.
 
-    dpm-eval --checkpoint runs/tiny_synthetic/model_final.pt                     # our export; its config is inside
+    dpm-eval --checkpoint runs/tiny_synthetic                                    # a run folder: model_best.pt, else model_final.pt
+    dpm-eval --checkpoint runs/tiny_synthetic/model_final.pt                     # our model file: its config is inside
     dpm-eval --checkpoint occluded_duke_dpm.pt experiment=occluded_duke data.root=/data/shards/occluded_duke
     dpm-eval --checkpoint transformer_150.pth experiment=occluded_duke data.root=...   # an official file, directly
     torchrun --nproc-per-node 4 -m dpm_dist.cli.eval --checkpoint ... [Hydra overrides]
 
 Everything after the flags is a Hydra override of ``configs/train.yaml`` (``eval.distance=cosine``,
-``eval.rerank=true``, ``eval.num_pictures=8``, ...). The model architecture comes from the checkpoint when
-it carries one (``meta.config.model`` of our exports, the converter's ``meta``), otherwise from the
-composed ``model`` group; class and camera counts always come from the weights.
+``eval.rerank=true``, ``eval.num_pictures=8``, ...). A model file written by training carries its resolved
+config: its ``model``, ``data`` and ``eval`` sections (the data root, the test feature, ...) are the defaults, and
+only the fields the command line changes (directly or through a preset such as ``experiment=``) differ.
+The model architecture comes from the checkpoint when it carries one (``meta.config.model`` of our
+exports, the converter's ``meta``), otherwise from the composed ``model`` group; class and camera counts
+always come from the weights.
 
-Writes to ``--output-dir`` (default ``<log.output_dir>/eval``) on rank 0: ``results.json``, TensorBoard
-scalars ``eval/*`` under ``tb/``, and ``pictures/``: per chosen query a ranked list, the last block's
-head cross-correlation and the mask, plus the head cross-correlation averaged over those queries.
+Writes to ``--output-dir`` (default ``<checkpoint's folder>/eval/<checkpoint's name>``) on rank 0:
+``results.json``, TensorBoard scalars ``eval/*`` and the pictures as images under ``tb/`` (at the training
+step the weights were saved at, the step axis of training's own ``eval/*``), and ``pictures/``: per
+chosen query a ranked list, the last block's head cross-correlation and the mask, plus the head
+cross-correlation averaged over those queries.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
-from typing import Optional, Sequence
+import sys
+from typing import Any, Optional, Sequence
 
-from dpm_dist import dist
-from dpm_dist.cli.common import compose_config
-from dpm_dist.dist import DistEnv
+from dpm_dist.cli.common import absolute_path, check_local_inputs, compose_config, resolve_paths, run_guarded
+
+PROG = "dpm-eval"
+# Taken from the model file's training config unless the command line sets them (the weights fix the model anyway).
+STORED_SECTIONS = ("model", "data", "eval")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="dpm-eval", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
                                      epilog="Remaining arguments are Hydra overrides, e.g. experiment=occluded_duke eval.rerank=true")
-    parser.add_argument("--checkpoint", required=True, help="our model file (.pt) or an official DPM state dict (.pth)")
-    parser.add_argument("--output-dir", help="default: <log.output_dir>/eval")
+    parser.add_argument("--checkpoint", required=True,
+                        help="our model file (.pt), an official DPM state dict (.pth), or a run folder")
+    parser.add_argument("--output-dir", help="default: <checkpoint's folder>/eval/<checkpoint's name>")
     args, overrides = parser.parse_known_args(argv)
-    cfg = compose_config(overrides)
-    env = DistEnv.from_env()
-    dist.init_process_group(env)
-    try:
-        from dpm_dist.eval.run import run_eval
+    return run_guarded(PROG, lambda: evaluate_checkpoint(args.checkpoint, args.output_dir, overrides))
 
-        result = run_eval(cfg, args.checkpoint, env, output_dir=args.output_dir)
+
+def evaluate_checkpoint(checkpoint: str, output_dir: Optional[str], overrides: Sequence[str]) -> int:
+    """Everything a user can get wrong is checked before the process group; then every rank evaluates."""
+    from dpm_dist import dist
+    from dpm_dist.dist import DistEnv
+    from dpm_dist.eval.run import ModelFile, run_eval
+
+    env = DistEnv.from_env()
+    path, note = find_model_file(absolute_path(checkpoint) or checkpoint)
+    if note and env.is_main:
+        print(f"{PROG}: {note}", file=sys.stderr, flush=True)
+    model_file = ModelFile.read(path)
+    cfg, from_file = eval_config(model_file.config, overrides)
+    _check_inputs(cfg, from_file, path)
+    out_dir = absolute_path(output_dir) or default_output_dir(path)
+    step = training_step(path, model_file.meta)
+    dist.init_process_group(env, timeout_s=cfg.engine.collective_timeout_s)
+    try:
+        result = run_eval(cfg, model_file, env, output_dir=out_dir, step=step)
         if env.is_main:
-            print(json.dumps({"metrics": result["metrics"], "output_dir": os.path.abspath(args.output_dir or os.path.join(cfg.log.output_dir, "eval"))}), flush=True)
+            print(json.dumps({"metrics": result["metrics"], "output_dir": out_dir}), flush=True)
+            print(summary_line(result, out_dir), flush=True)
     finally:
         dist.barrier()
         dist.destroy()
     return 0
+
+
+# ---- which file -------------------------------------------------------------------------------------------------
+
+def find_model_file(path: str) -> tuple[str, Optional[str]]:
+    """``(model file, note)``: a file as given; a run folder's model_best.pt, else its model_final.pt.
+
+    Training-state folders (``checkpoints/``, ``checkpoints/epoch_XXXX``) hold DeepSpeed shards, not a model:
+    the error names the file to pass instead.
+    """
+    from dpm_dist.model.files import MODEL_BEST, MODEL_FINAL
+
+    if os.path.isfile(path):
+        return path, None
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--checkpoint: no such file or folder: {path}")
+    found = [name for name in (MODEL_BEST, MODEL_FINAL) if os.path.isfile(os.path.join(path, name))]
+    if found:
+        why = "the best evaluation" if found[0] == MODEL_BEST else "the last epoch"
+        other = f"; pass {os.path.join(path, found[1])} for the other" if len(found) > 1 else ""
+        return os.path.join(path, found[0]), f"{path} is a run folder: evaluating {found[0]} ({why}{other})"
+    run = _run_of_training_state(path)
+    if run is not None:
+        files = [os.path.join(run, n) for n in (MODEL_BEST, MODEL_FINAL) if os.path.isfile(os.path.join(run, n))]
+        advice = (f"pass {' or '.join(files)}" if files else
+                  f"the run {run} has no model file yet (training writes {MODEL_BEST} at its best evaluation "
+                  f"and {MODEL_FINAL} at the end)")
+        raise ValueError(f"--checkpoint {path}: a training-state checkpoint folder (DeepSpeed shards), not a model file; "
+                         f"{advice}")
+    what = "an empty folder" if not os.listdir(path) else "a folder"
+    raise FileNotFoundError(f"--checkpoint {path}: {what} without {MODEL_BEST} or {MODEL_FINAL} (not a run folder); "
+                            f"pass a model file")
+
+
+def _run_of_training_state(path: str) -> Optional[str]:
+    """The run folder above a ``checkpoints/`` folder or one of its ``epoch_XXXX`` folders, else None."""
+    names = set(os.listdir(path))
+    if "meta.json" in names and os.path.basename(path).startswith("epoch_"):
+        return os.path.dirname(os.path.dirname(path))
+    if "latest" in names or any(n.startswith("epoch_") for n in names):
+        return os.path.dirname(path)
+    return None
+
+
+def default_output_dir(model_path: str) -> str:
+    """Next to the checkpoint: ``<folder>/eval/<file name without extension>`` (best and final stay apart)."""
+    return os.path.join(os.path.dirname(model_path), "eval", os.path.splitext(os.path.basename(model_path))[0])
+
+
+def training_step(model_path: str, meta: dict[str, Any]) -> Optional[int]:
+    """The global step the weights were saved at: training logs ``eval/*`` at it, so dpm-eval's scalars line up.
+
+    From ``meta.step`` when the file records it, else from the run's checkpoint of the file's epoch
+    (``checkpoints/epoch_XXXX/meta.json``) or the run's ``results.json`` (final epoch); None if unknown.
+    """
+    from dpm_dist.train.checkpoint import tag_for
+
+    if isinstance(meta.get("step"), int):
+        return int(meta["step"])
+    epoch, run = meta.get("epoch"), os.path.dirname(model_path)
+    if not isinstance(epoch, int):
+        return None
+    for path, key, needs_epoch in ((os.path.join(run, "checkpoints", tag_for(epoch), "meta.json"), "step", "epoch"),
+                                   (os.path.join(run, "results.json"), "steps", "epochs")):
+        try:
+            with open(path) as f:
+                saved = json.load(f)
+        except (OSError, ValueError):
+            continue
+        if saved.get(needs_epoch) == epoch and isinstance(saved.get(key), int):
+            return int(saved[key])
+    return None
+
+
+# ---- which settings ---------------------------------------------------------------------------------------------
+
+def eval_config(stored: dict[str, Any], overrides: Sequence[str]) -> tuple[Any, list[str]]:
+    """The config to evaluate with, and the fields taken from the model file's training config.
+
+    A field the user set is one an override names (``eval.neck_feat=before``, even to its default value)
+    or one the overrides changed from ``train.yaml``'s value (presets such as ``experiment=occluded_duke``).
+    """
+    user = compose_config(overrides)
+    if not stored:
+        return resolve_paths(user), []
+    base = compose_config([])
+    named = _override_keys(overrides)
+    sections, from_file = {}, []
+    for section in STORED_SECTIONS:
+        saved, mine, default = stored.get(section) or {}, getattr(user, section), getattr(base, section)
+        changes = {}
+        for field in dataclasses.fields(mine):
+            key = f"{section}.{field.name}"
+            user_set = any(key == k or key.startswith(k + ".") for k in named) \
+                or getattr(mine, field.name) != getattr(default, field.name)
+            if field.name in saved and not user_set and saved[field.name] != getattr(mine, field.name):
+                changes[field.name] = saved[field.name]
+                from_file.append(key)
+        sections[section] = dataclasses.replace(mine, **changes)
+    return resolve_paths(dataclasses.replace(user, **sections)), from_file
+
+
+def _override_keys(overrides: Sequence[str]) -> set[str]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    return {o.key_or_group for o in OverridesParser.create().parse_overrides(list(overrides))}
+
+
+def _check_inputs(cfg: Any, from_file: list[str], model_path: str) -> None:
+    """The shard folders exist (before any process group); a missing one that came from the model file says so."""
+    data = cfg.data
+    if data.query_urls and data.gallery_urls:  # explicit shard lists: the roots are not read
+        data = dataclasses.replace(data, root=None, eval_root=None)
+    try:
+        check_local_inputs(dataclasses.replace(cfg, data=data, model=dataclasses.replace(cfg.model, pretrained=None)))
+    except FileNotFoundError as err:
+        field = next((k for k in from_file if f"`{k}`" in str(err)), None)
+        if field is None:
+            raise
+        raise FileNotFoundError(f"{err} (the training config stored in {model_path}; override it with "
+                                f"{field}=<folder>)") from None
+
+
+def summary_line(result: dict[str, Any], out_dir: str) -> str:
+    m = result["metrics"]
+    valid = int(m["num_valid_query"])
+    skipped = f", {int(m['num_query']) - valid} without a true match skipped" if valid != int(m["num_query"]) else ""
+    return (f"rank-1 {m['rank1']:.1%}  mAP {m['mAP']:.1%}  mINP {m['mINP']:.1%}  ({int(m['num_query'])} queries{skipped}, "
+            f"{int(m['num_gallery'])} gallery images)   results: {os.path.join(out_dir, 'results.json')}   "
+            f"TensorBoard: tensorboard --logdir {os.path.join(out_dir, 'tb')}")
 
 
 if __name__ == "__main__":

@@ -3,50 +3,130 @@
     dpm-train                                   # the CPU demo (experiment=tiny on the synthetic shards)
     dpm-train experiment=occluded_duke engine=zero1_fp16 model.pretrained=/path/jx_vit_base_p16_224-80ecf9dd.pth
     torchrun --nproc-per-node 8 -m dpm_dist.cli.train experiment=occluded_duke
-    deepspeed --hostfile launch/hostfile --module dpm_dist.cli.train experiment=occluded_duke
+    deepspeed --hostfile hostfile --no_local_rank --module dpm_dist.cli.train experiment=occluded_duke
 
-Re-running the same command resumes from ``<log.output_dir>/checkpoints/latest``.
+Re-running the same command resumes from ``<log.output_dir>/checkpoints/latest`` (with the checkpoint's
+configuration: docs/training.md, "Resuming").
 """
 
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+import sys
+from typing import Any, Optional
 
-from dpm_dist.cli.common import CONFIG_NAME, CONFIG_PATH, check_local_inputs, resolve_paths, run_guarded
+from dpm_dist.cli.common import (CONFIG_MODULE, CONFIG_NAME, CONFIG_PATH, check_local_inputs, insert_override, resolve_paths,
+                                 run_guarded)
 
 PROG = "dpm-train"
+GROUPS = ("experiment", "model", "engine")  # the config groups dpm-train uses (tune/ is dpm-tune's)
+HELP = """dpm-train: train DPM (occluded person ReID), on one process or under any launcher (torchrun, deepspeed,
+Slurm); re-running the same command resumes the run in log.output_dir.
+
+Usage: dpm-train [experiment=PRESET] [engine=PRESET] [model=PRESET] [section.field=value ...]
+       torchrun --nproc-per-node N -m dpm_dist.cli.train [the same arguments]
+
+== Configuration groups ==
+Compose your configuration from those groups (group=option)
+
+{groups}
+
+== Config ==
+Override anything in the config (section.field=value); log.level=info shows the libraries' own output.
+
+$CONFIG
+
+--cfg job prints the composed config; --config-dir DIR adds presets of your own; --hydra-help: Hydra's flags.
+"""
 
 
-def run_training(cfg_node: Any) -> dict[str, float]:
+def _help_config() -> dict[str, str]:
+    """Hydra's help (``hydra/help=dpm_train``) listing only :data:`GROUPS` of the shipped presets."""
+    from importlib.resources import files
+
+    root = files(CONFIG_MODULE)
+    lines = [f"{group}: " + ", ".join(sorted(p.name[:-5] for p in root.joinpath(group).iterdir() if p.name.endswith(".yaml")))
+             for group in GROUPS]
+    return {"app_name": PROG, "header": "", "footer": "", "template": HELP.format(groups="\n".join(lines))}
+
+
+def interrupted_hint(cfg: Any) -> str:
+    """What Ctrl-C leaves behind and how to go on (rank 0 only: one line per run, not per rank)."""
+    from dpm_dist.dist import DistEnv
+    from dpm_dist.train.checkpoint import latest_meta
+
+    if cfg is None:
+        return "nothing was saved"
+    if not DistEnv.from_env().is_main:
+        return ""
+    ckpts = os.path.join(cfg.log.output_dir, "checkpoints")
+    meta = latest_meta(ckpts)
+    if meta is None:
+        return f"no checkpoint was saved in {ckpts}; re-running the same command starts the run over"
+    return (f"the latest checkpoint is {meta['tag']} (epoch {meta['epoch']} of {cfg.optim.epochs}) in {ckpts}; "
+            "re-run the same command to resume from it")
+
+
+def print_end(cfg: Any, results: dict[str, float]) -> None:
+    """The closing block: the metrics, then where everything was written."""
+    from dpm_dist.train.checkpoint import latest_meta
+
+    out, tb = cfg.log.output_dir, os.path.join(cfg.log.output_dir, "tb")
+    print(json.dumps({"results": results, "tensorboard": tb}), flush=True)
+    if results:
+        print(f"rank-1 {results['rank1']:.1%}  mAP {results['mAP']:.1%}  mINP {results.get('mINP', float('nan')):.1%}  "
+              f"({int(results['num_query'])} queries, {int(results['num_gallery'])} gallery images)", flush=True)
+    summary = os.path.join(out, "results.json")
+    skipped = 0
+    if os.path.isfile(summary):
+        with open(summary) as f:
+            skipped = json.load(f).get("num_skipped_corrupt", 0)
+    if skipped:
+        print(f"skipped {skipped} corrupt training samples (data.skip_corrupt=true; each is named in the log above)", flush=True)
+    written = [f for f in ("model_final.pt", "model_best.pt", "results.json", "config.yaml") if os.path.isfile(os.path.join(out, f))]
+    meta = latest_meta(os.path.join(out, "checkpoints"))
+    if meta:
+        written.append(f"checkpoints/ (latest {meta['tag']})")
+    print(f"written to {out}: {', '.join(written)}", flush=True)
+    if os.path.isdir(tb):
+        print(f"TensorBoard: tensorboard --logdir {tb}", flush=True)
+
+
+def run_training(cfg_node: Any, state: dict[str, Any]) -> dict[str, float]:
     """Validate the composed config, join the process group, train, and return the final metrics."""
     from dpm_dist.config import to_config
-    from dpm_dist.dist import DistEnv, init_process_group
-    from dpm_dist.train.loop import train
+    from dpm_dist.dist import DistEnv, init_process_group, peer_failures
+    from dpm_dist.loggers import configure_library_output
 
     cfg = resolve_paths(to_config(cfg_node))
+    configure_library_output(cfg.log.level)  # before deepspeed is imported
     check_local_inputs(cfg)  # before any process group or model
+    state["cfg"] = cfg
+    from dpm_dist.train.loop import train
+
     env = DistEnv.from_env()
-    init_process_group(env)
-    results = train(cfg, env)
+    init_process_group(env, timeout_s=cfg.engine.collective_timeout_s)
+    with peer_failures(env, cfg.engine.collective_timeout_s):  # a lost node: one line naming it, not a traceback
+        results = train(cfg, env)
     if env.is_main:
-        tb = os.path.join(cfg.log.output_dir, "tb")
-        print(json.dumps({"results": results, "tensorboard": tb}), flush=True)
-        if results:
-            print(f"rank-1 {results['rank1']:.1%}  mAP {results['mAP']:.1%}  ({int(results['num_query'])} queries, "
-                  f"{int(results['num_gallery'])} gallery images)   TensorBoard: tensorboard --logdir {tb}", flush=True)
+        print_end(cfg, results)
     return results
 
 
 def main() -> None:
     import hydra
+    from hydra.core.config_store import ConfigStore
 
     from dpm_dist.config import register_configs
 
     register_configs()
+    ConfigStore.instance().store(group="hydra/help", name="dpm_train", node=_help_config(), provider="dpm_dist")
+    sys.argv[1:] = insert_override(sys.argv[1:], "hydra/help=dpm_train")
+    state: dict[str, Optional[Any]] = {"cfg": None}
+
     def task(cfg_node: Any) -> None:
-        run_guarded(PROG, lambda: run_training(cfg_node))
+        run_guarded(PROG, lambda: run_training(cfg_node, state), on_interrupt=lambda: interrupted_hint(state["cfg"]))
 
     hydra.main(config_path=CONFIG_PATH, config_name=CONFIG_NAME, version_base="1.3")(task)()
 

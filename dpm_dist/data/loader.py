@@ -117,7 +117,11 @@ def _count_corrupt(exc: Exception, where: Optional[Tuple[str, str]] = None) -> N
 
 
 def _collate_train(items: List[Dict[str, Any]]) -> Dict[str, Any]:
-    """Stack a P×K batch; a skipped corrupt image (exact mode) is replaced by another image of its identity."""
+    """Stack a P×K batch; a skipped corrupt image (exact mode) is replaced by another image of its identity.
+
+    ``num_skipped`` counts the corrupt samples skipped to make this batch (the loop adds them up: the
+    workers' own counters never reach the main process)."""
+    num_skipped = sum(item["image"] is None for item in items)
     for i, item in enumerate(items):
         if item["image"] is None:
             donors = [d for d in items if d["label"] == item["label"] and d["image"] is not None]
@@ -127,7 +131,7 @@ def _collate_train(items: List[Dict[str, Any]]) -> Dict[str, Any]:
     return {"images": torch.stack([it["image"] for it in items]),
             "pids": torch.tensor([it["label"] for it in items], dtype=torch.long),
             "camids": torch.tensor([it["camid"] for it in items], dtype=torch.long),
-            "keys": [it["key"] for it in items]}
+            "keys": [it["key"] for it in items], "num_skipped": num_skipped}
 
 
 # ---- stream mode
@@ -173,9 +177,14 @@ def _expand(sources: Iterable[Dict[str, Any]], opts: IOOptions, skip_corrupt: bo
 def _augment_batches(batches: Iterable[List[Dict[str, Any]]], cfg: DataConfig, seed: int) -> Iterator[Dict[str, Any]]:
     info = get_worker_info()
     worker = info.id if info is not None else 0
+    seen = _NUM_CORRUPT[0]
     for number, batch in enumerate(batches):
+        dropped = _NUM_CORRUPT[0] - seen  # skipped by _expand while this batch was being formed
         gen = torch.Generator().manual_seed(stream_seed(seed, worker, number))
-        yield _collate_train([_train_item(s["jpg"], s["meta"], s["key"], s["url"], gen, cfg) for s in batch])
+        out = _collate_train([_train_item(s["jpg"], s["meta"], s["key"], s["url"], gen, cfg) for s in batch])
+        out["num_skipped"] += dropped
+        seen = _NUM_CORRUPT[0]
+        yield out
 
 
 class _Epoch:
@@ -209,7 +218,7 @@ def _stream_loader(cfg: DataConfig, env: DistEnv, shards: List[Shard], seed: int
                                    num_distinct=lambda: num_samples - len(_CORRUPT_KEYS)),
         lambda batches: _augment_batches(batches, cfg, seed),
     )
-    loader = DataLoader(pipeline, batch_size=None, num_workers=cfg.num_workers,
+    loader = DataLoader(pipeline, batch_size=None, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
                         persistent_workers=False, prefetch_factor=2 if cfg.num_workers else None)
     return _Epoch(loader, n)
 
@@ -297,7 +306,7 @@ def _exact_loader(cfg: DataConfig, env: DistEnv, shards: List[Shard], seed: int,
                          f"batch for each of {env.world_size} ranks; lower data.num_ids or the world size")
     seeded = [[(i, stream_seed(shared, env.rank, b, j)) for j, i in enumerate(batch)] for b, batch in enumerate(batches)]
     return DataLoader(_IndexedTrain(index, cfg), batch_sampler=seeded, num_workers=cfg.num_workers,
-                      collate_fn=_collate_train)
+                      collate_fn=_collate_train, pin_memory=cfg.pin_memory)
 
 
 def build_train_loader(cfg: DataConfig, env: DistEnv, *, epoch: int, seed: int) -> Iterable[Dict[str, Any]]:
@@ -374,4 +383,4 @@ def build_eval_loader(cfg: DataConfig, env: DistEnv, role: str) -> Iterable[Dict
     if not mine:
         return []
     workers = min(cfg.num_workers, len(mine))
-    return DataLoader(_EvalStream(mine, cfg), batch_size=None, num_workers=workers)
+    return DataLoader(_EvalStream(mine, cfg), batch_size=None, num_workers=workers, pin_memory=cfg.pin_memory)

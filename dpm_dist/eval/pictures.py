@@ -23,6 +23,11 @@ PIXEL_MEAN = PIXEL_STD = 0.5  # dpm_dist.data.transforms.to_normalised (the offi
 MATCH, NON_MATCH = "#1a9850", "#d73027"
 
 
+def camera_label(camid: int) -> str:
+    """``c3`` for camera 3: shards hold 0-based camids (``0007_c3s1_...`` -> 2); show the file name's 1-based id."""
+    return f"c{int(camid) + 1}"
+
+
 def to_display(image: torch.Tensor) -> torch.Tensor:
     """(3, H, W) normalised image -> (H, W, 3) in [0, 1]."""
     return (image.detach().float().cpu() * PIXEL_STD + PIXEL_MEAN).clamp(0, 1).permute(1, 2, 0)
@@ -100,6 +105,8 @@ def save_mask_plot(path: str, mask: torch.Tensor, *, title: str) -> str:
 
 def _save(fig, path: str) -> str:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    # tight_layout alone let a two-line caption at the figure's edge run off the canvas; a tight bounding box
+    # grows the canvas to hold every title.
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.06)
     plt.close(fig)
     return path

@@ -21,10 +21,26 @@ from dpm_dist.config import DPMConfig, ModelConfig
 from dpm_dist.dist import DistEnv
 
 
-def _checkpoint_meta(path: str) -> dict[str, Any]:
-    obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    meta = obj.get("meta") if isinstance(obj, dict) else None
-    return dict(meta) if isinstance(meta, dict) else {}
+@dataclasses.dataclass(frozen=True)
+class ModelFile:
+    """A model file read once: its path, the DPM state dict in our naming, and its ``meta`` ({} if none)."""
+
+    path: str
+    state: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+    @classmethod
+    def read(cls, path: str) -> "ModelFile":
+        from dpm_dist.model.weights import read_dpm_file
+
+        state, meta = read_dpm_file(path)
+        return cls(os.path.abspath(path), state, meta)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The resolved training config our model files carry (``meta.config``), else {}."""
+        saved = self.meta.get("config")
+        return saved if isinstance(saved, dict) else {}
 
 
 def model_config_for(cfg: DPMConfig, meta: dict[str, Any]) -> ModelConfig:
@@ -38,18 +54,17 @@ def model_config_for(cfg: DPMConfig, meta: dict[str, Any]) -> ModelConfig:
     return dataclasses.replace(cfg.model, **known)
 
 
-def load_model(path: str, cfg: DPMConfig) -> tuple[torch.nn.Module, ModelConfig, dict[str, Any]]:
-    """Build the DPM model for ``path`` (our export or an official state dict) and load it strictly."""
+def load_model(source: "ModelFile | str", cfg: DPMConfig) -> tuple[torch.nn.Module, ModelConfig, dict[str, Any]]:
+    """Build the DPM model for ``source`` (our export or an official state dict) and load it strictly."""
     from dpm_dist.model.dpm import build_model
-    from dpm_dist.model.weights import describe_state_dict, load_state_dict_checked, read_dpm_state_dict
+    from dpm_dist.model.weights import describe_state_dict, load_state_dict_checked
 
-    meta = _checkpoint_meta(path)
-    state = read_dpm_state_dict(path)
-    facts = describe_state_dict(state)
-    model_cfg = model_config_for(cfg, meta)
+    file = source if isinstance(source, ModelFile) else ModelFile.read(source)
+    facts = describe_state_dict(file.state)
+    model_cfg = model_config_for(cfg, file.meta)
     model = build_model(model_cfg, num_classes=facts["num_classes"], num_cams=facts["num_cams"])
-    load_state_dict_checked(model, state, source=path)
-    return model, model_cfg, meta
+    load_state_dict_checked(model, file.state, source=file.path)
+    return model, model_cfg, file.meta
 
 
 def _safe(name: str) -> str:
@@ -92,8 +107,9 @@ def write_pictures(out_dir: str, model: torch.nn.Module, query, gallery, metrics
         written.append(pictures.save_ranked_list(
             os.path.join(folder, f"ranked_{name}.png"), images[("query", query.keys[i])],
             [images[("gallery", gallery.keys[j])] for j in top], [bool(gallery.pids[j] == query.pids[i]) for j in top],
-            query_title=f"query pid {int(query.pids[i])} cam {int(query.camids[i])}\nAP {float(metrics.ap[i]):.3f}",
-            gallery_titles=[f"{s}\npid {int(gallery.pids[j])} c{int(gallery.camids[j])}" for s, j in zip(shown, top)]))
+            query_title=f"query\npid {int(query.pids[i])} {pictures.camera_label(query.camids[i])}\nAP {float(metrics.ap[i]):.3f}",
+            gallery_titles=[f"{s}\npid {int(gallery.pids[j])} {pictures.camera_label(gallery.camids[j])}"
+                            for s, j in zip(shown, top)]))
         written.append(pictures.save_head_correlation(os.path.join(folder, f"head_correlation_{name}.png"), corr[n],
                                                        title=f"last block, query {query.keys[i][:32]}"))
         written.append(pictures.save_mask_plot(os.path.join(folder, f"mask_{name}.png"), query.masks[i],
@@ -103,39 +119,60 @@ def write_pictures(out_dir: str, model: torch.nn.Module, query, gallery, metrics
     return written
 
 
-def run_eval(cfg: DPMConfig, checkpoint: str, env: DistEnv, *, output_dir: Optional[str] = None) -> dict[str, Any]:
-    """Evaluate ``checkpoint`` on every rank; rank 0 writes results.json, TensorBoard scalars and pictures."""
+COUNTS = ("num_query", "num_gallery", "num_valid_query")  # in results.json and the summary, not TensorBoard scalars
+
+
+def run_eval(cfg: DPMConfig, model_file: ModelFile, env: DistEnv, *, output_dir: str,
+             step: Optional[int] = None) -> dict[str, Any]:
+    """Evaluate ``model_file`` on every rank; rank 0 writes results.json, TensorBoard and pictures.
+
+    ``step`` is the training step the weights were saved at (training logs ``eval/*`` at its global step);
+    the TensorBoard summaries use it, or 0 when it is unknown.
+    """
     from dpm_dist.eval.evaluator import evaluate_embeddings, extract_and_gather
 
     device = dist.device_for(env)
-    out_dir = output_dir or os.path.join(cfg.log.output_dir, "eval")
-    model, model_cfg, meta = load_model(checkpoint, cfg)
+    model, model_cfg, meta = load_model(model_file, cfg)
     cfg = dataclasses.replace(cfg, model=model_cfg, data=dataclasses.replace(cfg.data, img_size=list(model_cfg.img_size)))
     model.to(device)
     start = time.perf_counter()
-    query, gallery = extract_and_gather(model, cfg.data, env, device=device, neck_feat=cfg.eval.neck_feat)
+    query, gallery = extract_and_gather(model, cfg.data, env, device=device, neck_feat=cfg.eval.neck_feat,
+                                        shard_gallery=cfg.eval.shard_gallery)
     extracted = time.perf_counter()
     metrics = evaluate_embeddings(query, gallery, cfg.eval, env)
     scored = time.perf_counter()
-    written = write_pictures(out_dir, model, query, gallery, metrics, cfg, env, device=device) if cfg.eval.num_pictures else []
+    from dpm_dist.eval.topk import picture_gallery, write_topk  # issue 14: top-k file; a shard's pictured items
+
+    topk_file = write_topk(output_dir, query, gallery, cfg.eval, env)
+    gallery = picture_gallery(query, gallery, metrics, cfg.eval, env)
+    written = write_pictures(output_dir, model, query, gallery, metrics, cfg, env, device=device) if cfg.eval.num_pictures else []
     result = {
-        "checkpoint": os.path.abspath(checkpoint),
+        "checkpoint": model_file.path,
         "metrics": metrics.as_dict(),
         "cmc": metrics.cmc.tolist(),
         "world_size": env.world_size,
         "seconds": {"extract_and_gather": extracted - start, "retrieval": scored - extracted},
         "eval": dataclasses.asdict(cfg.eval),
         "data_root": cfg.data.eval_root or cfg.data.root,
-        "pictures": [os.path.relpath(p, out_dir) for p in written],
+        "epoch": meta.get("epoch"),
+        "step": step,
+        "pictures": [os.path.relpath(p, output_dir) for p in written],
+        "topk_file": os.path.relpath(topk_file, output_dir) if topk_file else None,
     }
     if env.is_main:
-        from dpm_dist.loggers import TensorBoardLogger
-
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "results.json"), "w") as f:
+        os.makedirs(output_dir, exist_ok=True)
+        with open(os.path.join(output_dir, "results.json"), "w") as f:
             json.dump(result, f, indent=2)
         if cfg.log.tensorboard:
-            logger = TensorBoardLogger(os.path.join(out_dir, "tb"))
-            logger.log({f"eval/{k}": v for k, v in metrics.as_dict().items()}, int(meta.get("epoch", 0)))
-            logger.close()
+            _write_tensorboard(os.path.join(output_dir, "tb"), result["metrics"], written, step or 0)
     return result
+
+
+def _write_tensorboard(log_dir: str, metrics: dict[str, float], pictures: list[str], step: int) -> None:
+    from dpm_dist.loggers import TensorBoardLogger
+
+    logger = TensorBoardLogger(log_dir)
+    logger.log({f"eval/{k}": v for k, v in metrics.items() if k not in COUNTS}, step)
+    for path in pictures:
+        logger.log_image(f"pictures/{os.path.splitext(os.path.basename(path))[0]}", path, step)
+    logger.close()

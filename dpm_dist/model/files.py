@@ -1,7 +1,9 @@
 """Our model files: ``{"model": fp32 state dict, "meta": {...}}``, written atomically.
 
 ``meta`` carries what a reader needs without the training run: the epoch, the final metrics and the
-resolved configuration of training, or the converter's facts for an official checkpoint.
+resolved configuration of training, or the converter's facts for an official checkpoint. Training
+writes ``model_best.pt`` (at its best evaluation) and ``model_final.pt`` (at the end) into the run folder;
+:func:`dpm_dist.model.weights.read_dpm_file` reads them back with errors that name the file.
 """
 
 from __future__ import annotations
@@ -10,6 +12,9 @@ import os
 import tempfile
 
 import torch
+
+
+MODEL_BEST, MODEL_FINAL = "model_best.pt", "model_final.pt"  # in a run folder, in the order dpm-eval prefers them
 
 
 def save_model_file(model: torch.nn.Module, dst: str, meta: dict) -> None:

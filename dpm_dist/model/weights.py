@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import re
+import zipfile
 from typing import Any, Mapping, Optional
 
 import torch
@@ -41,18 +43,65 @@ _OFFICIAL_RULES: tuple[tuple[str, Optional[str]], ...] = (
 )
 
 
-def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+_LEGACY_MAGIC = bytes.fromhex("80028a0a6cfc9c46f9206aa85019")  # pickled magic number of pre-zip torch.save files
+_DPM_KEYS = ("backbone.pos_embed", "backbone.patch_embed.proj.weight", "classifier.weight", "mask_gen.layers.0.0.weight")
+
+
+def load_torch_file(path: str) -> Any:
+    """``torch.load(weights_only=True)`` whose failures name the file and what it is not.
+
+    torch's own messages mislead here: garbage bytes give an IndexError or advice about mmap, and a
+    file holding Python objects suggests ``weights_only=False`` (which runs arbitrary code).
+    """
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path}: is a folder, not a weights file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.endswith(".npz"):
         raise ValueError(f"{path}: Google .npz checkpoints are not supported; use the PyTorch jx_vit_base_p16_224 file or a timm state dict")
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    with open(path, "rb") as f:
+        head = f.read(len(_LEGACY_MAGIC))
+    size = os.path.getsize(path)
+    is_zip = head.startswith(b"PK\x03\x04")
+    if is_zip and not zipfile.is_zipfile(path):
+        raise ValueError(f"{path}: truncated or damaged torch file (a zip archive without its directory, {size} bytes; "
+                         f"was the copy complete?)")
+    if not is_zip and not head.startswith(_LEGACY_MAGIC):
+        what = "an empty file" if size == 0 else f"starts with bytes {head[:8].hex(' ')}"
+        raise ValueError(f"{path}: not a torch file ({what}; torch.save writes a zip archive)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+) was not an allowed global", str(err.__context__ or err))
+        if found:
+            raise ValueError(f"{path}: not a state dict: the torch file holds a pickled Python object ({found.group(1)}); "
+                             f"re-save its tensors with torch.save(model.state_dict(), ...)") from None
+        raise ValueError(f"{path}: damaged torch file (its pickle does not load)") from None
+    except (RuntimeError, EOFError) as err:
+        reason = re.sub(r"^\[enforce fail at [^\]]*\][ .]*", "", str(err).splitlines()[0])[:120]  # drop the C++ source location
+        kind = "truncated or damaged torch file" if head.startswith(_LEGACY_MAGIC) else "a zip archive but not a torch file"
+        raise ValueError(f"{path}: {kind} ({reason})") from None
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    return _unwrap_state_dict(load_torch_file(path), path)
+
+
+def _unwrap_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
     for wrapper in ("model", "state_dict", "module"):
         if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
             obj = obj[wrapper]
-    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"{path}: expected a state dict of tensors")
+    if not isinstance(obj, Mapping):
+        raise ValueError(f"{path}: not a state dict: the torch file holds a {type(obj).__name__}, not a dict of tensors")
+    bad = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
+    if bad is not None:
+        raise ValueError(f"{path}: not a state dict of tensors: key {bad!r} holds a {type(obj[bad]).__name__} "
+                         f"(keys: {_some(list(obj))})")
     return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+
+
+def _some(keys: list[str], n: int = 4) -> str:
+    return ", ".join(repr(k) for k in keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
 def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], old_grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
@@ -135,10 +184,27 @@ def convert_official_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, 
     return out
 
 
+def read_dpm_file(path: str) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """``(state dict in our naming, meta)`` of our model file, a DeepSpeed fp32 export or an official file.
+
+    ``meta`` is our model files' ``meta`` (epoch, results, resolved config; the converter's facts), else {}.
+    """
+    obj = load_torch_file(path)
+    meta = obj.get("meta") if isinstance(obj, Mapping) else None
+    state = _unwrap_state_dict(obj, path)
+    if is_official_state_dict(state):
+        state = convert_official_state_dict(state)
+    missing = [k for k in _DPM_KEYS if k not in state]
+    if missing:
+        if "pos_embed" in state and "blocks.0.attn.qkv.weight" in state:
+            raise ValueError(f"{path}: an ImageNet ViT state dict, not a DPM model (it is what model.pretrained takes)")
+        raise ValueError(f"{path}: not a DPM state dict: no {missing[0]!r} key (keys: {_some(list(state))})")
+    return state, dict(meta) if isinstance(meta, Mapping) else {}
+
+
 def read_dpm_state_dict(path: str) -> dict[str, torch.Tensor]:
     """A DPM state dict in our naming from our export, a DeepSpeed fp32 export or an official file."""
-    state = read_state_dict(path)
-    return convert_official_state_dict(state) if is_official_state_dict(state) else state
+    return read_dpm_file(path)[0]
 
 
 def load_dpm_checkpoint(model: nn.Module, path: str) -> None:

@@ -107,6 +107,70 @@ def latest_meta(root: str) -> Optional[dict[str, Any]]:
         return json.load(f)
 
 
+# ---- resuming with the configuration of the checkpoint ------------------------------------------------------
+
+# The one allow-list: config fields (dotted keys; a section covers its fields) that may differ between a
+# checkpoint and the run resuming it. The length of the run, where the data lives and how it is read,
+# execution knobs that keep the update, evaluation, logging and the search. Anything else changes what
+# the weights were trained with, and needs `log.allow_config_change=[field, ...]` (recorded in the run).
+RESUME_MAY_CHANGE = (
+    "name", "optim.epochs", "optim.fused",
+    "data.root", "data.eval_root", "data.train_urls", "data.query_urls", "data.gallery_urls", "data.cache_dir",
+    "data.s3_endpoint", "data.num_workers", "data.pin_memory", "data.eval_batch_size", "data.verify_sha",
+    "data.skip_corrupt", "data.io_retries", "data.io_backoff_s", "data.io_timeout_s",
+    "engine.deterministic", "engine.compile", "engine.compile_backend", "engine.collective_timeout_s", "engine.collective_timeout_s",
+    "eval", "log", "search",
+)
+_ABSENT = "(absent)"
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _covered(key: str, fields: Any) -> bool:
+    return any(key == f or key.startswith(f + ".") for f in fields)
+
+
+def _schema_defaults() -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    from dpm_dist.config import DPMConfig
+
+    return flatten(OmegaConf.to_container(OmegaConf.structured(DPMConfig), resolve=True))
+
+
+def config_changes(saved: dict[str, Any], current: dict[str, Any], allow: Any = ()) -> dict[str, list[Any]]:
+    """The fields in which ``current`` differs from the checkpoint's ``saved`` config: ``{key: [old, new]}``.
+
+    A field the checkpoint predates counts as unchanged at its default (new options default to the old
+    behaviour). Raises ``ValueError`` listing every difference outside :data:`RESUME_MAY_CHANGE` and
+    ``allow`` (``log.allow_config_change``), with both values and how to proceed.
+    """
+    old, new, defaults = flatten(saved), flatten(current), _schema_defaults()
+    old.update({k: v for k, v in new.items() if k not in old and k in defaults and defaults[k] == v})
+    unknown = [f for f in allow if not any(_covered(k, [f]) for k in new)]
+    if unknown:
+        raise ValueError(f"config field `log.allow_config_change`: not a config field: {', '.join(map(repr, unknown))} "
+                         "(expected dotted keys such as loss.alpha)")
+    diff = {k: [old.get(k, _ABSENT), new.get(k, _ABSENT)] for k in sorted(set(old) | set(new))
+            if old.get(k, _ABSENT) != new.get(k, _ABSENT)}
+    refused = [k for k in diff if not _covered(k, RESUME_MAY_CHANGE) and not _covered(k, allow)]
+    if refused:
+        listed = "; ".join(f"{k}: {diff[k][0]!r} in the checkpoint, {diff[k][1]!r} now" for k in refused)
+        raise ValueError(f"log.output_dir {current['log']['output_dir']} holds a run trained with another configuration "
+                         f"({listed}); use a new log.output_dir for a new run, or resume with exactly this change "
+                         f"recorded: log.allow_config_change=[{','.join(refused)}]")
+    return {k: v for k, v in diff.items() if not _covered(k, ("log",))}
+
+
 def resume(engine: Any, root: str, env: DistEnv) -> Optional[dict[str, Any]]:
     """Load the newest complete checkpoint into ``engine``; returns its meta or None. Collective.
 

@@ -1,4 +1,6 @@
-"""The training loop: build → resume → for each epoch: steps, then evaluate and save. Read it top to bottom.
+"""The training loop: check the checkpoint's config → build → resume → for each epoch: steps, then evaluate and
+save. Read it top to bottom. A finished run is left untouched; a resume with another configuration is refused
+unless ``log.allow_config_change`` names the fields, and then recorded (``config_changes``) in what the run writes.
 
 ``train(cfg, env, report)`` is what ``dpm-train`` (any launcher) and the Ray Tune trainable call.
 Every rank runs every line; only the loggers and file writes are rank-0 gated.
@@ -35,14 +37,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def build_engine(cfg: DPMConfig, env: DistEnv):
+def check_dataset(cfg: DPMConfig, manifest: dict[str, Any]) -> None:
+    """``data.dataset`` must name the layout the training shards were written with (``generic`` takes any)."""
+    written = manifest.get("dataset")
+    if cfg.data.dataset != "generic" and written and written != cfg.data.dataset:
+        where = cfg.data.root or "data.train_urls"
+        raise ValueError(f"config field `data.dataset`: {cfg.data.dataset!r}, but the shards in {where} were written as "
+                         f"{written!r} (index.json); set data.dataset={written}, or data.dataset=generic for any shards")
+
+
+def build_engine(cfg: DPMConfig, env: DistEnv, manifest: dict[str, Any]):
     """Model (+ ImageNet weights) wrapped in the two DeepSpeed engines."""
-    from dpm_dist.data.loader import load_manifest
     from dpm_dist.model.dpm import build_model
     from dpm_dist.model.weights import load_imagenet_vit
     from dpm_dist.train.engine import DPMEngine
 
-    manifest = load_manifest(cfg.data)
     seed_everything(cfg.engine.seed)  # identical initial weights on every rank
     model = build_model(cfg.model, num_classes=manifest["num_train_ids"], num_cams=manifest["num_cams"])
     if cfg.model.pretrained:
@@ -50,11 +59,11 @@ def build_engine(cfg: DPMConfig, env: DistEnv):
     return DPMEngine(model, cfg, env)
 
 
-def _progress_bar(cfg: DPMConfig, env: DistEnv):
+def _progress_bar(cfg: DPMConfig, env: DistEnv, total: int):
     """A tqdm bar with ETA on rank 0 (``log.progress``); a disabled, silent one elsewhere."""
     from tqdm import tqdm
 
-    return tqdm(total=0, disable=not (env.is_main and cfg.log.progress), unit="it", file=sys.stderr,
+    return tqdm(total=total, disable=not (env.is_main and cfg.log.progress and total), unit="it", file=sys.stderr,
                 mininterval=2.0, dynamic_ncols=True)
 
 
@@ -67,79 +76,180 @@ def _eval_due(cfg: DPMConfig, epoch: int) -> bool:
     return epoch % cfg.eval.period == 0 or epoch == cfg.optim.epochs
 
 
+def _is_count(key: str) -> bool:
+    """``num_query``, ``num_gallery``...: sizes of the evaluation, not metrics (no scalars, no hparam metrics)."""
+    return key.startswith("num_")
+
+
+def resume_plan(cfg: DPMConfig, resolved: dict[str, Any], saved: Optional[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The run's record of configuration changes, extended by this resume's; raises ``ValueError`` when the
+    checkpoint was trained with another configuration (:func:`checkpoint.config_changes`) or past ``optim.epochs``."""
+    if saved is None:
+        return []
+    changes = checkpoint.config_changes(saved.get("config", {}), resolved, cfg.log.allow_config_change)
+    if saved["epoch"] > cfg.optim.epochs:
+        raise ValueError(f"config field `optim.epochs`: {cfg.optim.epochs}, but {cfg.log.output_dir} already holds "
+                         f"{saved['tag']} (epoch {saved['epoch']}); set optim.epochs >= {saved['epoch']} or use a new log.output_dir")
+    history = list(saved.get("config_changes", []))
+    return history + [{"after_epoch": saved["epoch"], "changes": changes}] if changes else history
+
+
+def is_finished(cfg: DPMConfig, saved: Optional[dict[str, Any]]) -> bool:
+    """The last epoch is checkpointed and the run's files were written: re-running changes nothing."""
+    return bool(saved) and saved["epoch"] == cfg.optim.epochs and os.path.isfile(os.path.join(cfg.log.output_dir, "results.json"))
+
+
+def write_config(out_dir: str, resolved: dict[str, Any], history: list[dict[str, Any]]) -> None:
+    """``config.yaml``: the resolved config, headed by the changes made on resume, if any."""
+    lines = [f"# from epoch {h['after_epoch'] + 1}: {k} {old!r} -> {new!r}" for h in history for k, (old, new) in h["changes"].items()]
+    head = "# This run's configuration changed when it was resumed (values below are the latest):\n" + "\n".join(lines) + "\n" if lines else ""
+    with open(os.path.join(out_dir, "config.yaml"), "w") as f:
+        f.write(head + OmegaConf.to_yaml(OmegaConf.create(resolved)))
+
+
+_HPARAMS = {"alpha": "loss.alpha", "beta": "loss.beta", "margin": "loss.margin", "scale": "loss.scale", "lr": "optim.base_lr",
+            "update_mode": "engine.update_mode"}
+
+
+def hparams_of(cfg: DPMConfig, resolved: dict[str, Any], history: list[dict[str, Any]], world_size: int) -> dict[str, Any]:
+    """TensorBoard hparams; a value changed on resume reads as its history (``"0.5 -> 0.3 @ epoch 4"``)."""
+    flat = checkpoint.flatten(resolved)
+    out: dict[str, Any] = {"world_size": world_size}
+    for name, key in _HPARAMS.items():
+        steps = [(h["after_epoch"] + 1, h["changes"][key]) for h in history if key in h["changes"]]
+        out[name] = flat[key] if not steps else f"{steps[0][1][0]} -> " + " -> ".join(f"{new} @ epoch {e}" for e, (_, new) in steps)
+    return out
+
+
+def print_summary(cfg: DPMConfig, env: DistEnv, manifest: dict[str, Any], steps: int, meta: Optional[dict[str, Any]]) -> None:
+    """The start-up block on rank 0: data, batch, schedule, engine, output folder, fresh or resumed."""
+    if not env.is_main:
+        return
+    d, e, train_split = cfg.data, cfg.engine, manifest["splits"]["train"]
+    source = d.root or f"{len(d.train_urls)} shard URLs"
+    start = "new run" if not meta else (f"resumed from {meta['tag']} (epoch {meta['epoch']}, step {meta['step']}, "
+                                        f"world size {meta['world_size']})")
+    lines = [f"dpm-train {cfg.name}",
+             f"  data      {d.dataset}: {source} ({train_split['num_samples']} images, {manifest['num_train_ids']} identities, "
+             f"{manifest['num_cams']} cameras; sampler {d.sampler})",
+             f"  batch     {d.num_ids} ids x {d.num_instances} images x {env.world_size} rank{'s' if env.distributed else ''} = "
+             f"{d.batch_size * env.world_size} images per step",
+             f"  schedule  {cfg.optim.epochs} epochs x {steps} steps, evaluated every {cfg.eval.period} epochs and at the end",
+             f"  engine    {e.precision}, ZeRO-{e.zero_stage}, update mode {e.update_mode}",
+             f"  output    {cfg.log.output_dir}",
+             f"  start     {start}"]
+    print("\n".join(lines), flush=True)
+
+
+def _file_meta(epoch: int, step: int, results: dict[str, float], resolved: dict[str, Any],
+               history: list[dict[str, Any]]) -> dict[str, Any]:
+    meta = {"epoch": epoch, "step": step, "results": results, "config": resolved}
+    return dict(meta, config_changes=history) if history else meta
+
+
 def train(cfg: DPMConfig, env: DistEnv, report: Optional[Reporter] = None) -> dict[str, float]:
     """Train (or resume) the run in ``cfg.log.output_dir``; returns the last evaluation's metrics."""
-    from dpm_dist.model.files import save_model_file
-    from dpm_dist.eval.evaluator import evaluate
-    from dpm_dist.data.loader import build_train_loader
-    from dpm_dist.loggers import build_logger
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
-    if cfg.engine.deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+    from dpm_dist.data.loader import load_manifest
+
     out_dir, ckpt_root = cfg.log.output_dir, os.path.join(cfg.log.output_dir, "checkpoints")
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    saved = checkpoint.latest_meta(ckpt_root)
+    history = resume_plan(cfg, resolved, saved)  # before anything is written
+    if is_finished(cfg, saved):
+        if env.is_main:
+            print(f"{out_dir} is finished ({saved['tag']}, epoch {saved['epoch']} of {cfg.optim.epochs}): nothing to train, "
+                  f"no file changed; a larger optim.epochs extends it", flush=True)
+        return dict(saved.get("results", {}))
+    manifest = load_manifest(cfg.data)
+    check_dataset(cfg, manifest)
+    if cfg.engine.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
     if env.is_main:
         os.makedirs(ckpt_root, exist_ok=True)
-        OmegaConf.save(OmegaConf.create(resolved), os.path.join(out_dir, "config.yaml"))
-    engine = build_engine(cfg, env)
+        if saved is None:
+            write_config(out_dir, resolved, history)
+    with logging_redirect_tqdm():  # library log lines go through tqdm.write: never onto the bar's line
+        return _run(cfg, env, report, manifest, resolved, history)
+
+
+def _run(cfg: DPMConfig, env: DistEnv, report: Optional[Reporter], manifest: dict[str, Any], resolved: dict[str, Any],
+         history: list[dict[str, Any]]) -> dict[str, float]:
+    from dpm_dist.data.loader import build_train_loader
+    from dpm_dist.eval.evaluator import evaluate
+    from dpm_dist.loggers import build_logger
+    from dpm_dist.model.files import save_model_file
+
+    out_dir, ckpt_root = cfg.log.output_dir, os.path.join(cfg.log.output_dir, "checkpoints")
+    engine = build_engine(cfg, env, manifest)
     meta = checkpoint.resume(engine, ckpt_root, env)
     start_epoch, step = (meta["epoch"] + 1, meta["step"]) if meta else (1, 0)
     best = meta.get("best", -1.0) if meta else -1.0
+    skipped_before, skipped_here = (meta.get("num_skipped_corrupt", 0) if meta else 0), 0  # this rank, this invocation
     results: dict[str, float] = dict(meta.get("results", {})) if meta else {}
     if not (meta and meta.get("rng_restored")):  # fresh run, or another world size: seed per rank and epoch
         seed_everything(cfg.engine.seed * 1000 + env.rank + 7919 * start_epoch)  # drop-path RNG
-    logger = build_logger(cfg.log, env)
-    bar = _progress_bar(cfg, env)
-    if meta and env.is_main:
-        print(f"resumed from {meta['tag']} (epoch {meta['epoch']}, step {step}, world size {meta['world_size']})", flush=True)
-
-    for epoch in range(start_epoch, cfg.optim.epochs + 1):
-        engine.start_epoch(epoch)
-        loader = build_train_loader(cfg.data, env, epoch=epoch, seed=cfg.engine.seed)
-        if epoch == start_epoch:  # ETA over the remaining epochs, assuming they are as long as this one
-            bar.reset(total=_epoch_steps(cfg, loader) * (cfg.optim.epochs - start_epoch + 1))
-        bar.set_description(f"epoch {epoch}/{cfg.optim.epochs}")
-        t_data, t_epoch, seen = 0.0, time.time(), 0
-        t_mark = time.time()
-        for i, batch in enumerate(loader):
-            if cfg.optim.steps_per_epoch and i >= cfg.optim.steps_per_epoch:
-                break
-            t_data += time.time() - t_mark
-            metrics = engine.step(batch)
-            step += 1
-            seen += batch["images"].shape[0] * env.world_size
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
-            if step % cfg.log.log_every == 0:
-                elapsed = max(time.time() - t_epoch, 1e-9)
-                logs = {f"train/{k}": v for k, v in metrics.items()}
-                logs.update({f"lr/{k}": v for k, v in engine.learning_rates().items()})
-                logs.update({"perf/samples_per_sec": seen / elapsed, "perf/data_time": t_data / (i + 1), "train/epoch": epoch})
-                logger.log(logs, step)
+    loader = build_train_loader(cfg.data, env, epoch=start_epoch, seed=cfg.engine.seed) if start_epoch <= cfg.optim.epochs else None
+    steps = _epoch_steps(cfg, loader) if loader is not None else 0
+    print_summary(cfg, env, manifest, steps, meta)
+    # Reopening the event files after a crash: TensorBoard drops what the crashed run logged past the checkpoint.
+    logger = build_logger(cfg.log, env, purge_step=step + 1 if meta else None)
+    bar = _progress_bar(cfg, env, steps * (cfg.optim.epochs - start_epoch + 1))
+    config_written = meta is None  # a fresh run wrote config.yaml before it started
+    with bar:  # closed (its line ended) on Ctrl-C too, so the interrupt message gets a line of its own
+        for epoch in range(start_epoch, cfg.optim.epochs + 1):
+            engine.start_epoch(epoch)
+            if epoch > start_epoch:
+                loader = build_train_loader(cfg.data, env, epoch=epoch, seed=cfg.engine.seed)
+            bar.set_description(f"epoch {epoch}/{cfg.optim.epochs}")
+            t_data, t_epoch, seen = 0.0, time.time(), 0
             t_mark = time.time()
-        improved = False
-        if _eval_due(cfg, epoch):
-            results = evaluate(engine.model, cfg, env, device=engine.device)  # collective
-            logger.log({f"eval/{k}": v for k, v in results.items()}, step)
-            improved = results[cfg.search.metric] > best
-            best = max(best, results[cfg.search.metric])
-        folder = None
-        if epoch % cfg.log.checkpoint_every == 0 or epoch == cfg.optim.epochs or _eval_due(cfg, epoch):
-            meta_out = {"best": best, "results": results, "config": resolved}
-            folder = checkpoint.save(engine, ckpt_root, epoch=epoch, step=step, env=env, meta=meta_out,
-                                     keep_last=cfg.log.keep_last, is_best=improved and cfg.log.keep_best)
-            if improved and env.is_main and cfg.log.keep_best:
-                save_model_file(engine.model, os.path.join(out_dir, "model_best.pt"), {"epoch": epoch, "results": results, "config": resolved})
-        if report is not None and _eval_due(cfg, epoch):
-            report(dict(results, epoch=epoch), epoch, folder)
+            for i, batch in enumerate(loader):
+                if cfg.optim.steps_per_epoch and i >= cfg.optim.steps_per_epoch:
+                    break
+                t_data += time.time() - t_mark
+                metrics = engine.step(batch)
+                skipped_here += int(batch.get("num_skipped", 0))
+                step += 1
+                seen += batch["images"].shape[0] * env.world_size
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
+                if step % cfg.log.log_every == 0:
+                    elapsed = max(time.time() - t_epoch, 1e-9)
+                    logs = {f"train/{k}": v for k, v in metrics.items()}
+                    logs.update({f"lr/{k}": v for k, v in engine.learning_rates().items()})
+                    logs.update({"perf/samples_per_sec": seen / elapsed, "perf/data_time": t_data / (i + 1), "train/epoch": epoch})
+                    logger.log(logs, step)
+                t_mark = time.time()
+            improved = False
+            if _eval_due(cfg, epoch):
+                results = evaluate(engine.model, cfg, env, device=engine.device)  # collective
+                logger.log({f"eval/{k}": v for k, v in results.items() if not _is_count(k)}, step)
+                improved = results[cfg.search.metric] > best
+                best = max(best, results[cfg.search.metric])
+            folder = None
+            if epoch % cfg.log.checkpoint_every == 0 or epoch == cfg.optim.epochs or _eval_due(cfg, epoch):
+                skipped = skipped_before + int(dist.all_reduce_sum(torch.tensor([skipped_here])).item())  # collective
+                meta_out = {"best": best, "results": results, "config": resolved, "config_changes": history,
+                            "num_skipped_corrupt": skipped}
+                folder = checkpoint.save(engine, ckpt_root, epoch=epoch, step=step, env=env, meta=meta_out,
+                                         keep_last=cfg.log.keep_last, is_best=improved and cfg.log.keep_best)
+                if env.is_main and not config_written:  # only now do weights trained with this configuration exist
+                    write_config(out_dir, resolved, history)
+                    config_written = True
+                if improved and env.is_main and cfg.log.keep_best:
+                    save_model_file(engine.model, os.path.join(out_dir, "model_best.pt"), _file_meta(epoch, step, results, resolved, history))
+            if report is not None and _eval_due(cfg, epoch):
+                report(dict(results, epoch=epoch), epoch, folder)
 
-    bar.close()
+    skipped = skipped_before + int(dist.all_reduce_sum(torch.tensor([skipped_here])).item())  # collective
     if env.is_main:
-        save_model_file(engine.model, os.path.join(out_dir, "model_final.pt"), {"epoch": cfg.optim.epochs, "results": results, "config": resolved})
+        save_model_file(engine.model, os.path.join(out_dir, "model_final.pt"), _file_meta(cfg.optim.epochs, step, results, resolved, history))
+        summary = {"results": results, "best": best, "epochs": cfg.optim.epochs, "steps": step, "num_skipped_corrupt": skipped}
         with open(os.path.join(out_dir, "results.json"), "w") as f:
-            json.dump({"results": results, "best": best, "epochs": cfg.optim.epochs, "steps": step}, f, indent=2)
-    hparams = {"alpha": cfg.loss.alpha, "beta": cfg.loss.beta, "margin": cfg.loss.margin, "scale": cfg.loss.scale,
-               "lr": cfg.optim.base_lr, "update_mode": cfg.engine.update_mode, "world_size": env.world_size}
-    logger.close(hparams, {k: v for k, v in results.items() if isinstance(v, float)})
+            json.dump(dict(summary, config_changes=history) if history else summary, f, indent=2)
+    logger.close(hparams_of(cfg, resolved, history, env.world_size),
+                 {k: v for k, v in results.items() if isinstance(v, float) and not _is_count(k)})
     dist.barrier()
     return results

@@ -1,17 +1,22 @@
 """The results of a search as a person reads them: an aligned table, a CSV and the best trial as a preset.
 
-Plain Python and OmegaConf (no Ray): :mod:`dpm_dist.tune.search` turns Ray's result grid into rows.
+Plain Python and OmegaConf (no Ray import): the rows are read from Ray's result grid (``ResultGrid``: an
+iterable of ``Result`` with ``path``, ``config``, ``metrics_dataframe``, ``error``) that
+:mod:`dpm_dist.tune.search` returns.
 """
 
 from __future__ import annotations
 
 import csv
 import os
-from typing import Any
+import posixpath
+import re
+from typing import Any, Iterable
 
 from omegaconf import OmegaConf
 
 BEST_EXPERIMENT = "best"
+UNFINISHED = ("PENDING", "RUNNING", "PAUSED")  # Tune statuses of a trial an interrupted search left to resume
 
 
 def results_dir(search: dict[str, Any]) -> str:
@@ -70,3 +75,62 @@ def write_best(best: dict[str, Any], trial: dict[str, Any], out_dir: str, search
     with open(os.path.join(folder, "overrides.txt"), "w") as f:
         f.write("".join(f"{k}={v}\n" for k, v in trial["overrides"].items()))
     return path
+
+
+def failed_trials(grid: Iterable[Any]) -> list[tuple[str, str, str]]:
+    """(trial id, one line of its error, where its error file is) of every trial that ended in ERROR."""
+    failed = []
+    for result in grid:
+        if result.error is not None:
+            trial_id = posixpath.basename(result.path).removeprefix("trial_")
+            failed.append((trial_id, error_line(result.error), posixpath.join(result.path, "error.txt")))
+    return failed
+
+
+def error_line(error: BaseException) -> str:
+    """The line of a trial's error a person acts on: the innermost ``SomeError: message`` of its traceback(s)."""
+    lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
+    raised = [i for i, ln in enumerate(lines) if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)(\(.*\))?:", ln)]
+    if not raised:
+        return lines[0][:300] if lines else type(error).__name__
+    line = lines[raised[-1]]
+    if line.endswith(":") and raised[-1] + 1 < len(lines):  # "ControllerError: Training failed due to controller error:"
+        line = f"{line} {lines[raised[-1] + 1]}"
+    return line if len(line) <= 300 else line[:297] + "..."
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value  # numpy scalars from the samplers
+
+
+def results_rows(grid: Iterable[Any], base: dict[str, Any], saved: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per trial, best first: sampled values, status, epochs run, and the metrics of its best epoch.
+
+    ``status`` is ``done`` (reached max_t), ``stopped`` (ASHA), ``interrupted`` (a re-run resumes it) or
+    ``ERROR``, from the saved state ``saved`` (:func:`dpm_dist.tune.search.saved_trials`);
+    ``restored_from`` is the epoch of the checkpoint a restarted worker group resumed from (0: never).
+    """
+    search = base["search"]
+    metric, sign = search["metric"], 1.0 if search["mode"] == "max" else -1.0
+    max_t = search["max_t"] or base["optim"]["epochs"]
+    rows = []
+    for result in grid:
+        trial_id = os.path.basename(result.path).removeprefix("trial_")
+        trial = saved.get(trial_id, {"status": "UNKNOWN", "config": {}})
+        config = result.config or trial["config"]  # None for a trial that never reported
+        row: dict[str, Any] = {"trial": trial_id}
+        row.update({key: _plain(config.get(key)) for key in search["space"]})
+        frame = result.metrics_dataframe
+        status = "interrupted" if trial["status"] in UNFINISHED else trial["status"]
+        if frame is None or frame.empty or metric not in frame:
+            row.update(status=status, epochs=0, best_epoch=None, mAP=None, rank1=None, mINP=None, restored_from=0)
+        else:
+            best = frame.loc[(frame[metric] * sign).idxmax()]
+            epochs = int(frame["epoch"].max())
+            if status == "TERMINATED":
+                status = "done" if epochs >= max_t else "stopped"
+            row.update(status=status, epochs=epochs, best_epoch=int(best["epoch"]),
+                       mAP=float(best["mAP"]), rank1=float(best["rank1"]), mINP=float(best["mINP"]),
+                       restored_from=int(frame["restored_epoch"].max()))
+        rows.append(row)
+    return sorted(rows, key=lambda r: -sign * r[metric] if r[metric] is not None else float("inf"))

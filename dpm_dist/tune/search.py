@@ -16,6 +16,7 @@ on a file system shared between nodes except ``search.storage_path`` (NFS or S3 
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import posixpath
@@ -28,15 +29,18 @@ import ray
 import ray.train
 import ray.tune
 from omegaconf import OmegaConf
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from dpm_dist import dist
 from dpm_dist.config import DPMConfig, to_config
 from dpm_dist.dist import DistEnv
 
 FORWARDED_ENV = ("DS_ACCELERATOR", "OMP_NUM_THREADS")  # driver env vars the training workers also need
 PG_KEY = "ray_placement_group"  # reported by the workers: the placement group their trial holds
 RELEASE_GRACE_S = 10.0  # after a trial ends, time for its Tune actor (and Train controller) to exit
+# Read by Ray Train V2 in the process calling fit() and propagated to its controller (ray/train/v2/_internal/constants.py).
+WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 # ---- search space ---------------------------------------------------------------------------------
@@ -140,10 +144,21 @@ def _placement_group_id() -> str:
     return group.id.hex() if group is not None else ""
 
 
+def scratch_root(search: dict[str, Any]) -> str:
+    """The node-local scratch folder of the workers' run folders: ``search.local_dir`` or <system temp>/dpm-tune."""
+    return search["local_dir"] or os.path.join(tempfile.gettempdir(), "dpm-tune")
+
+
 def train_worker(loop: dict[str, Any]) -> None:
-    """One Ray Train worker of a trial: restore the run folder from Ray's checkpoint, then ``train``."""
+    """One Ray Train worker of a trial: restore the run folder from Ray's checkpoint, then ``train``.
+
+    The run folder is scratch: the trial's Ray checkpoints in storage are the state a restart resumes
+    from, so a worker that finished removes it.
+    """
     from dpm_dist.train.loop import train
 
+    # Ray made the process group (TorchConfig.timeout_s); DeepSpeed's own groups get the same bound.
+    dist.bound_new_groups(datetime.timedelta(seconds=loop["base"]["engine"]["collective_timeout_s"]))
     ctx = ray.train.get_context()
     env = DistEnv(rank=ctx.get_world_rank(), local_rank=ctx.get_local_rank(), world_size=ctx.get_world_size(),
                   local_world_size=ctx.get_local_world_size())
@@ -162,6 +177,7 @@ def train_worker(loop: dict[str, Any]) -> None:
                          delete_local_checkpoint_after_upload=not env.is_main)
 
     train(cfg, env, report=report)
+    shutil.rmtree(run_dir, ignore_errors=True)
 
 
 # ---- per-trial driver (the Tune function) ---------------------------------------------------------
@@ -172,7 +188,7 @@ def trial_driver(config: dict[str, Any], *, base: dict[str, Any]) -> None:
     ctx = ray.tune.get_context()
     storage = ctx.get_storage()
     trial_id = ctx.get_trial_id()
-    local_root = search["local_dir"] or os.path.join(tempfile.gettempdir(), "dpm-tune")
+    local_root = scratch_root(search)
     loop = {
         "base": base,
         "overrides": dict(config),
@@ -181,15 +197,20 @@ def trial_driver(config: dict[str, Any], *, base: dict[str, Any]) -> None:
         "crash_marker": os.path.join(local_root, search["name"], ".crash_injected"),
     }
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
+    os.environ[WORKER_START_TIMEOUT_ENV] = str(float(search["worker_start_timeout_s"]))  # this trial actor only
     trainer = TorchTrainer(
         train_worker,
         train_loop_config=loop,
+        torch_config=TorchConfig(timeout_s=int(base["engine"]["collective_timeout_s"])),  # a lost worker fails fast
         scaling_config=ray.train.ScalingConfig(
             num_workers=search["workers_per_trial"], use_gpu=search["gpus_per_worker"] > 0,
             resources_per_worker=_worker_resources(search)),
         run_config=ray.train.RunConfig(
             name="train", storage_path=storage.trial_fs_path, storage_filesystem=storage.storage_filesystem,
-            failure_config=ray.train.FailureConfig(max_failures=search["max_failures"]),
+            # A worker group that cannot get its resources fails the trial after a few timed-out starts
+            # (Ray's default, -1, retries forever: the hang of an over-committed cluster).
+            failure_config=ray.train.FailureConfig(max_failures=search["max_failures"],
+                                                   controller_failure_limit=search["worker_start_retries"]),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=search["metric"],
                                                          checkpoint_score_order=search["mode"]),
             callbacks=[TuneReportCallback()],
@@ -279,31 +300,116 @@ class ReleaseStoppedTrials(ray.tune.Callback):
                 ray.util.remove_placement_group(group)
 
 
+class ShowTrialStarts(ray.tune.Callback):
+    """One line per trial start with the number of trials then running (the concurrency a user can check)."""
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        running = 1 + sum(t.status == "RUNNING" for t in trials if t is not trial)  # it becomes RUNNING just after
+        print(f"dpm-tune: {trial} started; trials running: {running}", flush=True)
+
+
+class TrialCap(ray.tune.schedulers.TrialScheduler):
+    """The search's scheduler (ASHA, FIFO) with at most ``concurrent_trials`` trials running or starting.
+
+    The searcher's limit only gates *new* trials. ``Tuner.restore`` re-queues every unfinished and errored
+    trial as PENDING at once, and Tune starts each one whose driver CPUs fit; their Ray Train worker groups
+    then wait for CPUs the drivers hold (the hang of a resumed search). Here the trials beyond the limit
+    are added PAUSED instead and started one by one as slots free. Tune pickles this object (with the
+    first run's settings) into ``tuner.pkl`` and a restored search gets it back, so the limit is read
+    from ``current_limit``, which :func:`build_tuner` sets from this run's command and cluster.
+    """
+
+    current_limit: int = 1  # set by build_tuner in the process that runs the search (the Tune driver)
+
+    def __init__(self, base: ray.tune.schedulers.TrialScheduler) -> None:
+        super().__init__()
+        self.base = base
+
+    @property
+    def limit(self) -> int:
+        return TrialCap.current_limit
+
+    @property
+    def metric(self) -> Optional[str]:
+        return self.base.metric
+
+    @property
+    def supports_buffered_results(self) -> bool:
+        return self.base.supports_buffered_results
+
+    def set_search_properties(self, metric: Optional[str], mode: Optional[str], **spec: Any) -> bool:
+        return self.base.set_search_properties(metric, mode, **spec)
+
+    def _active(self, controller: Any, other_than: Any = None) -> int:
+        return sum(t.status in ("RUNNING", "PENDING") for t in controller.get_trials() if t is not other_than)
+
+    def on_trial_add(self, controller: Any, trial: Any) -> None:
+        self.base.on_trial_add(controller, trial)
+        if trial.status == "PENDING" and self._active(controller, other_than=trial) >= self.limit:
+            trial.set_status("PAUSED")  # Tune files the trial by this status right after this call
+
+    def on_trial_error(self, controller: Any, trial: Any) -> None:
+        self.base.on_trial_error(controller, trial)
+
+    def on_trial_result(self, controller: Any, trial: Any, result: dict) -> str:
+        return self.base.on_trial_result(controller, trial, result)
+
+    def on_trial_complete(self, controller: Any, trial: Any, result: dict) -> None:
+        self.base.on_trial_complete(controller, trial, result)
+
+    def on_trial_remove(self, controller: Any, trial: Any) -> None:
+        self.base.on_trial_remove(controller, trial)
+
+    def choose_trial_to_run(self, controller: Any) -> Any:
+        trial = self.base.choose_trial_to_run(controller)
+        if trial is not None and trial.status == "PAUSED" and self._active(controller) >= self.limit:
+            return None
+        return trial
+
+    def debug_string(self) -> str:
+        return f"{self.base.debug_string()} At most {self.limit} trials at once."
+
+
 def _trial_dirname(trial: Any) -> str:
     return f"trial_{trial.trial_id}"
 
 
+def experiment_path(search: dict[str, Any]) -> tuple[str, Any]:
+    """(``<storage>/<name>``, pyarrow filesystem or None): where Tune keeps the search's state."""
+    storage_path, fs = storage_of(search)
+    return posixpath.join(storage_path, search["name"]), fs
+
+
 def build_tuner(base: dict[str, Any]) -> "ray.tune.Tuner":
-    """A new Tuner, or the interrupted one restored from storage (finished trials are not redone)."""
+    """A new Tuner, or the interrupted one restored from storage (finished trials are not redone).
+
+    A restored Tuner keeps the TuneConfig pickled by the first run (searcher, scheduler with its
+    :class:`TrialCap`) and takes the trainable (the trial config) from this run; unfinished and
+    errored trials resume from their last checkpoint.
+    """
     search = base["search"]
+    limit = concurrent_trials(search, ray.cluster_resources())  # a ValueError before any trial starts
+    TrialCap.current_limit = limit
+    print(f"dpm-tune: at most {limit} trial(s) at once ({'search.max_concurrent_trials' if search['max_concurrent_trials'] else 'what the cluster holds'})",
+          flush=True)
     storage_path, fs = storage_of(search)
     trainable = ray.tune.with_resources(ray.tune.with_parameters(trial_driver, base=base), {"cpu": search["driver_cpus"]})
-    experiment = posixpath.join(storage_path, search["name"])
+    experiment, _ = experiment_path(search)
     if ray.tune.Tuner.can_restore(experiment, storage_filesystem=fs):
         print(f"dpm-tune: resuming {experiment}", flush=True)
         return ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
-                                      storage_filesystem=fs)
+                                      restart_errored=False, storage_filesystem=fs)
     return ray.tune.Tuner(
         trainable,
         param_space=param_space(search["space"]),
         tune_config=ray.tune.TuneConfig(
             metric=search["metric"], mode=search["mode"], num_samples=search["num_samples"],
-            search_alg=_searcher(search, concurrent_trials(search, ray.cluster_resources())),
-            scheduler=_scheduler(search, base["optim"]["epochs"]),
+            search_alg=_searcher(search, limit),
+            scheduler=TrialCap(_scheduler(search, base["optim"]["epochs"])),
             trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_dirname),
         run_config=ray.tune.RunConfig(name=search["name"], storage_path=storage_path, storage_filesystem=fs,
                                       failure_config=ray.tune.FailureConfig(max_failures=0), verbose=2,
-                                      callbacks=[ReleaseStoppedTrials()]),
+                                      callbacks=[ReleaseStoppedTrials(), ShowTrialStarts()]),
     )
 
 
@@ -340,51 +446,50 @@ def connect(search: dict[str, Any]) -> None:
 
 
 def run_search(base: dict[str, Any]) -> "ray.tune.ResultGrid":
-    """Validate the space, run (or resume) the search, and return Tune's results."""
+    """Validate the space, run (or resume) the search, and return Tune's results.
+
+    The workers' scratch folders on this node are removed at the end, whatever the outcome: a resumed
+    trial rebuilds them from its checkpoint in storage.
+    """
     check_space(base)
     connect(base["search"])
-    return build_tuner(base).fit()
+    try:
+        return build_tuner(base).fit()
+    finally:
+        clean_scratch(base["search"])
+
+
+def clean_scratch(search: dict[str, Any]) -> None:
+    """Remove the ``<scratch>/<name>/<trial>`` folders on this node, then ``<scratch>/<name>`` (and the default root) if empty."""
+    folder = os.path.join(scratch_root(search), search["name"])
+    if not os.path.isdir(folder):
+        return
+    for entry in os.scandir(folder):
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+    for empty in (folder, os.path.dirname(folder)) if not search["local_dir"] else (folder,):
+        try:
+            os.rmdir(empty)
+        except OSError:
+            return  # not empty (the test-only crash marker, another search's folder) or already gone
+
+
+def saved_trials(search: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Trial id -> ``{"status", "config"}`` in the search's last saved state (what a re-run resumes from).
+
+    Tune marks the trials it stops on Ctrl-C TERMINATED in memory but saves them as RUNNING/PENDING,
+    so this tells an interrupted search (unfinished trials) from a finished one; the config is there
+    also for a trial that never reported (its ``Result.config`` is None).
+    """
+    experiment, fs = experiment_path(search)
+    analysis = ray.tune.ExperimentAnalysis(experiment, storage_filesystem=fs)
+    return {t.trial_id: {"status": t.status, "config": dict(t.config or {})} for t in analysis.trials}
 
 
 # ---- results ---------------------------------------------------------------------------------------
 
-def _plain(value: Any) -> Any:
-    return value.item() if hasattr(value, "item") else value  # numpy scalars from the samplers
-
-
-def results_rows(grid: "ray.tune.ResultGrid", base: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per trial, best first: sampled values, status, epochs run, and the metrics of its best epoch.
-
-    ``status`` is ``done`` (reached max_t), ``stopped`` (ASHA), or Tune's status (ERROR, PENDING, ...);
-    ``restored_from`` is the epoch of the checkpoint a restarted worker group resumed from (0: never).
-    """
-    search = base["search"]
-    metric, sign = search["metric"], 1.0 if search["mode"] == "max" else -1.0
-    max_t = search["max_t"] or base["optim"]["epochs"]
-    statuses = {t.trial_id: t.status for t in getattr(grid, "_experiment_analysis").trials}
-    rows = []
-    for result in grid:
-        trial_id = os.path.basename(result.path).removeprefix("trial_")
-        row: dict[str, Any] = {"trial": trial_id}
-        row.update({key: _plain(result.config.get(key)) for key in search["space"]})
-        frame = result.metrics_dataframe
-        status = statuses.get(trial_id, "UNKNOWN")
-        if frame is None or frame.empty or metric not in frame:
-            row.update(status=status, epochs=0, best_epoch=None, mAP=None, rank1=None, mINP=None, restored_from=0)
-        else:
-            best = frame.loc[(frame[metric] * sign).idxmax()]
-            epochs = int(frame["epoch"].max())
-            if status == "TERMINATED":
-                status = "done" if epochs >= max_t else "stopped"
-            row.update(status=status, epochs=epochs, best_epoch=int(best["epoch"]),
-                       mAP=float(best["mAP"]), rank1=float(best["rank1"]), mINP=float(best["mINP"]),
-                       restored_from=int(frame["restored_epoch"].max()))
-        rows.append(row)
-    return sorted(rows, key=lambda r: -sign * r[metric] if r[metric] is not None else float("inf"))
-
-
 def best_trial(rows: list[dict[str, Any]], base: dict[str, Any]) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:
-    """(full resolved config, trial summary) of the first row of :func:`results_rows`, or None."""
+    """(full resolved config, trial summary) of the first row of :func:`dpm_dist.tune.results.results_rows`, or None."""
     search = base["search"]
     if not rows or rows[0][search["metric"]] is None:
         return None
