@@ -94,3 +94,39 @@ def s3_shards(s3_endpoint: str, tiny_shards: Path) -> str:
     for path in sorted(tiny_shards.iterdir()):
         fs.put_file(str(path), f"dpm-test/synthetic/{path.name}")
     return "s3://dpm-test/synthetic"
+
+
+# ---- the same function on 1 process and on N gloo ranks --------------------------------------------------
+
+def _rank_worker(rank: int, world: int, port: int, out_dir: str, fn, args: tuple) -> None:
+    import torch
+    import torch.distributed as tdist
+
+    from dpm_dist.dist import DistEnv
+
+    torch.set_num_threads(1)
+    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        torch.save(fn(DistEnv(rank=rank, world_size=world, local_world_size=world), *args), os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        tdist.destroy_process_group()
+
+
+def run_ranks(fn, world: int, out_dir: Path, *args) -> list:
+    """``fn(env, *args)`` of every rank: in this process at world size 1 (one thread, as the workers), else
+    on ``world`` spawned gloo ranks; ``fn`` must be a module-level function (it is pickled by name)."""
+    import torch
+    import torch.multiprocessing as mp
+
+    from dpm_dist.dist import DistEnv
+
+    if world == 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return [fn(DistEnv(), *args)]
+        finally:
+            torch.set_num_threads(threads)
+    out_dir.mkdir()
+    mp.spawn(_rank_worker, args=(world, free_port(), str(out_dir), fn, args), nprocs=world, join=True)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]

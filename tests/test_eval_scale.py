@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import socket
-from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from dpm_dist.config import EvalConfig
 from dpm_dist.dist import DistEnv
@@ -18,6 +14,7 @@ from dpm_dist.eval.topk import topk_lists
 from dpm_dist.eval.retrieval import (count_at_or_before, distance_matrix, match_ranks, match_table, true_matches,
                                      valid_ranks)
 
+from tests.conftest import run_ranks
 from test_evaluator import NUM_G, NUM_Q, rank_share, synthetic_embeddings
 
 CONFIGS = {
@@ -61,37 +58,10 @@ def scenarios(env: DistEnv) -> dict:
     return out
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    import torch.distributed as tdist
-
-    torch.set_num_threads(1)
-    tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        torch.save(scenarios(DistEnv(rank=rank, world_size=world, local_world_size=world)), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        tdist.destroy_process_group()
-
-
-def run_world(world: int, out_dir: Path) -> list[dict]:
-    if world == 1:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return [scenarios(DistEnv())]
-        finally:
-            torch.set_num_threads(threads)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out_dir.mkdir()
-    mp.spawn(_worker, args=(world, port, str(out_dir)), nprocs=world, join=True)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
-
-
 @pytest.mark.slow
 def test_sharded_equals_gathered_on_1_and_3_ranks(tmp_path):
-    single = run_world(1, tmp_path / "w1")[0]
-    multi = run_world(3, tmp_path / "w3")
+    single = run_ranks(scenarios, 1, tmp_path / "w1")[0]
+    multi = run_ranks(scenarios, 3, tmp_path / "w3")
     assert [r["share"] for r in multi][1] == 0 and sum(r["share"] for r in multi) == NUM_G  # an empty rank, no duplicates
     for name in CONFIGS:
         assert single[name + "_sharded"] == single[name], name

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import os
-import socket
-from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 
 from dpm_dist.config import EvalConfig
 from dpm_dist.dist import DistEnv
 from dpm_dist.eval.evaluator import Embeddings, evaluate_embeddings, extract, extract_and_gather, gather_embeddings, split_roles
 from dpm_dist.eval.retrieval import evaluate_features
 
+from tests.conftest import run_ranks
 from test_retrieval import per_query_reference
 
 NUM_Q, NUM_G, DIM = 23, 101, 16  # 101 gallery items: no even split over 3 ranks
@@ -107,36 +104,6 @@ def scenarios(env: DistEnv, shards: str | None) -> dict:
     return out
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str, shards: str | None) -> None:
-    import torch.distributed as tdist
-
-    torch.set_num_threads(1)
-    if world > 1:
-        tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    try:
-        torch.save(scenarios(DistEnv(rank=rank, world_size=world, local_world_size=world), shards),
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        if world > 1:
-            tdist.destroy_process_group()
-
-
-def run_world(world: int, out_dir: Path, shards: str | None) -> list[dict]:
-    if world == 1:  # in this process, with the workers' thread setting
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            return [scenarios(DistEnv(), shards)]
-        finally:
-            torch.set_num_threads(threads)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    out_dir.mkdir()
-    mp.spawn(_worker, args=(world, port, str(out_dir), shards), nprocs=world, join=True)
-    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
-
-
 def assert_identical(a: dict, b: dict) -> None:
     assert a.keys() == b.keys()
     for key in a:
@@ -148,8 +115,8 @@ def assert_identical(a: dict, b: dict) -> None:
 
 @pytest.mark.slow
 def test_world_sizes_1_and_3_give_identical_metrics(tmp_path, tiny_shards):
-    single = run_world(1, tmp_path / "w1", str(tiny_shards))[0]
-    multi = run_world(3, tmp_path / "w3", str(tiny_shards))
+    single = run_ranks(scenarios, 1, tmp_path / "w1", str(tiny_shards))[0]
+    multi = run_ranks(scenarios, 3, tmp_path / "w3", str(tiny_shards))
     for rank_result in multi:
         assert_identical(rank_result, single)
     # The gathered set is the canonical one: every key once, sorted by (role, key), whatever the shares.
