@@ -210,7 +210,7 @@ class EngineConfig:
 
 @dataclass
 class EvalConfig:
-    """Retrieval protocol (docs/method.md §7) and the distributed evaluator (dpm_dist/evaluator.py)."""
+    """Retrieval protocol (docs/method.md §7) and the distributed evaluator (dpm_dist/eval/evaluator.py)."""
 
     period: int = 10  # epochs between evaluations; the last epoch always evaluates
     distance: str = "masked_cosine"  # masked_cosine (DPM) | cosine | euclidean
