@@ -11,7 +11,6 @@ import contextlib
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from PIL import Image
 
 from dpm_dist.cli.eval import compose_config, main
+from tests.conftest import free_port
 
 VENV_BIN = Path(sys.executable).parent
 OVERRIDES = ["model=vit_tiny", "model.img_size=[64,32]", "model.stride=[6,6]", "model.patch_size=8",
@@ -242,9 +242,7 @@ def test_a_folder_that_is_not_a_run_folder_says_what_to_pass(run_folder, tmp_pat
 @pytest.mark.slow
 def test_dpm_eval_under_torchrun_gives_the_same_numbers(export, single, tmp_path):
     path, overrides = export
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
     subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
                     "--master-port", str(port), "-m", "dpm_dist.cli.eval", "--checkpoint", str(path),
