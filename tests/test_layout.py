@@ -3,7 +3,9 @@
 - model/ is pure torch: no process group, no DeepSpeed, no config schema, nothing of data/train/eval/tune/cli;
 - data/ imports no model, training, evaluation, search or command-line code;
 - only train/engine.py imports DeepSpeed, only tune/ imports Ray, only cli/ and config.py import Hydra;
-- nothing outside cli/ imports cli/; the top-level modules import none of the subpackages;
+- deploy/ imports no training, search or command-line code, nor DeepSpeed, Ray or Hydra;
+- nothing outside cli/ imports cli/; the top-level modules import none of the subpackages (except the lazy
+  ``dpm_dist.load_model`` of ``dpm_dist/__init__.py``);
 - the old flat module paths are gone (no compatibility shims).
 """
 
@@ -17,7 +19,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dpm_dist"
-SUBPACKAGES = {"cli", "data", "eval", "model", "train", "tune"}
+SUBPACKAGES = {"cli", "data", "deploy", "eval", "model", "train", "tune"}
 TOP_LEVEL = {"__init__", "config", "dist", "loggers"}
 
 
@@ -96,11 +98,29 @@ def test_each_heavy_framework_is_imported_in_one_place(framework, allowed):
     assert not users
 
 
+def test_deploy_imports_no_training_search_or_command_line_code():
+    assert not _offenders("dpm_dist.deploy", ("dpm_dist.train", "dpm_dist.tune", "dpm_dist.cli", "deepspeed", "ray",
+                                              "hydra", "omegaconf"))
+
+
+LAZY_TOP_LEVEL = {"dpm_dist": {"dpm_dist.deploy.loading", "dpm_dist.deploy.loading.load_model"}}  # __getattr__
+
+
 def test_nothing_imports_the_command_line_and_top_level_modules_import_no_subpackage():
     outside = [line for line in _offenders("dpm_dist", ("dpm_dist.cli",)) if not line.startswith("dpm_dist.cli")]
     assert not outside
     for mod in ("dpm_dist", "dpm_dist.config", "dpm_dist.dist", "dpm_dist.loggers"):
-        assert not [n for n in MODULES[mod] if n.split(".")[:2][-1] in SUBPACKAGES and n.startswith("dpm_dist.")], mod
+        found = {n for n in MODULES[mod] if n.split(".")[:2][-1] in SUBPACKAGES and n.startswith("dpm_dist.")}
+        assert not found - LAZY_TOP_LEVEL.get(mod, set()), mod
+
+
+def test_load_model_is_public_and_lazy():
+    import subprocess
+    import sys
+
+    code = ("import sys, dpm_dist; heavy = [m for m in ('torch', 'dpm_dist.deploy') if m in sys.modules]; "
+            "assert not heavy, heavy; from dpm_dist import load_model; assert load_model.__module__ == 'dpm_dist.deploy.loading'")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
 @pytest.mark.parametrize("old", ["cli.main", "eval_cli", "tune_cli", "shards_cli", "evaluator", "retrieval", "engine",

@@ -52,6 +52,7 @@ def evaluate_checkpoint(checkpoint: str, output_dir: Optional[str], overrides: S
     from dpm_dist import dist
     from dpm_dist.dist import DistEnv
     from dpm_dist.eval.run import ModelFile, run_eval
+    from dpm_dist.model.files import find_model_file
 
     env = DistEnv.from_env()
     path, note = find_model_file(absolute_path(checkpoint) or checkpoint)
@@ -75,46 +76,6 @@ def evaluate_checkpoint(checkpoint: str, output_dir: Optional[str], overrides: S
 
 
 # ---- which file -------------------------------------------------------------------------------------------------
-
-def find_model_file(path: str) -> tuple[str, Optional[str]]:
-    """``(model file, note)``: a file as given; a run folder's model_best.pt, else its model_final.pt.
-
-    Training-state folders (``checkpoints/``, ``checkpoints/epoch_XXXX``) hold DeepSpeed shards, not a model:
-    the error names the file to pass instead.
-    """
-    from dpm_dist.model.files import MODEL_BEST, MODEL_FINAL
-
-    if os.path.isfile(path):
-        return path, None
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"--checkpoint: no such file or folder: {path}")
-    found = [name for name in (MODEL_BEST, MODEL_FINAL) if os.path.isfile(os.path.join(path, name))]
-    if found:
-        why = "the best evaluation" if found[0] == MODEL_BEST else "the last epoch"
-        other = f"; pass {os.path.join(path, found[1])} for the other" if len(found) > 1 else ""
-        return os.path.join(path, found[0]), f"{path} is a run folder: evaluating {found[0]} ({why}{other})"
-    run = _run_of_training_state(path)
-    if run is not None:
-        files = [os.path.join(run, n) for n in (MODEL_BEST, MODEL_FINAL) if os.path.isfile(os.path.join(run, n))]
-        advice = (f"pass {' or '.join(files)}" if files else
-                  f"the run {run} has no model file yet (training writes {MODEL_BEST} at its best evaluation "
-                  f"and {MODEL_FINAL} at the end)")
-        raise ValueError(f"--checkpoint {path}: a training-state checkpoint folder (DeepSpeed shards), not a model file; "
-                         f"{advice}")
-    what = "an empty folder" if not os.listdir(path) else "a folder"
-    raise FileNotFoundError(f"--checkpoint {path}: {what} without {MODEL_BEST} or {MODEL_FINAL} (not a run folder); "
-                            f"pass a model file")
-
-
-def _run_of_training_state(path: str) -> Optional[str]:
-    """The run folder above a ``checkpoints/`` folder or one of its ``epoch_XXXX`` folders, else None."""
-    names = set(os.listdir(path))
-    if "meta.json" in names and os.path.basename(path).startswith("epoch_"):
-        return os.path.dirname(os.path.dirname(path))
-    if "latest" in names or any(n.startswith("epoch_") for n in names):
-        return os.path.dirname(path)
-    return None
-
 
 def default_output_dir(model_path: str) -> str:
     """Next to the checkpoint: ``<folder>/eval/<file name without extension>`` (best and final stay apart)."""

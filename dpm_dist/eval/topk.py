@@ -78,8 +78,11 @@ def merge(rows: torch.Tensor, values: torch.Tensor, tie: torch.Tensor, num_query
     return TopK(index=torch.where(torch.isfinite(val), idx, -1), distance=val)
 
 
-def topk_lists(query: Any, gallery: Any, eval_cfg: Any, env: DistEnv, k: int) -> TopK:
-    """The top-k of every query of ``query`` in a gathered gallery or a GalleryShard. Collective."""
+def topk_lists(query: Any, gallery: Any, eval_cfg: Any, env: DistEnv, k: int, *, exclude_junk: bool = True) -> TopK:
+    """The top-k of every query of ``query`` in a gathered gallery or a GalleryShard. Collective.
+
+    ``exclude_junk=False`` (dpm-search's default) keeps the items of the query's own pid and camera.
+    """
     from dpm_dist.eval.sharded import GalleryShard
 
     sharded = isinstance(gallery, GalleryShard)
@@ -91,6 +94,8 @@ def topk_lists(query: Any, gallery: Any, eval_cfg: Any, env: DistEnv, k: int) ->
     found = []
     for start, end in chunks:
         _, _, j_rows, j_cols = true_matches(query.pids[start:end], local.pids, query.camids[start:end], local.camids)
+        if not exclude_junk:
+            j_rows, j_cols = j_rows[:0], j_cols[:0]
         rows, values, ties = local_candidates(chunk_distance(start, end), tie, j_rows, j_cols, k)
         found.append((rows + start, values, ties))
     if found:
@@ -138,11 +143,17 @@ def official_distance(ranking: list[float], metric: str, reranked: bool) -> list
     return [math.acos(min(1.0, max(-1.0, -value))) for value in ranking]
 
 
-def write_topk(out_dir: str, query: Any, gallery: Any, eval_cfg: Any, env: DistEnv) -> Optional[str]:
+def _id(value: Any) -> Optional[int]:
+    """A pid or camid as written: None where unknown (negative; dpm-search's images without a parseable name)."""
+    return int(value) if int(value) >= 0 else None
+
+
+def write_topk(out_dir: str, query: Any, gallery: Any, eval_cfg: Any, env: DistEnv, *,
+               exclude_junk: bool = True) -> Optional[str]:
     """Compute the lists (collective) and write them on rank 0; returns the file's path there."""
     if eval_cfg.topk <= 0:
         return None
-    top = topk_lists(query, gallery, eval_cfg, env, eval_cfg.topk)
+    top = topk_lists(query, gallery, eval_cfg, env, eval_cfg.topk, exclude_junk=exclude_junk)
     items = gallery_rows(gallery, top.index.flatten())
     if not env.is_main:
         return None
@@ -150,11 +161,11 @@ def write_topk(out_dir: str, query: Any, gallery: Any, eval_cfg: Any, env: DistE
     records = []
     for q in range(len(query)):
         cols = [position[int(i)] for i in top.index[q].tolist() if i >= 0]
-        records.append({"query": query.keys[q], "pid": int(query.pids[q]), "camid": int(query.camids[q]),
+        records.append({"query": query.keys[q], "pid": _id(query.pids[q]), "camid": _id(query.camids[q]),
                         "gallery": [items.keys[c] for c in cols], "distance": official_distance(top.distance[q, :len(cols)].tolist(), eval_cfg.distance, eval_cfg.rerank),
-                        "gallery_pid": [int(items.pids[c]) for c in cols],
-                        "gallery_camid": [int(items.camids[c]) for c in cols],
-                        "match": [bool(items.pids[c] == query.pids[q]) for c in cols]})
+                        "gallery_pid": [_id(items.pids[c]) for c in cols],
+                        "gallery_camid": [_id(items.camids[c]) for c in cols],
+                        "match": [bool(items.pids[c] == query.pids[q] >= 0) for c in cols]})
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"topk.{eval_cfg.topk_format}")
     if eval_cfg.topk_format == "jsonl":

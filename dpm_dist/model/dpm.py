@@ -125,7 +125,9 @@ class ViTBackbone(nn.Module):
         if self.sie_embed is not None:
             if camids is None:
                 raise ValueError("camids are required: the model has an SIE camera embedding")
-            if camids.numel() and (int(camids.min()) < 0 or int(camids.max()) >= self.num_cams):
+            # A data-dependent check cannot be exported or traced; an exported graph's Gather rejects a bad index.
+            exporting = torch.compiler.is_exporting() or torch.jit.is_tracing()
+            if not exporting and camids.numel() and (int(camids.min()) < 0 or int(camids.max()) >= self.num_cams):
                 bad = sorted({int(c) for c in camids.tolist() if not 0 <= int(c) < self.num_cams})
                 raise ValueError(f"camera ids {bad} are outside the trained range 0..{self.num_cams - 1} (model.num_cams={self.num_cams})")
             x = x + self.sie_coe * self.sie_embed[camids]  # (B, 1, D) broadcast to every token incl. CLS

@@ -1,0 +1,167 @@
+"""``dpm_dist.load_model``: a DPM model file, run folder or official checkpoint ready for inference.
+
+It reads the file with :class:`dpm_dist.eval.run.ModelFile` and builds it with
+:func:`dpm_dist.eval.run.load_model` (strict loading, errors naming the key), exactly as ``dpm-eval``
+does, and adds what inference needs: the test transform at the recorded input size, the metadata an
+exported file or an embedding file carries, and the masked distance of the evaluator.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from typing import Any, Optional, Sequence, Union
+
+import torch
+from PIL import Image
+
+from dpm_dist.config import DataConfig, DPMConfig, ModelConfig
+from dpm_dist.data.transforms import eval_transform
+from dpm_dist.eval.retrieval import arccos_distance, cosine_similarity, masked_cosine_similarity
+
+PIXEL_MEAN = (0.5, 0.5, 0.5)  # dpm_dist.data.transforms.to_normalised (the official PIXEL_MEAN/STD)
+PIXEL_STD = (0.5, 0.5, 0.5)
+ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
+
+
+@dataclasses.dataclass(frozen=True)
+class TestTransform:
+    """PIL image (any mode) -> normalised (3, H, W) tensor: the evaluator's bilinear resize at the model's size."""
+
+    size: tuple[int, int]
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        return eval_transform(image.convert("RGB"), size=self.size)
+
+
+@dataclasses.dataclass
+class Embedding:
+    """Test-time outputs of a batch: rows line up with the input images."""
+
+    feat: torch.Tensor  # (B, D) before the BNNeck
+    feat_bn: torch.Tensor  # (B, D) after the BNNeck
+    mask: torch.Tensor  # (B, D) HMG mask in (0, 1)
+
+    def test_feature(self, neck_feat: str) -> torch.Tensor:
+        return self.feat_bn if neck_feat == "after" else self.feat
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A DPM model in eval mode with its test transform and facts. ``meta`` is JSON-serialisable."""
+
+    model: torch.nn.Module
+    transform: TestTransform
+    meta: dict[str, Any]
+    device: torch.device
+
+    @property
+    def num_cams(self) -> int:
+        return int(self.meta["num_cams"])
+
+    @torch.no_grad()
+    def embed(self, images: Union[Sequence[ImageInput], torch.Tensor], camids: Optional[Sequence[int]] = None) -> Embedding:
+        """Embed images (file paths, PIL images, transformed (3, H, W) tensors, or one (B, 3, H, W) batch).
+
+        ``camids`` (0-based camera ids, one per image) are required when the model has an SIE camera
+        embedding (``meta["num_cams"] > 1``) and ignored otherwise.
+        """
+        batch = images if isinstance(images, torch.Tensor) else torch.stack([self._tensor(x) for x in images])
+        if camids is None and self.meta["sie"]:
+            raise ValueError(f"camids are required: the model has an SIE camera embedding over {self.num_cams} cameras "
+                             f"(pass camids=[...], 0-based, one per image)")
+        cams = torch.as_tensor(list(camids) if camids is not None else [0] * len(batch), dtype=torch.long)
+        if cams.numel() != len(batch):
+            raise ValueError(f"{cams.numel()} camera ids for {len(batch)} images")
+        out = self.model(batch.to(self.device, torch.float32), cams.to(self.device))
+        return Embedding(out.feat.float().cpu(), out.feat_bn.float().cpu(), out.mask.float().cpu())
+
+    def _tensor(self, image: ImageInput) -> torch.Tensor:
+        if isinstance(image, torch.Tensor):
+            return image
+        if isinstance(image, Image.Image):
+            return self.transform(image)
+        with Image.open(image) as img:
+            return self.transform(img)
+
+    def distance(self, query: Embedding, gallery: Embedding, *, metric: str = "masked_cosine") -> torch.Tensor:
+        """(Q, G) DPM distances ``arccos(clip(cos))`` of the model's test feature; the query's mask only.
+
+        ``metric="cosine"`` is the plain cosine distance. The masked one is asymmetric: ``query`` masks.
+        """
+        neck = self.meta["neck_feat"]
+        q, g = query.test_feature(neck), gallery.test_feature(neck)
+        if metric == "masked_cosine":
+            return arccos_distance(masked_cosine_similarity(q, query.mask, g))
+        if metric == "cosine":
+            return arccos_distance(cosine_similarity(q, g))
+        raise ValueError(f"unknown metric {metric!r}; expected masked_cosine or cosine")
+
+
+def resolve_model_path(path: Union[str, os.PathLike], *, flag: str = "model") -> tuple[str, Optional[str]]:
+    """``(model file, note)`` for a file or a run folder (model_best.pt, else model_final.pt), as dpm-eval picks."""
+    from dpm_dist.model.files import find_model_file
+
+    return find_model_file(os.path.abspath(os.path.expanduser(os.fspath(path))), flag=flag, verb="using")
+
+
+def load_model(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu", *,
+               model: Optional[ModelConfig] = None) -> LoadedModel:
+    """Load a DPM model for inference: our model file, a run folder, or an official DPM checkpoint.
+
+    The architecture is the one the file records (our files carry their training config, the converter's
+    files their facts); an official ``.pth`` records none, so ``model`` (default: the paper's ViT-B at
+    256×128, stride 11) describes it. Class and camera counts always come from the weights.
+
+    Example::
+
+        import dpm_dist
+        m = dpm_dist.load_model("runs/tiny_synthetic")
+        e = m.embed(["a.jpg", "b.jpg"], camids=[0, 1])
+        print(m.distance(e, e))
+    """
+    from dpm_dist.eval.run import ModelFile, load_model as build_and_load
+
+    file_path, _ = resolve_model_path(path)
+    file = ModelFile.read(file_path)
+    fallback = model or ModelConfig()
+    cfg = DPMConfig(model=fallback, data=DataConfig(img_size=list(fallback.img_size)))
+    net, model_cfg, meta = build_and_load(file, cfg)
+    target = torch.device(device)
+    net.to(target).eval()
+    return LoadedModel(model=net, transform=TestTransform(tuple(int(s) for s in model_cfg.img_size)),
+                       meta=describe(file, net, model_cfg), device=target)
+
+
+def describe(file: Any, net: torch.nn.Module, model_cfg: ModelConfig) -> dict[str, Any]:
+    """The facts exported files and embedding files record (JSON-serialisable)."""
+    saved_eval = file.config.get("eval") or {}
+    neck = saved_eval.get("neck_feat", "before")
+    backbone = net.backbone
+    return {
+        "source": file.path,
+        "source_sha256": file_sha256(file.path),
+        "format": "dpm-dist" if file.config else ("converted" if file.meta else "official"),
+        "img_size": [int(s) for s in model_cfg.img_size],
+        "mean": list(PIXEL_MEAN),
+        "std": list(PIXEL_STD),
+        "num_cams": int(backbone.num_cams),
+        "sie": backbone.sie_embed is not None,
+        "num_classes": int(net.classifier.weight.shape[0]),
+        "embed_dim": int(backbone.embed_dim),
+        "neck_feat": neck,
+        "test_feature": "feat_bn" if neck == "after" else "feat",
+        "distance": saved_eval.get("distance", "masked_cosine"),
+        "model": dataclasses.asdict(model_cfg),
+        "epoch": file.meta.get("epoch"),
+        "config": file.config or None,
+    }
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
