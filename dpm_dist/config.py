@@ -199,6 +199,7 @@ class EngineConfig:
     compile: bool = False  # torch.compile the ViT blocks (all but the last: it carries the HEM hook) and the HMG
     compile_backend: str = "inductor"  # any torch.compile backend; aot_eager for quick CPU checks
     collective_timeout_s: float = 300.0  # a collective waiting longer on a peer fails the run (lost node; docs/training.md)
+    max_nonfinite_steps: int = 10  # this many skipped (NaN/Inf loss or gradient) steps in a row stop the run (docs/training.md)
 
     def __post_init__(self) -> None:
         _check_choice(self.update_mode, "engine.update_mode", UPDATE_MODES)
@@ -206,6 +207,7 @@ class EngineConfig:
         _check(self.zero_stage in (0, 1, 2), "engine.zero_stage", f"supported stages are 0, 1, 2 (got {self.zero_stage}); ZeRO-3 cannot toggle trainable params")
         _check(self.gradient_clipping >= 0.0, "engine.gradient_clipping", f"must be >= 0, got {self.gradient_clipping}")
         _check(self.collective_timeout_s > 0.0, "engine.collective_timeout_s", f"must be > 0, got {self.collective_timeout_s}")
+        _check(self.max_nonfinite_steps >= 1, "engine.max_nonfinite_steps", f"must be >= 1, got {self.max_nonfinite_steps}")
 
 
 @dataclass

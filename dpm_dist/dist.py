@@ -88,7 +88,16 @@ def init_process_group(env: DistEnv, *, timeout_s: float = 300.0) -> None:
             os.environ.setdefault(name, str(value))
         tdist.init_process_group(backend=backend, store=tdist.HashStore(), rank=0, world_size=1, timeout=timeout)
         return
-    tdist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None:
+        tdist.init_process_group(backend=backend, rank=env.rank, world_size=env.world_size, timeout=timeout)
+    else:
+        # torchrun keeps its store (same address and port) across restarts of the workers: the restarted
+        # ranks would read the gloo addresses the killed attempt's ranks left there (connectFullMesh:
+        # connection refused, then a hang until the timeout). A key prefix per attempt keeps them apart.
+        store, rank, world = next(tdist.rendezvous("env://", timeout=timeout))
+        tdist.init_process_group(backend=backend, store=tdist.PrefixStore(f"dpm/attempt_{attempt}", store), rank=rank,
+                                 world_size=world, timeout=timeout)
     _NODES[:] = all_gather_objects(node_address())
 
 
@@ -131,6 +140,13 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     tdist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def broadcast_tensor(tensor: torch.Tensor, src: int) -> torch.Tensor:
+    """Rank ``src``'s ``tensor`` in place on every rank (each passes one of the same shape and dtype). Collective."""
+    if is_active():
+        tdist.broadcast(tensor, src=src)
+    return tensor
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

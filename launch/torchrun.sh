@@ -5,6 +5,10 @@
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 bash launch/torchrun.sh 8 experiment=occluded_duke
 # Several nodes, c10d rendezvous (elastic membership; same command on every node):
 #   NNODES=2 RDZV_ENDPOINT=10.0.0.1:29400 RDZV_ID=dpm42 bash launch/torchrun.sh 8 experiment=occluded_duke
+# Restarts: a failed or killed rank makes torchrun restart every rank of the node, up to MAX_RESTARTS times
+# (default 3; 0 turns it off); each restart resumes from the newest checkpoint that verifies. The arguments are
+# checked once before torchrun starts (DPM_PREFLIGHT), so a configuration error is reported once, not restarted.
+# With c10d, a restart waits up to RDZV_JOIN_TIMEOUT seconds (default 600) for every node to rejoin.
 # Runs in the folder you start it from (relative data.root / log.output_dir mean what they say there), with
 # $PYTHON, else the first python3/python on PATH that has dpm_dist installed, else this checkout's .venv.
 # data.num_ids is per rank: the global batch is num_ids × num_instances × world size (paper: 16×4 on 1 GPU).
@@ -22,14 +26,19 @@ pick_python() {
 }
 PY=$(pick_python)
 NNODES=${NNODES:-1}
+RESTARTS=${MAX_RESTARTS:-3}
+if [ "$RESTARTS" -gt 0 ] && [[ " $* " != *" -"* ]]; then  # not for --help / --cfg job
+    DPM_PREFLIGHT=1 "$PY" -m dpm_dist.cli.train "$@"
+fi
 if [ -n "${RDZV_ENDPOINT:-}" ]; then
-    exec "$PY" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC" \
+    exec "$PY" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC" --max-restarts "$RESTARTS" \
         --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "${RDZV_ID:-dpm}" \
-        -m dpm_dist.cli.train "$@"
+        --rdzv-conf "join_timeout=${RDZV_JOIN_TIMEOUT:-600}" -m dpm_dist.cli.train "$@"
 elif [ "$NNODES" -gt 1 ]; then
     exec "$PY" -m torch.distributed.run --nnodes "$NNODES" --node-rank "${NODE_RANK:?set NODE_RANK}" \
-        --nproc-per-node "$NPROC" --master-addr "${MASTER_ADDR:?set MASTER_ADDR}" --master-port "${MASTER_PORT:-29500}" \
-        -m dpm_dist.cli.train "$@"
+        --nproc-per-node "$NPROC" --max-restarts "$RESTARTS" --master-addr "${MASTER_ADDR:?set MASTER_ADDR}" \
+        --master-port "${MASTER_PORT:-29500}" -m dpm_dist.cli.train "$@"
 else
-    exec "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" -m dpm_dist.cli.train "$@"
+    exec "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" --max-restarts "$RESTARTS" \
+        -m dpm_dist.cli.train "$@"
 fi

@@ -5,6 +5,8 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import subprocess
+import sys
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -19,6 +21,11 @@ TINY_TRAIN = ["model=vit_tiny", "model.img_size=[64,32]", "model.stride=[6,6]", 
               "data.num_ids=4", "data.num_instances=2", "data.num_workers=0", "data.eval_batch_size=8", "optim.epochs=3",
               "optim.warmup_epochs=1", "optim.steps_per_epoch=2", "eval.period=3", "log.log_every=1", "log.progress=false",
               "engine.deterministic=true"]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+RUN_TIMEOUT_S = 300  # one tiny dpm-train run (tens of seconds on 2 quiet cores)
 
 
 def free_port() -> int:
@@ -130,3 +137,64 @@ def run_ranks(fn, world: int, out_dir: Path, *args) -> list:
     out_dir.mkdir()
     mp.spawn(_rank_worker, args=(world, free_port(), str(out_dir), fn, args), nprocs=world, join=True)
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+# ---- dpm-train runs as a user starts them ---------------------------------------------------------------------
+
+def train_env() -> dict[str, str]:
+    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+
+
+def relative_workdir(folder: Path, shards: Path) -> Path:
+    """A working folder outside the repository where ``shards`` is a relative path to the tiny shards."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "shards").symlink_to(shards)
+    return folder
+
+
+def model_weights(run: Path, name: str = "model_final.pt") -> dict:
+    import torch
+
+    return torch.load(run / name, weights_only=True)["model"]
+
+
+def assert_identical(a: dict, b: dict) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}: max |Δ| " \
+                       f"{max(float((a[k].float() - b[k].float()).abs().max()) for k in differ):.3g}"
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and every descendant at once (torchrun puts its ranks in sessions of their own)."""
+    import psutil
+
+    root = psutil.Process(pid)
+    victims = [root, *root.children(recursive=True)]
+    for victim in victims:
+        try:
+            victim.kill()
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(victims, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference run: 2 ranks, ZeRO-1, 3 epochs × 2 steps, evaluated at the end, never stopped.
+
+    Started as a user would: ``bash launch/torchrun.sh 2`` from a folder of their own, relative paths, the
+    environment's python found on PATH; its output is kept in ``reference.log`` next to the run. Read-only:
+    tests that resume from its checkpoints copy it first.
+    """
+    work = relative_workdir(tmp_path_factory.mktemp("train") / "work", tiny_shards)
+    env = dict(train_env(), PATH=f"{VENV_BIN}:{os.environ['PATH']}")
+    env.pop("PYTHON", None)
+    cmd = ["bash", str(ROOT / "launch" / "torchrun.sh"), "2", *TINY_TRAIN, "data.root=shards", "log.output_dir=uninterrupted",
+           "engine.zero_stage=1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work, timeout=RUN_TIMEOUT_S)
+    (work / "reference.log").write_text(proc.stdout + "\n----- stderr -----\n" + proc.stderr)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    return work / "uninterrupted"

@@ -112,9 +112,10 @@ def test_embed_takes_paths_and_pil_images_and_distance_is_the_evaluators(tiny_fi
 
 
 def test_the_documented_python_example_runs_as_written(tiny_file, tmp_path):
-    """The ```python block of docs/deployment.md (the README's "Using a trained model" example), unchanged."""
-    text = (REPO / "docs" / "deployment.md").read_text()
-    example = re.search(r"```python\n(.*?)```", text, re.S).group(1)
+    """The README's "Using a trained model" example (the ```python block, also in docs/deployment.md), unchanged."""
+    example, copy = (re.search(r"```python\n(.*?)```", (REPO / name).read_text(), re.S).group(1)
+                     for name in ("README.md", "docs/deployment.md"))
+    assert example == copy
     assert len(example.strip().splitlines()) <= 5
     (tmp_path / "runs" / "tiny_synthetic").mkdir(parents=True)
     shutil.copy(tiny_file, tmp_path / "runs" / "tiny_synthetic" / "model_final.pt")

@@ -20,17 +20,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import TINY_TRAIN, free_port
+from tests.conftest import (RUN_TIMEOUT_S, TINY_TRAIN, VENV_BIN, assert_identical, free_port, kill_tree, model_weights,
+                            relative_workdir, train_env)
 
 ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
-RUN_TIMEOUT_S = 300
 
 TINY = TINY_TRAIN
-
-
-def _env() -> dict[str, str]:
-    return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def _torchrun(nproc: int) -> list[str]:
@@ -43,47 +38,11 @@ def _overrides(shards: Path, out: Path, *extra: str) -> list[str]:
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=_env(), cwd=cwd, timeout=RUN_TIMEOUT_S)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=train_env(), cwd=cwd, timeout=RUN_TIMEOUT_S)
     with open(cwd / "runs.log", "a") as log:
         log.write(f"$ {' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}\n")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc
-
-
-def _weights(run: Path, name: str = "model_final.pt") -> dict[str, torch.Tensor]:
-    return torch.load(run / name, weights_only=True)["model"]
-
-
-def _assert_identical(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    differ = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}: max |Δ| " \
-                       f"{max(float((a[k].float() - b[k].float()).abs().max()) for k in differ):.3g}"
-
-
-def _relative_workdir(folder: Path, shards: Path) -> Path:
-    """A working folder outside the repository where ``shards`` is a relative path to the tiny shards."""
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "shards").symlink_to(shards)
-    return folder
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The reference run: 2 ranks, ZeRO-1, 3 epochs × 2 steps, evaluated at the end, never stopped.
-
-    Started as a user would: ``bash launch/torchrun.sh 2`` from a folder of their own, relative paths, the
-    environment's python found on PATH; its output is kept in ``reference.log`` next to the run.
-    """
-    work = _relative_workdir(tmp_path_factory.mktemp("train") / "work", tiny_shards)
-    env = dict(_env(), PATH=f"{VENV_BIN}:{os.environ['PATH']}")
-    env.pop("PYTHON", None)
-    cmd = ["bash", str(ROOT / "launch" / "torchrun.sh"), "2", *TINY, "data.root=shards", "log.output_dir=uninterrupted",
-           "engine.zero_stage=1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work, timeout=RUN_TIMEOUT_S)
-    (work / "reference.log").write_text(proc.stdout + "\n----- stderr -----\n" + proc.stderr)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return work / "uninterrupted"
 
 
 @pytest.mark.slow
@@ -156,33 +115,19 @@ def _tb_steps(tb: Path) -> dict[str, list[int]]:
     return {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
-def _kill_9_tree(pid: int) -> None:
-    """SIGKILL a process and every descendant at once (torchrun puts its ranks in sessions of their own)."""
-    import psutil
-
-    root = psutil.Process(pid)
-    victims = [root, *root.children(recursive=True)]
-    for victim in victims:
-        try:
-            victim.kill()
-        except psutil.NoSuchProcess:
-            pass
-    psutil.wait_procs(victims, timeout=60)
-
-
 @pytest.mark.slow
 def test_kill_9_then_the_same_command_resumes_to_the_same_weights(uninterrupted, tiny_shards, tmp_path):
     out = tmp_path / "killed"
     cmd = _torchrun(2) + _overrides(tiny_shards, out, "engine.zero_stage=1")
     log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=tmp_path)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=train_env(), cwd=tmp_path)
     latest, deadline = out / "checkpoints" / "latest", time.time() + RUN_TIMEOUT_S
     try:  # a step past the first checkpoint is on stdout, so it is in TensorBoard too
         while not (latest.is_file() and latest.read_text().strip() and "[step 3 " in (tmp_path / "first.log").read_text()):
             assert proc.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
             time.sleep(0.05)
     finally:
-        _kill_9_tree(proc.pid)  # torchrun and both ranks, once the second epoch has logged a step
+        kill_tree(proc.pid)  # torchrun and both ranks, once the second epoch has logged a step
         proc.wait(timeout=60)
         log.close()
     tag = latest.read_text().strip()
@@ -191,7 +136,7 @@ def test_kill_9_then_the_same_command_resumes_to_the_same_weights(uninterrupted,
     second = _run(cmd, cwd=tmp_path)
     epoch = int(tag[-4:])
     assert f"resumed from {tag} (epoch {epoch}, step {2 * epoch}, world size 2)" in second.stdout
-    _assert_identical(_weights(out), _weights(uninterrupted))  # every parameter and buffer, bit for bit
+    assert_identical(model_weights(out), model_weights(uninterrupted))  # every parameter and buffer, bit for bit
     # (The in-training metrics are not compared: after 6 steps the tiny model's features lie within a
     # few ulps of each other, so the kernel path of a freshly loaded vs a trained-in-place parameter
     # can swap near-ties; dpm-eval of the two model files gave identical metrics when this was written.)
@@ -207,11 +152,11 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
 
 @pytest.mark.slow
 def test_resuming_a_finished_run_with_another_config_is_refused_and_changes_nothing(uninterrupted, tiny_shards, tmp_path):
-    work = _relative_workdir(tmp_path / "work", tiny_shards)
+    work = relative_workdir(tmp_path / "work", tiny_shards)
     shutil.copytree(uninterrupted, work / "run")
     before = _snapshot(work / "run")
     args = [str(VENV_BIN / "dpm-train"), *TINY, "data.root=shards", "log.output_dir=run", "engine.zero_stage=1"]
-    proc = subprocess.run(args + ["loss.alpha=0.3", "loss.margin=0.2"], capture_output=True, text=True, env=_env(), cwd=work,
+    proc = subprocess.run(args + ["loss.alpha=0.3", "loss.margin=0.2"], capture_output=True, text=True, env=train_env(), cwd=work,
                           timeout=RUN_TIMEOUT_S)
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     error = proc.stderr.strip().splitlines()
@@ -236,7 +181,7 @@ def test_resume_two_ranks_on_one_rank_reshards_the_zero_state(uninterrupted, tin
     first = _run(args, cwd=tmp_path)
     assert "resharding the ZeRO-1 optimiser state of epoch_0003 from 2 to 1 ranks" in first.stdout
     assert "resumed from epoch_0003 (epoch 3, step 6, world size 2)" in first.stdout
-    _assert_identical(_weights(out), _weights(uninterrupted))
+    assert_identical(model_weights(out), model_weights(uninterrupted))
     # One more epoch on one rank continues from the loaded optimiser state, with a deliberate change of α
     # that everything the run writes records.
     more = _run(args + ["optim.epochs=4", "eval.period=4", "loss.alpha=0.3", "log.allow_config_change=[loss.alpha]"], cwd=tmp_path)
@@ -255,12 +200,12 @@ def test_resume_two_ranks_on_one_rank_reshards_the_zero_state(uninterrupted, tin
 def test_ctrl_c_says_what_was_saved_and_how_to_resume(tiny_shards, tmp_path):
     import signal
 
-    work = _relative_workdir(tmp_path / "work", tiny_shards)
+    work = relative_workdir(tmp_path / "work", tiny_shards)
     args = [str(VENV_BIN / "dpm-train"), *TINY, "data.root=shards", "log.output_dir=run", "optim.epochs=40", "eval.period=40",
             "log.progress=true"]
     log_path = tmp_path / "out.log"
     with open(log_path, "w") as log:  # stdout and stderr in one stream, as on a terminal
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=_env(), cwd=work)
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=train_env(), cwd=work)
         deadline = time.time() + RUN_TIMEOUT_S
         try:
             while "[step 3 " not in log_path.read_text():  # the first epoch's checkpoint is written
@@ -298,7 +243,7 @@ def test_skipped_corrupt_samples_are_counted_and_reported_at_the_end(tmp_path):
     write_dataset(samples, str(work / "shards"), dataset="synthetic", max_count=3)
     args = [str(VENV_BIN / "dpm-train"), *TINY, "data.root=shards", "log.output_dir=run", "data.num_ids=3",
             "data.skip_corrupt=true", "optim.epochs=1", "eval.period=1"]
-    proc = subprocess.run(args, capture_output=True, text=True, env=_env(), cwd=work, timeout=RUN_TIMEOUT_S)
+    proc = subprocess.run(args, capture_output=True, text=True, env=train_env(), cwd=work, timeout=RUN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     steps = json.loads((work / "run" / "results.json").read_text())["steps"]
     assert json.loads((work / "run" / "results.json").read_text())["num_skipped_corrupt"] == steps
@@ -306,7 +251,7 @@ def test_skipped_corrupt_samples_are_counted_and_reported_at_the_end(tmp_path):
 
 
 def test_help_lists_only_the_groups_dpm_train_uses(tmp_path):
-    proc = subprocess.run([str(VENV_BIN / "dpm-train"), "--help"], capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120)
+    proc = subprocess.run([str(VENV_BIN / "dpm-train"), "--help"], capture_output=True, text=True, env=train_env(), cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "experiment: " in proc.stdout and "engine: fp32" in proc.stdout and "model: vit_base, vit_tiny" in proc.stdout
     assert "tune:" not in proc.stdout and "tiny_asha" not in proc.stdout
@@ -315,7 +260,7 @@ def test_help_lists_only_the_groups_dpm_train_uses(tmp_path):
 def test_dataset_must_match_the_shards(tiny_shards, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run([str(VENV_BIN / "dpm-train"), *_overrides(tiny_shards, out), "data.dataset=occluded_duke"],
-                          capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120)
+                          capture_output=True, text=True, env=train_env(), cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert (f"dpm-train: error: config field `data.dataset`: 'occluded_duke', but the shards in {tiny_shards} were written as "
             "'synthetic' (index.json); set data.dataset=synthetic, or data.dataset=generic for any shards") in proc.stderr
@@ -339,7 +284,7 @@ def test_two_nodes_in_network_namespaces_train_with_zero2(tiny_shards, tmp_path)
     if why:
         pytest.skip(why)
     out, logs = tmp_path / "two_node", tmp_path / "logs"
-    env = dict(_env(), PYTHON=sys.executable, LOG_DIR=str(logs), RDZV_PORT=str(free_port()))
+    env = dict(train_env(), PYTHON=sys.executable, LOG_DIR=str(logs), RDZV_PORT=str(free_port()))
     proc = subprocess.run(["bash", str(ROOT / "launch" / "two_node_netns.sh"), "1", "-m", "dpm_dist.cli.train",
                            *_overrides(tiny_shards, out, "engine.zero_stage=2", "optim.epochs=2", "eval.period=2")],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=RUN_TIMEOUT_S)
@@ -359,7 +304,7 @@ def test_two_nodes_in_network_namespaces_train_with_zero2(tiny_shards, tmp_path)
 def test_bad_config_fails_fast_naming_the_field(tiny_shards, tmp_path, override, message):
     out = tmp_path / "run"
     proc = subprocess.run([str(VENV_BIN / "dpm-train"), *_overrides(tiny_shards, out), override],
-                          capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=120)
+                          capture_output=True, text=True, env=train_env(), cwd=tmp_path, timeout=120)
     assert proc.returncode != 0
     assert message in proc.stdout + proc.stderr, proc.stderr[-3000:]
     assert not (out / "checkpoints").exists()  # failed before any work
@@ -367,9 +312,9 @@ def test_bad_config_fails_fast_naming_the_field(tiny_shards, tmp_path, override,
 
 @pytest.mark.slow
 def test_deepspeed_launcher_with_a_hostfile_and_no_ssh(tiny_shards, tmp_path):
-    work = _relative_workdir(tmp_path / "work", tiny_shards)
+    work = relative_workdir(tmp_path / "work", tiny_shards)
     (work / "hostfile").write_text("localhost slots=2\n")  # ./hostfile: the default
-    env = dict(_env(), DS_NO_SSH="1", NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
+    env = dict(train_env(), DS_NO_SSH="1", NODE_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
                PATH=f"{VENV_BIN}:{os.environ['PATH']}")
     env.pop("DEEPSPEED", None)
     proc = subprocess.run(["bash", str(ROOT / "launch" / "deepspeed.sh"), *TINY, "data.root=shards", "log.output_dir=ds",
@@ -383,7 +328,7 @@ def test_deepspeed_launcher_with_a_hostfile_and_no_ssh(tiny_shards, tmp_path):
 
 def test_deepspeed_launcher_without_a_hostfile_names_the_example(tmp_path):
     proc = subprocess.run(["bash", str(ROOT / "launch" / "deepspeed.sh"), "experiment=tiny"], capture_output=True, text=True,
-                          env=_env(), cwd=tmp_path, timeout=60)
+                          env=train_env(), cwd=tmp_path, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip() == (f"deepspeed.sh: error: hostfile hostfile not found (one line per node, \"host slots=N\"): copy "
                                    f"{ROOT}/launch/hostfile.example to ./hostfile and edit it, or pass its path first")

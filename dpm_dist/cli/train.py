@@ -11,15 +11,19 @@ configuration: docs/training.md, "Resuming").
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 from dpm_dist.cli.common import (CONFIG_MODULE, CONFIG_NAME, CONFIG_PATH, check_local_inputs, insert_override, resolve_paths,
                                  run_guarded)
 
 PROG = "dpm-train"
+# launch/torchrun.sh and launch/slurm.sbatch run the command once with this set before starting the ranks: the
+# checks that need no process group, so a user error is reported once instead of restarted (--max-restarts).
+PREFLIGHT_ENV = "DPM_PREFLIGHT"
 GROUPS = ("experiment", "model", "engine")  # the config groups dpm-train uses (tune/ is dpm-tune's)
 HELP = """dpm-train: train DPM (occluded person ReID), on one process or under any launcher (torchrun, deepspeed,
 Slurm); re-running the same command resumes the run in log.output_dir.
@@ -78,12 +82,17 @@ def print_end(cfg: Any, results: dict[str, float]) -> None:
         print(f"rank-1 {results['rank1']:.1%}  mAP {results['mAP']:.1%}  mINP {results.get('mINP', float('nan')):.1%}  "
               f"({int(results['num_query'])} queries, {int(results['num_gallery'])} gallery images)", flush=True)
     summary = os.path.join(out, "results.json")
-    skipped = 0
+    done: dict[str, Any] = {}
     if os.path.isfile(summary):
         with open(summary) as f:
-            skipped = json.load(f).get("num_skipped_corrupt", 0)
+            done = json.load(f)
+    skipped = done.get("num_skipped_corrupt", 0)
     if skipped:
         print(f"skipped {skipped} corrupt training samples (data.skip_corrupt=true; each is named in the log above)", flush=True)
+    nonfinite = done.get("num_skipped_steps", 0)
+    if nonfinite:
+        print(f"skipped {nonfinite} training step{'s' if nonfinite > 1 else ''} with non-finite losses or gradients "
+              "(no update applied; TensorBoard train/skipped_steps)", flush=True)
     written = [f for f in ("model_final.pt", "model_best.pt", "results.json", "config.yaml") if os.path.isfile(os.path.join(out, f))]
     meta = latest_meta(os.path.join(out, "checkpoints"))
     if meta:
@@ -103,15 +112,52 @@ def run_training(cfg_node: Any, state: dict[str, Any]) -> dict[str, float]:
     configure_library_output(cfg.log.level)  # before deepspeed is imported
     check_local_inputs(cfg)  # before any process group or model
     state["cfg"] = cfg
-    from dpm_dist.train.loop import train
+    from dpm_dist.train.loop import preflight, train
+
+    if os.environ.get(PREFLIGHT_ENV, "") not in ("", "0"):
+        preflight(cfg)
+        return {}
 
     env = DistEnv.from_env()
-    init_process_group(env, timeout_s=cfg.engine.collective_timeout_s)
-    with peer_failures(env, cfg.engine.collective_timeout_s):  # a lost node: one line naming it, not a traceback
-        results = train(cfg, env)
+    with no_restart_after_a_mistake(cfg.log.output_dir):
+        init_process_group(env, timeout_s=cfg.engine.collective_timeout_s)
+        with peer_failures(env, cfg.engine.collective_timeout_s):  # a lost node: one line naming it, not a traceback
+            results = train(cfg, env)
     if env.is_main:
         print_end(cfg, results)
     return results
+
+
+STOP_FILE = ".dpm-stopped"  # in log.output_dir: the error that stopped the previous attempt of a restarted job
+
+
+@contextlib.contextmanager
+def no_restart_after_a_mistake(out_dir: str) -> Iterator[None]:
+    """Under torchrun restarts, a ``ValueError`` (a bad value in the data or the run: a non-finite streak, a
+    corrupt shard, ...) or a checkpoint that could not be written (a full disk) would stop every restart at the
+    same place again: the attempt that met it records it, and the restarted ranks stop at once with the same
+    line instead of replaying the work since the last checkpoint. A failure of a machine or of a read (a lost
+    peer, storage out of retries) is restarted as usual. A new launch (restart count 0) forgets the record."""
+    attempt, restarts = os.environ.get("TORCHELASTIC_RESTART_COUNT"), os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0")
+    if attempt is None or restarts == "0":
+        yield
+        return
+    stop = os.path.join(out_dir, STOP_FILE)
+    if attempt == "0":
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(stop)
+    elif os.path.isfile(stop):
+        with open(stop) as f:
+            raise ValueError(f"{f.read().strip()} (stopped again at once: a restart would only repeat it)")
+    from dpm_dist.train.checkpoint import CheckpointSaveError
+
+    try:
+        yield
+    except (ValueError, CheckpointSaveError) as err:
+        with contextlib.suppress(OSError):  # a full disk may refuse even this
+            with open(stop, "w") as f:
+                f.write(str(err).splitlines()[0] if str(err) else type(err).__name__)
+        raise
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ writes ``model_best.pt`` (at its best evaluation) and ``model_final.pt`` (at the
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from typing import Optional
 
@@ -28,6 +29,14 @@ def save_model_file(model: torch.nn.Module, dst: str, meta: dict) -> None:
     try:
         torch.save({"model": state, "meta": meta}, tmp)
         os.replace(tmp, dst)
+    except (OSError, RuntimeError) as err:  # torch.save's zip writer raises RuntimeError on a full disk
+        if isinstance(err, RuntimeError) and "inline_container" not in str(err) and "PytorchStreamWriter" not in str(err):
+            raise
+        usage = shutil.disk_usage(folder)  # before the partial file is removed
+        why = err.strerror if isinstance(err, OSError) and err.strerror else (
+            "No space left on device" if usage.free < 2**20 else f"write failed ({str(err).splitlines()[0]})")
+        raise OSError(f"writing the model file {dst} failed: {why} ({usage.free / 2**20:,.1f} MiB free of "
+                      f"{usage.total / 2**20:,.0f} MiB); no file was replaced") from err
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

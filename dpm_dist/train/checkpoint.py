@@ -6,20 +6,28 @@ Layout under ``<output_dir>/checkpoints``::
     epoch_0003/mask/...        DeepSpeed files of the HMG engine
     epoch_0003/rng/rank_<r>.pt per-rank RNG states (python, numpy, torch, cuda) and fp16 loss scalers
     epoch_0003/meta.json       epoch, step, world size, ZeRO stage, best metric, results, resolved config
-    latest                     name of the newest *complete* checkpoint, replaced atomically last
+    epoch_0003/manifest.json   every file above with its size and sha256, written last (after an fsync of each)
+    latest                     name of the newest checkpoint whose manifest was written, replaced atomically last
     best                       name of the checkpoint with the best eval metric (kept by keep-last-N)
 
-A crash during a save leaves ``latest`` pointing at the previous complete checkpoint; the partial
-folder is ignored and removed by the next successful save. Every function here that touches the
-engines is collective: all ranks call it.
+A folder is a checkpoint only once its manifest is written: a crash during a save leaves ``latest``
+pointing at the previous one and a folder without a manifest, which resuming reports and skips and the
+next save removes. Resuming verifies the newest folder's manifest (every file present, of its size and
+hash) and falls back to the previous checkpoint with a warning naming what failed (:func:`find_resumable`).
+A save that fails (a full disk, a permission error) raises :class:`CheckpointSaveError` naming the
+folder and the free space, and leaves ``latest`` as it was. The hashing is shared out over the ranks.
+Every function here that touches the engines or verifies is collective: all ranks call it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import random
 import shutil
+import signal
 from typing import Any, Optional
 
 import numpy as np
@@ -27,6 +35,17 @@ import torch
 
 from dpm_dist import dist
 from dpm_dist.dist import DistEnv
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+# Test hook (docs/training.md, "Faults"): SIGKILL this process in the middle of saving the given epoch,
+# after the main engine's files and before the mask engine's, as a crash or a pre-emption would.
+CRASH_IN_SAVE_ENV = "DPM_DEBUG_CRASH_IN_SAVE"
+
+
+class CheckpointSaveError(OSError):
+    """A checkpoint could not be written; the previous one is intact and still ``latest``."""
 
 
 def tag_for(epoch: int) -> str:
@@ -47,7 +66,167 @@ def _read_pointer(root: str, name: str) -> Optional[str]:
     if not os.path.isfile(path):
         return None
     tag = open(path).read().strip()
-    return tag if tag and os.path.isfile(os.path.join(root, tag, "meta.json")) else None
+    return tag if tag and _has_manifest(os.path.join(root, tag)) else None
+
+
+def _has_manifest(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, MANIFEST)) and os.path.isfile(os.path.join(folder, "meta.json"))
+
+
+# ---- manifests: written last, verified on resume; the hashing is shared out over the ranks ----------------
+
+def _sha256(path: str, *, sync: bool = False) -> str:
+    with open(path, "rb") as f:
+        if sync:  # on disk before the manifest vouches for it
+            os.fsync(f.fileno())
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _share(sizes: dict[str, int], env: DistEnv, holders: Optional[dict[str, list[int]]] = None) -> list[str]:
+    """This rank's files: the largest first, each to the least loaded rank that holds it (all by default);
+    the same answer on every rank."""
+    load, mine = [0] * env.world_size, []
+    for name in sorted(sizes, key=lambda n: (-sizes[n], n)):
+        owner = min(holders[name] if holders else range(env.world_size), key=lambda r: (load[r], r))
+        load[owner] += sizes[name]
+        if owner == env.rank:
+            mine.append(name)
+    return mine
+
+
+def _files_under(folder: str) -> dict[str, int]:
+    out = {}
+    for base, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(base, name)
+            rel = os.path.relpath(path, folder)
+            if rel != MANIFEST:
+                out[rel] = os.path.getsize(path)
+    return out
+
+
+def write_manifest(folder: str, env: DistEnv) -> dict[str, Any]:
+    """Hash (and fsync) every file of ``folder`` with the ranks sharing the work; rank 0 writes the manifest.
+
+    Each rank hashes files it sees: on a shared file system any rank, on folders of their own (Ray Tune's
+    workers, whose files Ray merges into one checkpoint) the rank that wrote the file. Collective.
+    """
+    dist.barrier()  # every rank's files are written (rank 0's meta.json too) before any rank lists the folder
+    sizes: dict[str, int] = {}
+    holders: dict[str, list[int]] = {}
+    for rank, seen in enumerate(dist.all_gather_objects(_files_under(folder))):
+        for name, size in seen.items():
+            sizes.setdefault(name, size)
+            holders.setdefault(name, []).append(rank)
+    mine = {name: {"size": sizes[name], "sha256": _sha256(os.path.join(folder, name), sync=True)}
+            for name in _share(sizes, env, holders)}
+    files = {k: v for part in dist.all_gather_objects(mine) for k, v in part.items()}
+    manifest = {"format": 1, "algorithm": "sha256", "files": dict(sorted(files.items()))}
+    if env.is_main:
+        _write_atomic(os.path.join(folder, MANIFEST), json.dumps(manifest, indent=1))
+    return manifest
+
+
+def _read_manifest(folder: str) -> tuple[Optional[dict[str, Any]], str]:
+    path = os.path.join(folder, MANIFEST)
+    if not os.path.isfile(path):
+        return None, f"no {MANIFEST} (its save did not finish)"
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+        files = manifest["files"]
+        if not isinstance(files, dict) or not all(isinstance(v, dict) and {"size", "sha256"} <= v.keys() for v in files.values()):
+            raise ValueError("no list of files with sizes and hashes")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        return None, f"{MANIFEST} is unreadable ({err})"
+    return manifest, ""
+
+
+def _check_file(folder: str, name: str, want: dict[str, Any]) -> str:
+    path = os.path.join(folder, name)
+    if not os.path.isfile(path):
+        return f"{name} is missing"
+    size = os.path.getsize(path)
+    if size != want["size"]:
+        return f"{name} has {size} bytes, the manifest says {want['size']}"
+    if _sha256(path) != want["sha256"]:
+        return f"{name} does not match its sha256 (damaged)"
+    return ""
+
+
+def verify(folder: str, env: DistEnv) -> list[str]:
+    """What is wrong with the checkpoint ``folder`` ([] when its manifest verifies), the same on every rank. Collective."""
+    manifest, problem = _read_manifest(folder) if env.is_main else (None, "")
+    manifest, problem = dist.broadcast_object((manifest, problem))
+    if manifest is None:
+        return [problem]
+    files = manifest["files"]
+    mine = [p for p in (_check_file(folder, n, files[n]) for n in _share({n: v["size"] for n, v in files.items()}, env)) if p]
+    return sorted(p for part in dist.all_gather_objects(mine) for p in part)
+
+
+def _epoch_folders(root: str) -> list[str]:
+    if not os.path.isdir(root):
+        return []
+    return sorted((t for t in os.listdir(root) if t.startswith("epoch_") and os.path.isdir(os.path.join(root, t))), reverse=True)
+
+
+def find_resumable(root: str, env: DistEnv) -> Optional[dict[str, Any]]:
+    """Meta of the newest checkpoint under ``root`` whose manifest verifies, or None when there is none yet.
+
+    A newer folder that fails verification (a truncated, damaged or missing file, or no manifest: a save
+    that did not finish) is named in a warning and the previous checkpoint is used; when folders exist but
+    none verifies, ``ValueError`` lists what was found. Collective: every rank gets the same answer.
+    """
+    failed: list[str] = []
+    for tag in _epoch_folders(root):
+        folder = os.path.join(root, tag)
+        problems = verify(folder, env)
+        if not problems:
+            with open(os.path.join(folder, "meta.json")) as f:
+                meta = json.load(f)
+            if failed and env.is_main:
+                log.warning("skipping %s; resuming from %s, the newest checkpoint that verifies", "; ".join(failed), tag)
+            return meta
+        failed.append(f"{tag}: {', '.join(problems[:3])}{f' (+{len(problems) - 3} more)' if len(problems) > 3 else ''}")
+    if failed:
+        raise ValueError(f"no checkpoint in {root} verifies ({'; '.join(failed)}); move the folder away (or set a new "
+                         "log.output_dir) to start over")
+    return None
+
+
+def _disk_usage(folder: str) -> Optional[Any]:
+    probe = folder
+    while probe and not os.path.isdir(probe):
+        probe = os.path.dirname(probe)
+    try:
+        return shutil.disk_usage(probe or ".")
+    except OSError:
+        return None
+
+
+def _is_write_failure(err: BaseException) -> bool:
+    """OSError, or torch.save's RuntimeError from its zip writer (which does not raise OSError on a full disk)."""
+    return isinstance(err, OSError) or (isinstance(err, RuntimeError) and any(
+        s in str(err) for s in ("inline_container", "PytorchStreamWriter", "file write failed")))
+
+
+def _save_failure(err: BaseException, folder: str) -> str:
+    """Why the save failed and the free space at that moment, e.g. ``No space left on device (0.0 MiB free of 14 MiB)``."""
+    usage = _disk_usage(folder)
+    free = f"{usage.free / 2**20:,.1f} MiB free of {usage.total / 2**20:,.0f} MiB" if usage else "free space unknown"
+    if isinstance(err, OSError) and err.strerror:
+        why = err.strerror
+    elif usage and usage.free < 2**20:
+        why = "No space left on device"
+    else:
+        why = f"write failed ({str(err).splitlines()[0]})"
+    return f"{why} ({free})"
+
+
+def _crash_hook(epoch: int) -> None:
+    if os.environ.get(CRASH_IN_SAVE_ENV, "") == str(epoch):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def rng_state() -> dict[str, Any]:
@@ -73,14 +252,28 @@ def save(engine: Any, root: str, *, epoch: int, step: int, env: DistEnv, meta: d
     if env.is_main and os.path.isdir(folder):
         shutil.rmtree(folder)  # a partial folder from a crashed save of the same epoch
     dist.barrier()
-    for name, ds_engine in engine.modules():
-        ds_engine.save_checkpoint(folder, tag=name, save_latest=False)
-    os.makedirs(os.path.join(folder, "rng"), exist_ok=True)
-    torch.save({"rng": rng_state(), "scalers": engine.scaler_state()}, os.path.join(folder, "rng", f"rank_{env.rank}.pt"))
-    dist.barrier()  # every rank's shards are on disk before the checkpoint is declared complete
+    try:
+        for i, (name, ds_engine) in enumerate(engine.modules()):
+            if i:
+                _crash_hook(epoch)
+            ds_engine.save_checkpoint(folder, tag=name, save_latest=False)
+        os.makedirs(os.path.join(folder, "rng"), exist_ok=True)
+        torch.save({"rng": rng_state(), "scalers": engine.scaler_state()}, os.path.join(folder, "rng", f"rank_{env.rank}.pt"))
+        dist.barrier()  # every rank's shards are on disk before the checkpoint is declared complete
+        if env.is_main:
+            full_meta = dict(meta, epoch=epoch, step=step, world_size=env.world_size, tag=tag)
+            _write_atomic(os.path.join(folder, "meta.json"), json.dumps(full_meta, indent=2, default=str))
+        write_manifest(folder, env)  # collective; the folder is a checkpoint from here on
+    except Exception as err:
+        if not _is_write_failure(err):
+            raise
+        why, previous = _save_failure(err, folder), _read_pointer(root, "latest")
+        if env.is_main:
+            shutil.rmtree(folder, ignore_errors=True)  # never half a checkpoint, and its space back
+        kept = f"{previous} is intact and still the latest" if previous else "there is no earlier checkpoint"
+        raise CheckpointSaveError(f"saving checkpoint {folder} failed: {why}; {kept}; free space and re-run the same command "
+                                  "to resume") from err
     if env.is_main:
-        full_meta = dict(meta, epoch=epoch, step=step, world_size=env.world_size, tag=tag)
-        _write_atomic(os.path.join(folder, "meta.json"), json.dumps(full_meta, indent=2, default=str))
         _write_atomic(os.path.join(root, "latest"), tag)
         if is_best:
             _write_atomic(os.path.join(root, "best"), tag)
@@ -91,7 +284,7 @@ def save(engine: Any, root: str, *, epoch: int, step: int, env: DistEnv, meta: d
 
 def _prune(root: str, keep_last: int) -> None:
     tags = sorted(t for t in os.listdir(root) if t.startswith("epoch_") and os.path.isdir(os.path.join(root, t)))
-    complete = [t for t in tags if os.path.isfile(os.path.join(root, t, "meta.json"))]
+    complete = [t for t in tags if _has_manifest(os.path.join(root, t))]
     keep = set(complete[-keep_last:]) | {_read_pointer(root, "best"), _read_pointer(root, "latest")}
     for tag in tags:
         if tag not in keep:
@@ -99,7 +292,7 @@ def _prune(root: str, keep_last: int) -> None:
 
 
 def latest_meta(root: str) -> Optional[dict[str, Any]]:
-    """Meta of the newest complete checkpoint under ``root``, or None."""
+    """Meta of the checkpoint ``latest`` names, or None; not verified (for messages: :func:`find_resumable` resumes)."""
     tag = _read_pointer(root, "latest")
     if tag is None:
         return None
@@ -118,7 +311,7 @@ RESUME_MAY_CHANGE = (
     "data.root", "data.eval_root", "data.train_urls", "data.query_urls", "data.gallery_urls", "data.cache_dir",
     "data.s3_endpoint", "data.num_workers", "data.pin_memory", "data.eval_batch_size", "data.verify_sha",
     "data.skip_corrupt", "data.io_retries", "data.io_backoff_s", "data.io_timeout_s",
-    "engine.deterministic", "engine.compile", "engine.compile_backend", "engine.collective_timeout_s", "engine.collective_timeout_s",
+    "engine.deterministic", "engine.compile", "engine.compile_backend", "engine.collective_timeout_s", "engine.max_nonfinite_steps",
     "eval", "log", "search",
 )
 _ABSENT = "(absent)"
@@ -171,15 +364,16 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any], allow: Any = 
     return {k: v for k, v in diff.items() if not _covered(k, ("log",))}
 
 
-def resume(engine: Any, root: str, env: DistEnv) -> Optional[dict[str, Any]]:
-    """Load the newest complete checkpoint into ``engine``; returns its meta or None. Collective.
+def resume(engine: Any, root: str, env: DistEnv, meta: Optional[dict[str, Any]] = None) -> Optional[dict[str, Any]]:
+    """Load the checkpoint ``meta`` describes (default: :func:`find_resumable`) into ``engine``; returns its meta
+    or None. Collective.
 
     On a different world size with ZeRO >= 1 every rank reads the module weights and takes its own
     slice of the consolidated fp32 weights and optimiser state (:func:`dpm_dist.train.engine.load_resharded_zero_state`).
     """
     from dpm_dist.train.engine import load_resharded_zero_state
 
-    meta = latest_meta(root)
+    meta = find_resumable(root, env) if meta is None else dict(meta)
     if meta is None:
         return None
     folder = os.path.join(root, meta["tag"])

@@ -17,6 +17,11 @@ Update modes (``engine.update_mode``):
   and backpropagates (1−α)·CE(masked ArcFace) into the HMG only.
 * ``approx`` — step 2 reuses step 1's taps, f_bn and W (docs/method.md §10.3): no second backbone forward; the
   HMG sees the pre-update backbone and BN statistics update once. Not exact; documented as such.
+
+Non-finite steps (docs/training.md, "Non-finite losses"): a NaN/Inf loss term on any rank (it turns that
+rank's gradients into NaN) or a non-finite gradient norm (ZeRO-1/2: DeepSpeed's own all-reduced norm;
+ZeRO-0: the norm of the already all-reduced gradients, the same on every rank) skips the update on every
+rank, and the BN running statistics of that forward are put back. fp16 keeps GradScaler's skip-and-back-off.
 """
 
 from __future__ import annotations
@@ -24,12 +29,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import torch
 import torch.nn as nn
 
+from dpm_dist import dist
 from dpm_dist.config import DPMConfig
 from dpm_dist.dist import DistEnv, device_for
 from dpm_dist.train.losses import dpm_loss, masked_arcface_ce
@@ -78,9 +83,28 @@ def _set_requires_grad(params: list[nn.Parameter], flag: bool) -> None:
         p.requires_grad_(flag)
 
 
-@dataclass
-class StepResult:
-    metrics: dict[str, float]
+def _nonfinite_terms(flags: torch.Tensor, names: list[str]) -> tuple[str, ...]:
+    """The ``names`` whose ``flags`` (this rank's "non-finite") are set on any rank. Collective."""
+    return tuple(name for name, bad in zip(names, dist.all_reduce_sum(flags.float()).tolist()) if bad)
+
+
+def _grad_norm_finite(params: list[nn.Parameter]) -> bool:
+    grads = [p.grad for p in params if p.grad is not None]
+    return not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+
+
+def _back_off(scaler: Any) -> None:
+    """One GradScaler back-off (scale × backoff_factor, growth count restarted), as ``update()`` after an inf."""
+    state = scaler.state_dict()
+    scaler.load_state_dict(dict(state, scale=state["scale"] * state["backoff_factor"], _growth_tracker=0))
+
+
+def _forget_fp16_autocast() -> None:
+    """DeepSpeed remembers an fp16 torch_autocast engine in module globals, and every later ZeRO engine of the
+    process then gets a GradScaler (a Ray Tune actor or a test building several engines); clear it."""
+    from deepspeed.runtime import torch_autocast
+
+    torch_autocast.TORCH_AUTOCAST_INITIALIZED, torch_autocast.TORCH_AUTOCAST_DTYPE = False, None
 
 
 class DPMEngine:
@@ -106,6 +130,8 @@ class DPMEngine:
         # The frozen BNNeck bias must stay out of both engines.
         opt_main, opt_mask = build_optimizers(model, cfg.optim)
         ds_cfg = deepspeed_config(cfg, env)
+        if cfg.engine.precision not in _AUTOCAST:
+            _forget_fp16_autocast()
         self.main, _, _, _ = deepspeed.initialize(model=model, optimizer=opt_main, model_parameters=self._main_params,
                                                   config=dict(ds_cfg), dist_init_required=env.distributed)
         self.mask, _, _, _ = deepspeed.initialize(model=model.mask_gen, optimizer=opt_mask, model_parameters=self._mask_params,
@@ -116,6 +142,12 @@ class DPMEngine:
         lc = cfg.loss
         self._loss_args = dict(alpha=lc.alpha, beta=lc.beta, margin=lc.margin, scale=lc.scale, triplet_weight=lc.triplet_weight,
                                hem_ref_batch=lc.hem_ref_batch if cfg.engine.hem_global_batch else None)
+        self._buffers = list(self.model.buffers())  # the BN running statistics
+        # Skipped (non-finite) iterations: in all (the loop restores it on resume), in a row, why the last one
+        # skipped (() when it was applied), and every cause seen in the current streak, in order.
+        self.skipped_steps, self.nonfinite_streak = 0, 0
+        self.last_skip: tuple[str, ...] = ()
+        self.streak_causes: tuple[str, ...] = ()
 
     # ------------------------------------------------------------------ schedule
     def start_epoch(self, epoch: int) -> None:
@@ -151,7 +183,12 @@ class DPMEngine:
                         prototypes=self.model.prototypes, labels=pids, **self._triplet_inputs(out.feat, pids), **self._loss_args)
 
     def step(self, batch: dict[str, Any]) -> dict[str, float]:
-        """One DPM iteration: step 1 (everything but the HMG), then step 2 (the HMG only)."""
+        """One DPM iteration: step 1 (everything but the HMG), then step 2 (the HMG only).
+
+        A non-finite loss term or gradient norm skips the rest of the iteration on every rank, with the BN
+        statistics of the skipped forward put back; ``last_skip`` then names the cause. fp16: GradScaler's
+        own skip of an engine's update is counted the same way, and changes nothing else (as in AMP).
+        """
         images = batch["images"].to(self.device, non_blocking=True)
         pids = batch["pids"].to(self.device, non_blocking=True)
         camids = batch["camids"].to(self.device, non_blocking=True)
@@ -162,17 +199,21 @@ class DPMEngine:
         _set_requires_grad(self._main_params, True)
         _set_requires_grad(self._mask_params, mode == "reference")
         self.main.zero_grad()
+        stats = [b.clone() for b in self._buffers]
         with self._autocast():
             enc = self.model.encode(images, camids)
             out = self.model.head(enc)
             losses = self._loss(out, pids)
-        self.main.backward(losses["loss"])
-        self.main.step()
+        main_causes, stop = self._update("main", self.main, self._main_params, losses["loss"],
+                                         {k: v for k, v in losses.items() if k.startswith("loss")})
+        if stop:
+            return self._skipped(main_causes, stats, self._metrics(losses, out))
 
         # Step 2: train the mask generator; everything else is not stepped.
         _set_requires_grad(self._main_params, mode == "reference")
         _set_requires_grad(self._mask_params, True)
         self.mask.zero_grad()
+        stats = [b.clone() for b in self._buffers]
         with self._autocast():
             if mode == "reference":
                 out2 = self.model(images, camids)
@@ -188,19 +229,80 @@ class DPMEngine:
                 mask2 = self.model.mask_gen(taps)
                 loss2 = (1.0 - self.cfg.loss.alpha) * masked_arcface_ce(
                     feat_bn2, mask2, self.model.prototypes.detach(), pids, margin=self.cfg.loss.margin, scale=self.cfg.loss.scale)
-        self.mask.backward(loss2)
-        self.mask.step()
+        mask_causes, stop = self._update("mask", self.mask, self._mask_params, loss2, {"loss_step2": loss2})
         if mode == "reference":
             self.main.zero_grad()  # the discarded step-2 backbone grads must not leak into the next step 1
+        if stop:  # step 1 stays applied (it was finite); the HMG is not updated
+            return self._skipped(main_causes + mask_causes, stats, self._metrics(losses, out, loss2))
         _set_requires_grad(self._main_params, True)
+        self._count(main_causes + mask_causes)  # fp16: GradScaler may have skipped an engine's update
+        return self._metrics(losses, out, loss2)
 
+    def _metrics(self, losses: dict[str, torch.Tensor], out: Any, loss2: Optional[torch.Tensor] = None) -> dict[str, float]:
         metrics = {k: float(v.detach()) for k, v in losses.items()}
-        metrics["loss_step2"] = float(loss2.detach())
+        if loss2 is not None:
+            metrics["loss_step2"] = float(loss2.detach())
         metrics["mask_mean"] = float(out.mask.detach().float().mean())
         scale = self.loss_scale()
         if scale is not None:
             metrics["loss_scale"] = scale
         return metrics
+
+    def _update(self, name: str, ds_engine: Any, params: list[nn.Parameter], loss: torch.Tensor,
+                terms: dict[str, torch.Tensor]) -> tuple[tuple[str, ...], bool]:
+        """Backward + step of one engine, skipped on every rank when one of ``terms`` (on any rank) or the
+        gradient norm is non-finite. Returns what was non-finite (``()``: applied) and whether the rest of
+        the iteration must be skipped too (not after GradScaler's own skip). Every rank returns the same."""
+        flags = torch.stack([~torch.isfinite(v.detach()).all() for v in terms.values()])
+        # A non-finite term makes every gradient NaN (x·NaN; ×1.0 is exact), on this rank and, once reduced, on
+        # all: the gradient check skips everywhere with no collective (nor host sync) of its own.
+        ds_engine.backward(loss * torch.where(flags.any(), float("nan"), 1.0))
+        scaler = dict(self._scalers()).get(name)
+        saved = scaler.state_dict() if scaler is not None else None
+        cause = self._step_if_finite(name, ds_engine, params, scaler)
+        if not cause:
+            return (), False
+        bad = _nonfinite_terms(flags, list(terms))  # collective: on a skipped step every rank is here
+        if bad:
+            if scaler is not None:
+                scaler.load_state_dict(saved)  # a non-finite forward is no fp16 overflow: keep the scale
+            return bad, True
+        return (cause,), scaler is None
+
+    def _step_if_finite(self, name: str, ds_engine: Any, params: list[nn.Parameter], scaler: Any) -> str:
+        """Step ``ds_engine`` unless its (reduced) gradient norm is non-finite; returns why it skipped, else ""."""
+        zero = self.cfg.engine.zero_stage > 0
+        if scaler is None and not zero and not _grad_norm_finite(params):  # ZeRO-0 grads are all-reduced already
+            ds_engine.zero_grad()
+            return f"gradient norm ({name})"
+        scale = float(scaler.get_scale()) if scaler is not None else 0.0
+        ds_engine.step()  # ZeRO-1/2 skip a non-finite (all-reduced) norm themselves; GradScaler skips an inf
+        if zero and ds_engine.optimizer.overflow:
+            if scaler is None:
+                return f"gradient norm ({name})"
+            _back_off(scaler)  # ZeRO's own norm check returns before GradScaler could see the inf and back off
+        if scaler is not None and float(scaler.get_scale()) < scale:
+            return f"fp16 gradient overflow ({name}: loss scale {scale:g} -> {float(scaler.get_scale()):g})"
+        return ""
+
+    def _skipped(self, causes: tuple[str, ...], stats: list[torch.Tensor], metrics: dict[str, float]) -> dict[str, float]:
+        """A skipped iteration: the BN statistics of its forward put back, then counted."""
+        with torch.no_grad():
+            for buf, saved in zip(self._buffers, stats):
+                buf.copy_(saved)
+        _set_requires_grad(self._main_params, True)
+        self._count(causes)
+        return metrics
+
+    def _count(self, causes: tuple[str, ...]) -> None:
+        """Book the iteration: skipped (``causes``: what was non-finite) or applied (``()``: the streak ends)."""
+        self.last_skip = causes
+        if not causes:
+            self.nonfinite_streak, self.streak_causes = 0, ()
+            return
+        self.skipped_steps += 1
+        self.nonfinite_streak += 1
+        self.streak_causes = tuple(dict.fromkeys(self.streak_causes + causes))
 
     def _scalers(self) -> Iterator[tuple[str, Any]]:
         """The fp16 GradScaler of each engine (DeepSpeed's torch_autocast keeps it out of its checkpoints)."""

@@ -147,6 +147,46 @@ def _file_meta(epoch: int, step: int, results: dict[str, float], resolved: dict[
     return dict(meta, config_changes=history) if history else meta
 
 
+DEBUG_NONFINITE_ENV = "DPM_DEBUG_NONFINITE_STEPS"  # test hook: "3,4" = NaN images on rank 0 at steps 3 and 4
+
+
+def debug_nonfinite_steps(env: DistEnv) -> frozenset[int]:
+    """The (1-based) steps whose batch the test hook :data:`DEBUG_NONFINITE_ENV` corrupts on rank 0 (docs/training.md)."""
+    raw = os.environ.get(DEBUG_NONFINITE_ENV, "").strip()
+    if not raw or not env.is_main:
+        return frozenset()
+    try:
+        return frozenset(int(part) for part in raw.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"{DEBUG_NONFINITE_ENV}={raw!r}: expected step numbers such as 3,4") from None
+
+
+def check_nonfinite(cfg: DPMConfig, env: DistEnv, engine: Any, step: int, ckpt_root: str) -> None:
+    """Log a skipped step; ``engine.max_nonfinite_steps`` in a row stop the run (on every rank: they agree)."""
+    streak, limit = engine.nonfinite_streak, cfg.engine.max_nonfinite_steps
+    if env.is_main:
+        log.warning("step %d: update skipped for non-finite %s (%d in a row; engine.max_nonfinite_steps=%d)",
+                    step, ", ".join(engine.last_skip), streak, limit)
+    if streak < limit:
+        return
+    last = checkpoint.latest_meta(ckpt_root)
+    good = f"{last['tag']} (epoch {last['epoch']}, step {last['step']}) in {ckpt_root}" if last else f"none yet ({ckpt_root})"
+    raise ValueError(f"step {step}: {streak} steps in a row skipped for non-finite values ({', '.join(engine.streak_causes)}; "
+                     f"engine.max_nonfinite_steps={limit}); last good checkpoint: {good}")
+
+
+def preflight(cfg: DPMConfig) -> None:
+    """The checks of :func:`train` that need no process group: the resume against the latest checkpoint's
+    configuration and the dataset against the shards. Raises ``ValueError`` naming the field."""
+    from dpm_dist.data.loader import load_manifest
+
+    resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    saved = checkpoint.latest_meta(os.path.join(cfg.log.output_dir, "checkpoints"))  # verified by train() itself
+    resume_plan(cfg, resolved, saved)
+    if not is_finished(cfg, saved):
+        check_dataset(cfg, load_manifest(cfg.data))
+
+
 def train(cfg: DPMConfig, env: DistEnv, report: Optional[Reporter] = None) -> dict[str, float]:
     """Train (or resume) the run in ``cfg.log.output_dir``; returns the last evaluation's metrics."""
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -155,7 +195,7 @@ def train(cfg: DPMConfig, env: DistEnv, report: Optional[Reporter] = None) -> di
 
     out_dir, ckpt_root = cfg.log.output_dir, os.path.join(cfg.log.output_dir, "checkpoints")
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    saved = checkpoint.latest_meta(ckpt_root)
+    saved = checkpoint.find_resumable(ckpt_root, env)  # collective: verifies the manifest, else falls back
     history = resume_plan(cfg, resolved, saved)  # before anything is written
     if is_finished(cfg, saved):
         if env.is_main:
@@ -171,11 +211,11 @@ def train(cfg: DPMConfig, env: DistEnv, report: Optional[Reporter] = None) -> di
         if saved is None:
             write_config(out_dir, resolved, history)
     with logging_redirect_tqdm():  # library log lines go through tqdm.write: never onto the bar's line
-        return _run(cfg, env, report, manifest, resolved, history)
+        return _run(cfg, env, report, manifest, resolved, history, saved)
 
 
 def _run(cfg: DPMConfig, env: DistEnv, report: Optional[Reporter], manifest: dict[str, Any], resolved: dict[str, Any],
-         history: list[dict[str, Any]]) -> dict[str, float]:
+         history: list[dict[str, Any]], saved: Optional[dict[str, Any]]) -> dict[str, float]:
     from dpm_dist.data.loader import build_train_loader
     from dpm_dist.eval.evaluator import evaluate
     from dpm_dist.loggers import build_logger
@@ -183,10 +223,12 @@ def _run(cfg: DPMConfig, env: DistEnv, report: Optional[Reporter], manifest: dic
 
     out_dir, ckpt_root = cfg.log.output_dir, os.path.join(cfg.log.output_dir, "checkpoints")
     engine = build_engine(cfg, env, manifest)
-    meta = checkpoint.resume(engine, ckpt_root, env)
+    meta = checkpoint.resume(engine, ckpt_root, env, saved) if saved else None
     start_epoch, step = (meta["epoch"] + 1, meta["step"]) if meta else (1, 0)
     best = meta.get("best", -1.0) if meta else -1.0
     skipped_before, skipped_here = (meta.get("num_skipped_corrupt", 0) if meta else 0), 0  # this rank, this invocation
+    engine.skipped_steps = meta.get("num_skipped_steps", 0) if meta else 0  # non-finite steps: the same on every rank
+    poisoned = debug_nonfinite_steps(env)
     results: dict[str, float] = dict(meta.get("results", {})) if meta else {}
     if not (meta and meta.get("rng_restored")):  # fresh run, or another world size: seed per rank and epoch
         seed_everything(cfg.engine.seed * 1000 + env.rank + 7919 * start_epoch)  # drop-path RNG
@@ -209,6 +251,8 @@ def _run(cfg: DPMConfig, env: DistEnv, report: Optional[Reporter], manifest: dic
                 if cfg.optim.steps_per_epoch and i >= cfg.optim.steps_per_epoch:
                     break
                 t_data += time.time() - t_mark
+                if step + 1 in poisoned:
+                    batch = dict(batch, images=batch["images"] * float("nan"))
                 metrics = engine.step(batch)
                 skipped_here += int(batch.get("num_skipped", 0))
                 step += 1
@@ -220,7 +264,10 @@ def _run(cfg: DPMConfig, env: DistEnv, report: Optional[Reporter], manifest: dic
                     logs = {f"train/{k}": v for k, v in metrics.items()}
                     logs.update({f"lr/{k}": v for k, v in engine.learning_rates().items()})
                     logs.update({"perf/samples_per_sec": seen / elapsed, "perf/data_time": t_data / (i + 1), "train/epoch": epoch})
+                    logs["train/skipped_steps"] = engine.skipped_steps
                     logger.log(logs, step)
+                if engine.last_skip:
+                    check_nonfinite(cfg, env, engine, step, ckpt_root)
                 t_mark = time.time()
             improved = False
             if _eval_due(cfg, epoch):
@@ -232,7 +279,7 @@ def _run(cfg: DPMConfig, env: DistEnv, report: Optional[Reporter], manifest: dic
             if epoch % cfg.log.checkpoint_every == 0 or epoch == cfg.optim.epochs or _eval_due(cfg, epoch):
                 skipped = skipped_before + int(dist.all_reduce_sum(torch.tensor([skipped_here])).item())  # collective
                 meta_out = {"best": best, "results": results, "config": resolved, "config_changes": history,
-                            "num_skipped_corrupt": skipped}
+                            "num_skipped_corrupt": skipped, "num_skipped_steps": engine.skipped_steps}
                 folder = checkpoint.save(engine, ckpt_root, epoch=epoch, step=step, env=env, meta=meta_out,
                                          keep_last=cfg.log.keep_last, is_best=improved and cfg.log.keep_best)
                 if env.is_main and not config_written:  # only now do weights trained with this configuration exist
@@ -246,7 +293,8 @@ def _run(cfg: DPMConfig, env: DistEnv, report: Optional[Reporter], manifest: dic
     skipped = skipped_before + int(dist.all_reduce_sum(torch.tensor([skipped_here])).item())  # collective
     if env.is_main:
         save_model_file(engine.model, os.path.join(out_dir, "model_final.pt"), _file_meta(cfg.optim.epochs, step, results, resolved, history))
-        summary = {"results": results, "best": best, "epochs": cfg.optim.epochs, "steps": step, "num_skipped_corrupt": skipped}
+        summary = {"results": results, "best": best, "epochs": cfg.optim.epochs, "steps": step, "num_skipped_corrupt": skipped,
+                   "num_skipped_steps": engine.skipped_steps}
         with open(os.path.join(out_dir, "results.json"), "w") as f:
             json.dump(dict(summary, config_changes=history) if history else summary, f, indent=2)
     logger.close(hparams_of(cfg, resolved, history, env.world_size),
