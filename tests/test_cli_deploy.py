@@ -166,7 +166,8 @@ def test_a_corrupt_image_is_an_error_naming_it_or_a_counted_skip(work, tmp_path)
 
 
 @pytest.mark.slow
-def test_dpm_embed_shards_writes_the_same_file_on_one_process_two_ranks_and_over_http(work, http_root):
+def test_dpm_embed_shards_writes_the_same_file_on_one_process_two_ranks_and_over_http_and_s3(work, http_root, s3_shards,
+                                                                                                s3_endpoint):
     model = "runs/tiny"
     one = dpm("dpm-embed", model, "shards", "-o", "one.parquet", "--workers", "0", cwd=work)
     assert one.returncode == 0, one.stderr
@@ -175,6 +176,10 @@ def test_dpm_embed_shards_writes_the_same_file_on_one_process_two_ranks_and_over
     assert "on 2 ranks" in two.stdout
     web = dpm("dpm-embed", model, f"{http_root}/synthetic", "--role", "query", "-o", "web.parquet", "--workers", "0", cwd=work)
     assert web.returncode == 0, web.stderr
+    s3 = dpm("dpm-embed", model, s3_shards, "--s3-endpoint", s3_endpoint, "--role", "query", "-o", "s3.parquet",
+             "--workers", "0", cwd=work)
+    assert s3.returncode == 0, s3.stderr
+    assert table(work / "s3.parquet").equals(table(work / "web.parquet"))  # the same bucket objects as the web files
     a, b, q = table(work / "one.parquet"), table(work / "two.parquet"), table(work / "web.parquet")
     assert a.num_rows == 25 and set(a.column("role").to_pylist()) == {"query", "gallery"}
     assert a.drop_columns(["mask"]).equals(b.drop_columns(["mask"]))  # keys, labels, features: every bit
