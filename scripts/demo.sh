@@ -7,6 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 export DS_ACCELERATOR=cpu OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+export PATH="$PWD/.venv/bin:$PATH"  # its ninja too, as scripts/test.sh (one build of DeepSpeed's CPU op for both)
 if [ ! -f shards/synthetic/index.json ]; then
     .venv/bin/dpm-shards synth --out shards/synthetic
 fi

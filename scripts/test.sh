@@ -5,6 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
 export DS_ACCELERATOR=cpu PYTHONHASHSEED=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+# The environment's commands first, ninja included: DeepSpeed JIT-builds its CPU comm op with the ninja on PATH,
+# and two ninja versions (this one, 1.13, and a system 1.11) hash the build commands differently, so each
+# rebuilds what the other built (a minute or more, every time a test process of the other kind starts).
+export PATH="$PWD/.venv/bin:$PATH"
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

@@ -26,6 +26,10 @@ TINY_TRAIN = ["model=vit_tiny", "model.img_size=[64,32]", "model.stride=[6,6]", 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 RUN_TIMEOUT_S = 300  # one tiny dpm-train run (tens of seconds on 2 quiet cores)
+# Every process of the suite finds the environment's commands first, ninja included (scripts/test.sh says why:
+# two ninja versions on one PATH rebuild DeepSpeed's CPU comm op for each other, a minute or more each time).
+if not os.environ.get("PATH", "").startswith(f"{VENV_BIN}:"):
+    os.environ["PATH"] = f"{VENV_BIN}:{os.environ.get('PATH', '')}"
 
 
 def free_port() -> int:
