@@ -202,3 +202,16 @@ def uninterrupted(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -
     (work / "reference.log").write_text(proc.stdout + "\n----- stderr -----\n" + proc.stderr)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return work / "uninterrupted"
+
+
+def official_file(ours: Path, dst: Path) -> Path:
+    """Our model file's weights under the official key names (base.*, base.ConvLayer.*, base.attfc.*), no meta."""
+    import torch
+
+    state = torch.load(ours, weights_only=True)["model"]
+    renamed = {}
+    for key, value in state.items():
+        key = key.replace("mask_gen.layers.", "base.ConvLayer.").replace("mask_gen.fc.", "base.attfc.")
+        renamed[key.replace("backbone.", "base.", 1) if key.startswith("backbone.") else key] = value
+    torch.save(renamed, dst)
+    return dst

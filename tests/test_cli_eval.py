@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from dpm_dist.cli.eval import compose_config, main
-from tests.conftest import free_port
+from tests.conftest import free_port, official_file
 
 VENV_BIN = Path(sys.executable).parent
 OVERRIDES = ["model=vit_tiny", "model.img_size=[64,32]", "model.stride=[6,6]", "model.patch_size=8",
@@ -92,17 +92,6 @@ def tensorboard(folder: Path):
     acc = EventAccumulator(str(folder), size_guidance={"images": 0, "scalars": 0})
     acc.Reload()
     return acc
-
-
-def official_file(ours: Path, dst: Path) -> Path:
-    """The same weights under the official key names (base.*, base.ConvLayer.*, base.attfc.*)."""
-    state = torch.load(ours, weights_only=True)["model"]
-    renamed = {}
-    for key, value in state.items():
-        key = key.replace("mask_gen.layers.", "base.ConvLayer.").replace("mask_gen.fc.", "base.attfc.")
-        renamed[key.replace("backbone.", "base.", 1) if key.startswith("backbone.") else key] = value
-    torch.save(renamed, dst)
-    return dst
 
 
 @pytest.fixture(scope="module")

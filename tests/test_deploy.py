@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from dpm_dist.config import DataConfig, DPMConfig, ModelConfig
+from tests.conftest import official_file
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = ModelConfig(embed_dim=64, depth=4, num_heads=4, patch_size=8, img_size=[64, 32], stride=[6, 6],
@@ -38,17 +39,6 @@ def save_tiny_model(path: Path, *, model: ModelConfig = TINY_MODEL, num_cams: in
     config["eval"]["neck_feat"] = neck_feat
     save_model_file(net, str(path), {"epoch": 3, "config": config})
     return path
-
-
-def official_file(ours: Path, dst: Path) -> Path:
-    """The same weights under the official key names (base.*, base.ConvLayer.*, base.attfc.*), no meta."""
-    state = torch.load(ours, weights_only=True)["model"]
-    renamed = {}
-    for key, value in state.items():
-        key = key.replace("mask_gen.layers.", "base.ConvLayer.").replace("mask_gen.fc.", "base.attfc.")
-        renamed[key.replace("backbone.", "base.", 1) if key.startswith("backbone.") else key] = value
-    torch.save(renamed, dst)
-    return dst
 
 
 @pytest.fixture(scope="module")

@@ -100,12 +100,12 @@ def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     tar.addfile(info, io.BytesIO(data))
 
 
-def _sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
+def file_sha256(path: str, *, sync: bool = False) -> str:
+    """The sha256 of a file (hex); ``sync``: fsync it first (on disk before a manifest vouches for it)."""
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        if sync:
+            os.fsync(f.fileno())
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _write_atomic(path: str, write: Any) -> None:
@@ -153,7 +153,7 @@ def write_shards(samples: Sequence[Sample], out_dir: str, prefix: str, *, labels
 
         _write_atomic(path, write)
         entries.append({"name": name, "num_samples": len(batch), "num_bytes": os.path.getsize(path),
-                        "sha256": _sha256_file(path)})
+                        "sha256": file_sha256(path)})
         batch.clear()
 
     size = 0

@@ -9,7 +9,6 @@ exported file or an embedding file carries, and the masked distance of the evalu
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 from typing import Any, Optional, Sequence, Union
 
@@ -17,6 +16,7 @@ import torch
 from PIL import Image
 
 from dpm_dist.config import DataConfig, DPMConfig, ModelConfig
+from dpm_dist.data.shards import file_sha256
 from dpm_dist.data.transforms import eval_transform
 from dpm_dist.eval.retrieval import arccos_distance, cosine_similarity, masked_cosine_similarity
 
@@ -159,9 +159,3 @@ def describe(file: Any, net: torch.nn.Module, model_cfg: ModelConfig) -> dict[st
     }
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -21,7 +21,6 @@ Every function here that touches the engines or verifies is collective: all rank
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ import numpy as np
 import torch
 
 from dpm_dist import dist
+from dpm_dist.data.shards import file_sha256
 from dpm_dist.dist import DistEnv
 
 log = logging.getLogger(__name__)
@@ -75,13 +75,6 @@ def _has_manifest(folder: str) -> bool:
 
 # ---- manifests: written last, verified on resume; the hashing is shared out over the ranks ----------------
 
-def _sha256(path: str, *, sync: bool = False) -> str:
-    with open(path, "rb") as f:
-        if sync:  # on disk before the manifest vouches for it
-            os.fsync(f.fileno())
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
 def _share(sizes: dict[str, int], env: DistEnv, holders: Optional[dict[str, list[int]]] = None) -> list[str]:
     """This rank's files: the largest first, each to the least loaded rank that holds it (all by default);
     the same answer on every rank."""
@@ -118,7 +111,7 @@ def write_manifest(folder: str, env: DistEnv) -> dict[str, Any]:
         for name, size in seen.items():
             sizes.setdefault(name, size)
             holders.setdefault(name, []).append(rank)
-    mine = {name: {"size": sizes[name], "sha256": _sha256(os.path.join(folder, name), sync=True)}
+    mine = {name: {"size": sizes[name], "sha256": file_sha256(os.path.join(folder, name), sync=True)}
             for name in _share(sizes, env, holders)}
     files = {k: v for part in dist.all_gather_objects(mine) for k, v in part.items()}
     manifest = {"format": 1, "algorithm": "sha256", "files": dict(sorted(files.items()))}
@@ -149,7 +142,7 @@ def _check_file(folder: str, name: str, want: dict[str, Any]) -> str:
     size = os.path.getsize(path)
     if size != want["size"]:
         return f"{name} has {size} bytes, the manifest says {want['size']}"
-    if _sha256(path) != want["sha256"]:
+    if file_sha256(path) != want["sha256"]:
         return f"{name} does not match its sha256 (damaged)"
     return ""
 
