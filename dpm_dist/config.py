@@ -218,13 +218,13 @@ class EvalConfig:
     distance: str = "masked_cosine"  # masked_cosine (DPM) | cosine | euclidean
     neck_feat: str = "before"  # test feature: before the BNNeck (official TEST.NECK_FEAT) | after (running stats)
     max_rank: int = 50  # CMC length (shortened to the gallery size when that is smaller)
-    query_chunk: int = 256  # queries scored at once: memory ~ query_chunk × gallery × 20 bytes; ranks take whole chunks
+    query_chunk: int = 256  # queries scored at once: memory ~ query_chunk × gallery (share) × 5 bytes; ranks take whole chunks
     shard_gallery: bool = False  # each rank keeps its gallery share (never gathered); same metrics (docs/evaluation.md)
     rerank: bool = False  # k-reciprocal re-ranking on plain Euclidean distances (not used for the paper's numbers)
     rerank_k1: int = 20
     rerank_k2: int = 6
     rerank_lambda: float = 0.3
-    rerank_method: str = "dense"  # dense: (Q+G)² matrices | sparse: k-NN lists, O((Q+G)·k1·k2) memory, same values
+    rerank_method: str = "dense"  # dense: (Q+G)² matrices | sparse: k-NN lists distributed by rows, same values
     num_pictures: int = 4  # ranked-list pictures written by dpm-eval
     picture_topk: int = 10  # gallery items shown after each query
     topk: int = 0  # > 0: dpm-eval writes each query's top-k gallery keys and distances (dpm_dist/eval/topk.py)
@@ -243,6 +243,8 @@ class EvalConfig:
         _check(self.topk >= 0, "eval.topk", f"must be >= 0, got {self.topk}")
         _check_choice(self.rerank_method, "eval.rerank_method", ("dense", "sparse"))
         _check_choice(self.topk_format, "eval.topk_format", ("parquet", "jsonl"))
+        _check(not (self.rerank and self.shard_gallery and self.rerank_method == "dense"), "eval.rerank_method",
+               "dense needs the gathered gallery; with eval.shard_gallery=true use eval.rerank_method=sparse")
 
 
 SPACE_TYPES = {  # search-space entry type -> the keys it needs

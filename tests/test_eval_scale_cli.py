@@ -84,3 +84,18 @@ def test_topk_parquet_equals_jsonl_and_follows_the_ranking(export, tiny_shards, 
     # With k >= the gallery, each list is the whole kept gallery; its true matches' positions are their ranks.
     first = [1 + r["match"].index(True) for r in rows if any(r["match"])]
     assert sum(f == 1 for f in first) / len(first) == result["metrics"]["rank1"]
+
+
+@pytest.mark.slow
+def test_sparse_rerank_with_a_sharded_gallery_on_2_ranks_equals_the_dense_one_in_1_process(export, tiny_shards, tmp_path):
+    rerank = ["eval.rerank=true", "eval.rerank_k1=6", "eval.rerank_k2=3", "eval.topk=5", "eval.topk_format=jsonl",
+              "eval.num_pictures=0"]
+    one = dpm_eval(tmp_path, export, tiny_shards, "dense", *rerank)
+    two = dpm_eval(tmp_path, export, tiny_shards, "sparse", *rerank, "eval.rerank_method=sparse",
+                   "eval.shard_gallery=true", ranks=2)
+    assert two["eval"]["shard_gallery"] and two["eval"]["rerank_method"] == "sparse"
+    assert two["metrics"] == one["metrics"] and two["cmc"] == one["cmc"]
+    for a, b in zip(read_jsonl(tmp_path / "sparse" / "topk.jsonl"), read_jsonl(tmp_path / "dense" / "topk.jsonl"),
+                    strict=True):
+        assert a["distance"] == pytest.approx(b["distance"], abs=1e-5)  # re-ranked values: rounding only
+        assert {**a, "distance": None} == {**b, "distance": None}

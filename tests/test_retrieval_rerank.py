@@ -82,3 +82,65 @@ def test_sparse_rerank_equals_the_dense_one(k1, k2, monkeypatch):
     assert (dense < 0.3 * 1.0 + 0.7 - 1e-6).any()  # some pairs share k-reciprocal neighbours (Jaccard < 1)
     rows = rerank_sparse.sparse_k_reciprocal_distance(q, gal, k1=k1, k2=k2, lambda_value=0.3, query_range=(4, 11))
     torch.testing.assert_close(rows, sparse[4:11], rtol=0, atol=0)
+
+
+# --- distributed by rows ------------------------------------------------------------------------------
+
+CASES = [(13, 6, 3), (13, 5, 1), (1, 10, 4)]  # (queries, k1, k2); one query: a rank of 3 owns no row at all
+
+
+def rerank_set(num_q: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Identity-structured queries and gallery with exact duplicates (tied neighbours)."""
+    g = torch.Generator().manual_seed(num_q)
+    centres = torch.randn(8, 12, generator=g)
+    q = centres[torch.randint(0, 8, (num_q,), generator=g)] + 0.7 * torch.randn(num_q, 12, generator=g)
+    gal = centres[torch.randint(0, 8, (57,), generator=g)] + 0.7 * torch.randn(57, 12, generator=g)
+    gal[40:46] = gal[3:9]
+    return q, gal
+
+
+def gallery_share(env) -> list[int]:
+    """Shuffled, uneven: rank 1 of 3 holds no gallery row."""
+    order = torch.randperm(57, generator=torch.Generator().manual_seed(4)).tolist()
+    return order if env.world_size == 1 else [order[:20], [], order[20:]][env.rank]
+
+
+def distributed_rerank(env) -> dict:
+    from dpm_dist.eval import rerank_sparse
+
+    saved = rerank_sparse.ROW_CHUNK
+    rerank_sparse.ROW_CHUNK = 5  # several row blocks per rank
+    try:
+        out = {}
+        for num_q, k1, k2 in CASES:
+            q, gal = rerank_set(num_q)
+            share = gallery_share(env)
+            reranked = rerank_sparse.SparseReRanking(q, gal[share], torch.tensor(share, dtype=torch.long), 57, k1=k1,
+                                                     k2=k2, lambda_value=0.3,
+                                                     peers=rerank_sparse.Peers(env.rank, env.world_size))
+            out[(num_q, k1, k2)] = (share, reranked.chunk(0, num_q), reranked.chunk(num_q // 3, num_q // 3 + 4))
+        return out
+    finally:
+        rerank_sparse.ROW_CHUNK = saved
+
+
+def assemble(ranks: list[dict], case: tuple[int, int, int]) -> torch.Tensor:
+    """The (Q, G) matrix from every rank's rows against its share; checks a caller's chunks give the same bits."""
+    num_q = case[0]
+    full = torch.full((num_q, 57), float("nan"))
+    for share, rows, part in (r[case] for r in ranks):
+        full[:, share] = rows
+        assert torch.equal(part, rows[num_q // 3:num_q // 3 + 4]), case
+    return full
+
+
+def test_row_distributed_sparse_rerank_with_ties_equals_the_dense_one_and_the_loop():
+    from dpm_dist.dist import DistEnv
+
+    result = distributed_rerank(DistEnv())
+    for case in CASES:
+        num_q, k1, k2 = case
+        q, gal = rerank_set(num_q)
+        full = assemble([result], case)
+        torch.testing.assert_close(full, k_reciprocal_distance(q, gal, k1=k1, k2=k2, lambda_value=0.3), rtol=0, atol=1e-6)
+        np.testing.assert_allclose(full.numpy(), loop_rerank(q, gal, k1, k2, 0.3), rtol=0, atol=1e-5)

@@ -23,7 +23,7 @@ import torch
 from dpm_dist import dist
 from dpm_dist.dist import DistEnv
 from dpm_dist.eval.retrieval import RankingSums, RetrievalMetrics, chunk_distance_fn, finalize, query_chunks, score_queries
-from dpm_dist.eval.sharded import GalleryShard, evaluate_sharded, shard_gallery
+from dpm_dist.eval.sharded import GalleryShard, as_shard, evaluate_sharded, shard_gallery
 
 ROLES = ("query", "gallery")
 
@@ -130,9 +130,12 @@ def evaluate_embeddings(query: Embeddings, gallery: "Embeddings | GalleryShard",
     ``eval_cfg`` is a :class:`dpm_dist.config.EvalConfig` (distance, max_rank, query_chunk, rerank*). A
     :class:`~dpm_dist.eval.sharded.GalleryShard` gallery (``eval.shard_gallery``) is scored by
     :func:`dpm_dist.eval.sharded.evaluate_sharded`: every chunk on every rank against its share, the same floats.
+    Sparse re-ranking is distributed by rows, so it scores a gathered gallery that way too, cut into shares.
     """
+    if eval_cfg.rerank and eval_cfg.rerank_method == "sparse" and not isinstance(gallery, GalleryShard):
+        gallery = as_shard(gallery, env)
     if isinstance(gallery, GalleryShard):
-        return evaluate_sharded(query, gallery, eval_cfg)
+        return evaluate_sharded(query, gallery, eval_cfg, env)
     num_query = len(query)
     chunks = query_chunks(num_query, eval_cfg.query_chunk, rank=env.rank, world_size=env.world_size)
     if eval_cfg.rerank:
@@ -147,15 +150,14 @@ def evaluate_embeddings(query: Embeddings, gallery: "Embeddings | GalleryShard",
 
 
 def _reranked_chunks(query: Embeddings, gallery: Embeddings, eval_cfg: Any, chunks: list[tuple[int, int]]):
+    """The dense re-ranking of this rank's query chunks against the whole gathered gallery."""
     from dpm_dist.eval.rerank import k_reciprocal_distance
-    from dpm_dist.eval.rerank_sparse import sparse_k_reciprocal_distance
 
     if not chunks:  # this rank scores no query (more ranks than chunks); it still joins the all-reduce
         return lambda start, end: query.feats.new_zeros(end - start, len(gallery))
     lo, hi = chunks[0][0], chunks[-1][1]
-    rerank = sparse_k_reciprocal_distance if eval_cfg.rerank_method == "sparse" else k_reciprocal_distance
-    rows = rerank(query.feats, gallery.feats, k1=eval_cfg.rerank_k1, k2=eval_cfg.rerank_k2,
-                  lambda_value=eval_cfg.rerank_lambda, query_range=(lo, hi))
+    rows = k_reciprocal_distance(query.feats, gallery.feats, k1=eval_cfg.rerank_k1, k2=eval_cfg.rerank_k2,
+                                 lambda_value=eval_cfg.rerank_lambda, query_range=(lo, hi))
     return lambda start, end: rows[start - lo:end - lo]
 
 

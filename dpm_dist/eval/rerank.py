@@ -5,8 +5,8 @@ the L2-normalised features of queries and gallery together (masks ignored), each
 maximum, k-reciprocal sets expanded with the half-size sets of their members, Gaussian-weighted
 encodings V, local query expansion over k2 neighbours, Jaccard distance, and
 ``final = (1-λ)·jaccard + λ·original``. Differences: V is kept in float32 (the reference stores float16),
-the k-nearest-neighbour lists are taken with ``topk`` (a tie exactly at the k-th neighbour is broken
-arbitrarily, as by the reference's unstable argsort), and only the requested query rows of the final
+the k-nearest-neighbour lists order equal distances by index (a stable argsort; the reference's unstable
+argsort breaks a tie at the k-th neighbour arbitrarily), and only the requested query rows of the final
 matrix are built. Memory is O((Q+G)²): three dense (Q+G)² float32 matrices at the peak.
 """
 
@@ -16,21 +16,22 @@ from typing import Optional
 
 import torch
 
-from dpm_dist.eval.retrieval import l2_normalize
+from dpm_dist.eval.retrieval import l2_normalize, match_table
 
 ROW_CHUNK = 512  # rows processed at once in the (rows, k, k, k) membership tests
 
 
 def _knn(dist: torch.Tensor, k: int) -> torch.Tensor:
-    """(N, k) nearest neighbours of every row by distance, nearest first (the row itself included)."""
+    """(N, k) nearest neighbours of every row by (distance, index), nearest first (the row itself included).
+
+    Exactly a stable argsort's first k: every item tied with the k-th is a candidate, then the index decides.
+    """
     out = []
     for start in range(0, dist.shape[0], ROW_CHUNK):
         rows = dist[start:start + ROW_CHUNK]
-        val, idx = torch.topk(rows, k, dim=1, largest=False, sorted=True)
-        # Within the k, order equal distances by index, as a stable argsort would.
-        order = torch.argsort(idx, dim=1)
-        val, idx = val.gather(1, order), idx.gather(1, order)
-        out.append(idx.gather(1, torch.argsort(val, dim=1, stable=True)))
+        kth = torch.topk(rows, k, dim=1, largest=False).values[:, -1:]
+        r, c = (rows <= kth).nonzero(as_tuple=True)
+        out.append(match_table(r, rows[r, c], c, rows.shape[0])[1][:, :k])
     return torch.cat(out)
 
 

@@ -20,7 +20,8 @@ gallery items with the same pid and the same camera; skip queries with no true m
 none is left); CMC from the first match, AP = mean over matches of precision at the match, and mINP as
 in fast-reid/AGW (#matches / rank of the hardest match). It never sorts a whole row: every metric is a
 function of the ranks of the true matches, and the rank of match t is the number of kept items that
-precede it, counted with one ``searchsorted`` against the query's few sorted match keys.
+precede it: a histogram of the items over distance cells, and a binary search of the query's few sorted
+match keys only for the items that share a cell with a match (:class:`_Cells`).
 """
 
 from __future__ import annotations
@@ -60,38 +61,73 @@ class Gallery:
     size: int  # G, the real rows
 
     @classmethod
-    def build(cls, g_feat: torch.Tensor) -> "Gallery":
+    def build(cls, g_feat: torch.Tensor, *, normalize: bool = True) -> "Gallery":
+        """From raw features (L2-normalised here) or, with ``normalize=False``, rows already normalised."""
         size, dim = g_feat.shape
-        padded = g_feat.new_zeros((-(-size // GALLERY_BLOCK) * GALLERY_BLOCK, dim))
-        step = 64 * GALLERY_BLOCK
-        for start in range(0, size, step):  # row by row anyway; no second full-size temporary
-            padded[start:min(start + step, size)] = l2_normalize(g_feat[start:start + step])
-        return cls(feat=padded.view(-1, GALLERY_BLOCK, dim), sq_norm=(padded[:size] * padded[:size]).sum(1), size=size)
+        padded = g_feat.new_empty((-(-size // GALLERY_BLOCK) * GALLERY_BLOCK, dim))
+        padded[size:] = 0
+        sq_norm = g_feat.new_empty(size)
+        step = 8 * GALLERY_BLOCK  # row by row anyway: small pieces, no full-size temporary
+        for start in range(0, size, step):
+            part, out = g_feat[start:start + step], padded[start:min(start + step, size)]
+            F.normalize(part, p=2, dim=1, eps=NORM_EPS, out=out) if normalize else out.copy_(part)
+            sq_norm[start:start + step] = (out * out).sum(1)
+        return cls(feat=padded.view(-1, GALLERY_BLOCK, dim), sq_norm=sq_norm, size=size)
+
+    def blockwise(self, like: torch.Tensor, score: Callable[[torch.Tensor, torch.Tensor, slice], None]) -> torch.Tensor:
+        """(C, G) built block by block: ``score(block, buf, columns)`` fills a (C, GALLERY_BLOCK) buffer from one
+        gallery block, then its real columns are copied out. One write of the result; every other pass
+        stays in the block-sized buffer (fresh (C, G) temporaries cost page faults and memory traffic)."""
+        out = like.new_empty((like.shape[0], self.size))
+        buf = like.new_empty((like.shape[0], GALLERY_BLOCK))
+        for b, block in enumerate(self.feat):
+            cols = slice(b * GALLERY_BLOCK, min((b + 1) * GALLERY_BLOCK, self.size))
+            score(block, buf, cols)
+            out[:, cols] = buf[:, :cols.stop - cols.start]
+        return out
 
     def product(self, q: torch.Tensor, *, squares: bool = False) -> torch.Tensor:
         """(C, G) ``q @ ĝᵀ`` (or ``q @ (ĝ ⊙ ĝ)ᵀ``, the masked cosine's denominator operand), block by block."""
-        out = q.new_empty((self.feat.shape[0], q.shape[0], GALLERY_BLOCK))
-        for block, part in zip(self.feat, out):
-            torch.mm(q, (block * block if squares else block).T, out=part)  # squares on the fly: no G×D copy
-        return out.permute(1, 0, 2).reshape(q.shape[0], -1)[:, :self.size].contiguous()
+        return self.blockwise(q, lambda block, buf, _: torch.mm(q, (block * block if squares else block).T, out=buf))
 
 
 def _as_gallery(g_feat: torch.Tensor | Gallery) -> Gallery:
     return g_feat if isinstance(g_feat, Gallery) else Gallery.build(g_feat)
 
 
-def _masked_cosine(q_feat: torch.Tensor, q_mask: torch.Tensor, gallery: Gallery, *, negate: bool) -> torch.Tensor:
+def _clip(x: torch.Tensor) -> torch.Tensor:
+    return x.clamp_(-1.0 + CLIP_EPS, 1.0 - CLIP_EPS)
+
+
+def _masked_cosine(q_feat: torch.Tensor, q_mask: torch.Tensor, gallery: Gallery, *, negate: bool,
+                   clip: bool = False) -> torch.Tensor:
     # Negating the small (C, D) operand negates the product exactly (rounding is sign-symmetric), so the
     # ranking distance -cos costs no pass over the (C, G) matrix.
     q = l2_normalize(q_feat) * q_mask
-    cos = gallery.product(q.neg_() if negate else q)
-    norm_sq = gallery.product(q_mask * q_mask, squares=True)  # ‖m_i ⊙ ĝ_j‖²
-    return cos.mul_(norm_sq.clamp_min_(NORM_EPS * NORM_EPS).rsqrt_())  # / max(‖m ⊙ ĝ‖, eps)
+    q = q.neg_() if negate else q
+    mask_sq = q_mask * q_mask
+    norm_sq = q.new_empty((q.shape[0], GALLERY_BLOCK))
+
+    def score(block: torch.Tensor, cos: torch.Tensor, _: slice) -> None:
+        torch.mm(q, block.T, out=cos)
+        torch.mm(mask_sq, (block * block).T, out=norm_sq)  # ‖m_i ⊙ ĝ_j‖², squares on the fly: no G×D copy
+        cos.mul_(norm_sq.clamp_min_(NORM_EPS * NORM_EPS).rsqrt_())  # / max(‖m ⊙ ĝ‖, eps)
+        if clip:
+            _clip(cos)
+
+    return gallery.blockwise(q, score)
 
 
-def _cosine(q_feat: torch.Tensor, gallery: Gallery, *, negate: bool) -> torch.Tensor:
+def _cosine(q_feat: torch.Tensor, gallery: Gallery, *, negate: bool, clip: bool = False) -> torch.Tensor:
     q = l2_normalize(q_feat)
-    return gallery.product(q.neg_() if negate else q)
+    q = q.neg_() if negate else q
+
+    def score(block: torch.Tensor, cos: torch.Tensor, _: slice) -> None:
+        torch.mm(q, block.T, out=cos)
+        if clip:
+            _clip(cos)
+
+    return gallery.blockwise(q, score)
 
 
 def masked_cosine_similarity(q_feat: torch.Tensor, q_mask: torch.Tensor, g_feat: torch.Tensor | Gallery) -> torch.Tensor:
@@ -108,7 +144,13 @@ def euclidean_distance(q_feat: torch.Tensor, g_feat: torch.Tensor | Gallery) -> 
     """(Q, G) squared Euclidean distances of the L2-normalised features (official ``euclidean_distance``)."""
     gallery = _as_gallery(g_feat)
     q_hat = l2_normalize(q_feat)
-    return gallery.product(q_hat).mul_(-2.0).add_((q_hat * q_hat).sum(1, keepdim=True)).add_(gallery.sq_norm[None, :])
+    q_sq = (q_hat * q_hat).sum(1, keepdim=True)
+
+    def score(block: torch.Tensor, buf: torch.Tensor, cols: slice) -> None:
+        torch.mm(q_hat, block.T, out=buf)
+        buf.mul_(-2.0).add_(q_sq)[:, :cols.stop - cols.start].add_(gallery.sq_norm[None, cols])
+
+    return gallery.blockwise(q_hat, score)
 
 
 def ranking_distance(cos: torch.Tensor) -> torch.Tensor:
@@ -133,9 +175,9 @@ def distance_matrix(q_feat: torch.Tensor, g_feat: torch.Tensor | Gallery, *, q_m
     if metric == "masked_cosine":
         if q_mask is None:
             raise ValueError("metric masked_cosine needs the query masks (q_mask)")
-        return _masked_cosine(q_feat, q_mask, gallery, negate=True).clamp_(-1.0 + CLIP_EPS, 1.0 - CLIP_EPS)
+        return _masked_cosine(q_feat, q_mask, gallery, negate=True, clip=True)
     if metric == "cosine":
-        return _cosine(q_feat, gallery, negate=True).clamp_(-1.0 + CLIP_EPS, 1.0 - CLIP_EPS)
+        return _cosine(q_feat, gallery, negate=True, clip=True)
     if metric == "euclidean":
         return euclidean_distance(q_feat, gallery)
     raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
@@ -145,12 +187,14 @@ def distance_matrix(q_feat: torch.Tensor, g_feat: torch.Tensor | Gallery, *, q_m
 # Ranks of the true matches
 
 
-def same_pid_pairs(q_pids: torch.Tensor, g_pids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def same_pid_pairs(q_pids: torch.Tensor, g_pids: torch.Tensor,
+                   order: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, cols) of all query/gallery pairs with the same pid, row-major with columns ascending.
 
-    Found through the gallery sorted by pid (O(pairs)), not by comparing the whole (Q, G) grid.
+    Found through the gallery sorted by pid (O(pairs)), not by comparing the whole (Q, G) grid; ``order``
+    is ``argsort(g_pids, stable=True)`` when the caller keeps it for several query chunks.
     """
-    order = torch.argsort(g_pids, stable=True)
+    order = torch.argsort(g_pids, stable=True) if order is None else order
     sorted_pids = g_pids[order]
     lo = torch.searchsorted(sorted_pids, q_pids)
     num = torch.searchsorted(sorted_pids, q_pids, right=True) - lo
@@ -159,10 +203,10 @@ def same_pid_pairs(q_pids: torch.Tensor, g_pids: torch.Tensor) -> tuple[torch.Te
     return rows, order[lo[rows] + within]
 
 
-def true_matches(q_pids: torch.Tensor, g_pids: torch.Tensor, q_camids: torch.Tensor,
-                 g_camids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def true_matches(q_pids: torch.Tensor, g_pids: torch.Tensor, q_camids: torch.Tensor, g_camids: torch.Tensor,
+                 order: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(match rows, match cols, junk rows, junk cols): same pid other camera, and same pid same camera."""
-    rows, cols = same_pid_pairs(q_pids, g_pids)
+    rows, cols = same_pid_pairs(q_pids, g_pids, order)
     junk = q_camids[rows] == g_camids[cols]
     return rows[~junk], cols[~junk], rows[junk], cols[junk]
 
@@ -198,20 +242,86 @@ def count_at_or_before(dist: torch.Tensor, tie: torch.Tensor, match_val: torch.T
     (``tie``, one per column). The columns may be any part of the gallery as long as the table lists
     all of each query's matches: counts over disjoint parts add up to the matches' ranks.
     """
-    # bucket(g) = number of matches strictly ahead of item g, so g is at or before match t iff bucket <= t.
-    # searchsorted counts the matches with a smaller distance; an item whose distance equals a match's
-    # (a tie, e.g. the match itself) also has the tied matches with a smaller tie index ahead of it.
-    bucket = torch.searchsorted(match_val, dist)
-    tied = match_val.gather(1, bucket) == dist
-    if bool(tied.any()):
-        t_rows, t_cols = tied.nonzero(as_tuple=True)
-        ahead = (match_val[t_rows] == dist[t_rows, t_cols][:, None]) & (match_tie[t_rows] < tie[t_cols][:, None])
-        bucket[t_rows, t_cols] += ahead.sum(1)
-    width = match_val.shape[1]
-    counts = torch.zeros((dist.shape[0], width + 1), dtype=torch.int64, device=dist.device)
-    counts.scatter_add_(1, bucket, bucket.new_ones(()).expand_as(bucket))
-    counts.index_put_((junk_rows, bucket[junk_rows, junk_cols]), torch.tensor(-1, device=dist.device), accumulate=True)
+    num_rows, width = match_val.shape
+    counts = torch.zeros((num_rows, width + 1), dtype=torch.int64, device=dist.device)
+    if dist.numel():
+        cells = _Cells.build(dist, match_val)
+        per_cell = torch.zeros((num_rows, CELLS), dtype=torch.int32, device=dist.device)  # items per cell (int32: faster)
+        one = torch.ones((), dtype=torch.int32, device=dist.device)
+        for start in range(0, dist.shape[1], RANK_PIECE):  # column pieces: small temporaries, reused memory
+            piece = dist[:, start:start + RANK_PIECE]
+            item_cell = cells.of(piece)
+            per_cell.scatter_add_(1, item_cell, one.expand_as(item_cell))
+            rows, cols = cells.holds_match.gather(1, item_cell).nonzero(as_tuple=True)
+            bucket = _buckets(rows, piece[rows, cols], tie[start + cols], match_val, match_tie)
+            counts.index_put_((rows, bucket), torch.tensor(1, device=dist.device), accumulate=True)
+        # An item in a cell holding no match has exactly the matches of the lower cells ahead of it: bucket t
+        # holds the items of the cells from match t-1's cell to match t's (cells holding a match left out).
+        before = torch.zeros((num_rows, CELLS + 1), dtype=torch.int64, device=dist.device)
+        torch.cumsum(per_cell.masked_fill_(cells.holds_match, 0), 1, out=before[:, 1:])
+        edges = torch.cat([cells.match_cell.new_zeros(num_rows, 1), cells.match_cell,
+                           cells.match_cell.new_full((num_rows, 1), CELLS)], 1)
+        within = before.gather(1, edges)
+        counts += within[:, 1:] - within[:, :-1]
+    bucket = _buckets(junk_rows, dist[junk_rows, junk_cols], tie[junk_cols], match_val, match_tie)
+    counts.index_put_((junk_rows, bucket), torch.tensor(-1, device=dist.device), accumulate=True)
     return counts.cumsum(1)[:, :width - 1]
+
+
+RANK_PIECE = 8192  # gallery columns ranked at once in count_at_or_before
+CELLS = 16384  # distance cells per query chunk (_Cells)
+
+
+@dataclass
+class _Cells:
+    """A table that replaces most of ``searchsorted(match_val, dist)``'s binary searches by one look-up.
+
+    The chunk's distances are cut into CELLS cells by one non-decreasing map. An item in a cell holding no
+    match has exactly the matches of the lower cells ahead of it; only the items of cells
+    holding a match (a few per cent) need a search. The same integers as searching every item.
+    """
+
+    lo: torch.Tensor
+    scale: torch.Tensor
+    match_cell: torch.Tensor  # (Q, W) int64: each sorted match's cell (CELLS for padding), non-decreasing
+    holds_match: torch.Tensor  # (Q, CELLS) bool
+
+    @classmethod
+    def build(cls, dist: torch.Tensor, match_val: torch.Tensor) -> "_Cells":
+        lo, hi = dist.min(), dist.max()
+        one = torch.ones((), dtype=dist.dtype, device=dist.device)
+        cells = cls(lo, (CELLS / (hi - lo)).clamp_(max=1e30) if bool(hi > lo) else one, match_val.new_empty(0), one)
+        m_cell = cells.of(match_val).masked_fill_(torch.isinf(match_val), CELLS)  # padding (+inf): past every item
+        per_cell = torch.zeros((dist.shape[0], CELLS + 1), dtype=torch.int64, device=dist.device)
+        per_cell.scatter_add_(1, m_cell, torch.ones_like(m_cell))
+        cells.match_cell, cells.holds_match = m_cell, per_cell[:, :CELLS] > 0
+        return cells
+
+    def of(self, x: torch.Tensor) -> torch.Tensor:
+        """floor((x - lo)·scale) clamped to the cells: non-decreasing in x."""
+        return (x - self.lo).mul_(self.scale).floor_().clamp_(0, CELLS - 1).long()
+
+
+def _buckets(rows: torch.Tensor, values: torch.Tensor, tie: torch.Tensor, match_val: torch.Tensor,
+             match_tie: torch.Tensor) -> torch.Tensor:
+    """Per listed item (row, distance, tie index): the number of its row's matches strictly ahead of it.
+
+    The matches with a smaller distance (a binary search of the row's sorted matches) and, for an item
+    whose distance equals a match's (a tie, e.g. the match itself), the tied matches with a smaller tie index.
+    """
+    if rows.numel() == 0:
+        return rows.clone()
+    count = torch.bincount(rows, minlength=match_val.shape[0])
+    slot = torch.arange(rows.numel(), device=rows.device) - (count.cumsum(0) - count)[rows]
+    searched = values.new_full((match_val.shape[0], int(count.max())), float("inf"))
+    searched[rows, slot] = values  # rows padded to one length: one batched search, no (n, W) copy
+    bucket = torch.searchsorted(match_val, searched)[rows, slot]
+    tied = (match_val[rows, bucket] == values).nonzero().squeeze(1)
+    if tied.numel():
+        t_rows = rows[tied]
+        ahead = (match_val[t_rows] == values[tied][:, None]) & (match_tie[t_rows] < tie[tied][:, None])
+        bucket[tied] += ahead.sum(1)
+    return bucket
 
 
 def valid_ranks(at_or_before: torch.Tensor, num_rel: torch.Tensor) -> torch.Tensor:

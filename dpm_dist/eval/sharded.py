@@ -12,14 +12,17 @@ global index) plus one, and the counts over disjoint shares add up to it, so CMC
 exactly those of the gathered path (:func:`dpm_dist.eval.evaluator.evaluate_embeddings`): the same
 chunks, the same distances bit for bit (:class:`~dpm_dist.eval.retrieval.Gallery` computes each distance
 with fixed-shape products), the same ranks, the same float sums. Memory per rank: the share's features
-(G/R × D × 8 bytes normalised and squared) + one chunk's distances (query_chunk × G/R × ~20 bytes) + the
-gathered queries + O(G) keys. Every function that talks to other ranks says "Collective".
+and their normalised copy (G/R × D × 8 bytes) + one chunk's distances (query_chunk × G/R × ~5 bytes) + the
+gathered queries + O(G) keys. Re-ranking (``eval.rerank_method=sparse``) gives each rank the re-ranked
+distances against its share (:mod:`dpm_dist.eval.rerank_sparse`), scored the same way; a gathered gallery
+is cut into contiguous shares for it (:func:`as_shard`). Every function that talks to other ranks says
+"Collective".
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -81,17 +84,40 @@ def _gather_matches(rows: torch.Tensor, values: torch.Tensor, tie: torch.Tensor)
     return everything[:, 0].long(), everything[:, 1].to(values.dtype), everything[:, 2].long()
 
 
-def score_sharded(query: Any, shard: GalleryShard, eval_cfg: Any) -> RankingSums:
-    """All query chunks against this rank's share; the matches' ranks summed over ranks. Collective."""
+def as_shard(gallery: Any, env: DistEnv) -> GalleryShard:
+    """A gathered gallery (sorted by key) cut into contiguous shares by index: rank r keeps r·G/R .. (r+1)·G/R."""
+    size = len(gallery)
+    lo, hi = env.rank * size // env.world_size, (env.rank + 1) * size // env.world_size
+    return GalleryShard(local=gallery.select(list(range(lo, hi))), index=torch.arange(lo, hi, device=gallery.pids.device),
+                        size=size)
+
+
+def shard_distance_fn(query: Any, shard: GalleryShard, eval_cfg: Any, env: DistEnv) -> Callable[[int, int], torch.Tensor]:
+    """``(start, end) -> (end-start, share)`` ranking distances; collective to build when re-ranking (sparse only)."""
     local = shard.local
     g_feat = local.feats if len(local) else query.feats.new_zeros(0, query.feats.shape[1])
-    chunk_distance = chunk_distance_fn(query.feats, g_feat, q_mask=query.masks, metric=eval_cfg.distance)
+    if not eval_cfg.rerank:
+        return chunk_distance_fn(query.feats, g_feat, q_mask=query.masks, metric=eval_cfg.distance)
+    if eval_cfg.rerank_method != "sparse":
+        raise ValueError("eval.rerank_method=dense needs the gathered gallery: set eval.rerank_method=sparse "
+                         "or eval.shard_gallery=false")
+    from dpm_dist.eval.rerank_sparse import Peers, SparseReRanking
+
+    return SparseReRanking(query.feats, g_feat, shard.index, shard.size, k1=eval_cfg.rerank_k1, k2=eval_cfg.rerank_k2,
+                           lambda_value=eval_cfg.rerank_lambda, peers=Peers(env.rank, env.world_size)).chunk
+
+
+def score_sharded(query: Any, shard: GalleryShard, eval_cfg: Any, env: DistEnv) -> RankingSums:
+    """All query chunks against this rank's share; the matches' ranks summed over ranks. Collective."""
+    local = shard.local
+    chunk_distance = shard_distance_fn(query, shard, eval_cfg, env)
     num_query = len(query)
     sums = RankingSums.zeros(num_query, effective_max_rank(eval_cfg.max_rank, shard.size), device=query.pids.device)
+    order = torch.argsort(local.pids, stable=True)  # once, not per chunk
     for start, end in query_chunks(num_query, eval_cfg.query_chunk):
         distances = chunk_distance(start, end)
         m_rows, m_cols, j_rows, j_cols = true_matches(query.pids[start:end], local.pids, query.camids[start:end],
-                                                      local.camids)
+                                                      local.camids, order)
         rows, values, tie = _gather_matches(m_rows, distances[m_rows, m_cols], shard.index[m_cols])
         match_val, match_tie, num_rel = match_table(rows, values, tie, end - start)
         counts = count_at_or_before(distances, shard.index, match_val, match_tie, j_rows, j_cols)
@@ -99,8 +125,6 @@ def score_sharded(query: Any, shard: GalleryShard, eval_cfg: Any) -> RankingSums
     return sums
 
 
-def evaluate_sharded(query: Any, shard: GalleryShard, eval_cfg: Any) -> RetrievalMetrics:
+def evaluate_sharded(query: Any, shard: GalleryShard, eval_cfg: Any, env: DistEnv) -> RetrievalMetrics:
     """Metrics of gathered queries against a sharded gallery; the same floats on every rank. Collective."""
-    if eval_cfg.rerank:
-        raise ValueError("eval.rerank=true needs the gathered gallery: set eval.shard_gallery=false")
-    return finalize(score_sharded(query, shard, eval_cfg), num_gallery=shard.size)
+    return finalize(score_sharded(query, shard, eval_cfg, env), num_gallery=shard.size)

@@ -17,6 +17,7 @@ float64, the squared Euclidean distance, or the re-ranked distance), ``gallery_p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -83,14 +84,16 @@ def topk_lists(query: Any, gallery: Any, eval_cfg: Any, env: DistEnv, k: int, *,
 
     ``exclude_junk=False`` (dpm-search's default) keeps the items of the query's own pid and camera.
     """
-    from dpm_dist.eval.sharded import GalleryShard
+    from dpm_dist.eval.sharded import GalleryShard, as_shard
 
+    if eval_cfg.rerank and eval_cfg.rerank_method == "sparse" and not isinstance(gallery, GalleryShard):
+        gallery = as_shard(gallery, env)  # sparse re-ranking is distributed by gallery rows
     sharded = isinstance(gallery, GalleryShard)
     local = gallery.local if sharded else gallery
     tie = gallery.index if sharded else torch.arange(len(local), device=local.pids.device)
     chunks = query_chunks(len(query), eval_cfg.query_chunk, rank=0 if sharded else env.rank,
                           world_size=1 if sharded else env.world_size)
-    chunk_distance = _chunk_distance(query, local, eval_cfg, chunks, sharded)
+    chunk_distance = _chunk_distance(query, gallery, eval_cfg, env, chunks)
     found = []
     for start, end in chunks:
         _, _, j_rows, j_cols = true_matches(query.pids[start:end], local.pids, query.camids[start:end], local.camids)
@@ -106,14 +109,17 @@ def topk_lists(query: Any, gallery: Any, eval_cfg: Any, env: DistEnv, k: int, *,
     return merge(rows, values, ties, len(query), k)
 
 
-def _chunk_distance(query: Any, local: Any, eval_cfg: Any, chunks: list[tuple[int, int]],
-                    sharded: bool) -> Callable[[int, int], torch.Tensor]:
-    if eval_cfg.rerank and not sharded:
+def _chunk_distance(query: Any, gallery: Any, eval_cfg: Any, env: DistEnv,
+                    chunks: list[tuple[int, int]]) -> Callable[[int, int], torch.Tensor]:
+    from dpm_dist.eval.sharded import GalleryShard, shard_distance_fn
+
+    if isinstance(gallery, GalleryShard):
+        return shard_distance_fn(query, gallery, eval_cfg, env)
+    if eval_cfg.rerank:
         from dpm_dist.eval.evaluator import _reranked_chunks
 
-        return _reranked_chunks(query, local, eval_cfg, chunks)
-    g_feat = local.feats if len(local) else query.feats.new_zeros(0, query.feats.shape[1])
-    return chunk_distance_fn(query.feats, g_feat, q_mask=query.masks, metric=eval_cfg.distance)
+        return _reranked_chunks(query, gallery, eval_cfg, chunks)
+    return chunk_distance_fn(query.feats, gallery.feats, q_mask=query.masks, metric=eval_cfg.distance)
 
 
 def gallery_rows(gallery: Any, wanted: torch.Tensor) -> Any:
@@ -191,5 +197,6 @@ def picture_gallery(query: Any, gallery: Any, metrics: Any, eval_cfg: Any, env: 
     if not isinstance(gallery, GalleryShard) or not eval_cfg.num_pictures:
         return gallery
     pictured = query.select(pick_queries(metrics.ap, metrics.num_rel, eval_cfg.num_pictures))
-    top = topk_lists(pictured, gallery, eval_cfg, env, eval_cfg.picture_topk)
+    plain = dataclasses.replace(eval_cfg, rerank=False)  # the pictures rank by the plain distance (write_pictures)
+    top = topk_lists(pictured, gallery, plain, env, eval_cfg.picture_topk)
     return gallery_rows(gallery, top.index.flatten())
