@@ -19,6 +19,7 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 DISTANCES = ("masked_cosine", "cosine", "euclidean")
 SAMPLERS = ("stream", "exact")
 LOG_LEVELS = ("warning", "info", "debug")
+CLASSIFIERS = ("replicated", "sharded")
 
 
 def _check(cond: bool, name: str, message: str) -> None:
@@ -52,10 +53,12 @@ class ModelConfig:
     num_classes: int = 0  # 0: taken from the training shards' manifest
     tap_blocks: List[int] = field(default_factory=lambda: [2, 4, 10, 12])  # 1-based
     pretrained: Optional[str] = None  # local ImageNet ViT file (jx_vit_base_p16_224 or timm state dict)
+    classifier: str = "replicated"  # replicated: W on every rank (the paper) | sharded: C/R rows per rank (docs/training.md)
 
     def __post_init__(self) -> None:
         _check_pair(self.img_size, "model.img_size")
         _check_pair(self.stride, "model.stride")
+        _check_choice(self.classifier, "model.classifier", CLASSIFIERS)
         _check(self.patch_size > 0, "model.patch_size", f"must be > 0, got {self.patch_size}")
         for axis, s in zip(("height", "width"), self.stride):
             _check(s <= self.patch_size, "model.stride", f"{axis} stride {s} is larger than the patch ({self.patch_size}): pixels would be skipped")

@@ -180,7 +180,19 @@ class DPMNet(nn.Module):
 
     @property
     def prototypes(self) -> torch.Tensor:
+        if self.classifier is None:
+            raise ValueError("the prototypes were taken out of this model (take_prototype_rows): a sharded head holds them")
         return self.classifier.weight  # (C, D)
+
+    def take_prototype_rows(self, start: int, stop: int) -> nn.Parameter:
+        """Rows ``[start, stop)`` of W as a parameter of their own; the model keeps no prototypes afterwards.
+
+        A model-parallel shard must live outside the module a data-parallel wrapper broadcasts and averages.
+        The rows are sliced from the full initialisation, so a sharded run starts from the replicated W.
+        """
+        rows = nn.Parameter(self.prototypes.detach()[start:stop].clone())
+        self.classifier = None
+        return rows
 
     def encode(self, images: torch.Tensor, camids: Optional[torch.Tensor] = None) -> BackboneOutput:
         return self.backbone(images, camids)
@@ -204,6 +216,16 @@ class DPMNet(nn.Module):
 
     def mask_parameters(self) -> list[nn.Parameter]:
         return [p for p in self.mask_gen.parameters() if p.requires_grad]
+
+
+def prototype_rows(num_classes: int, rank: int, world_size: int) -> tuple[int, int]:
+    """The rows ``[start, stop)`` of W that ``rank`` owns in a sharded head: contiguous, the first
+    ``num_classes % world_size`` ranks one row more (``torch.tensor_split``'s split)."""
+    if num_classes < world_size:
+        raise ValueError(f"{num_classes} classes cannot be sharded over {world_size} ranks: every rank needs a prototype")
+    base, extra = divmod(num_classes, world_size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
 
 
 def create_model(

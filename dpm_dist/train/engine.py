@@ -40,6 +40,7 @@ from dpm_dist.dist import DistEnv, device_for
 from dpm_dist.train.losses import dpm_loss, masked_arcface_ce
 from dpm_dist.model.dpm import DPMNet
 from dpm_dist.train.optim import build_optimizers, build_scheduler
+from dpm_dist.train.sharded_head import ShardedHead
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,9 @@ class DPMEngine:
         self.model = model.to(self.device)
         if cfg.engine.compile:
             compile_model(self.model, cfg.engine.compile_backend)
+        # model.classifier=sharded: this rank's prototype rows leave the model before DeepSpeed sees it (they
+        # are model-parallel) and get their own optimiser (dpm_dist/train/sharded_head.py says why).
+        self.head = ShardedHead(model, cfg, env) if cfg.model.classifier == "sharded" else None
         self._main_params = model.non_mask_parameters()
         self._mask_params = model.mask_parameters()
         # The frozen BNNeck bias must stay out of both engines.
@@ -153,12 +157,15 @@ class DPMEngine:
     def start_epoch(self, epoch: int) -> None:
         """Set the learning rates of ``epoch`` (1-based), as the official per-epoch scheduler step."""
         self.sched_main.step(epoch)
+        if self.head is not None:
+            self.head.start_epoch(epoch)
         if self.sched_mask is not None:
             self.sched_mask.step(epoch)
 
     def learning_rates(self) -> dict[str, float]:
         out = {}
-        for tag, opt in (("main", self.opt_main), ("mask", self.opt_mask)):
+        head = [("head", self.head.optimizer)] if self.head is not None else []
+        for tag, opt in (("main", self.opt_main), ("mask", self.opt_mask), *head):
             for group in opt.param_groups:
                 out[f"{tag}_{group.get('name', 'group')}"] = float(group["lr"])
         return out
@@ -179,8 +186,19 @@ class DPMEngine:
         return {"triplet_feat": torch.cat(all_gather(feat), 0), "triplet_labels": torch.cat(all_gather(pids), 0)}
 
     def _loss(self, out, pids) -> dict[str, torch.Tensor]:
-        return dpm_loss(feat=out.feat, feat_bn=out.feat_bn, mask=out.mask, attn_logits=out.attn_logits,
-                        prototypes=self.model.prototypes, labels=pids, **self._triplet_inputs(out.feat, pids), **self._loss_args)
+        if self.head is not None:
+            sharded = dict(prototypes=None, id_terms=self.head.classification_terms(out.feat_bn, out.mask, pids))
+        else:
+            sharded = dict(prototypes=self.model.prototypes)
+        return dpm_loss(feat=out.feat, feat_bn=out.feat_bn, mask=out.mask, attn_logits=out.attn_logits, labels=pids,
+                        **sharded, **self._triplet_inputs(out.feat, pids), **self._loss_args)
+
+    def _step2_masked_ce(self, feat_bn: torch.Tensor, mask: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
+        """Step 2's masked ArcFace CE against fixed prototypes (the sharded head's when there is one)."""
+        if self.head is not None:
+            return self.head.masked_arcface_ce(feat_bn, mask, pids)
+        return masked_arcface_ce(feat_bn, mask, self.model.prototypes.detach(), pids, margin=self.cfg.loss.margin,
+                                 scale=self.cfg.loss.scale)
 
     def step(self, batch: dict[str, Any]) -> dict[str, float]:
         """One DPM iteration: step 1 (everything but the HMG), then step 2 (the HMG only).
@@ -199,6 +217,8 @@ class DPMEngine:
         _set_requires_grad(self._main_params, True)
         _set_requires_grad(self._mask_params, mode == "reference")
         self.main.zero_grad()
+        if self.head is not None:
+            self.head.zero_grad()
         stats = [b.clone() for b in self._buffers]
         with self._autocast():
             enc = self.model.encode(images, camids)
@@ -208,6 +228,8 @@ class DPMEngine:
                                          {k: v for k, v in losses.items() if k.startswith("loss")})
         if stop:
             return self._skipped(main_causes, stats, self._metrics(losses, out))
+        if self.head is not None:  # fp16 (the only non-stopping cause) is refused with a sharded head
+            self.head.step()
 
         # Step 2: train the mask generator; everything else is not stepped.
         _set_requires_grad(self._main_params, mode == "reference")
@@ -227,11 +249,12 @@ class DPMEngine:
                 else:  # approx
                     taps, feat_bn2 = enc.taps.detach(), out.feat_bn.detach()
                 mask2 = self.model.mask_gen(taps)
-                loss2 = (1.0 - self.cfg.loss.alpha) * masked_arcface_ce(
-                    feat_bn2, mask2, self.model.prototypes.detach(), pids, margin=self.cfg.loss.margin, scale=self.cfg.loss.scale)
+                loss2 = (1.0 - self.cfg.loss.alpha) * self._step2_masked_ce(feat_bn2, mask2, pids)
         mask_causes, stop = self._update("mask", self.mask, self._mask_params, loss2, {"loss_step2": loss2})
         if mode == "reference":
             self.main.zero_grad()  # the discarded step-2 backbone grads must not leak into the next step 1
+            if self.head is not None:
+                self.head.zero_grad()
         if stop:  # step 1 stays applied (it was finite); the HMG is not updated
             return self._skipped(main_causes + mask_causes, stats, self._metrics(losses, out, loss2))
         _set_requires_grad(self._main_params, True)

@@ -46,6 +46,13 @@ def check_dataset(cfg: DPMConfig, manifest: dict[str, Any]) -> None:
                          f"{written!r} (index.json); set data.dataset={written}, or data.dataset=generic for any shards")
 
 
+def check_classifier(cfg: DPMConfig) -> None:
+    """A sharded head trains in :class:`DPMEngine`, but its checkpoints are not written yet (issue 15, item 4)."""
+    if cfg.model.classifier == "sharded":
+        raise ValueError("config field `model.classifier`: dpm-train cannot save or resume a sharded head yet (its "
+                         "checkpoints and a consolidated model_final.pt are to come); use model.classifier=replicated")
+
+
 def build_engine(cfg: DPMConfig, env: DistEnv, manifest: dict[str, Any]):
     """Model (+ ImageNet weights) wrapped in the two DeepSpeed engines."""
     from dpm_dist.model.dpm import build_model
@@ -180,6 +187,7 @@ def preflight(cfg: DPMConfig) -> None:
     configuration and the dataset against the shards. Raises ``ValueError`` naming the field."""
     from dpm_dist.data.loader import load_manifest
 
+    check_classifier(cfg)
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     saved = checkpoint.latest_meta(os.path.join(cfg.log.output_dir, "checkpoints"))  # verified by train() itself
     resume_plan(cfg, resolved, saved)
@@ -193,6 +201,7 @@ def train(cfg: DPMConfig, env: DistEnv, report: Optional[Reporter] = None) -> di
 
     from dpm_dist.data.loader import load_manifest
 
+    check_classifier(cfg)
     out_dir, ckpt_root = cfg.log.output_dir, os.path.join(cfg.log.output_dir, "checkpoints")
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     saved = checkpoint.find_resumable(ckpt_root, env)  # collective: verifies the manifest, else falls back

@@ -75,19 +75,26 @@ def arcface_logits(cos: torch.Tensor, labels: torch.Tensor, *, margin: float, sc
     Returns:
         (B, C) logits in fp32 (fp64 for fp64 inputs).
     """
-    th = math.cos(math.pi - margin)
-    mm = math.sin(math.pi - margin) * margin
     with _no_autocast(cos):
         cos = _fp32(cos)
         index = labels.view(-1, 1)
-        cos_t = cos.gather(1, index)  # (B, 1) target column only: the margin never touches the rest
-        sin_sq = 1.0 - cos_t * cos_t
-        positive = sin_sq > 0
-        # Double where: sine = 0 at |cos| >= 1 with a zero (not inf/NaN) gradient through the sqrt.
-        sine = torch.where(positive, sin_sq.where(positive, 1.0).sqrt(), 0.0)
-        phi = cos_t * math.cos(margin) - sine * math.sin(margin)
-        phi = torch.where(cos_t > th, phi, cos_t - mm)
-        return scale * cos.scatter(1, index, phi)
+        # Target column only: the margin never touches the rest.
+        return scale * cos.scatter(1, index, arcface_target(cos.gather(1, index), margin=margin))
+
+
+def arcface_target(cos_t: torch.Tensor, *, margin: float) -> torch.Tensor:
+    """The target column of :func:`arcface_logits` before the scale, from the target cosines ``cos_t``.
+
+    Separate so that a sharded head applies it on the rank that owns each target class.
+    """
+    th = math.cos(math.pi - margin)
+    mm = math.sin(math.pi - margin) * margin
+    sin_sq = 1.0 - cos_t * cos_t
+    positive = sin_sq > 0
+    # Double where: sine = 0 at |cos| >= 1 with a zero (not inf/NaN) gradient through the sqrt.
+    sine = torch.where(positive, sin_sq.where(positive, 1.0).sqrt(), 0.0)
+    phi = cos_t * math.cos(margin) - sine * math.sin(margin)
+    return torch.where(cos_t > th, phi, cos_t - mm)
 
 
 def masked_arcface_ce(feat_bn: torch.Tensor, mask: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor, *,
@@ -175,11 +182,21 @@ def soft_margin_triplet(feat: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return F.softplus(d_ap - d_an).mean()
 
 
+def classification_terms(feat_bn: torch.Tensor, mask: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor, *,
+                         margin: float, scale: float) -> dict[str, torch.Tensor]:
+    """``loss_id`` (plain CE of f_bn·Wᵀ), ``loss_mask_id`` (masked ArcFace CE) and the detached plain ``acc``."""
+    logits = _fp32(F.linear(feat_bn, prototypes))  # (B, C) raw dot products: no norm, no scale
+    return {"loss_id": F.cross_entropy(logits, labels),
+            "loss_mask_id": masked_arcface_ce(feat_bn, mask, prototypes, labels, margin=margin, scale=scale),
+            "acc": (logits.detach().argmax(1) == labels).float().mean()}
+
+
 def dpm_loss(*, feat: torch.Tensor, feat_bn: torch.Tensor, mask: torch.Tensor, attn_logits: torch.Tensor,
-             prototypes: torch.Tensor, labels: torch.Tensor, alpha: float, beta: float, margin: float, scale: float,
+             prototypes: Optional[torch.Tensor], labels: torch.Tensor, alpha: float, beta: float, margin: float, scale: float,
              triplet_weight: float = 1.0, hem_ref_batch: Optional[int] = 64,
              triplet_feat: Optional[torch.Tensor] = None,
-             triplet_labels: Optional[torch.Tensor] = None) -> dict[str, torch.Tensor]:
+             triplet_labels: Optional[torch.Tensor] = None,
+             id_terms: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
     """The full DPM objective (docs/method.md §4.6) and its named terms.
 
     Args:
@@ -198,6 +215,8 @@ def dpm_loss(*, feat: torch.Tensor, feat_bn: torch.Tensor, mask: torch.Tensor, a
         triplet_feat: (N, D) features to mine over instead of ``feat``, e.g. all-gathered from every
             rank (the local rows among them); every row is an anchor.
         triplet_labels: (N,) identities of ``triplet_feat``.
+        id_terms: the two classification terms computed elsewhere (``loss_id``, ``loss_mask_id``, ``acc``:
+            a sharded head); ``prototypes`` is then unused.
 
     Returns:
         ``loss`` (total), ``loss_id`` (plain CE), ``loss_mask_id`` (masked ArcFace CE), ``loss_hem``,
@@ -209,9 +228,9 @@ def dpm_loss(*, feat: torch.Tensor, feat_bn: torch.Tensor, mask: torch.Tensor, a
     if triplet_feat is None:
         triplet_feat, triplet_labels = feat, labels
 
-    logits = _fp32(F.linear(feat_bn, prototypes))  # (B, C) raw dot products: no norm, no scale
-    loss_id = F.cross_entropy(logits, labels)
-    loss_mask_id = masked_arcface_ce(feat_bn, mask, prototypes, labels, margin=margin, scale=scale)
+    if id_terms is None:
+        id_terms = classification_terms(feat_bn, mask, prototypes, labels, margin=margin, scale=scale)
+    loss_id, loss_mask_id = id_terms["loss_id"], id_terms["loss_mask_id"]
     loss_hem = hem_loss(attn_logits, ref_batch=hem_ref_batch)
     d_ap, d_an = batch_hard_distances(triplet_feat, triplet_labels)
     loss_triplet = F.softplus(d_ap - d_an).mean()
@@ -222,7 +241,7 @@ def dpm_loss(*, feat: torch.Tensor, feat_bn: torch.Tensor, mask: torch.Tensor, a
         "loss_mask_id": loss_mask_id,
         "loss_hem": loss_hem,
         "loss_triplet": loss_triplet,
-        "acc": (logits.detach().argmax(1) == labels).float().mean(),
+        "acc": id_terms["acc"],
         "dist_ap": d_ap.detach().mean(),
         "dist_an": d_an.detach().mean(),
     }

@@ -49,14 +49,17 @@ def build_optimizers(model: nn.Module, optim_cfg: Any) -> tuple[torch.optim.Opti
                   weight_decay_bias=optim_cfg.weight_decay_bias)
     main = param_groups([(n, p) for n, p in named if id(p) not in mask_ids], **common)
     mask = param_groups([(n, p) for n, p in named if id(p) in mask_ids], all_bias_decay=True, **common)
+    return make_optimizer(main, optim_cfg), make_optimizer(mask, optim_cfg)
+
+
+def make_optimizer(groups: list[dict[str, Any]], optim_cfg: Any) -> torch.optim.Optimizer:
+    """The configured optimiser (SGD or AdamW) over ``groups`` (:func:`param_groups`)."""
     # optim.fused: one fused kernel per step instead of torch's default multi-tensor (foreach) loop; the
     # same formula, rounded in another order, so it is off by default.
     fused = {"fused": True} if optim_cfg.fused else {}
     if optim_cfg.name == "adamw":
-        return (torch.optim.AdamW(main, lr=optim_cfg.base_lr, **fused),
-                torch.optim.AdamW(mask, lr=optim_cfg.base_lr, **fused))
-    sgd = dict(momentum=optim_cfg.momentum, dampening=0.0, nesterov=False, **fused)
-    return torch.optim.SGD(main, lr=optim_cfg.base_lr, **sgd), torch.optim.SGD(mask, lr=optim_cfg.base_lr, **sgd)
+        return torch.optim.AdamW(groups, lr=optim_cfg.base_lr, **fused)
+    return torch.optim.SGD(groups, lr=optim_cfg.base_lr, momentum=optim_cfg.momentum, dampening=0.0, nesterov=False, **fused)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: Any):
