@@ -93,3 +93,16 @@ def test_bad_values_name_the_field(override, field):
 def test_type_errors_are_caught_by_the_schema():
     with pytest.raises(Exception, match="loss.alpha|alpha"):
         _compose(["loss.alpha=high"])
+
+
+def test_every_config_field_is_documented():
+    import dataclasses
+    from pathlib import Path
+
+    from dpm_dist import config as C
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
+    sections = {"model": C.ModelConfig, "loss": C.LossConfig, "data": C.DataConfig, "optim": C.OptimConfig,
+                "engine": C.EngineConfig, "eval": C.EvalConfig, "log": C.LogConfig}
+    missing = [f"{name}.{f.name}" for name, cls in sections.items() for f in dataclasses.fields(cls) if f"`{f.name}`" not in text]
+    assert not missing, f"docs/configuration.md does not name: {', '.join(missing)}"
