@@ -239,3 +239,18 @@ def test_a_mistake_in_the_run_is_not_restarted_over_and_over(tiny_shards, tmp_pa
     assert f"dpm-train: error: {first}" in proc.stderr, out[-3000:]
     assert proc.stderr.count("(stopped again at once: a restart would only repeat it)") == 2 * 2  # 2 restarts x 2 ranks
     assert out.count("[step 4 ") == 1 and out.count("start     resumed from") == 0  # no epoch was replayed
+
+
+def test_a_checkpoint_from_before_manifests_still_resumes(uninterrupted, tmp_path, caplog):
+    """Folders written before manifests existed (no manifest.json, no checkpoint_format in meta.json): the one
+    ``latest`` names resumes, unverified, with a warning; an upgrade does not strand a run."""
+    ckpts = _resumable_copy(uninterrupted, tmp_path) / "checkpoints"
+    for folder in ckpts.glob("epoch_*"):
+        (folder / "manifest.json").unlink()
+        meta = json.loads((folder / "meta.json").read_text())
+        meta.pop("checkpoint_format")
+        (folder / "meta.json").write_text(json.dumps(meta))
+    with caplog.at_level("WARNING", logger="dpm_dist"):
+        assert run_ranks(_find, 1, tmp_path / "w1", str(ckpts)) == ["epoch_0003"]
+    assert "epoch_0003 was written before checkpoints had manifests: resuming from it unverified" in caplog.text
+    assert run_ranks(_find, 2, tmp_path / "w2", str(ckpts)) == ["epoch_0003"] * 2

@@ -39,6 +39,8 @@ from dpm_dist.dist import DistEnv
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+FORMAT = 2  # meta.json's checkpoint_format; folders written before manifests existed have none
+_NO_MANIFEST = f"no {MANIFEST} (its save did not finish)"
 # Test hook (docs/training.md, "Faults"): SIGKILL this process in the middle of saving the given epoch,
 # after the main engine's files and before the mask engine's, as a crash or a pre-emption would.
 CRASH_IN_SAVE_ENV = "DPM_DEBUG_CRASH_IN_SAVE"
@@ -123,7 +125,7 @@ def write_manifest(folder: str, env: DistEnv) -> dict[str, Any]:
 def _read_manifest(folder: str) -> tuple[Optional[dict[str, Any]], str]:
     path = os.path.join(folder, MANIFEST)
     if not os.path.isfile(path):
-        return None, f"no {MANIFEST} (its save did not finish)"
+        return None, _NO_MANIFEST
     try:
         with open(path) as f:
             manifest = json.load(f)
@@ -175,17 +177,32 @@ def find_resumable(root: str, env: DistEnv) -> Optional[dict[str, Any]]:
     for tag in _epoch_folders(root):
         folder = os.path.join(root, tag)
         problems = verify(folder, env)
-        if not problems:
+        legacy = problems == [_NO_MANIFEST] and dist.broadcast_object(_legacy_meta(root, tag) if env.is_main else None)
+        if not problems or legacy:
             with open(os.path.join(folder, "meta.json")) as f:
                 meta = json.load(f)
             if failed and env.is_main:
                 log.warning("skipping %s; resuming from %s, the newest checkpoint that verifies", "; ".join(failed), tag)
+            if legacy and env.is_main:
+                log.warning("%s was written before checkpoints had manifests: resuming from it unverified", tag)
             return meta
         failed.append(f"{tag}: {', '.join(problems[:3])}{f' (+{len(problems) - 3} more)' if len(problems) > 3 else ''}")
     if failed:
         raise ValueError(f"no checkpoint in {root} verifies ({'; '.join(failed)}); move the folder away (or set a new "
                          "log.output_dir) to start over")
     return None
+
+
+def _legacy_meta(root: str, tag: str) -> bool:
+    """``tag`` is a complete checkpoint of the format before manifests: ``latest`` names it and its meta.json has
+    no ``checkpoint_format`` (a save of this format moves ``latest`` only after the manifest, so a folder of it
+    without one is never named there)."""
+    pointer = os.path.join(root, "latest")
+    try:
+        with open(pointer) as f, open(os.path.join(root, tag, "meta.json")) as m:
+            return f.read().strip() == tag and "checkpoint_format" not in json.load(m)
+    except (OSError, ValueError):
+        return False
 
 
 def _disk_usage(folder: str) -> Optional[Any]:
@@ -254,7 +271,7 @@ def save(engine: Any, root: str, *, epoch: int, step: int, env: DistEnv, meta: d
         torch.save({"rng": rng_state(), "scalers": engine.scaler_state()}, os.path.join(folder, "rng", f"rank_{env.rank}.pt"))
         dist.barrier()  # every rank's shards are on disk before the checkpoint is declared complete
         if env.is_main:
-            full_meta = dict(meta, epoch=epoch, step=step, world_size=env.world_size, tag=tag)
+            full_meta = dict(meta, epoch=epoch, step=step, world_size=env.world_size, tag=tag, checkpoint_format=FORMAT)
             _write_atomic(os.path.join(folder, "meta.json"), json.dumps(full_meta, indent=2, default=str))
         write_manifest(folder, env)  # collective; the folder is a checkpoint from here on
     except Exception as err:
