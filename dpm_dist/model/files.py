@@ -29,17 +29,39 @@ def save_model_file(model: torch.nn.Module, dst: str, meta: dict) -> None:
     try:
         torch.save({"model": state, "meta": meta}, tmp)
         os.replace(tmp, dst)
-    except (OSError, RuntimeError) as err:  # torch.save's zip writer raises RuntimeError on a full disk
-        if isinstance(err, RuntimeError) and "inline_container" not in str(err) and "PytorchStreamWriter" not in str(err):
+    except (OSError, RuntimeError) as err:
+        if not is_write_failure(err):
             raise
-        usage = shutil.disk_usage(folder)  # before the partial file is removed
-        why = err.strerror if isinstance(err, OSError) and err.strerror else (
-            "No space left on device" if usage.free < 2**20 else f"write failed ({str(err).splitlines()[0]})")
-        raise OSError(f"writing the model file {dst} failed: {why} ({usage.free / 2**20:,.1f} MiB free of "
-                      f"{usage.total / 2**20:,.0f} MiB); no file was replaced") from err
+        raise OSError(f"writing the model file {dst} failed: {describe_write_failure(err, folder)}; no file was replaced") from err
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def is_write_failure(err: BaseException) -> bool:
+    """OSError, or torch.save's RuntimeError from its zip writer (which does not raise OSError on a full disk)."""
+    return isinstance(err, OSError) or (isinstance(err, RuntimeError) and any(
+        s in str(err) for s in ("inline_container", "PytorchStreamWriter", "file write failed")))
+
+
+def describe_write_failure(err: BaseException, folder: str) -> str:
+    """Why a write into ``folder`` failed and the free space at that moment (call it before removing partial
+    files), e.g. ``No space left on device (0.0 MiB free of 14 MiB)``."""
+    probe = folder
+    while probe and not os.path.isdir(probe):
+        probe = os.path.dirname(probe)
+    try:
+        usage = shutil.disk_usage(probe or ".")
+    except OSError:
+        usage = None
+    free = f"{usage.free / 2**20:,.1f} MiB free of {usage.total / 2**20:,.0f} MiB" if usage else "free space unknown"
+    if isinstance(err, OSError) and err.strerror:
+        why = err.strerror
+    elif usage and usage.free < 2**20:
+        why = "No space left on device"
+    else:
+        why = f"write failed ({str(err).splitlines()[0]})"
+    return f"{why} ({free})"
 
 
 def find_model_file(path: str, *, flag: str = "--checkpoint", verb: str = "evaluating") -> tuple[str, Optional[str]]:

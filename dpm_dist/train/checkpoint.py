@@ -34,6 +34,7 @@ import torch
 
 from dpm_dist import dist
 from dpm_dist.data.shards import file_sha256
+from dpm_dist.model.files import describe_write_failure, is_write_failure
 from dpm_dist.dist import DistEnv
 
 log = logging.getLogger(__name__)
@@ -205,35 +206,6 @@ def _legacy_meta(root: str, tag: str) -> bool:
         return False
 
 
-def _disk_usage(folder: str) -> Optional[Any]:
-    probe = folder
-    while probe and not os.path.isdir(probe):
-        probe = os.path.dirname(probe)
-    try:
-        return shutil.disk_usage(probe or ".")
-    except OSError:
-        return None
-
-
-def _is_write_failure(err: BaseException) -> bool:
-    """OSError, or torch.save's RuntimeError from its zip writer (which does not raise OSError on a full disk)."""
-    return isinstance(err, OSError) or (isinstance(err, RuntimeError) and any(
-        s in str(err) for s in ("inline_container", "PytorchStreamWriter", "file write failed")))
-
-
-def _save_failure(err: BaseException, folder: str) -> str:
-    """Why the save failed and the free space at that moment, e.g. ``No space left on device (0.0 MiB free of 14 MiB)``."""
-    usage = _disk_usage(folder)
-    free = f"{usage.free / 2**20:,.1f} MiB free of {usage.total / 2**20:,.0f} MiB" if usage else "free space unknown"
-    if isinstance(err, OSError) and err.strerror:
-        why = err.strerror
-    elif usage and usage.free < 2**20:
-        why = "No space left on device"
-    else:
-        why = f"write failed ({str(err).splitlines()[0]})"
-    return f"{why} ({free})"
-
-
 def _crash_hook(epoch: int) -> None:
     if os.environ.get(CRASH_IN_SAVE_ENV, "") == str(epoch):
         os.kill(os.getpid(), signal.SIGKILL)
@@ -275,9 +247,9 @@ def save(engine: Any, root: str, *, epoch: int, step: int, env: DistEnv, meta: d
             _write_atomic(os.path.join(folder, "meta.json"), json.dumps(full_meta, indent=2, default=str))
         write_manifest(folder, env)  # collective; the folder is a checkpoint from here on
     except Exception as err:
-        if not _is_write_failure(err):
+        if not is_write_failure(err):
             raise
-        why, previous = _save_failure(err, folder), _read_pointer(root, "latest")
+        why, previous = describe_write_failure(err, folder), _read_pointer(root, "latest")
         if env.is_main:
             shutil.rmtree(folder, ignore_errors=True)  # never half a checkpoint, and its space back
         kept = f"{previous} is intact and still the latest" if previous else "there is no earlier checkpoint"
