@@ -1,13 +1,16 @@
-"""Step time and peak memory of the prototype head alone, replicated vs sharded (docs/training.md, "Sharded prototype head").
+"""Step time and peak memory of the prototype head alone: replicated, sharded, and sharded with Partial FC sampling
+(docs/training.md, "Sharded prototype head"; docs/benchmarks.md, "Prototype head at scale").
 
     DS_ACCELERATOR=cpu nice -n 10 .venv/bin/python benchmarks/head_scale.py --classes 10000 100000 --ranks 1 2 4
-    DS_ACCELERATOR=cpu nice -n 10 .venv/bin/python benchmarks/head_scale.py --classes 1000000 --ranks 4
+    DS_ACCELERATOR=cpu nice -n 10 .venv/bin/python benchmarks/head_scale.py --classes 1000000 --ranks 1 4
 
 One step = forward of both classification branches (plain CE + masked ArcFace CE) on B samples per rank,
-backward into W, the features and the masks, and the SGD (momentum) step of W; gloo ranks on this host. The
-replicated head holds all of W (its gradient all-reduced, as DeepSpeed does); the sharded head holds C/R rows
-(dpm_dist/train/sharded_head.py). Peak memory: the peak resident set of each rank process (ru_maxrss), from a
-process that only built the head, so it is the head's memory plus the interpreter's (~0.4 GB).
+backward into W, the features and the masks, and the SGD (momentum, weight decay) step of W; gloo ranks on this
+host. The replicated head holds all of W (its gradient all-reduced, as DeepSpeed does); the sharded head holds
+C/R rows (dpm_dist/train/sharded_head.py); "sampled" is the sharded head at ``--sample-rate`` (Partial FC: the
+batch's classes plus seeded negatives). Peak memory: the peak resident set of each rank process (ru_maxrss), from
+a process that only built the head, so it is the head's memory plus the interpreter's (~0.4 GB). A configuration
+whose estimated memory exceeds what the host has free is skipped and says so.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import torch
 import torch.distributed as tdist
 import torch.multiprocessing as mp
 
+KINDS = ("replicated", "sharded", "sampled")
+
 
 def _socket_port() -> int:
     import socket
@@ -31,31 +36,37 @@ def _socket_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _worker(rank: int, world: int, port: int, kind: str, classes: int, dim: int, batch: int, steps: int, queue) -> None:
+def _worker(rank: int, world: int, port: int, kind: str, classes: int, dim: int, batch: int, steps: int, rate: float,
+            queue) -> None:
     from dpm_dist.model.dpm import prototype_rows
     from dpm_dist.train.losses import classification_terms
-    from dpm_dist.train.sharded_head import gather_rows, shard_cross_entropy, shard_masked_arcface_ce
+    from dpm_dist.train.sharded_head import gather_rows, sample_rows, sample_seed, shard_cross_entropy, shard_masked_arcface_ce
 
     torch.set_num_threads(1)
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    start, stop = prototype_rows(classes, rank, world) if kind == "sharded" else (0, classes)
+    start, stop = prototype_rows(classes, rank, world) if kind != "replicated" else (0, classes)
     g = torch.Generator().manual_seed(rank)
     weight = torch.nn.Parameter(torch.empty(stop - start, dim).uniform_(-0.05, 0.05, generator=g))
     opt = torch.optim.SGD([weight], lr=1e-3, momentum=0.9, weight_decay=1e-4)
     times = []
-    for _ in range(steps):
+    for step in range(steps):
         feat = torch.randn(batch, dim, generator=g, requires_grad=True)
         mask = torch.rand(batch, dim, generator=g, requires_grad=True)
-        labels = torch.randint(0, classes, (batch,), generator=g)
+        labels = torch.randint(0, classes, (batch,), generator=torch.Generator().manual_seed(1000 * step + rank))
         tdist.barrier()
         t0 = time.perf_counter()
-        if kind == "sharded":
-            feats, masks, all_labels = gather_rows(feat, world), gather_rows(mask, world), gather_rows(labels, world)
-            loss = shard_cross_entropy(feats @ weight.t(), all_labels, start)[0]
-            loss = loss + shard_masked_arcface_ce(feats, masks, weight, all_labels, start, margin=0.5, scale=30.0)
-        else:
+        if kind == "replicated":
             terms = classification_terms(feat, mask, weight, labels, margin=0.5, scale=30.0)
             loss = terms["loss_id"] + terms["loss_mask_id"]
+        else:
+            feats, masks, all_labels = gather_rows(feat, world), gather_rows(mask, world), gather_rows(labels, world)
+            rows = None
+            if kind == "sampled":
+                gen = torch.Generator().manual_seed(sample_seed(0, step, rank))
+                rows = sample_rows(all_labels, start, stop - start, rate, gen)
+            w = weight if rows is None else weight.index_select(0, rows)
+            loss = shard_cross_entropy(feats @ w.t(), all_labels, start, width=stop - start, rows=rows)[0]
+            loss = loss + shard_masked_arcface_ce(feats, masks, weight, all_labels, start, margin=0.5, scale=30.0, rows=rows)
         loss.backward()
         if kind == "replicated" and world > 1:
             tdist.all_reduce(weight.grad)  # the data-parallel average (its /R is a cheap scale)
@@ -68,14 +79,26 @@ def _worker(rank: int, world: int, port: int, kind: str, classes: int, dim: int,
     tdist.destroy_process_group()
 
 
-def measure(kind: str, classes: int, world: int, dim: int, batch: int, steps: int) -> tuple[float, float]:
+def estimate_gb(kind: str, classes: int, world: int, dim: int, batch: int, rate: float) -> float:
+    """Rough resident memory of all ranks together: W, its gradient and momentum, ~8 logit-sized tensors, 0.5 GB each."""
+    rows = classes if kind == "replicated" else -(-classes // world)
+    n = batch if kind == "replicated" else batch * world
+    cols = rows * (rate if kind == "sampled" else 1.0)
+    return world * (3 * rows * dim + 8 * n * cols) * 4 / 2**30 + 0.5 * world
+
+
+def free_gb() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") / 2**30
+
+
+def measure(kind: str, classes: int, world: int, dim: int, batch: int, steps: int, rate: float) -> tuple[float, float]:
     """(median step seconds of the slowest rank, max peak RSS GB over ranks)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    ctx_procs = mp.start_processes(_worker, args=(world, _socket_port(), kind, classes, dim, batch, steps, queue),
-                                   nprocs=world, join=False, start_method="spawn")
+    procs = mp.start_processes(_worker, args=(world, _socket_port(), kind, classes, dim, batch, steps, rate, queue),
+                               nprocs=world, join=False, start_method="spawn")
     results = [queue.get() for _ in range(world)]
-    ctx_procs.join()
+    procs.join()
     return max(r[1] for r in results), max(r[2] for r in results)
 
 
@@ -83,18 +106,30 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS))
+    parser.add_argument("--sample-rate", type=float, default=0.1, help="Partial FC's share for the 'sampled' kind")
     parser.add_argument("--dim", type=int, default=768)
     parser.add_argument("--batch", type=int, default=64, help="samples per rank")
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
-    print("| C | ranks | replicated s/step | sharded s/step | time ratio sh/rep | replicated GB/rank | sharded GB/rank | memory ratio sh/rep |")
-    print("|---|---|---|---|---|---|---|---|")
+    kinds = args.kinds
+    print(f"sampled = sharded at sample_rate {args.sample_rate}; ratios against the replicated head of the same row")
+    print("| C | ranks | " + " | ".join(f"{k} s/step" for k in kinds) + " | " + " | ".join(f"{k} GB/rank" for k in kinds) + " | ratios (time, memory) |")
+    print("|---|---|" + "---|" * (2 * len(kinds) + 1))
     for classes in args.classes:
         for world in args.ranks:
-            rt, rm = measure("replicated", classes, world, args.dim, args.batch, args.steps)
-            st, sm = measure("sharded", classes, world, args.dim, args.batch, args.steps)
-            print(f"| {classes:,} | {world} | {rt:.3f} | {st:.3f} | {st / rt:.2f} | {rm:.2f} | {sm:.2f} | {sm / rm:.2f} |", flush=True)
+            got = {}
+            for kind in kinds:
+                need = estimate_gb(kind, classes, world, args.dim, args.batch, args.sample_rate)
+                got[kind] = measure(kind, classes, world, args.dim, args.batch, args.steps, args.sample_rate) if need < 0.9 * free_gb() else None
+            cell = lambda v, f: f"{v:{f}}" if v is not None else "skipped (memory)"
+            times = " | ".join(cell(got[k] and got[k][0], ".3f") for k in kinds)
+            mems = " | ".join(cell(got[k] and got[k][1], ".2f") for k in kinds)
+            base = got.get("replicated")
+            ratios = ", ".join(f"{k}/rep {got[k][0] / base[0]:.2f}x, {got[k][1] / base[1]:.2f}x" for k in kinds
+                               if k != "replicated" and base and got[k]) or "-"
+            print(f"| {classes:,} | {world} | {times} | {mems} | {ratios} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -90,6 +90,7 @@ class LossConfig:
     scale: float = 30.0  # ArcFace s
     triplet_weight: float = 1.0
     hem_ref_batch: int = 64  # L_hem = Σ_b/heads² over this many samples, whatever the per-rank batch
+    sample_rate: float = 1.0  # Partial FC (model.classifier=sharded): share of each shard's classes per step; 1 = all
 
     def __post_init__(self) -> None:
         _check(0.0 <= self.alpha <= 1.0, "loss.alpha", f"must be in [0, 1], got {self.alpha}")
@@ -98,6 +99,7 @@ class LossConfig:
         _check(self.scale > 0.0, "loss.scale", f"must be > 0, got {self.scale}")
         _check(self.triplet_weight >= 0.0, "loss.triplet_weight", f"must be >= 0, got {self.triplet_weight}")
         _check(self.hem_ref_batch > 0, "loss.hem_ref_batch", f"must be > 0, got {self.hem_ref_batch}")
+        _check(0.0 < self.sample_rate <= 1.0, "loss.sample_rate", f"must be in (0, 1], got {self.sample_rate}")
 
 
 @dataclass
@@ -411,6 +413,15 @@ class DPMConfig:
     def __post_init__(self) -> None:
         _check(list(self.model.img_size) == list(self.data.img_size), "data.img_size",
                f"{list(self.data.img_size)} differs from model.img_size {list(self.model.img_size)}")
+        sharded = self.model.classifier == "sharded"
+        _check(sharded or self.loss.sample_rate == 1.0, "loss.sample_rate",
+               f"{self.loss.sample_rate} samples the classes of a sharded head (Partial FC); set model.classifier=sharded "
+               "(it also runs on one rank) or loss.sample_rate=1.0")
+        _check(not (sharded and self.engine.precision == "fp16"), "engine.precision",
+               "fp16's loss scaling does not cover the sharded head's optimiser; use bf16 or fp32 with model.classifier=sharded")
+        _check(not (sharded and self.engine.gradient_clipping > 0), "engine.gradient_clipping",
+               "the global norm would leave out the sharded prototypes; use 0 with model.classifier=sharded")
+
 
 
 def register_configs() -> None:

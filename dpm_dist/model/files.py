@@ -19,11 +19,13 @@ import torch
 MODEL_BEST, MODEL_FINAL = "model_best.pt", "model_final.pt"  # in a run folder, in the order dpm-eval prefers them
 
 
-def save_model_file(model: torch.nn.Module, dst: str, meta: dict) -> None:
-    """Write ``{"model": fp32 state dict, "meta": meta}`` atomically (temp file + rename)."""
+def save_model_file(model: torch.nn.Module | dict[str, torch.Tensor], dst: str, meta: dict) -> None:
+    """Write ``{"model": fp32 state dict, "meta": meta}`` atomically (temp file + rename); ``model``: a module or its
+    state dict."""
     folder = os.path.dirname(os.path.abspath(dst))
     os.makedirs(folder, exist_ok=True)
-    state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in model.state_dict().items()}
+    tensors = model if isinstance(model, dict) else model.state_dict()
+    state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in tensors.items()}
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
     os.close(fd)
     try:

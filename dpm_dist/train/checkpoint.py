@@ -5,6 +5,7 @@ Layout under ``<output_dir>/checkpoints``::
     epoch_0003/main/...        DeepSpeed files of the main engine (every rank writes its ZeRO shard)
     epoch_0003/mask/...        DeepSpeed files of the HMG engine
     epoch_0003/rng/rank_<r>.pt per-rank RNG states (python, numpy, torch, cuda) and fp16 loss scalers
+    epoch_0003/head/rank_<r>.pt model.classifier=sharded: each rank's prototype rows and their optimiser state
     epoch_0003/meta.json       epoch, step, world size, ZeRO stage, best metric, results, resolved config
     epoch_0003/manifest.json   every file above with its size and sha256, written last (after an fsync of each)
     latest                     name of the newest checkpoint whose manifest was written, replaced atomically last
@@ -239,6 +240,8 @@ def save(engine: Any, root: str, *, epoch: int, step: int, env: DistEnv, meta: d
             if i:
                 _crash_hook(epoch)
             ds_engine.save_checkpoint(folder, tag=name, save_latest=False)
+        if getattr(engine, "head", None) is not None:  # model.classifier=sharded: every rank its own rows
+            engine.head.save(folder)
         os.makedirs(os.path.join(folder, "rng"), exist_ok=True)
         torch.save({"rng": rng_state(), "scalers": engine.scaler_state()}, os.path.join(folder, "rng", f"rank_{env.rank}.pt"))
         dist.barrier()  # every rank's shards are on disk before the checkpoint is declared complete
@@ -363,6 +366,9 @@ def resume(engine: Any, root: str, env: DistEnv, meta: Optional[dict[str, Any]] 
     if reshard and env.is_main:
         print(f"resharding the ZeRO-{engine.cfg.engine.zero_stage} optimiser state of {meta['tag']} from "
               f"{meta['world_size']} to {env.world_size} ranks", flush=True)
+    head = getattr(engine, "head", None)
+    if head is not None and meta["world_size"] != env.world_size and env.is_main:
+        print(f"resharding the prototype head of {meta['tag']} from {meta['world_size']} to {env.world_size} ranks", flush=True)
     for name, ds_engine in engine.modules():
         # Another world size: the module weights as saved, then each rank's slice of the whole state.
         path, _ = ds_engine.load_checkpoint(folder, tag=name, load_module_only=reshard, load_optimizer_states=not reshard,
@@ -371,6 +377,8 @@ def resume(engine: Any, root: str, env: DistEnv, meta: Optional[dict[str, Any]] 
             raise RuntimeError(f"checkpoint {folder}/{name} could not be loaded")
         if reshard:
             load_resharded_zero_state(ds_engine, os.path.join(folder, name))
+    if head is not None:
+        head.load(folder, meta["world_size"])  # its own file, or the slices of its rows on another world size
     same_world = meta["world_size"] == env.world_size
     rank_file = os.path.join(folder, "rng", f"rank_{env.rank if same_world else 0}.pt")
     state = torch.load(rank_file, weights_only=False) if os.path.isfile(rank_file) else {}

@@ -40,7 +40,7 @@ from dpm_dist.dist import DistEnv, device_for
 from dpm_dist.train.losses import dpm_loss, masked_arcface_ce
 from dpm_dist.model.dpm import DPMNet
 from dpm_dist.train.optim import build_optimizers, build_scheduler
-from dpm_dist.train.sharded_head import ShardedHead
+from dpm_dist.train.sharded_head import ShardedHead, gather_rows
 
 log = logging.getLogger(__name__)
 
@@ -180,10 +180,9 @@ class DPMEngine:
     def _triplet_inputs(self, feat: torch.Tensor, pids: torch.Tensor) -> dict[str, Optional[torch.Tensor]]:
         if not (self.cfg.engine.gather_triplet and self.env.distributed):
             return {}
-        from torch.distributed.nn.functional import all_gather
-
         # Gradient-carrying gather: each rank's features receive the gradient of the global mining.
-        return {"triplet_feat": torch.cat(all_gather(feat), 0), "triplet_labels": torch.cat(all_gather(pids), 0)}
+        world = self.env.world_size
+        return {"triplet_feat": gather_rows(feat, world, grad_scale=1.0), "triplet_labels": gather_rows(pids, world)}
 
     def _loss(self, out, pids) -> dict[str, torch.Tensor]:
         if self.head is not None:
@@ -212,6 +211,8 @@ class DPMEngine:
         camids = batch["camids"].to(self.device, non_blocking=True)
         mode = self.cfg.engine.update_mode
         self.model.train()
+        if self.head is not None:
+            self.head.begin_iteration()
 
         # Step 1: train the holistic prototypes (and backbone); the HMG is not stepped.
         _set_requires_grad(self._main_params, True)
@@ -338,6 +339,17 @@ class DPMEngine:
         return next((float(scaler.get_scale()) for name, scaler in self._scalers() if name == "main"), None)
 
     # ------------------------------------------------------------------ state
+    def model_state(self) -> Optional[dict[str, torch.Tensor]]:
+        """The whole model's state dict on rank 0 (a sharded head's W gathered into ``classifier.weight``), None
+        elsewhere. Collective."""
+        weight = self.head.full_weight() if self.head is not None else None
+        if not self.env.is_main:
+            return None
+        state = dict(self.model.state_dict())
+        if self.head is not None:
+            state["classifier.weight"] = weight
+        return state
+
     def modules(self) -> Iterator[tuple[str, Any]]:
         yield "main", self.main
         yield "mask", self.mask

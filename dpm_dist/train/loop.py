@@ -46,13 +46,6 @@ def check_dataset(cfg: DPMConfig, manifest: dict[str, Any]) -> None:
                          f"{written!r} (index.json); set data.dataset={written}, or data.dataset=generic for any shards")
 
 
-def check_classifier(cfg: DPMConfig) -> None:
-    """A sharded head trains in :class:`DPMEngine`, but its checkpoints are not written yet (issue 15, item 4)."""
-    if cfg.model.classifier == "sharded":
-        raise ValueError("config field `model.classifier`: dpm-train cannot save or resume a sharded head yet (its "
-                         "checkpoints and a consolidated model_final.pt are to come); use model.classifier=replicated")
-
-
 def build_engine(cfg: DPMConfig, env: DistEnv, manifest: dict[str, Any]):
     """Model (+ ImageNet weights) wrapped in the two DeepSpeed engines."""
     from dpm_dist.model.dpm import build_model
@@ -94,6 +87,10 @@ def resume_plan(cfg: DPMConfig, resolved: dict[str, Any], saved: Optional[dict[s
     if saved is None:
         return []
     changes = checkpoint.config_changes(saved.get("config", {}), resolved, cfg.log.allow_config_change)
+    if "model.classifier" in changes:
+        raise ValueError(f"config field `model.classifier`: {cfg.log.output_dir} was trained with "
+                         f"{changes['model.classifier'][0]!r}; a run cannot switch between a replicated and a sharded head "
+                         "on resume: use a new log.output_dir")
     if saved["epoch"] > cfg.optim.epochs:
         raise ValueError(f"config field `optim.epochs`: {cfg.optim.epochs}, but {cfg.log.output_dir} already holds "
                          f"{saved['tag']} (epoch {saved['epoch']}); set optim.epochs >= {saved['epoch']} or use a new log.output_dir")
@@ -187,7 +184,6 @@ def preflight(cfg: DPMConfig) -> None:
     configuration and the dataset against the shards. Raises ``ValueError`` naming the field."""
     from dpm_dist.data.loader import load_manifest
 
-    check_classifier(cfg)
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     saved = checkpoint.latest_meta(os.path.join(cfg.log.output_dir, "checkpoints"))  # verified by train() itself
     resume_plan(cfg, resolved, saved)
@@ -201,7 +197,6 @@ def train(cfg: DPMConfig, env: DistEnv, report: Optional[Reporter] = None) -> di
 
     from dpm_dist.data.loader import load_manifest
 
-    check_classifier(cfg)
     out_dir, ckpt_root = cfg.log.output_dir, os.path.join(cfg.log.output_dir, "checkpoints")
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     saved = checkpoint.find_resumable(ckpt_root, env)  # collective: verifies the manifest, else falls back
@@ -294,14 +289,17 @@ def _run(cfg: DPMConfig, env: DistEnv, report: Optional[Reporter], manifest: dic
                 if env.is_main and not config_written:  # only now do weights trained with this configuration exist
                     write_config(out_dir, resolved, history)
                     config_written = True
-                if improved and env.is_main and cfg.log.keep_best:
-                    save_model_file(engine.model, os.path.join(out_dir, "model_best.pt"), _file_meta(epoch, step, results, resolved, history))
+                if improved and cfg.log.keep_best:
+                    state = engine.model_state()  # collective: a sharded head's W is gathered onto rank 0
+                    if env.is_main:
+                        save_model_file(state, os.path.join(out_dir, "model_best.pt"), _file_meta(epoch, step, results, resolved, history))
             if report is not None and _eval_due(cfg, epoch):
                 report(dict(results, epoch=epoch), epoch, folder)
 
     skipped = skipped_before + int(dist.all_reduce_sum(torch.tensor([skipped_here])).item())  # collective
+    state = engine.model_state()  # collective
     if env.is_main:
-        save_model_file(engine.model, os.path.join(out_dir, "model_final.pt"), _file_meta(cfg.optim.epochs, step, results, resolved, history))
+        save_model_file(state, os.path.join(out_dir, "model_final.pt"), _file_meta(cfg.optim.epochs, step, results, resolved, history))
         summary = {"results": results, "best": best, "epochs": cfg.optim.epochs, "steps": step, "num_skipped_corrupt": skipped,
                    "num_skipped_steps": engine.skipped_steps}
         with open(os.path.join(out_dir, "results.json"), "w") as f:
