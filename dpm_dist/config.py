@@ -108,6 +108,8 @@ class DataConfig:
 
     dataset: str = "occluded_duke"
     root: Optional[str] = None  # folder or URL prefix holding index.json and the shards
+    roots: List[str] = field(default_factory=list)  # many datasets at once, each its own index.json (docs/data.md)
+    root_weights: List[float] = field(default_factory=list)  # per root: share of the P×K chunks; empty: the union's own
     eval_root: Optional[str] = None  # query/gallery from another dataset (Market→Occluded-REID); None: root
     train_urls: List[str] = field(default_factory=list)  # explicit shard URLs; empty: from root/index.json
     query_urls: List[str] = field(default_factory=list)
@@ -149,6 +151,17 @@ class DataConfig:
         _check(self.io_retries >= 1, "data.io_retries", f"must be >= 1, got {self.io_retries}")
         _check(self.io_backoff_s >= 0.0, "data.io_backoff_s", f"must be >= 0, got {self.io_backoff_s}")
         _check(self.io_timeout_s > 0.0, "data.io_timeout_s", f"must be > 0, got {self.io_timeout_s}")
+        self._check_roots()
+
+    def _check_roots(self) -> None:
+        others = [f"data.{n}" for n in ("root", "eval_root", "train_urls", "query_urls", "gallery_urls") if getattr(self, n)]
+        unset = " ".join(o + ("=[]" if o.endswith("urls") else "=null") for o in others)
+        _check(not (self.roots and others), "data.roots", f"cannot be combined with {', '.join(others)} (each root "
+               f"brings its own train, query and gallery splits); unset {unset}")
+        _check(len(set(self.roots)) == len(self.roots), "data.roots", f"a root is listed twice: {list(self.roots)}")
+        _check(not self.root_weights or len(self.root_weights) == len(self.roots), "data.root_weights",
+               f"{len(self.root_weights)} weights for {len(self.roots)} data.roots (one per root, or [] for the union's own)")
+        _check(all(w > 0 for w in self.root_weights), "data.root_weights", f"weights must be > 0, got {list(self.root_weights)}")
 
     @property
     def batch_size(self) -> int:
@@ -421,7 +434,6 @@ class DPMConfig:
                "fp16's loss scaling does not cover the sharded head's optimiser; use bf16 or fp32 with model.classifier=sharded")
         _check(not (sharded and self.engine.gradient_clipping > 0), "engine.gradient_clipping",
                "the global norm would leave out the sharded prototypes; use 0 with model.classifier=sharded")
-
 
 
 def register_configs() -> None:

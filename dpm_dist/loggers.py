@@ -74,7 +74,8 @@ class StdoutLogger:
     def log(self, metrics: dict[str, float], step: int) -> None:
         from tqdm import tqdm
 
-        keys = [k for k in metrics if k.startswith("eval/")] or [k for k in metrics if k in _HEADLINE]
+        # eval/<dataset>/...: each dataset's metrics (several data.roots) are in the table the evaluator prints
+        keys = [k for k in metrics if k.startswith("eval/") and k.count("/") == 1] or [k for k in metrics if k in _HEADLINE]
         body = " ".join(f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in keys)
         if body:
             tqdm.write(f"[step {step} +{time.time() - self.start:.0f}s] {body}", file=self.stream or sys.stdout)

@@ -44,7 +44,7 @@ def compose_config(overrides: Sequence[str]) -> Any:
 
 PATH_FIELDS = ("model.pretrained", "data.root", "data.eval_root", "data.cache_dir", "log.output_dir",
                "search.storage_path", "search.results_dir", "search.local_dir")
-PATH_LIST_FIELDS = ("data.train_urls", "data.query_urls", "data.gallery_urls")
+PATH_LIST_FIELDS = ("data.roots", "data.train_urls", "data.query_urls", "data.gallery_urls")
 
 
 def absolute_path(value: Optional[str]) -> Optional[str]:
@@ -73,7 +73,8 @@ def check_local_inputs(cfg: Any) -> None:
     """Fail in seconds, naming the field, when a local input the run needs is missing (before Ray or ranks start)."""
     if cfg.model.pretrained and not os.path.isfile(cfg.model.pretrained):
         raise FileNotFoundError(f"config field `model.pretrained`: weights file not found: {cfg.model.pretrained}")
-    roots = [("data.root", cfg.data.root, not cfg.data.train_urls), ("data.eval_root", cfg.data.eval_root, True)]
+    roots = [("data.root", cfg.data.root, not cfg.data.train_urls), ("data.eval_root", cfg.data.eval_root, True),
+             *(("data.roots", root, True) for root in cfg.data.roots)]
     for field, root, needs_index in roots:
         if not root or "://" in root:
             continue

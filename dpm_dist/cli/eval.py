@@ -5,6 +5,7 @@
     dpm-eval --checkpoint occluded_duke_dpm.pt experiment=occluded_duke data.root=/data/shards/occluded_duke
     dpm-eval --checkpoint transformer_150.pth experiment=occluded_duke data.root=...   # an official file, directly
     torchrun --nproc-per-node 4 -m dpm_dist.cli.eval --checkpoint ... [Hydra overrides]
+    dpm-eval --checkpoint runs/market_duke_msmt17_dpm                            # data.roots: each dataset on its own, a table
 
 Everything after the flags is a Hydra override of ``configs/train.yaml`` (``eval.distance=cosine``,
 ``eval.rerank=true``, ``eval.num_pictures=8``, ...). A model file written by training carries its resolved
@@ -35,6 +36,8 @@ from dpm_dist.cli.common import absolute_path, check_local_inputs, compose_confi
 PROG = "dpm-eval"
 # Taken from the model file's training config unless the command line sets them (the weights fix the model anyway).
 STORED_SECTIONS = ("model", "data", "eval")
+ONE_ROOT = ("root", "eval_root", "train_urls", "query_urls", "gallery_urls")  # data fields that exclude data.roots
+MANY_ROOTS = ("roots", "root_weights")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -61,6 +64,9 @@ def evaluate_checkpoint(checkpoint: str, output_dir: Optional[str], overrides: S
     model_file = ModelFile.read(path)
     cfg, from_file = eval_config(model_file.config, overrides)
     _check_inputs(cfg, from_file, path)
+    note = check_datasets(cfg, model_file.meta, path)
+    if note and env.is_main:
+        print(f"{PROG}: warning: {note}", file=sys.stderr, flush=True)
     out_dir = absolute_path(output_dir) or default_output_dir(path)
     step = training_step(path, model_file.meta)
     dist.init_process_group(env, timeout_s=cfg.engine.collective_timeout_s)
@@ -68,6 +74,10 @@ def evaluate_checkpoint(checkpoint: str, output_dir: Optional[str], overrides: S
         result = run_eval(cfg, model_file, env, output_dir=out_dir, step=step)
         if env.is_main:
             print(json.dumps({"metrics": result["metrics"], "output_dir": out_dir}), flush=True)
+            if result.get("datasets"):
+                from dpm_dist.eval.evaluator import dataset_table
+
+                print(dataset_table({part["name"]: part["metrics"] for part in result["datasets"]}), flush=True)
             print(summary_line(result, out_dir), flush=True)
     finally:
         dist.barrier()
@@ -123,14 +133,18 @@ def eval_config(stored: dict[str, Any], overrides: Sequence[str]) -> tuple[Any, 
     sections, from_file = {}, []
     for section in STORED_SECTIONS:
         saved, mine, default = stored.get(section) or {}, getattr(user, section), getattr(base, section)
-        changes = {}
+        changes, user_set = {}, set()
         for field in dataclasses.fields(mine):
             key = f"{section}.{field.name}"
-            user_set = any(key == k or key.startswith(k + ".") for k in named) \
-                or getattr(mine, field.name) != getattr(default, field.name)
-            if field.name in saved and not user_set and saved[field.name] != getattr(mine, field.name):
+            if any(key == k or key.startswith(k + ".") for k in named) or getattr(mine, field.name) != getattr(default, field.name):
+                user_set.add(field.name)
+            elif field.name in saved and saved[field.name] != getattr(mine, field.name):
                 changes[field.name] = saved[field.name]
-                from_file.append(key)
+        if section == "data":  # the user's data.root or data.roots replaces the file's other one
+            for group, other in ((ONE_ROOT, MANY_ROOTS), (MANY_ROOTS, ONE_ROOT)):
+                if user_set & set(group):
+                    changes = {k: v for k, v in changes.items() if k not in other}
+        from_file += [f"{section}.{name}" for name in changes]
         sections[section] = dataclasses.replace(mine, **changes)
     return resolve_paths(dataclasses.replace(user, **sections)), from_file
 
@@ -156,11 +170,32 @@ def _check_inputs(cfg: Any, from_file: list[str], model_path: str) -> None:
                                 f"{field}=<folder>)") from None
 
 
+def check_datasets(cfg: Any, meta: dict[str, Any], model_path: str) -> Optional[str]:
+    """A model trained on several datasets holds their camera offsets (SIE): evaluating it on other
+    ``data.roots`` than it was trained on is refused (``ValueError``); on one root, a warning (returned)."""
+    from dpm_dist.data.loader import load_manifest
+    from dpm_dist.data.union import same_datasets
+
+    trained = meta.get("datasets") or []
+    if len(trained) < 2:
+        return None
+    names = ", ".join(d["name"] for d in trained)
+    if len(cfg.data.roots) < 2:
+        return (f"{model_path} was trained on {len(trained)} datasets ({names}) with camera offsets; one data.root is "
+                "evaluated with cameras from 0, the first dataset's; data.roots=[...] evaluates each with its own")
+    differ = same_datasets(trained, load_manifest(cfg.data)["datasets"])
+    if differ:
+        raise ValueError(f"config field `data.roots`: {model_path} was trained on {differ}; the camera offsets would "
+                         "not match: list the training datasets, in their order")
+    return None
+
+
 def summary_line(result: dict[str, Any], out_dir: str) -> str:
     m = result["metrics"]
     valid = int(m["num_valid_query"])
     skipped = f", {int(m['num_query']) - valid} without a true match skipped" if valid != int(m["num_query"]) else ""
-    return (f"rank-1 {m['rank1']:.1%}  mAP {m['mAP']:.1%}  mINP {m['mINP']:.1%}  ({int(m['num_query'])} queries{skipped}, "
+    mean = f"mean of {len(result['datasets'])} datasets: " if result.get("datasets") else ""
+    return (f"{mean}rank-1 {m['rank1']:.1%}  mAP {m['mAP']:.1%}  mINP {m['mINP']:.1%}  ({int(m['num_query'])} queries{skipped}, "
             f"{int(m['num_gallery'])} gallery images)   results: {os.path.join(out_dir, 'results.json')}   "
             f"TensorBoard: tensorboard --logdir {os.path.join(out_dir, 'tb')}")
 

@@ -11,10 +11,15 @@ through a local copy (remote shards are cached under ``data.cache_dir``) with ra
 
 Eval: query/gallery shards split contiguously over ranks by sample count, then over workers; each
 sample is read exactly once, with no padding.
+
+Many datasets (``data.roots``): the training set is their union, labels and cameras shifted per dataset
+(:class:`Part`) so they never collide, keys prefixed ``<dataset>/``; ``data.root_weights`` shares the P×K
+chunks between them. Each dataset is evaluated on its own query/gallery (``build_eval_loader(..., dataset=)``).
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import io
 import json
@@ -31,14 +36,16 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 
 from dpm_dist.config import DataConfig
 from dpm_dist.dist import DistEnv
-from dpm_dist.data.sampling import official_pk_indices, pk_batches, rank_batches, stream_seed
+from dpm_dist.data.sampling import (chunk_targets, official_pk_indices, pk_batches, rank_batches, stream_seed,
+                                    weighted_pk_indices)
 from dpm_dist.data.shards import (ShardError, decode_image, fetch_shard, iter_shard, read_manifest, shard_entries,
                              split_contiguous, tar_members)
 from dpm_dist.data.storage import IOOptions, is_remote, join_url, local_path
 from dpm_dist.data.transforms import eval_transform, train_transform
+from dpm_dist.data.union import Part, chunks_per_dataset, offset_parts, records, union_manifest
 
 log = logging.getLogger(__name__)
-Shard = Tuple[str, Optional[Dict[str, Any]]]  # (url, index.json entry or None)
+Shard = Tuple[str, Optional[Dict[str, Any]], Part]  # (url, index.json entry or None, its dataset)
 
 
 def io_options(cfg: DataConfig) -> IOOptions:
@@ -51,25 +58,43 @@ def _train_root(cfg: DataConfig) -> str:
         return cfg.root
     if cfg.train_urls:
         return cfg.train_urls[0].rsplit("/", 1)[0] if "/" in cfg.train_urls[0] else "."
-    raise ValueError("config field `data.root`: set it (folder or URL holding index.json) or `data.train_urls`")
+    raise ValueError("config field `data.root`: set it (folder or URL holding index.json), `data.train_urls`, "
+                     "or `data.roots` (many datasets)")
+
+
+def _parts(cfg: DataConfig) -> List[Tuple[Part, Dict[str, Any]]]:
+    """Each training dataset with its index.json; one :class:`Part` without shifts unless ``data.roots`` has several."""
+    opts = io_options(cfg)
+    if len(cfg.roots) <= 1:
+        root = cfg.roots[0] if cfg.roots else _train_root(cfg)
+        return [(Part(root), read_manifest(root, opts))]
+    return offset_parts(list(cfg.roots), [read_manifest(root, opts) for root in cfg.roots])
+
+
+def _merge(cfg: DataConfig, parts: List[Tuple[Part, Dict[str, Any]]]) -> Dict[str, Any]:
+    if len(parts) == 1:
+        manifest = parts[0][1]
+        if cfg.eval_root:
+            other = read_manifest(cfg.eval_root, io_options(cfg))
+            manifest = {**manifest, "num_cams": max(manifest["num_cams"], other["num_cams"])}
+        return {**manifest, "datasets": records(parts, [])}
+    return union_manifest(parts, list(cfg.root_weights))
 
 
 def load_manifest(cfg: DataConfig) -> Dict[str, Any]:
-    """``index.json`` of the training data, with ``num_cams`` covering ``data.eval_root``'s cameras too."""
-    manifest = read_manifest(_train_root(cfg), io_options(cfg))
-    if cfg.eval_root:
-        other = read_manifest(cfg.eval_root, io_options(cfg))
-        manifest = {**manifest, "num_cams": max(manifest["num_cams"], other["num_cams"])}
-    return manifest
+    """``index.json`` of the training data, with ``num_cams`` covering ``data.eval_root``'s cameras too, and a
+    ``datasets`` list (:func:`dpm_dist.data.union.records`). With several ``data.roots``: their union (identity and camera
+    counts summed, label counts in order), ``dataset`` their common layout or ``generic``."""
+    return _merge(cfg, _parts(cfg))
 
 
-def _shards(cfg: DataConfig, role: str, root: str, manifest: Dict[str, Any]) -> List[Shard]:
-    entries = shard_entries(manifest, role)
+def _shards(cfg: DataConfig, role: str, root: str, manifest: Dict[str, Any], part: Optional[Part] = None) -> List[Shard]:
+    entries, part = shard_entries(manifest, role), part or Part(root)
     explicit = {"train": cfg.train_urls, "query": cfg.query_urls, "gallery": cfg.gallery_urls}[role]
     if not explicit:
-        return [(join_url(root, e["name"]), e if cfg.verify_sha else None) for e in entries]
+        return [(join_url(root, e["name"]), e if cfg.verify_sha else None, part) for e in entries]
     by_name = {e["name"]: e for e in entries}
-    return [(url, by_name.get(url.rsplit("/", 1)[-1]) if cfg.verify_sha else None) for url in explicit]
+    return [(url, by_name.get(url.rsplit("/", 1)[-1]) if cfg.verify_sha else None, part) for url in explicit]
 
 
 def num_train_batches(cfg: DataConfig, world_size: int, manifest: Optional[Dict[str, Any]] = None) -> int:
@@ -82,9 +107,10 @@ def num_train_batches(cfg: DataConfig, world_size: int, manifest: Optional[Dict[
         if cfg.batches_per_epoch:
             return cfg.batches_per_epoch
         return max(1, manifest["splits"]["train"]["num_samples"] // (cfg.batch_size * world_size))
-    k = cfg.num_instances
-    chunks = sum(max(n, k) // k for n in manifest["train_label_counts"])
-    return chunks // cfg.num_ids // world_size
+    chunks = chunks_per_dataset(manifest, cfg.num_instances)
+    if cfg.root_weights and len(chunks) > 1:
+        chunks = chunk_targets(chunks, cfg.root_weights)
+    return sum(chunks) // cfg.num_ids // world_size
 
 
 # ---- per-sample work, shared by both train modes (runs in the workers)
@@ -138,18 +164,37 @@ def _collate_train(items: List[Dict[str, Any]]) -> Dict[str, Any]:
 
 
 class _ResampledShards:
-    """First pipeline stage: an endless, seeded draw of shards for this (rank, worker)."""
+    """First pipeline stage: an endless, seeded draw of shards for this (rank, worker).
 
-    def __init__(self, shards: List[Shard], seed: int) -> None:
+    Without ``weights`` every shard is equally likely (one dataset, or the union drawn as one). With them
+    (one per dataset) a dataset is drawn first, then one of its shards: dataset d with probability
+    proportional to w_d · shards_d / images_d, so the expected share of samples read from d is w_d.
+    """
+
+    def __init__(self, shards: List[Shard], seed: int, weights: Optional[List[float]] = None,
+                 images: Optional[List[int]] = None) -> None:
         self.shards, self.seed = shards, seed
+        self.groups: List[List[int]] = []
+        self.cumulative: List[float] = []
+        if weights:
+            names = list(dict.fromkeys(part.name for _, _, part in shards))
+            self.groups = [[i for i, (_, _, part) in enumerate(shards) if part.name == name] for name in names]
+            odds = [w * len(g) / max(n, 1) for w, g, n in zip(weights, self.groups, images or [])]
+            self.cumulative = list(np.cumsum(odds) / sum(odds))
+
+    def _draw(self, rng: random.Random) -> int:
+        if not self.groups:
+            return rng.randrange(len(self.shards))
+        group = self.groups[min(bisect.bisect_right(self.cumulative, rng.random()), len(self.groups) - 1)]
+        return group[rng.randrange(len(group))]
 
     def __call__(self) -> Iterator[Dict[str, Any]]:
         info = get_worker_info()
         worker = info.id if info is not None else 0
         rng = random.Random(stream_seed(self.seed, worker))
         while True:
-            url, entry = self.shards[rng.randrange(len(self.shards))]
-            yield {"url": url, "entry": entry, "seed": stream_seed(self.seed, worker, rng.getrandbits(62))}
+            url, entry, part = self.shards[self._draw(rng)]
+            yield {"url": url, "entry": entry, "part": part, "seed": stream_seed(self.seed, worker, rng.getrandbits(62))}
 
 
 def _decodes(sample: Dict[str, Any]) -> bool:
@@ -165,11 +210,16 @@ def _decodes(sample: Dict[str, Any]) -> bool:
         return False
 
 
+def _in_union(sample: Dict[str, Any], part: Part) -> Dict[str, Any]:
+    key, meta = part.apply(sample["key"], sample["meta"])
+    return {**sample, "key": key, "meta": meta}
+
+
 def _expand(sources: Iterable[Dict[str, Any]], opts: IOOptions, skip_corrupt: bool) -> Iterator[Dict[str, Any]]:
     """Samples of each shard in a seeded order; with ``skip_corrupt`` undecodable ones are dropped here,
     before batching, so batches stay exactly P×K."""
     for src in sources:
-        samples = list(iter_shard(src["url"], fetch_shard(src["url"], src["entry"], opts)))
+        samples = [_in_union(s, src["part"]) for s in iter_shard(src["url"], fetch_shard(src["url"], src["entry"], opts))]
         random.Random(src["seed"]).shuffle(samples)
         yield from (s for s in samples if not skip_corrupt or _decodes(s))
 
@@ -200,7 +250,8 @@ class _Epoch:
         return islice(iter(self.loader), self.n)
 
 
-def _stream_loader(cfg: DataConfig, env: DistEnv, shards: List[Shard], seed: int, n: int, num_samples: int) -> _Epoch:
+def _stream_loader(cfg: DataConfig, env: DistEnv, shards: List[Shard], seed: int, n: int, num_samples: int,
+                   datasets: List[Dict[str, Any]]) -> _Epoch:
     import webdataset as wds
 
     if len(shards) < env.world_size * max(1, cfg.num_workers):
@@ -210,7 +261,8 @@ def _stream_loader(cfg: DataConfig, env: DistEnv, shards: List[Shard], seed: int
     # by re-drawing the few samples a batch released (about 34 reads per image measured; half: ~1).
     opts, buffer = io_options(cfg), max(cfg.batch_size, min(cfg.shuffle_buffer, num_samples // 2))
     pipeline = wds.DataPipeline(
-        _ResampledShards(shards, seed),
+        _ResampledShards(shards, seed, *((list(cfg.root_weights), [d["num_images"] for d in datasets])
+                                          if cfg.root_weights and len(datasets) > 1 else ())),
         lambda src: _expand(src, opts, cfg.skip_corrupt),
         lambda samples: pk_batches(samples, label=lambda s: s["meta"]["label"], num_ids=cfg.num_ids,
                                    num_instances=cfg.num_instances, buffer_size=buffer,
@@ -255,11 +307,11 @@ def _local_copy(url: str, entry: Optional[Dict[str, Any]], cfg: DataConfig) -> s
 
 def _index_shards(cfg: DataConfig, shards: List[Shard]) -> List[Tuple[str, int, int, str, Dict[str, Any]]]:
     """(path, jpg offset, jpg size, key, meta) of every training sample, in shard order."""
-    ident = tuple(u for u, _ in shards)
+    ident = tuple((u, part) for u, _, part in shards)
     if ident in _INDEX_CACHE:
         return _INDEX_CACHE[ident]
     index = []
-    for url, entry in shards:
+    for url, entry, part in shards:
         path = _local_copy(url, entry, cfg)
         jpgs, metas = {}, {}
         with open(path, "rb") as f:
@@ -273,7 +325,7 @@ def _index_shards(cfg: DataConfig, shards: List[Shard]) -> List[Tuple[str, int, 
         for key in list(jpgs) + [k for k in metas if k not in jpgs]:
             if key not in jpgs or key not in metas:
                 raise ShardError(f"shard {url}: sample {key!r} lacks .jpg or .json")
-            index.append((path, *jpgs[key], key, metas[key]))
+            index.append((path, *jpgs[key], *part.apply(key, metas[key])))
     _INDEX_CACHE[ident] = index
     return index
 
@@ -295,11 +347,18 @@ class _IndexedTrain(Dataset):
         return _train_item(jpg, meta, key, path, torch.Generator().manual_seed(item[1]), self.cfg)
 
 
-def _exact_loader(cfg: DataConfig, env: DistEnv, shards: List[Shard], seed: int, epoch: int) -> DataLoader:
+def _exact_loader(cfg: DataConfig, env: DistEnv, shards: List[Shard], seed: int, epoch: int,
+                  datasets: List[Dict[str, Any]]) -> DataLoader:
     index = _index_shards(cfg, shards)
     shared = stream_seed(seed, epoch)  # the same on every rank, as rank 0's seed is in docs/method.md §5.6
-    flat = official_pk_indices([m["label"] for *_, m in index], cfg.num_ids, cfg.num_instances,
-                               random.Random(shared), np.random.RandomState(shared % 2**32))
+    labels = [m["label"] for *_, m in index]
+    rngs = (random.Random(shared), np.random.RandomState(shared % 2**32))
+    if cfg.root_weights and len(datasets) > 1:
+        starts = [d["id_offset"] for d in datasets]
+        groups = [bisect.bisect_right(starts, label) - 1 for label in labels]
+        flat = weighted_pk_indices(labels, groups, list(cfg.root_weights), cfg.num_ids, cfg.num_instances, *rngs)
+    else:  # one dataset, or the union sampled as one: the official sampler
+        flat = official_pk_indices(labels, cfg.num_ids, cfg.num_instances, *rngs)
     batches = rank_batches(flat, cfg.batch_size, env.rank, env.world_size)
     if not batches:
         raise ValueError(f"exact sampler: an epoch of {len(flat)} samples gives no {cfg.num_ids}×{cfg.num_instances} "
@@ -315,19 +374,23 @@ def build_train_loader(cfg: DataConfig, env: DistEnv, *, epoch: int, seed: int) 
     Batches are dicts: ``images`` (B, 3, H, W) in [-1, 1], ``pids`` (relabelled 0..C-1), ``camids``, ``keys``.
     Deterministic given (seed, epoch, rank, num_workers); resuming at epoch e rebuilds the same stream.
     """
-    manifest = load_manifest(cfg)
-    root = _train_root(cfg)
-    shards = _shards(cfg, "train", root, manifest)
-    if not shards:
-        raise ValueError(f"no training shards in {root} (index.json has no train split)")
+    parts = _parts(cfg)
+    manifest = _merge(cfg, parts)
+    shards: List[Shard] = []
+    for part, part_manifest in parts:
+        mine = _shards(cfg, "train", part.root, part_manifest, part)
+        if not mine:
+            raise ValueError(f"no training shards in {part.root} (index.json has no train split)")
+        shards += mine
+    where = parts[0][0].root if len(parts) == 1 else f"the union of data.roots ({len(parts)} datasets)"
     if manifest["num_train_ids"] < cfg.num_ids:
-        raise ValueError(f"config field `data.num_ids`: P={cfg.num_ids} but the training set {root} has only "
+        raise ValueError(f"config field `data.num_ids`: P={cfg.num_ids} but the training set {where} has only "
                          f"{manifest['num_train_ids']} identities")
     if cfg.sampler == "exact":
-        return _exact_loader(cfg, env, shards, seed, epoch)
+        return _exact_loader(cfg, env, shards, seed, epoch, manifest["datasets"])
     stream = stream_seed(seed, epoch, env.rank)
     return _stream_loader(cfg, env, shards, stream, num_train_batches(cfg, env.world_size, manifest),
-                          manifest["splits"]["train"]["num_samples"])
+                          manifest["splits"]["train"]["num_samples"], manifest["datasets"])
 
 
 # ---- evaluation
@@ -341,7 +404,7 @@ class _EvalStream(IterableDataset):
         info = get_worker_info()
         mine = self.shards[info.id::info.num_workers] if info is not None else self.shards
         items: List[Dict[str, Any]] = []
-        for url, entry in mine:
+        for url, entry, part in mine:
             for s in iter_shard(url, fetch_shard(url, entry, io_options(self.cfg))):
                 try:
                     img = decode_image(s["jpg"], url=url, key=s["key"])
@@ -350,7 +413,7 @@ class _EvalStream(IterableDataset):
                         raise
                     _count_corrupt(exc)
                     continue
-                items.append({"image": eval_transform(img, size=self.cfg.img_size), **s})
+                items.append({"image": eval_transform(img, size=self.cfg.img_size), **_in_union(s, part)})
                 if len(items) == self.cfg.eval_batch_size:
                     yield _collate_eval(items)
                     items = []
@@ -365,22 +428,40 @@ def _collate_eval(items: List[Dict[str, Any]]) -> Dict[str, Any]:
             "keys": [it["key"] for it in items], "roles": [it["meta"]["role"] for it in items]}
 
 
-def build_eval_loader(cfg: DataConfig, env: DistEnv, role: str) -> Iterable[Dict[str, Any]]:
+def eval_datasets(cfg: DataConfig) -> List[str]:
+    """The names of the datasets evaluated one by one (several ``data.roots``); [] for one evaluation set."""
+    return [part.name for part, _ in _parts(cfg)] if len(cfg.roots) > 1 else []
+
+
+def build_eval_loader(cfg: DataConfig, env: DistEnv, role: str, dataset: Optional[str] = None) -> Iterable[Dict[str, Any]]:
     """This rank's share of ``role`` (query or gallery): every sample once across ranks, no padding.
 
     Batches of up to ``eval_batch_size``: ``images``, ``pids`` (original), ``camids``, ``keys``, ``roles``.
-    A rank whose share is empty gets an empty iterable.
+    A rank whose share is empty gets an empty iterable. With several ``data.roots``, ``dataset`` (one of
+    :func:`eval_datasets`) names the dataset; its cameras carry its training camera offset, its keys its name.
     """
     if role not in ("query", "gallery"):
         raise ValueError(f"role {role!r}: expected 'query' or 'gallery'")
-    root = cfg.eval_root or _train_root(cfg)
+    part = _eval_part(cfg, dataset)
+    root = part.root or cfg.eval_root or _train_root(cfg)
     manifest = read_manifest(root, io_options(cfg))
-    shards = _shards(cfg, role, root, manifest)
+    shards = _shards(cfg, role, root, manifest, part)
     if not shards:
         raise ValueError(f"no {role} shards in {root} (index.json has no {role} split)")
-    counts = [e["num_samples"] if e else 1 for _, e in shards]
+    counts = [e["num_samples"] if e else 1 for _, e, _ in shards]
     mine = [shards[i] for i in split_contiguous(counts, env.rank, env.world_size)]
     if not mine:
         return []
     workers = min(cfg.num_workers, len(mine))
     return DataLoader(_EvalStream(mine, cfg), batch_size=None, num_workers=workers, pin_memory=cfg.pin_memory)
+
+
+def _eval_part(cfg: DataConfig, dataset: Optional[str]) -> Part:
+    if len(cfg.roots) <= 1:
+        if dataset is not None:
+            raise ValueError(f"dataset {dataset!r}: only several data.roots are evaluated by dataset")
+        return Part(cfg.roots[0] if cfg.roots else "")
+    parts = {part.name: part for part, _ in _parts(cfg)}
+    if dataset not in parts:
+        raise ValueError(f"dataset {dataset!r}: data.roots holds {', '.join(parts)}; evaluate one of them")
+    return parts[dataset]

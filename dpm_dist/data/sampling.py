@@ -2,6 +2,7 @@
 
 * :func:`official_pk_indices` is the official ``RandomIdentitySampler.__iter__`` (docs/method.md §5.5) with the
   global ``random`` / ``numpy.random`` replaced by explicit generators.
+* :func:`weighted_pk_indices` is an epoch over several datasets whose P×K chunks are shared by given weights.
 * :func:`rank_batches` cuts that list into P×K batches and deals them to ranks round-robin (docs/method.md §5.6),
   the same count to every rank.
 * :func:`pk_batches` forms P×K batches from an endless sample stream with a bounded buffer.
@@ -31,18 +32,9 @@ def official_pk_indices(labels: Sequence[int], num_ids: int, num_instances: int,
     shuffle, cut into chunks of K dropping the remainder. Then while at least P ids have chunks: draw P
     distinct ids and pop the first chunk of each.
     """
-    index_dic: Dict[int, List[int]] = defaultdict(list)
-    for index, label in enumerate(labels):
-        index_dic[label].append(index)
+    index_dic = _by_label(labels)
     pids = list(index_dic)
-    chunks: Dict[int, List[List[int]]] = defaultdict(list)
-    for pid in pids:
-        idxs = list(index_dic[pid])
-        if len(idxs) < num_instances:
-            idxs = [int(i) for i in np_rng.choice(idxs, size=num_instances, replace=True)]
-        rng.shuffle(idxs)
-        for start in range(0, len(idxs) - num_instances + 1, num_instances):
-            chunks[pid].append(idxs[start:start + num_instances])
+    chunks = {pid: _chunks(index_dic[pid], num_instances, rng, np_rng) for pid in pids}
     avail, out = list(pids), []
     while len(avail) >= num_ids:
         for pid in rng.sample(avail, num_ids):
@@ -50,6 +42,80 @@ def official_pk_indices(labels: Sequence[int], num_ids: int, num_instances: int,
             if not chunks[pid]:
                 avail.remove(pid)
     return out
+
+
+def _by_label(labels: Sequence[int]) -> Dict[int, List[int]]:
+    index_dic: Dict[int, List[int]] = defaultdict(list)
+    for index, label in enumerate(labels):
+        index_dic[label].append(index)
+    return index_dic
+
+
+def _chunks(idxs: List[int], num_instances: int, rng: random.Random, np_rng: np.random.RandomState) -> List[List[int]]:
+    """The official chunks of one identity: up-sampled to K with replacement if it has fewer, shuffled, cut into K's."""
+    idxs = list(idxs)
+    if len(idxs) < num_instances:
+        idxs = [int(i) for i in np_rng.choice(idxs, size=num_instances, replace=True)]
+    rng.shuffle(idxs)
+    return [idxs[start:start + num_instances] for start in range(0, len(idxs) - num_instances + 1, num_instances)]
+
+
+def chunk_targets(chunks: Sequence[int], weights: Sequence[float]) -> List[int]:
+    """Chunks each dataset gives a weighted epoch: the union's total ``sum(chunks)`` shared by weight (>= 1 each)."""
+    total, norm = sum(chunks), sum(weights)
+    return [max(1, round(total * w / norm)) for w in weights]
+
+
+def weighted_pk_indices(labels: Sequence[int], groups: Sequence[int], weights: Sequence[float], num_ids: int,
+                        num_instances: int, rng: random.Random, np_rng: np.random.RandomState) -> List[int]:
+    """One epoch over several datasets (``groups[i]``: sample i's dataset) with P×K chunks shared by ``weights``.
+
+    Each identity is cut into chunks as :func:`official_pk_indices` does. Dataset d then gives
+    :func:`chunk_targets` chunks: a random subset of its chunks when that is fewer, else whole extra rounds
+    of its chunking (fresh shuffles: images repeat across chunks, never within one) plus a random part of
+    one more. Batches draw P distinct identities with probability proportional to their chunks left, so
+    every dataset is used up at the same pace and its share of each batch stays near its weight; the epoch
+    ends when fewer than P identities have chunks left.
+    """
+    index_dic = _by_label(labels)
+    group_of = {pid: groups[idxs[0]] for pid, idxs in index_dic.items()}
+    members: Dict[int, List[int]] = defaultdict(list)
+    for pid in index_dic:
+        members[group_of[pid]].append(pid)
+    order = sorted(members)
+    rounds = {pid: _chunks(index_dic[pid], num_instances, rng, np_rng) for pid in index_dic}
+    targets = chunk_targets([sum(len(rounds[p]) for p in members[g]) for g in order], [weights[g] for g in order])
+    chunks: Dict[int, List[List[int]]] = defaultdict(list)
+    for g, target in zip(order, targets):
+        _fill(members[g], index_dic, rounds, target, chunks, num_instances, rng, np_rng)
+    avail = [pid for pid in index_dic if chunks[pid]]
+    left = np.array([len(chunks[pid]) for pid in avail], dtype=np.float64)
+    out: List[int] = []
+    while len(avail) >= num_ids:
+        picks = np_rng.choice(len(avail), size=num_ids, replace=False, p=left / left.sum())
+        for i in picks:
+            out.extend(chunks[avail[i]].pop(0))
+            left[i] -= 1
+        keep = left > 0
+        if not keep.all():
+            avail, left = [pid for pid, k in zip(avail, keep) if k], left[keep]
+    return out
+
+
+def _fill(pids: List[int], index_dic: Dict[int, List[int]], first: Dict[int, List[List[int]]], target: int,
+          chunks: Dict[int, List[List[int]]], num_instances: int, rng: random.Random,
+          np_rng: np.random.RandomState) -> None:
+    """Append ``target`` chunks of the identities ``pids`` to ``chunks``: whole rounds, then a random part of one."""
+    round_ = first
+    while True:
+        flat = [(pid, c) for pid in pids for c in round_[pid]]
+        keep = range(len(flat)) if target >= len(flat) else sorted(rng.sample(range(len(flat)), target))
+        for j in keep:
+            chunks[flat[j][0]].append(flat[j][1])
+        target -= len(keep)
+        if target <= 0:
+            return
+        round_ = {pid: _chunks(index_dic[pid], num_instances, rng, np_rng) for pid in pids}
 
 
 def rank_batches(indices: Sequence[int], batch_size: int, rank: int, world_size: int) -> List[List[int]]:

@@ -15,6 +15,7 @@ by all ranks.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional
 
@@ -163,17 +164,17 @@ def _reranked_chunks(query: Embeddings, gallery: Embeddings, eval_cfg: Any, chun
 
 def extract_and_gather(model: torch.nn.Module, data_cfg: Any, env: DistEnv, *, device: torch.device | str,
                        loaders: Optional[dict[str, Iterable[dict[str, Any]]]] = None, neck_feat: str = "before",
-                       shard_gallery: bool = False) -> tuple[Embeddings, "Embeddings | GalleryShard"]:
+                       shard_gallery: bool = False, dataset: Optional[str] = None) -> tuple[Embeddings, "Embeddings | GalleryShard"]:
     """(query, gallery) embeddings of the whole evaluation set, the same on every rank. Collective.
 
     With ``shard_gallery`` the gallery stays where it was extracted: this rank's deduplicated
     :class:`~dpm_dist.eval.sharded.GalleryShard` (features without masks; only keys, pids and cameras
-    are gathered).
+    are gathered). ``dataset``: one of several ``data.roots`` (:func:`dpm_dist.data.loader.eval_datasets`).
     """
     if loaders is None:
         from dpm_dist.data.loader import build_eval_loader
 
-        loaders = {role: build_eval_loader(data_cfg, env, role) for role in ROLES}
+        loaders = {role: build_eval_loader(data_cfg, env, role, dataset) for role in ROLES}
     parts = [extract(model, loaders[role], device=device, neck_feat=neck_feat) for role in ROLES]
     if shard_gallery:
         return gather_queries(parts[0]), _shard(parts[1], env)
@@ -211,14 +212,60 @@ def evaluate(model: torch.nn.Module, cfg: Any, env: DistEnv, *, device: torch.de
 
     Keys: ``mAP``, ``mINP``, ``rank1``, ``rank5``, ``rank10``, ``num_query``, ``num_gallery``,
     ``num_valid_query`` (queries with a true match; the others are skipped as in the official code).
+    With several ``data.roots`` each dataset is evaluated on its own query/gallery (:func:`merge_datasets`
+    names the keys) and rank 0 prints :func:`dataset_table`.
     """
+    from dpm_dist.data.loader import eval_datasets
+
+    names = eval_datasets(cfg.data)
+    if not names:
+        return _evaluate_one(model, cfg, env, device, None)
+    per = {name: _evaluate_one(model, cfg, env, device, name) for name in names}
+    if env.is_main:
+        from tqdm import tqdm
+
+        tqdm.write(dataset_table(per), file=sys.stdout)  # never onto a progress bar's line
+        sys.stdout.flush()
+    return merge_datasets(per)
+
+
+def _evaluate_one(model: torch.nn.Module, cfg: Any, env: DistEnv, device: torch.device | str,
+                  dataset: Optional[str]) -> dict[str, float]:
     query, gallery = extract_and_gather(model, cfg.data, env, device=device, neck_feat=cfg.eval.neck_feat,
-                                        shard_gallery=cfg.eval.shard_gallery)
+                                        shard_gallery=cfg.eval.shard_gallery, dataset=dataset)
     return evaluate_embeddings(query, gallery, cfg.eval, env).as_dict()
 
 
+def _is_count(key: str) -> bool:
+    return key.rsplit("/", 1)[-1].startswith("num_")
+
+
+def merge_datasets(per: dict[str, dict[str, float]]) -> dict[str, float]:
+    """One result dict for many datasets: ``<dataset>/<key>`` for each, and each plain key over all of them,
+    the mean of the datasets' metrics (every dataset counts the same) and the sum of their counts (``num_*``)."""
+    out = {f"{name}/{key}": value for name, metrics in per.items() for key, value in metrics.items()}
+    for key in next(iter(per.values())):
+        values = [metrics[key] for metrics in per.values()]
+        out[key] = float(sum(values)) if _is_count(key) else float(sum(values) / len(values))
+    return out
+
+
+def dataset_table(per: dict[str, dict[str, float]]) -> str:
+    """The per-dataset metrics as a table: rank-1, mAP, mINP, #query, #gallery; the last row is the mean."""
+    merged = merge_datasets(per)
+    width = max(len("dataset"), *(len(name) for name in per))
+    head = f"{'dataset':<{width}}  rank-1     mAP    mINP  #query  #gallery"
+
+    def row(name: str, m: dict[str, float]) -> str:
+        return (f"{name:<{width}}  {m['rank1']:6.1%}  {m['mAP']:6.1%}  {m['mINP']:6.1%}  {int(m['num_query']):6d}  "
+                f"{int(m['num_gallery']):8d}")
+
+    return "\n".join([head, *(row(name, m) for name, m in per.items()), row("mean", merged)])
+
+
 def fetch_images(data_cfg: Any, env: DistEnv, wanted: set[tuple[str, str]], *,
-                 loaders: Optional[dict[str, Iterable[dict[str, Any]]]] = None) -> dict[tuple[str, str], torch.Tensor]:
+                 loaders: Optional[dict[str, Iterable[dict[str, Any]]]] = None,
+                 dataset: Optional[str] = None) -> dict[tuple[str, str], torch.Tensor]:
     """The (normalised) images of the wanted (role, key) samples, on every rank. Collective.
 
     A second pass over this rank's share of the loaders (decoding only, no model): the pictures are
@@ -227,7 +274,7 @@ def fetch_images(data_cfg: Any, env: DistEnv, wanted: set[tuple[str, str]], *,
     if loaders is None:
         from dpm_dist.data.loader import build_eval_loader
 
-        loaders = {role: build_eval_loader(data_cfg, env, role) for role in ROLES}
+        loaders = {role: build_eval_loader(data_cfg, env, role, dataset) for role in ROLES}
     found: dict[tuple[str, str], torch.Tensor] = {}
     for role in ROLES:
         for batch in loaders[role]:

@@ -72,7 +72,7 @@ def _safe(name: str) -> str:
 
 
 def write_pictures(out_dir: str, model: torch.nn.Module, query, gallery, metrics, cfg: DPMConfig, env: DistEnv, *,
-                   device: torch.device) -> list[str]:
+                   device: torch.device, dataset: Optional[str] = None) -> list[str]:
     """Ranked lists, head cross-correlations and masks of a few queries. Collective (image fetch); rank 0 draws."""
     from dpm_dist.eval.evaluator import fetch_images
     from dpm_dist.eval.retrieval import arccos_distance, distance_matrix, masked_cosine_similarity, pick_queries, top_k_gallery
@@ -85,7 +85,7 @@ def write_pictures(out_dir: str, model: torch.nn.Module, query, gallery, metrics
         tops[i] = (top_k_gallery(row, int(query.pids[i]), int(query.camids[i]), gallery.pids, gallery.camids,
                                  cfg.eval.picture_topk).tolist(), row)
     wanted = {("query", query.keys[i]) for i in chosen} | {("gallery", gallery.keys[j]) for top, _ in tops.values() for j in top}
-    images = fetch_images(cfg.data, env, wanted)
+    images = fetch_images(cfg.data, env, wanted, dataset=dataset)
     if not env.is_main or not chosen:
         return []
     folder = os.path.join(out_dir, "pictures")
@@ -127,52 +127,76 @@ def run_eval(cfg: DPMConfig, model_file: ModelFile, env: DistEnv, *, output_dir:
     """Evaluate ``model_file`` on every rank; rank 0 writes results.json, TensorBoard and pictures.
 
     ``step`` is the training step the weights were saved at (training logs ``eval/*`` at its global step);
-    the TensorBoard summaries use it, or 0 when it is unknown.
+    the TensorBoard summaries use it, or 0 when it is unknown. With several ``data.roots`` every dataset is
+    evaluated on its own (pictures and top-k under ``<output_dir>/<dataset>/``): ``metrics`` holds
+    ``<dataset>/<key>`` and the means (:func:`dpm_dist.eval.evaluator.merge_datasets`), ``datasets`` each one's part.
     """
-    from dpm_dist.eval.evaluator import evaluate_embeddings, extract_and_gather
+    from dpm_dist.data.loader import eval_datasets
+    from dpm_dist.eval.evaluator import merge_datasets
 
     device = dist.device_for(env)
     model, model_cfg, meta = load_model(model_file, cfg)
     cfg = dataclasses.replace(cfg, model=model_cfg, data=dataclasses.replace(cfg.data, img_size=list(model_cfg.img_size)))
     model.to(device)
-    start = time.perf_counter()
-    query, gallery = extract_and_gather(model, cfg.data, env, device=device, neck_feat=cfg.eval.neck_feat,
-                                        shard_gallery=cfg.eval.shard_gallery)
-    extracted = time.perf_counter()
-    metrics = evaluate_embeddings(query, gallery, cfg.eval, env)
-    scored = time.perf_counter()
-    from dpm_dist.eval.topk import picture_gallery, write_topk  # issue 14: top-k file; a shard's pictured items
-
-    topk_file = write_topk(output_dir, query, gallery, cfg.eval, env)
-    gallery = picture_gallery(query, gallery, metrics, cfg.eval, env)
-    written = write_pictures(output_dir, model, query, gallery, metrics, cfg, env, device=device) if cfg.eval.num_pictures else []
+    names = eval_datasets(cfg.data)
+    parts = [_evaluate_dataset(model, cfg, env, device, os.path.join(output_dir, name) if name else output_dir, name)
+             for name in names or [None]]
+    written = [p for part in parts for p in part.pop("written")]
     result = {
         "checkpoint": model_file.path,
-        "metrics": metrics.as_dict(),
-        "cmc": metrics.cmc.tolist(),
+        "metrics": parts[0]["metrics"],
+        "cmc": parts[0]["cmc"],
         "world_size": env.world_size,
-        "seconds": {"extract_and_gather": extracted - start, "retrieval": scored - extracted},
+        "seconds": {k: sum(part["seconds"][k] for part in parts) for k in ("extract_and_gather", "retrieval")},
         "eval": dataclasses.asdict(cfg.eval),
         "data_root": cfg.data.eval_root or cfg.data.root,
         "epoch": meta.get("epoch"),
         "step": step,
         "pictures": [os.path.relpath(p, output_dir) for p in written],
-        "topk_file": os.path.relpath(topk_file, output_dir) if topk_file else None,
+        "topk_file": os.path.relpath(parts[0]["topk_file"], output_dir) if parts[0]["topk_file"] and not names else None,
     }
+    if names:  # the plain keys (and the CMC) are the means over the datasets
+        shortest = min(len(part["cmc"]) for part in parts)
+        result.update(metrics=merge_datasets({part["name"]: part["metrics"] for part in parts}), data_roots=list(cfg.data.roots),
+                      cmc=[sum(part["cmc"][i] for part in parts) / len(parts) for i in range(shortest)],
+                      datasets=[dict(part, topk_file=os.path.relpath(part["topk_file"], output_dir) if part["topk_file"] else None)
+                                for part in parts])
     if env.is_main:
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "results.json"), "w") as f:
             json.dump(result, f, indent=2)
         if cfg.log.tensorboard:
-            _write_tensorboard(os.path.join(output_dir, "tb"), result["metrics"], written, step or 0)
+            _write_tensorboard(output_dir, result["metrics"], written, step or 0)
     return result
 
 
-def _write_tensorboard(log_dir: str, metrics: dict[str, float], pictures: list[str], step: int) -> None:
+def _evaluate_dataset(model: torch.nn.Module, cfg: DPMConfig, env: DistEnv, device: torch.device, output_dir: str,
+                      dataset: Optional[str]) -> dict[str, Any]:
+    """Metrics, top-k file and pictures of one evaluation set (one of several ``data.roots``, or the only one). Collective."""
+    from dpm_dist.eval.evaluator import evaluate_embeddings, extract_and_gather
+    from dpm_dist.eval.topk import picture_gallery, write_topk  # issue 14: top-k file; a shard's pictured items
+
+    start = time.perf_counter()
+    query, gallery = extract_and_gather(model, cfg.data, env, device=device, neck_feat=cfg.eval.neck_feat,
+                                        shard_gallery=cfg.eval.shard_gallery, dataset=dataset)
+    extracted = time.perf_counter()
+    metrics = evaluate_embeddings(query, gallery, cfg.eval, env)
+    scored = time.perf_counter()
+    topk_file = write_topk(output_dir, query, gallery, cfg.eval, env)
+    gallery = picture_gallery(query, gallery, metrics, cfg.eval, env)
+    written = write_pictures(output_dir, model, query, gallery, metrics, cfg, env, device=device,
+                             dataset=dataset) if cfg.eval.num_pictures else []
+    return {"name": dataset, "metrics": metrics.as_dict(), "cmc": metrics.cmc.tolist(), "topk_file": topk_file,
+            "written": written, "seconds": {"extract_and_gather": extracted - start, "retrieval": scored - extracted}}
+
+
+def _write_tensorboard(output_dir: str, metrics: dict[str, float], pictures: list[str], step: int) -> None:
+    """``<output_dir>/tb``: the metrics (no counts) and the pictures, ``pictures/[<dataset>/]<name>``."""
     from dpm_dist.loggers import TensorBoardLogger
 
-    logger = TensorBoardLogger(log_dir)
-    logger.log({f"eval/{k}": v for k, v in metrics.items() if k not in COUNTS}, step)
+    logger = TensorBoardLogger(os.path.join(output_dir, "tb"))
+    logger.log({f"eval/{k}": v for k, v in metrics.items() if k.rsplit("/", 1)[-1] not in COUNTS}, step)
     for path in pictures:
-        logger.log_image(f"pictures/{os.path.splitext(os.path.basename(path))[0]}", path, step)
+        folder = os.path.dirname(os.path.dirname(os.path.relpath(path, output_dir)))  # "<dataset>" or ""
+        logger.log_image(f"pictures/{folder + '/' if folder else ''}{os.path.splitext(os.path.basename(path))[0]}", path, step)
     logger.close()

@@ -37,13 +37,21 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_dataset(cfg: DPMConfig, manifest: dict[str, Any]) -> None:
-    """``data.dataset`` must name the layout the training shards were written with (``generic`` takes any)."""
-    written = manifest.get("dataset")
-    if cfg.data.dataset != "generic" and written and written != cfg.data.dataset:
-        where = cfg.data.root or "data.train_urls"
-        raise ValueError(f"config field `data.dataset`: {cfg.data.dataset!r}, but the shards in {where} were written as "
-                         f"{written!r} (index.json); set data.dataset={written}, or data.dataset=generic for any shards")
+def check_dataset(cfg: DPMConfig, manifest: dict[str, Any], saved: Optional[dict[str, Any]] = None) -> None:
+    """``data.dataset`` must name the layout the training shards (of every root) were written with (``generic``
+    takes any); a resumed run trains on the datasets its checkpoint recorded, in order (their location may change)."""
+    from dpm_dist.data.union import same_datasets
+
+    for entry in manifest["datasets"]:
+        written = entry.get("dataset")
+        if cfg.data.dataset != "generic" and written and written != cfg.data.dataset:
+            where = entry["root"] if cfg.data.roots else cfg.data.root or "data.train_urls"
+            raise ValueError(f"config field `data.dataset`: {cfg.data.dataset!r}, but the shards in {where} were written as "
+                             f"{written!r} (index.json); set data.dataset={written}, or data.dataset=generic for any shards")
+    differ = same_datasets((saved or {}).get("datasets"), manifest["datasets"])
+    if differ:
+        raise ValueError(f"config field `data.root{'s' if cfg.data.roots else ''}`: {cfg.log.output_dir} was trained on {differ}; "
+                         "a run resumes on the same datasets in the same order (another location is fine): use a new log.output_dir")
 
 
 def build_engine(cfg: DPMConfig, env: DistEnv, manifest: dict[str, Any]):
@@ -78,7 +86,7 @@ def _eval_due(cfg: DPMConfig, epoch: int) -> bool:
 
 def _is_count(key: str) -> bool:
     """``num_query``, ``num_gallery``...: sizes of the evaluation, not metrics (no scalars, no hparam metrics)."""
-    return key.startswith("num_")
+    return key.rsplit("/", 1)[-1].startswith("num_")  # <dataset>/num_query too
 
 
 def resume_plan(cfg: DPMConfig, resolved: dict[str, Any], saved: Optional[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -127,15 +135,18 @@ def hparams_of(cfg: DPMConfig, resolved: dict[str, Any], history: list[dict[str,
 
 def print_summary(cfg: DPMConfig, env: DistEnv, manifest: dict[str, Any], steps: int, meta: Optional[dict[str, Any]]) -> None:
     """The start-up block on rank 0: data, batch, schedule, engine, output folder, fresh or resumed."""
+    from dpm_dist.data.union import describe_datasets
+
     if not env.is_main:
         return
     d, e, train_split = cfg.data, cfg.engine, manifest["splits"]["train"]
-    source = d.root or f"{len(d.train_urls)} shard URLs"
+    source = d.root or (f"{len(d.roots)} datasets" if len(d.roots) > 1 else d.roots[0] if d.roots else f"{len(d.train_urls)} shard URLs")
     start = "new run" if not meta else (f"resumed from {meta['tag']} (epoch {meta['epoch']}, step {meta['step']}, "
                                         f"world size {meta['world_size']})")
     lines = [f"dpm-train {cfg.name}",
              f"  data      {d.dataset}: {source} ({train_split['num_samples']} images, {manifest['num_train_ids']} identities, "
              f"{manifest['num_cams']} cameras; sampler {d.sampler})",
+             *(f"            {line}" for line in describe_datasets(manifest["datasets"])),
              f"  batch     {d.num_ids} ids x {d.num_instances} images x {env.world_size} rank{'s' if env.distributed else ''} = "
              f"{d.batch_size * env.world_size} images per step",
              f"  schedule  {cfg.optim.epochs} epochs x {steps} steps, evaluated every {cfg.eval.period} epochs and at the end",
@@ -146,8 +157,8 @@ def print_summary(cfg: DPMConfig, env: DistEnv, manifest: dict[str, Any], steps:
 
 
 def _file_meta(epoch: int, step: int, results: dict[str, float], resolved: dict[str, Any],
-               history: list[dict[str, Any]]) -> dict[str, Any]:
-    meta = {"epoch": epoch, "step": step, "results": results, "config": resolved}
+               history: list[dict[str, Any]], datasets: list[dict[str, Any]]) -> dict[str, Any]:
+    meta = {"epoch": epoch, "step": step, "results": results, "config": resolved, "datasets": datasets}
     return dict(meta, config_changes=history) if history else meta
 
 
@@ -188,7 +199,7 @@ def preflight(cfg: DPMConfig) -> None:
     saved = checkpoint.latest_meta(os.path.join(cfg.log.output_dir, "checkpoints"))  # verified by train() itself
     resume_plan(cfg, resolved, saved)
     if not is_finished(cfg, saved):
-        check_dataset(cfg, load_manifest(cfg.data))
+        check_dataset(cfg, load_manifest(cfg.data), saved)
 
 
 def train(cfg: DPMConfig, env: DistEnv, report: Optional[Reporter] = None) -> dict[str, float]:
@@ -207,7 +218,7 @@ def train(cfg: DPMConfig, env: DistEnv, report: Optional[Reporter] = None) -> di
                   f"no file changed; a larger optim.epochs extends it", flush=True)
         return dict(saved.get("results", {}))
     manifest = load_manifest(cfg.data)
-    check_dataset(cfg, manifest)
+    check_dataset(cfg, manifest, saved)
     if cfg.engine.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
     if env.is_main:
@@ -282,7 +293,7 @@ def _run(cfg: DPMConfig, env: DistEnv, report: Optional[Reporter], manifest: dic
             folder = None
             if epoch % cfg.log.checkpoint_every == 0 or epoch == cfg.optim.epochs or _eval_due(cfg, epoch):
                 skipped = skipped_before + int(dist.all_reduce_sum(torch.tensor([skipped_here])).item())  # collective
-                meta_out = {"best": best, "results": results, "config": resolved, "config_changes": history,
+                meta_out = {"best": best, "results": results, "config": resolved, "config_changes": history, "datasets": manifest["datasets"],
                             "num_skipped_corrupt": skipped, "num_skipped_steps": engine.skipped_steps}
                 folder = checkpoint.save(engine, ckpt_root, epoch=epoch, step=step, env=env, meta=meta_out,
                                          keep_last=cfg.log.keep_last, is_best=improved and cfg.log.keep_best)
@@ -292,15 +303,16 @@ def _run(cfg: DPMConfig, env: DistEnv, report: Optional[Reporter], manifest: dic
                 if improved and cfg.log.keep_best:
                     state = engine.model_state()  # collective: a sharded head's W is gathered onto rank 0
                     if env.is_main:
-                        save_model_file(state, os.path.join(out_dir, "model_best.pt"), _file_meta(epoch, step, results, resolved, history))
+                        save_model_file(state, os.path.join(out_dir, "model_best.pt"), _file_meta(epoch, step, results, resolved, history, manifest["datasets"]))
             if report is not None and _eval_due(cfg, epoch):
                 report(dict(results, epoch=epoch), epoch, folder)
 
     skipped = skipped_before + int(dist.all_reduce_sum(torch.tensor([skipped_here])).item())  # collective
     state = engine.model_state()  # collective
     if env.is_main:
-        save_model_file(state, os.path.join(out_dir, "model_final.pt"), _file_meta(cfg.optim.epochs, step, results, resolved, history))
+        save_model_file(state, os.path.join(out_dir, "model_final.pt"), _file_meta(cfg.optim.epochs, step, results, resolved, history, manifest["datasets"]))
         summary = {"results": results, "best": best, "epochs": cfg.optim.epochs, "steps": step, "num_skipped_corrupt": skipped,
+                   "datasets": manifest["datasets"],
                    "num_skipped_steps": engine.skipped_steps}
         with open(os.path.join(out_dir, "results.json"), "w") as f:
             json.dump(dict(summary, config_changes=history) if history else summary, f, indent=2)
