@@ -134,6 +134,7 @@ class DataConfig:
     io_backoff_s: float = 0.5  # first wait between attempts
     io_timeout_s: float = 30.0  # per-request timeout for HTTP(S) and S3
     pin_memory: bool = False  # page-locked train/eval batches, so the engine's non_blocking copy overlaps (CUDA)
+    persistent_workers: bool = False  # keep the training loader's workers across epochs (same batches); num_workers > 0
 
     def __post_init__(self) -> None:
         _check_choice(self.dataset, "data.dataset", DATASETS)

@@ -161,3 +161,31 @@ def test_file_url_root_reads_the_same_samples_as_the_path(tiny_shards: Path, sam
     by_url = epoch_batches(data_cfg(f"file://{tiny_shards}", sampler=sampler))
     assert [b["keys"] for b in by_url] == [b["keys"] for b in by_path]
     assert all(torch.equal(a["images"], b["images"]) for a, b in zip(by_url, by_path))
+
+
+@pytest.mark.parametrize("sampler", ["stream", "exact"])
+def test_persistent_workers_give_the_same_epochs_and_rng_with_the_same_processes(tiny_shards: Path, sampler: str) -> None:
+    """data.persistent_workers: one DataLoader for the run, its workers kept across epochs; every epoch's batches and
+    the main process' RNG afterwards equal a new loader per epoch (the default)."""
+    from dpm_dist.data.loader import TrainLoader
+
+    runs = {}
+    for persistent in (False, True):
+        cfg = data_cfg(str(tiny_shards), sampler=sampler, num_workers=2, persistent_workers=persistent)
+        loaders, epochs, workers = TrainLoader(cfg, DistEnv(), seed=5), [], []
+        torch.manual_seed(0)
+        for epoch in (2, 3, 4):
+            loader = loaders.epoch(epoch)
+            batches = list(loader)
+            assert len(loader) == len(batches) >= 1
+            epochs.append((batches, torch.get_rng_state()))
+            if persistent:
+                workers.append([w.pid for w in loaders.loader._iterator._workers])
+        runs[persistent] = epochs
+        if persistent:
+            assert workers[0] == workers[1] == workers[2] and all(workers[0])  # the same two processes throughout
+    for (fresh, fresh_rng), (kept, kept_rng) in zip(runs[False], runs[True]):
+        assert [b["keys"] for b in kept] == [b["keys"] for b in fresh]
+        assert all(torch.equal(a["images"], b["images"]) for a, b in zip(kept, fresh))
+        assert torch.equal(kept_rng, fresh_rng)
+    assert [b["keys"] for b in runs[True][0][0]] != [b["keys"] for b in runs[True][1][0]]  # the epoch reached the workers

@@ -336,14 +336,16 @@ def test_dpm_train_with_a_sharded_head_resumes_exactly_reshards_and_writes_the_w
         "optim.epochs=2", "data.num_ids=2", "log.checkpoint_every=1", "data.root=shards", "model.classifier=sharded",
         "loss.sample_rate=0.75"]
 
-    def train(world: int, out: str) -> subprocess.CompletedProcess:
+    def train(world: int, out: str, *extra: str) -> subprocess.CompletedProcess:
         cmd = ["bash", str(ROOT / "launch" / "torchrun.sh"), str(world)] if world > 1 else [str(VENV_BIN / "dpm-train")]
-        proc = subprocess.run(cmd + args + [f"log.output_dir={out}"], capture_output=True, text=True, env=train_env(), cwd=work,
-                              timeout=RUN_TIMEOUT_S)
+        proc = subprocess.run(cmd + args + [f"log.output_dir={out}", *extra], capture_output=True, text=True, env=train_env(),
+                              cwd=work, timeout=RUN_TIMEOUT_S)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc
 
-    train(2, "full")
+    # The uninterrupted run also keeps its loader workers across the epoch boundary (data.persistent_workers): the
+    # resumed run's fresh loader must then give its second epoch the same batches and drop-path draws.
+    train(2, "full", "data.num_workers=2", "data.persistent_workers=true")
     final = torch.load(work / "full" / "model_final.pt", weights_only=True)["model"]["classifier.weight"]
     shards = [torch.load(work / "full" / "checkpoints" / "epoch_0002" / "head" / f"rank_{r}.pt", weights_only=False) for r in (0, 1)]
     assert final.shape[0] == 8 and torch.equal(final, torch.cat([s["weight"] for s in shards]))

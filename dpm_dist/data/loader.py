@@ -27,7 +27,7 @@ import logging
 import os
 import random
 from itertools import islice
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
 
 import numpy as np
 import torch
@@ -171,9 +171,9 @@ class _ResampledShards:
     proportional to w_d · shards_d / images_d, so the expected share of samples read from d is w_d.
     """
 
-    def __init__(self, shards: List[Shard], seed: int, weights: Optional[List[float]] = None,
+    def __init__(self, shards: List[Shard], seed_of: Callable[[], int], weights: Optional[List[float]] = None,
                  images: Optional[List[int]] = None) -> None:
-        self.shards, self.seed = shards, seed
+        self.shards, self.seed_of = shards, seed_of
         self.groups: List[List[int]] = []
         self.cumulative: List[float] = []
         if weights:
@@ -190,11 +190,11 @@ class _ResampledShards:
 
     def __call__(self) -> Iterator[Dict[str, Any]]:
         info = get_worker_info()
-        worker = info.id if info is not None else 0
-        rng = random.Random(stream_seed(self.seed, worker))
+        worker, seed = (info.id if info is not None else 0), self.seed_of()
+        rng = random.Random(stream_seed(seed, worker))
         while True:
             url, entry, part = self.shards[self._draw(rng)]
-            yield {"url": url, "entry": entry, "part": part, "seed": stream_seed(self.seed, worker, rng.getrandbits(62))}
+            yield {"url": url, "entry": entry, "part": part, "seed": stream_seed(seed, worker, rng.getrandbits(62))}
 
 
 def _decodes(sample: Dict[str, Any]) -> bool:
@@ -250,8 +250,9 @@ class _Epoch:
         return islice(iter(self.loader), self.n)
 
 
-def _stream_loader(cfg: DataConfig, env: DistEnv, shards: List[Shard], seed: int, n: int, num_samples: int,
-                   datasets: List[Dict[str, Any]]) -> _Epoch:
+def _stream_pipeline(cfg: DataConfig, env: DistEnv, shards: List[Shard], seed_of: Callable[[], int], num_samples: int,
+                     datasets: List[Dict[str, Any]]) -> Any:
+    """The endless stream of P×K batches; ``seed_of()`` (the epoch's seed) is read each time it is iterated."""
     import webdataset as wds
 
     if len(shards) < env.world_size * max(1, cfg.num_workers):
@@ -260,16 +261,21 @@ def _stream_loader(cfg: DataConfig, env: DistEnv, shards: List[Shard], seed: int
     # At most half the training set is buffered: a buffer holding nearly every sample could only refill
     # by re-drawing the few samples a batch released (about 34 reads per image measured; half: ~1).
     opts, buffer = io_options(cfg), max(cfg.batch_size, min(cfg.shuffle_buffer, num_samples // 2))
-    pipeline = wds.DataPipeline(
-        _ResampledShards(shards, seed, *((list(cfg.root_weights), [d["num_images"] for d in datasets])
-                                          if cfg.root_weights and len(datasets) > 1 else ())),
+    weights = (list(cfg.root_weights), [d["num_images"] for d in datasets]) if cfg.root_weights and len(datasets) > 1 else ()
+    return wds.DataPipeline(
+        _ResampledShards(shards, seed_of, *weights),
         lambda src: _expand(src, opts, cfg.skip_corrupt),
         lambda samples: pk_batches(samples, label=lambda s: s["meta"]["label"], num_ids=cfg.num_ids,
                                    num_instances=cfg.num_instances, buffer_size=buffer,
-                                   rng=random.Random(stream_seed(seed, _worker_id())), key=lambda s: s["key"],
+                                   rng=random.Random(stream_seed(seed_of(), _worker_id())), key=lambda s: s["key"],
                                    num_distinct=lambda: num_samples - len(_CORRUPT_KEYS)),
-        lambda batches: _augment_batches(batches, cfg, seed),
+        lambda batches: _augment_batches(batches, cfg, seed_of()),
     )
+
+
+def _stream_loader(cfg: DataConfig, env: DistEnv, shards: List[Shard], seed: int, n: int, num_samples: int,
+                   datasets: List[Dict[str, Any]]) -> _Epoch:
+    pipeline = _stream_pipeline(cfg, env, shards, lambda: seed, num_samples, datasets)
     loader = DataLoader(pipeline, batch_size=None, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
                         persistent_workers=False, prefetch_factor=2 if cfg.num_workers else None)
     return _Epoch(loader, n)
@@ -347,9 +353,9 @@ class _IndexedTrain(Dataset):
         return _train_item(jpg, meta, key, path, torch.Generator().manual_seed(item[1]), self.cfg)
 
 
-def _exact_loader(cfg: DataConfig, env: DistEnv, shards: List[Shard], seed: int, epoch: int,
-                  datasets: List[Dict[str, Any]]) -> DataLoader:
-    index = _index_shards(cfg, shards)
+def _exact_batches(cfg: DataConfig, env: DistEnv, index: List[Tuple[str, int, int, str, Dict[str, Any]]], seed: int,
+                   epoch: int, datasets: List[Dict[str, Any]]) -> List[List[Tuple[int, int]]]:
+    """This rank's batches of the epoch: (sample index, augmentation seed) pairs."""
     shared = stream_seed(seed, epoch)  # the same on every rank, as rank 0's seed is in docs/method.md §5.6
     labels = [m["label"] for *_, m in index]
     rngs = (random.Random(shared), np.random.RandomState(shared % 2**32))
@@ -363,17 +369,18 @@ def _exact_loader(cfg: DataConfig, env: DistEnv, shards: List[Shard], seed: int,
     if not batches:
         raise ValueError(f"exact sampler: an epoch of {len(flat)} samples gives no {cfg.num_ids}×{cfg.num_instances} "
                          f"batch for each of {env.world_size} ranks; lower data.num_ids or the world size")
-    seeded = [[(i, stream_seed(shared, env.rank, b, j)) for j, i in enumerate(batch)] for b, batch in enumerate(batches)]
-    return DataLoader(_IndexedTrain(index, cfg), batch_sampler=seeded, num_workers=cfg.num_workers,
-                      collate_fn=_collate_train, pin_memory=cfg.pin_memory)
+    return [[(i, stream_seed(shared, env.rank, b, j)) for j, i in enumerate(batch)] for b, batch in enumerate(batches)]
 
 
-def build_train_loader(cfg: DataConfig, env: DistEnv, *, epoch: int, seed: int) -> Iterable[Dict[str, Any]]:
-    """One epoch of P×K batches for ``env.rank``; every rank gets the same number of batches.
+def _exact_loader(cfg: DataConfig, env: DistEnv, shards: List[Shard], seed: int, epoch: int,
+                  datasets: List[Dict[str, Any]]) -> DataLoader:
+    index = _index_shards(cfg, shards)
+    return DataLoader(_IndexedTrain(index, cfg), batch_sampler=_exact_batches(cfg, env, index, seed, epoch, datasets),
+                      num_workers=cfg.num_workers, collate_fn=_collate_train, pin_memory=cfg.pin_memory)
 
-    Batches are dicts: ``images`` (B, 3, H, W) in [-1, 1], ``pids`` (relabelled 0..C-1), ``camids``, ``keys``.
-    Deterministic given (seed, epoch, rank, num_workers); resuming at epoch e rebuilds the same stream.
-    """
+
+def _train_shards(cfg: DataConfig) -> Tuple[List[Shard], Dict[str, Any]]:
+    """Every training shard of every dataset, and the (merged) manifest; checks P against the identities."""
     parts = _parts(cfg)
     manifest = _merge(cfg, parts)
     shards: List[Shard] = []
@@ -386,11 +393,96 @@ def build_train_loader(cfg: DataConfig, env: DistEnv, *, epoch: int, seed: int) 
     if manifest["num_train_ids"] < cfg.num_ids:
         raise ValueError(f"config field `data.num_ids`: P={cfg.num_ids} but the training set {where} has only "
                          f"{manifest['num_train_ids']} identities")
+    return shards, manifest
+
+
+def build_train_loader(cfg: DataConfig, env: DistEnv, *, epoch: int, seed: int) -> Iterable[Dict[str, Any]]:
+    """One epoch of P×K batches for ``env.rank``; every rank gets the same number of batches.
+
+    Batches are dicts: ``images`` (B, 3, H, W) in [-1, 1], ``pids`` (relabelled 0..C-1), ``camids``, ``keys``.
+    Deterministic given (seed, epoch, rank, num_workers); resuming at epoch e rebuilds the same stream.
+    """
+    shards, manifest = _train_shards(cfg)
     if cfg.sampler == "exact":
         return _exact_loader(cfg, env, shards, seed, epoch, manifest["datasets"])
     stream = stream_seed(seed, epoch, env.rank)
     return _stream_loader(cfg, env, shards, stream, num_train_batches(cfg, env.world_size, manifest),
                           manifest["splits"]["train"]["num_samples"], manifest["datasets"])
+
+
+class _EpochBatches:
+    """A batch sampler whose batches are replaced each epoch (a DataLoader's sampler cannot be)."""
+
+    def __init__(self) -> None:
+        self.batches: List[List[Tuple[int, int]]] = []
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+        return iter(self.batches)
+
+
+class _PersistentEpoch:
+    """One epoch of a DataLoader whose workers outlive it; ``len()`` is the epoch's batch count."""
+
+    def __init__(self, owner: "TrainLoader", n: int) -> None:
+        self.owner, self.n = owner, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        if self.owner.iterated:
+            # A new DataLoader iterator draws its base seed from the global RNG, a persistent one's reset does not:
+            # draw it here, so the main process' RNG (drop-path) runs as with a fresh loader each epoch.
+            torch.empty((), dtype=torch.int64).random_()
+        self.owner.iterated = True
+        return islice(iter(self.owner.loader), self.n)
+
+
+class TrainLoader:
+    """The training batches of each epoch (:func:`build_train_loader`).
+
+    ``data.persistent_workers`` (with ``data.num_workers > 0``) keeps one DataLoader and its worker processes for
+    the whole run: the epoch reaches the workers through shared memory (stream: the seed every stage reads when
+    the workers restart their pipeline) or the main process (exact: the batch sampler's list). The batches, and
+    the main process' RNG, are the same as with a new loader each epoch (tests/test_loader.py).
+    """
+
+    def __init__(self, cfg: DataConfig, env: DistEnv, *, seed: int) -> None:
+        self.cfg, self.env, self.seed = cfg, env, seed
+        self.persistent = cfg.persistent_workers and cfg.num_workers > 0
+        self.loader: Optional[DataLoader] = None
+        self.iterated = False
+
+    def epoch(self, epoch: int) -> Iterable[Dict[str, Any]]:
+        cfg, env = self.cfg, self.env
+        if not self.persistent:
+            return build_train_loader(cfg, env, epoch=epoch, seed=self.seed)
+        if self.loader is None:
+            self._shards, self._manifest = _train_shards(cfg)
+            self._build()
+        datasets = self._manifest["datasets"]
+        if cfg.sampler == "exact":
+            self._sampler.batches = _exact_batches(cfg, env, self._index, self.seed, epoch, datasets)
+            return _PersistentEpoch(self, len(self._sampler))
+        self._seed_box.fill_(stream_seed(self.seed, epoch, env.rank))
+        return _PersistentEpoch(self, num_train_batches(cfg, env.world_size, self._manifest))
+
+    def _build(self) -> None:
+        cfg, env = self.cfg, self.env
+        common = dict(num_workers=cfg.num_workers, pin_memory=cfg.pin_memory, persistent_workers=True)
+        if cfg.sampler == "exact":
+            self._index, self._sampler = _index_shards(cfg, self._shards), _EpochBatches()
+            self.loader = DataLoader(_IndexedTrain(self._index, cfg), batch_sampler=self._sampler,
+                                     collate_fn=_collate_train, **common)
+            return
+        self._seed_box = torch.zeros((), dtype=torch.int64).share_memory_()
+        box = self._seed_box
+        pipeline = _stream_pipeline(cfg, env, self._shards, lambda: int(box), self._manifest["splits"]["train"]["num_samples"],
+                                    self._manifest["datasets"])
+        self.loader = DataLoader(pipeline, batch_size=None, prefetch_factor=2, **common)
 
 
 # ---- evaluation

@@ -294,7 +294,7 @@ def latest_meta(root: str) -> Optional[dict[str, Any]]:
 RESUME_MAY_CHANGE = (
     "name", "optim.epochs", "optim.fused",
     "data.root", "data.roots", "data.eval_root", "data.train_urls", "data.query_urls", "data.gallery_urls", "data.cache_dir",
-    "data.s3_endpoint", "data.num_workers", "data.pin_memory", "data.eval_batch_size", "data.verify_sha",
+    "data.s3_endpoint", "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.eval_batch_size", "data.verify_sha",
     "data.skip_corrupt", "data.io_retries", "data.io_backoff_s", "data.io_timeout_s",
     "engine.deterministic", "engine.compile", "engine.compile_backend", "engine.collective_timeout_s", "engine.max_nonfinite_steps",
     "eval", "log", "search",

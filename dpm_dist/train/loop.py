@@ -231,7 +231,7 @@ def train(cfg: DPMConfig, env: DistEnv, report: Optional[Reporter] = None) -> di
 
 def _run(cfg: DPMConfig, env: DistEnv, report: Optional[Reporter], manifest: dict[str, Any], resolved: dict[str, Any],
          history: list[dict[str, Any]], saved: Optional[dict[str, Any]]) -> dict[str, float]:
-    from dpm_dist.data.loader import build_train_loader
+    from dpm_dist.data.loader import TrainLoader
     from dpm_dist.eval.evaluator import evaluate
     from dpm_dist.loggers import build_logger
     from dpm_dist.model.files import save_model_file
@@ -247,7 +247,8 @@ def _run(cfg: DPMConfig, env: DistEnv, report: Optional[Reporter], manifest: dic
     results: dict[str, float] = dict(meta.get("results", {})) if meta else {}
     if not (meta and meta.get("rng_restored")):  # fresh run, or another world size: seed per rank and epoch
         seed_everything(cfg.engine.seed * 1000 + env.rank + 7919 * start_epoch)  # drop-path RNG
-    loader = build_train_loader(cfg.data, env, epoch=start_epoch, seed=cfg.engine.seed) if start_epoch <= cfg.optim.epochs else None
+    loaders = TrainLoader(cfg.data, env, seed=cfg.engine.seed)
+    loader = loaders.epoch(start_epoch) if start_epoch <= cfg.optim.epochs else None
     steps = _epoch_steps(cfg, loader) if loader is not None else 0
     print_summary(cfg, env, manifest, steps, meta)
     # Reopening the event files after a crash: TensorBoard drops what the crashed run logged past the checkpoint.
@@ -258,7 +259,7 @@ def _run(cfg: DPMConfig, env: DistEnv, report: Optional[Reporter], manifest: dic
         for epoch in range(start_epoch, cfg.optim.epochs + 1):
             engine.start_epoch(epoch)
             if epoch > start_epoch:
-                loader = build_train_loader(cfg.data, env, epoch=epoch, seed=cfg.engine.seed)
+                loader = loaders.epoch(epoch)
             bar.set_description(f"epoch {epoch}/{cfg.optim.epochs}")
             t_data, t_epoch, seen = 0.0, time.time(), 0
             t_mark = time.time()
