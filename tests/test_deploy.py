@@ -26,8 +26,19 @@ TINY_MODEL = ModelConfig(embed_dim=64, depth=4, num_heads=4, patch_size=8, img_s
 TOLERANCE = 1e-4
 
 
-def save_tiny_model(path: Path, *, model: ModelConfig = TINY_MODEL, num_cams: int = 3, neck_feat: str = "before") -> Path:
-    """A tiny DPM with a non-trivial mask, written as training writes model files (weights + resolved config)."""
+# Two training datasets as dpm-train data.roots=[...] records them: b is the tiny synthetic shards' (8 ids, 3 cameras).
+TWO_DATASETS = [
+    {"name": "a", "root": "/data/a", "dataset": "synthetic", "id_offset": 0, "cam_offset": 0, "num_train_ids": 5,
+     "num_cams": 2, "num_images": 20, "weight": 0.3},
+    {"name": "b", "root": "/data/b", "dataset": "synthetic", "id_offset": 5, "cam_offset": 2, "num_train_ids": 8,
+     "num_cams": 3, "num_images": 48, "weight": 0.7},
+]
+
+
+def save_tiny_model(path: Path, *, model: ModelConfig = TINY_MODEL, num_cams: int = 3, neck_feat: str = "before",
+                    datasets: list | None = None) -> Path:
+    """A tiny DPM with a non-trivial mask, written as training writes model files (weights + resolved config);
+    ``datasets``: the ``meta["datasets"]`` record (none: a file from before it existed)."""
     from dpm_dist.model.dpm import build_model
     from dpm_dist.model.files import save_model_file
 
@@ -37,8 +48,13 @@ def save_tiny_model(path: Path, *, model: ModelConfig = TINY_MODEL, num_cams: in
     cfg = DPMConfig(model=model, data=DataConfig(img_size=list(model.img_size)))
     config = dataclasses.asdict(cfg)
     config["eval"]["neck_feat"] = neck_feat
-    save_model_file(net, str(path), {"epoch": 3, "config": config})
+    save_model_file(net, str(path), {"epoch": 3, "config": config, **({"datasets": datasets} if datasets is not None else {})})
     return path
+
+
+def save_two_dataset_model(path: Path) -> Path:
+    """A tiny model trained on :data:`TWO_DATASETS`: SIE over their 2 + 3 cameras."""
+    return save_tiny_model(path, num_cams=5, datasets=TWO_DATASETS)
 
 
 @pytest.fixture(scope="module")
@@ -64,6 +80,7 @@ def test_load_model_reads_model_files_run_folders_and_official_checkpoints(tiny_
     assert meta["img_size"] == [64, 32] and meta["num_cams"] == 3 and meta["sie"] and meta["embed_dim"] == 64
     assert meta["mean"] == meta["std"] == [0.5, 0.5, 0.5] and meta["test_feature"] == "feat"
     assert meta["format"] == "dpm-dist" and meta["config"]["model"]["depth"] == 4 and meta["epoch"] == 3
+    assert meta["datasets"] == [] and not loaded.needs_dataset  # a file from before data.roots records none
     images, camids = _inputs(3)
     ref = loaded.embed(images, camids)
     assert ref.feat.shape == ref.feat_bn.shape == ref.mask.shape == (3, 64)
@@ -134,7 +151,7 @@ def test_exported_model_matches_eager_pytorch_at_batch_1_and_7(tiny_file, tmp_pa
         module, stored = export.read_torchscript(dst)
         run = module
     assert stored["img_size"] == [64, 32] and stored["num_cams"] == 3 and stored["test_feature"] == "feat"
-    assert stored["mean"] == [0.5] * 3 and stored["outputs"] == ["feat", "feat_bn", "mask"]
+    assert stored["mean"] == [0.5] * 3 and stored["outputs"] == ["feat", "feat_bn", "mask"] and stored["datasets"] == []
     for batch in (1, 7):
         images, camids = _inputs(batch)
         ref = loaded.embed(images, camids)
@@ -143,6 +160,30 @@ def test_exported_model_matches_eager_pytorch_at_batch_1_and_7(tiny_file, tmp_pa
         for name, value in zip(("feat", "feat_bn", "mask"), got):
             assert value.shape == (batch, 64)
             assert _rel(value, getattr(ref, name)) < TOLERANCE, (suffix, batch, name)
+
+
+def test_a_two_dataset_model_embeds_a_datasets_cameras_with_its_offset(tmp_path):
+    import dpm_dist
+    from dpm_dist.deploy import export
+
+    loaded = dpm_dist.load_model(save_two_dataset_model(tmp_path / "two.pt"))
+    assert loaded.meta["datasets"] == loaded.datasets == TWO_DATASETS and loaded.num_cams == 5 and loaded.needs_dataset
+    assert [loaded.camera("a", 1), loaded.camera("b", 0), loaded.camera("b", 2)] == [1, 2, 4]
+    with pytest.raises(ValueError, match=r"camid 3: outside dataset b's cameras 0\.\.2"):
+        loaded.camera("b", 3)
+    with pytest.raises(ValueError, match=r"dataset 'c': not a dataset the model was trained on \(one of a\|b\)"):
+        loaded.camera("c", 0)
+    images, camids = _inputs(4)
+    with pytest.raises(ValueError, match=r"dataset is required: .* 2 datasets .* one of a\|b"):
+        loaded.embed(images, camids)
+    got = loaded.embed(images, camids, dataset="b")
+    with torch.no_grad():
+        ref, unshifted = loaded.model(images, camids + 2), loaded.model(images, camids)
+    assert torch.equal(got.feat, ref.feat) and torch.equal(got.mask, ref.mask)
+    assert not torch.allclose(got.feat, unshifted.feat, atol=1e-3)
+    export.export_torchscript(loaded, str(tmp_path / "two_ts.pt"))
+    _, stored = export.read_torchscript(str(tmp_path / "two_ts.pt"))
+    assert stored["datasets"] == TWO_DATASETS  # a serving system shifts cameras with these
 
 
 def test_an_unknown_suffix_is_refused_before_anything_is_written(tmp_path):

@@ -5,7 +5,9 @@
     dpm-embed runs/tiny_synthetic shards/synthetic --role query -o q.parquet # shards: local, http(s)://, s3://
     torchrun --nproc-per-node 4 -m dpm_dist.cli.embed MODEL INPUT -o out.parquet   # the same file on any ranks
 
-pid and camid are read from Market-style or MSMT17 file names (``--names``) when they parse. A corrupt image
+pid and camid are read from Market-style or MSMT17 file names (``--names``) when they parse. A model trained on
+several datasets with an SIE camera embedding needs ``--dataset NAME`` (the camera ids are that dataset's own;
+shards whose index.json identifies one of them select it). A corrupt image
 is an error naming the file, or with ``--skip-corrupt`` a counted, logged skip (the training policy,
 ``data.skip_corrupt``). A progress bar runs on stderr; the last line gives the throughput.
 """
@@ -33,6 +35,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--names", choices=("market", "msmt17", "none"), default="market",
                         help="read pid/camid from file names in this style (default: %(default)s)")
     parser.add_argument("--camid", type=int, help="camera id (0-based) for images whose name gives none")
+    parser.add_argument("--dataset", help="which of the model's training datasets the images come from (models trained "
+                                          "on several: their cameras are shifted by its camera offset)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2, help="image-decoding processes per rank")
     parser.add_argument("--skip-corrupt", action="store_true", help="count and skip undecodable images instead of failing")
@@ -44,7 +48,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def embed(args: argparse.Namespace) -> int:
     from dpm_dist import dist
-    from dpm_dist.deploy.embed import assign_cameras, embed_items, embed_shards, list_file, list_folder, write_embeddings
+    from dpm_dist.deploy.embed import (assign_cameras, choose_dataset, embed_items, embed_shards, list_file, list_folder,
+                                       read_shard_manifest, write_embeddings)
     from dpm_dist.deploy.loading import load_model, resolve_model_path
     from dpm_dist.dist import DistEnv
 
@@ -60,23 +65,30 @@ def embed(args: argparse.Namespace) -> int:
     if kind != "shards":  # every file checked before the model is read and before any process group
         items = list_folder(source, names=args.names) if kind == "folder" else list_file(source, names=args.names)
     loaded = load_model(path, args.device or dist.device_for(env))
+    manifest = read_shard_manifest(loaded, source, s3_endpoint=args.s3_endpoint) if kind == "shards" else None
+    dataset, chosen = choose_dataset(loaded, args.dataset, manifest, where=args.input)
+    if chosen and env.is_main:
+        print(f"{PROG}: {chosen}", file=sys.stderr, flush=True)
+    offset = int(dataset["cam_offset"]) if dataset else 0
     if items is not None:
-        items = assign_cameras(items, loaded, args.camid)
+        items = assign_cameras(items, loaded, args.camid, dataset)
     if env.distributed:
         dist.init_process_group(env)
     try:
-        common = dict(batch_size=args.batch_size, num_workers=args.workers, skip_corrupt=args.skip_corrupt)
+        common = dict(batch_size=args.batch_size, num_workers=args.workers, skip_corrupt=args.skip_corrupt, cam_offset=offset)
         if items is not None:
             result = embed_items(loaded, items, env, **common)
         else:
             roles = ROLES if args.role == "all" else (args.role,)
-            result = embed_shards(loaded, source, env, roles=roles, s3_endpoint=args.s3_endpoint, **common)
+            result = embed_shards(loaded, source, env, roles=roles, s3_endpoint=args.s3_endpoint, manifest=manifest, **common)
         if env.is_main:
             settings = {"input": source, "input_kind": kind, "role": args.role if kind == "shards" else None,
                         "names": args.names, "camid": args.camid, "batch_size": args.batch_size,
-                        "skip_corrupt": args.skip_corrupt, "world_size": env.world_size}
+                        "skip_corrupt": args.skip_corrupt, "world_size": env.world_size,
+                        "dataset": dataset["name"] if dataset else None, "cam_offset": offset,
+                        "dataset_from": None if dataset is None else "--dataset" if args.dataset else "index.json"}
             write_embeddings(output, result, loaded, settings)
-            print(summary(result, env.world_size, output), flush=True)
+            print(summary(result, env.world_size, output, dataset), flush=True)
     finally:
         if env.distributed:
             dist.barrier()
@@ -95,11 +107,12 @@ def input_kind(source: str) -> str:
     raise FileNotFoundError(f"INPUT: no such folder, list file or shard root: {source}")
 
 
-def summary(result, world_size: int, output: str) -> str:
+def summary(result, world_size: int, output: str, dataset: Optional[dict] = None) -> str:
     num = len(result.rows)
     rate = num / result.seconds if result.seconds > 0 else float("inf")
     skipped = f", {result.num_skipped} corrupt skipped" if result.num_skipped else ""
-    return (f"{PROG}: {num} images in {result.seconds:.1f} s ({rate:.1f} images/s on {world_size} "
+    of = f" of dataset {dataset['name']} (cameras + {dataset['cam_offset']})" if dataset else ""
+    return (f"{PROG}: {num} images{of} in {result.seconds:.1f} s ({rate:.1f} images/s on {world_size} "
             f"rank{'s' if world_size > 1 else ''}{skipped}) -> {output}")
 
 

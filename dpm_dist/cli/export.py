@@ -6,7 +6,8 @@
 
 The format comes from OUTPUT's suffix. Inputs ``images`` (B, 3, H, W) float32 normalised as the test
 transform does and ``camids`` (B,) int64; outputs ``feat``, ``feat_bn``, ``mask`` (B, D); the batch axis is
-dynamic. After writing, the file is run on random inputs against eager PyTorch and the largest relative
+dynamic. A model trained on several datasets takes the model's camera ids (a dataset's camera + its
+``cam_offset``; the file records the ``datasets`` list). After writing, the file is run on random inputs against eager PyTorch and the largest relative
 difference printed. ONNX needs the ``deploy`` extra: pip install "dpm-dist[deploy]".
 """
 
@@ -58,6 +59,9 @@ def export(checkpoint: str, output: str, check_batch: int) -> int:
     how = f"{meta['exporter']} exporter, opset {meta['opset']}" if meta["format"] == "onnx" else meta["exporter"]
     line = f"{PROG}: wrote {dst} ({meta['format']}, {how}; input {meta['img_size'][0]}x{meta['img_size'][1]}, " \
            f"{meta['num_cams']} cameras, test feature {meta['test_feature']})"
+    if len(meta["datasets"]) > 1:
+        line += "; camids are the model's: a dataset's camera + its cam_offset (" + ", ".join(
+            f"{d['name']} +{d['cam_offset']}" for d in meta["datasets"]) + ", recorded as datasets)"
     if meta.get("dynamo_error"):
         line += f"; the dynamo exporter failed ({meta['dynamo_error']})"
     print(line, flush=True)

@@ -78,8 +78,14 @@ def print_end(cfg: Any, results: dict[str, float]) -> None:
 
     out, tb = cfg.log.output_dir, os.path.join(cfg.log.output_dir, "tb")
     print(json.dumps({"results": results, "tensorboard": tb}), flush=True)
+    per = per_dataset(results)
+    if per:
+        from dpm_dist.eval.evaluator import dataset_table
+
+        print(dataset_table(per), flush=True)
     if results:
-        print(f"rank-1 {results['rank1']:.1%}  mAP {results['mAP']:.1%}  mINP {results.get('mINP', float('nan')):.1%}  "
+        mean = f"mean of {len(per)} datasets: " if per else ""
+        print(f"{mean}rank-1 {results['rank1']:.1%}  mAP {results['mAP']:.1%}  mINP {results.get('mINP', float('nan')):.1%}  "
               f"({int(results['num_query'])} queries, {int(results['num_gallery'])} gallery images)", flush=True)
     summary = os.path.join(out, "results.json")
     done: dict[str, Any] = {}
@@ -100,6 +106,16 @@ def print_end(cfg: Any, results: dict[str, float]) -> None:
     print(f"written to {out}: {', '.join(written)}", flush=True)
     if os.path.isdir(tb):
         print(f"TensorBoard: tensorboard --logdir {tb}", flush=True)
+
+
+def per_dataset(results: dict[str, float]) -> dict[str, dict[str, float]]:
+    """The ``<dataset>/<key>`` entries of several datasets' results (``merge_datasets``), by dataset; {} for one."""
+    per: dict[str, dict[str, float]] = {}
+    for key, value in results.items():
+        name, _, metric = key.rpartition("/")
+        if name:
+            per.setdefault(name, {})[metric] = value
+    return per
 
 
 def run_training(cfg_node: Any, state: dict[str, Any]) -> dict[str, float]:

@@ -7,6 +7,9 @@ read by :func:`dpm_dist.data.loader.build_eval_loader` exactly as dpm-eval reads
 pid and camid come from Market-style (``0001_c2s1_...``) or MSMT17 file names when parseable, else they
 are null (a model with an SIE camera embedding then needs a default camera).
 
+A model trained on several datasets with SIE (``meta["datasets"]``) embeds a camera as ``camid + cam_offset``
+of the images' dataset (:func:`choose_dataset`); the ``camid`` column keeps the dataset's own camera id.
+
 Every rank embeds a contiguous share with :func:`dpm_dist.eval.evaluator.extract` and the rows are
 all-gathered, deduplicated and sorted by key with :func:`dpm_dist.eval.evaluator.gather_embeddings`, so the
 file does not depend on the number of ranks; rank 0 writes it.
@@ -93,20 +96,54 @@ def list_file(path: str, *, names: str = "market") -> list[ImageItem]:
     return items
 
 
-def assign_cameras(items: list[ImageItem], loaded: LoadedModel, camid: Optional[int]) -> list[ImageItem]:
-    """Fill unknown cameras with ``camid``; a model with SIE cannot embed an image without a camera."""
-    if camid is not None and not 0 <= camid < max(loaded.num_cams, 1):
-        raise ValueError(f"--camid {camid}: outside the model's cameras 0..{max(loaded.num_cams, 1) - 1}")
+def choose_dataset(loaded: LoadedModel, name: Optional[str], manifest: Optional[dict[str, Any]] = None,
+                   *, where: str = "INPUT") -> tuple[Optional[dict[str, Any]], Optional[str]]:
+    """The ``meta["datasets"]`` entry whose cameras the images have, and a note for the user (or None).
+
+    ``name`` (``--dataset``) picks it. Without it, a model trained on several datasets with SIE takes the one
+    entry that shard input's ``index.json`` (``manifest``: its ``dataset``, identities and cameras) identifies,
+    else it is refused; any other model embeds as it always did (None: cameras unshifted).
+    """
+    if name is not None:
+        entry = loaded.dataset(name)
+        if manifest is not None and loaded.meta["sie"] and int(manifest.get("num_cams", 0)) > int(entry["num_cams"]):
+            raise ValueError(f"{where}: index.json records {manifest['num_cams']} cameras, but dataset {name} of the model "
+                             f"has {entry['num_cams']} (cameras 0..{int(entry['num_cams']) - 1}); another --dataset?")
+        return entry, None
+    if not loaded.needs_dataset:
+        return None, None
+    why = f"the model was trained on {len(loaded.datasets)} datasets with an SIE camera embedding (cameras shifted per dataset)"
+    if manifest is None:
+        raise ValueError(f"{why}: pass --dataset {loaded.dataset_names()}")
+    facts = (manifest.get("dataset"), manifest.get("num_train_ids"), manifest.get("num_cams"))
+    found = [d for d in loaded.datasets if (d.get("dataset"), d["num_train_ids"], d["num_cams"]) == facts]
+    if len(found) != 1:
+        raise ValueError(f"{why}, and {where}/index.json ({facts[0]}, {facts[1]} ids, {facts[2]} cameras) matches "
+                         f"{len(found) or 'none'} of them: pass --dataset {loaded.dataset_names()}")
+    entry = found[0]
+    return entry, (f"{where}: index.json ({facts[0]}, {facts[1]} ids, {facts[2]} cameras) is dataset {entry['name']} of "
+                   f"the model: cameras + {entry['cam_offset']} (--dataset overrides)")
+
+
+def assign_cameras(items: list[ImageItem], loaded: LoadedModel, camid: Optional[int],
+                   dataset: Optional[dict[str, Any]] = None) -> list[ImageItem]:
+    """Fill unknown cameras with ``camid``; a model with SIE cannot embed an image without a camera.
+
+    With ``dataset`` (a ``meta["datasets"]`` entry) camera ids are that dataset's own, checked against its cameras.
+    """
+    limit = int(dataset["num_cams"]) if dataset else loaded.num_cams
+    whose = f"dataset {dataset['name']}'s" if dataset else "the model's"
+    if camid is not None and not 0 <= camid < max(limit, 1):
+        raise ValueError(f"--camid {camid}: outside {whose} cameras 0..{max(limit, 1) - 1}")
     out = [dataclasses.replace(it, camid=camid) if it.camid == UNKNOWN and camid is not None else it for it in items]
     if loaded.meta["sie"]:
         missing = next((it for it in out if it.camid == UNKNOWN), None)
         if missing is not None:
             raise ValueError(f"{missing.path}: no camera id in the file name (Market-style `<pid>_c<cam>` or MSMT17) and "
-                             f"the model has an SIE camera embedding over {loaded.num_cams} cameras; pass --camid N")
-        bad = next((it for it in out if it.camid >= loaded.num_cams), None)
+                             f"the model has an SIE camera embedding over {limit} cameras; pass --camid N")
+        bad = next((it for it in out if it.camid >= limit), None)
         if bad is not None:
-            raise ValueError(f"{bad.path}: camera {bad.camid + 1} (camid {bad.camid}) is outside the model's "
-                             f"{loaded.num_cams} cameras")
+            raise ValueError(f"{bad.path}: camera {bad.camid + 1} (camid {bad.camid}) is outside {whose} {limit} cameras")
     return out
 
 
@@ -152,13 +189,18 @@ def _folder_batches(items: Sequence[ImageItem], loaded: LoadedModel, *, batch_si
 
 
 class _BothFeatures(torch.nn.Module):
-    """The model with ``feat`` = [feat, feat_bn] side by side, so one extraction pass keeps both features."""
+    """The model with ``feat`` = [feat, feat_bn] side by side, so one extraction pass keeps both features.
 
-    def __init__(self, net: torch.nn.Module) -> None:
+    Known cameras are shifted by ``cam_offset`` on their way into the model only: the rows keep the dataset's own.
+    """
+
+    def __init__(self, net: torch.nn.Module, cam_offset: int = 0) -> None:
         super().__init__()
-        self.net = net
+        self.net, self.cam_offset = net, int(cam_offset)
 
     def forward(self, images: torch.Tensor, camids: torch.Tensor) -> SimpleNamespace:
+        if self.cam_offset:
+            camids = torch.where(camids >= 0, camids + self.cam_offset, camids)
         out = self.net(images, camids)
         return SimpleNamespace(feat=torch.cat([out.feat, out.feat_bn], 1), mask=out.mask)
 
@@ -185,8 +227,11 @@ class EmbedResult:
 
 
 def embed_items(loaded: LoadedModel, items: list[ImageItem], env: DistEnv, *, batch_size: int = 64, num_workers: int = 2,
-                skip_corrupt: bool = False) -> EmbedResult:
-    """Embed ``items`` on every rank (a contiguous run of whole batches each) and gather the rows. Collective."""
+                skip_corrupt: bool = False, cam_offset: int = 0) -> EmbedResult:
+    """Embed ``items`` on every rank (a contiguous run of whole batches each) and gather the rows. Collective.
+
+    ``cam_offset``: the images' dataset's (:func:`choose_dataset`), added to each known camera for the model.
+    """
     start = time.perf_counter()
     # Whole global batches per rank: every batch holds the same images at any world size, so every row has the
     # same bits (a convolution's kernel, and so its rounding, depends on the batch size).
@@ -195,23 +240,40 @@ def embed_items(loaded: LoadedModel, items: list[ImageItem], env: DistEnv, *, ba
     mine = items[lo:hi]
     batches = _folder_batches(mine, loaded, batch_size=batch_size, num_workers=num_workers, skip_corrupt=skip_corrupt,
                               counter=[0])
-    local = extract(_BothFeatures(loaded.model), _progress(batches, len(mine), env), device=loaded.device)
+    local = extract(_BothFeatures(loaded.model, cam_offset), _progress(batches, len(mine), env), device=loaded.device)
     rows = gather_embeddings(local)
     return EmbedResult(rows, {it.key: it.path for it in items}, len(items), time.perf_counter() - start)
 
 
+def _shard_config(loaded: LoadedModel, root: str, **fields: Any) -> Any:
+    from dpm_dist.config import DataConfig
+
+    return DataConfig(root=root, img_size=list(loaded.meta["img_size"]), **fields)
+
+
+def read_shard_manifest(loaded: LoadedModel, root: str, *, s3_endpoint: Optional[str] = None) -> dict[str, Any]:
+    """``index.json`` of a shard root (local, http(s)://, s3://), read as :func:`embed_shards` reads it."""
+    from dpm_dist.data.loader import io_options
+    from dpm_dist.data.shards import read_manifest
+
+    return read_manifest(root, io_options(_shard_config(loaded, root, s3_endpoint=s3_endpoint)))
+
+
 def embed_shards(loaded: LoadedModel, root: str, env: DistEnv, *, roles: Sequence[str] = ("query", "gallery"),
                  batch_size: int = 64, num_workers: int = 2, skip_corrupt: bool = False,
-                 s3_endpoint: Optional[str] = None) -> EmbedResult:
-    """Embed the ``roles`` splits of the shards under ``root`` as dpm-eval reads them. Collective."""
-    from dpm_dist.config import DataConfig
-    from dpm_dist.data.loader import build_eval_loader, io_options
-    from dpm_dist.data.shards import read_manifest, shard_entries, split_contiguous
+                 s3_endpoint: Optional[str] = None, cam_offset: int = 0,
+                 manifest: Optional[dict[str, Any]] = None) -> EmbedResult:
+    """Embed the ``roles`` splits of the shards under ``root`` as dpm-eval reads them. Collective.
+
+    ``cam_offset`` as in :func:`embed_items`; ``manifest``: ``root``'s index.json when already read.
+    """
+    from dpm_dist.data.loader import build_eval_loader
+    from dpm_dist.data.shards import shard_entries, split_contiguous
 
     start = time.perf_counter()
-    cfg = DataConfig(root=root, img_size=list(loaded.meta["img_size"]), eval_batch_size=batch_size,
-                     num_workers=num_workers, skip_corrupt=skip_corrupt, s3_endpoint=s3_endpoint)
-    manifest = read_manifest(root, io_options(cfg))
+    cfg = _shard_config(loaded, root, eval_batch_size=batch_size, num_workers=num_workers, skip_corrupt=skip_corrupt,
+                        s3_endpoint=s3_endpoint)
+    manifest = manifest or read_shard_manifest(loaded, root, s3_endpoint=s3_endpoint)
     counts = {role: [int(e["num_samples"]) for e in shard_entries(manifest, role)] for role in roles}
     empty = [role for role in roles if not counts[role]]
     if empty:
@@ -222,7 +284,7 @@ def embed_shards(loaded: LoadedModel, root: str, env: DistEnv, *, roles: Sequenc
         for role in roles:
             yield from build_eval_loader(cfg, env, role)
 
-    local = extract(_BothFeatures(loaded.model), _progress(batches(), share, env), device=loaded.device)
+    local = extract(_BothFeatures(loaded.model, cam_offset), _progress(batches(), share, env), device=loaded.device)
     rows = gather_embeddings(local)
     return EmbedResult(rows, None, sum(sum(c) for c in counts.values()), time.perf_counter() - start)
 

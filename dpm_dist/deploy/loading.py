@@ -60,18 +60,57 @@ class LoadedModel:
     def num_cams(self) -> int:
         return int(self.meta["num_cams"])
 
+    @property
+    def datasets(self) -> list[dict[str, Any]]:
+        """The datasets the model was trained on (``meta["datasets"]``; [] for files that record none)."""
+        return self.meta["datasets"]
+
+    @property
+    def needs_dataset(self) -> bool:
+        """Trained on several datasets with an SIE camera embedding: a camera id means nothing without its dataset."""
+        return bool(self.meta["sie"]) and len(self.datasets) > 1
+
+    def dataset_names(self) -> str:
+        """The recorded names as ``a|b|c`` (for messages)."""
+        return "|".join(d["name"] for d in self.datasets)
+
+    def dataset(self, name: str) -> dict[str, Any]:
+        """The ``meta["datasets"]`` entry called ``name``; ValueError listing the recorded names."""
+        found = next((d for d in self.datasets if d["name"] == name), None)
+        if found is None:
+            known = f"one of {self.dataset_names()}" if self.datasets else "none: the model file records no datasets"
+            raise ValueError(f"dataset {name!r}: not a dataset the model was trained on ({known})")
+        return found
+
+    def camera(self, dataset: str, camid: int) -> int:
+        """The model's camera id of ``dataset``'s own 0-based camera ``camid``: ``camid + cam_offset``."""
+        entry = self.dataset(dataset)
+        if not 0 <= int(camid) < int(entry["num_cams"]):
+            raise ValueError(f"camid {camid}: outside dataset {dataset}'s cameras 0..{int(entry['num_cams']) - 1}")
+        return int(camid) + int(entry["cam_offset"])
+
     @torch.no_grad()
-    def embed(self, images: Union[Sequence[ImageInput], torch.Tensor], camids: Optional[Sequence[int]] = None) -> Embedding:
+    def embed(self, images: Union[Sequence[ImageInput], torch.Tensor], camids: Optional[Sequence[int]] = None, *,
+              dataset: Optional[str] = None) -> Embedding:
         """Embed images (file paths, PIL images, transformed (3, H, W) tensors, or one (B, 3, H, W) batch).
 
         ``camids`` (0-based camera ids, one per image) are required when the model has an SIE camera
-        embedding (``meta["num_cams"] > 1``) and ignored otherwise.
+        embedding (``meta["num_cams"] > 1``) and ignored otherwise. A model trained on several datasets
+        with SIE needs ``dataset`` (a name of ``meta["datasets"]``): ``camids`` are then that dataset's own
+        and are shifted by its ``cam_offset`` (:meth:`camera`).
         """
         batch = images if isinstance(images, torch.Tensor) else torch.stack([self._tensor(x) for x in images])
         if camids is None and self.meta["sie"]:
             raise ValueError(f"camids are required: the model has an SIE camera embedding over {self.num_cams} cameras "
                              f"(pass camids=[...], 0-based, one per image)")
-        cams = torch.as_tensor(list(camids) if camids is not None else [0] * len(batch), dtype=torch.long)
+        if dataset is None and self.needs_dataset:
+            raise ValueError(f"dataset is required: the model was trained on {len(self.datasets)} datasets with an SIE "
+                             f"camera embedding (cameras shifted per dataset); pass dataset=NAME, one of {self.dataset_names()}")
+        cams = list(camids) if camids is not None else [0] * len(batch)
+        if dataset is not None:
+            self.dataset(dataset)  # a wrong name is an error with or without camids
+            cams = [self.camera(dataset, c) for c in cams] if camids is not None else cams
+        cams = torch.as_tensor(cams, dtype=torch.long)
         if cams.numel() != len(batch):
             raise ValueError(f"{cams.numel()} camera ids for {len(batch)} images")
         out = self.model(batch.to(self.device, torch.float32), cams.to(self.device))
@@ -155,6 +194,7 @@ def describe(file: Any, net: torch.nn.Module, model_cfg: ModelConfig) -> dict[st
         "distance": saved_eval.get("distance", "masked_cosine"),
         "model": dataclasses.asdict(model_cfg),
         "epoch": file.meta.get("epoch"),
+        "datasets": list(file.meta.get("datasets") or []),  # training's data.roots: names and camera offsets
         "config": file.config or None,
     }
 

@@ -6,7 +6,9 @@ the whole gallery at world size 1), and :func:`dpm_dist.eval.topk.write_topk` ra
 it in fixed gallery blocks (:class:`dpm_dist.eval.retrieval.Gallery`), keeps k candidates per query and
 rank, merges them and writes ``topk.parquet`` (or ``.jsonl``). Distances: DPM's masked cosine (the query's
 mask) or the plain cosine; reported as ``arccos(clip(cos))``. By default every gallery row counts; with
-``exclude_junk`` the evaluator's protocol removes the query's own pid *and* camera.
+``exclude_junk`` the evaluator's protocol removes the query's own pid *and* camera. pid and camid are the
+ones the files hold, each dataset's own (dpm-embed ``--dataset``): files embedded for two different datasets
+share neither people nor cameras, so the exclusion is refused for them.
 """
 
 from __future__ import annotations
@@ -80,6 +82,14 @@ def check_same_model(query_path: str, query_meta: dict[str, Any], gallery_path: 
                          f"({q.get('source')} and {g.get('source')}); their features are not comparable")
 
 
+def check_same_dataset(query_path: str, query_meta: dict[str, Any], gallery_path: str, gallery_meta: dict[str, Any]) -> None:
+    """The same-camera exclusion compares pid and camid, which are each dataset's own: one dataset, or none recorded."""
+    q, g = ((m.get("embedding") or {}).get("dataset") for m in (query_meta, gallery_meta))
+    if q is not None and g is not None and q != g:
+        raise ValueError(f"--exclude-same-camera: {query_path} was embedded as dataset {q}, {gallery_path} as {g}; their "
+                         f"pids and camera ids are each dataset's own and never the same person or camera")
+
+
 def feature_column(meta: dict[str, Any], feature: Optional[str]) -> str:
     """The column to score: ``before``/``after`` the BNNeck, else the model's own test feature."""
     if feature is None:
@@ -99,6 +109,8 @@ def search(query_path: str, gallery_path: str, out_dir: str, env: DistEnv, *, k:
         raise ValueError(f"--topk must be >= 1, got {k}")
     q_meta, g_meta = read_metadata(query_path), read_metadata(gallery_path)
     check_same_model(query_path, q_meta, gallery_path, g_meta)
+    if exclude_junk:
+        check_same_dataset(query_path, q_meta, gallery_path, g_meta)
     column = feature_column(q_meta, feature)
     query = read_rows(query_path, feature=column, role="query")
     if len(query.rows) == 0:
