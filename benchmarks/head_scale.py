@@ -80,15 +80,18 @@ def _worker(rank: int, world: int, port: int, kind: str, classes: int, dim: int,
 
 
 def estimate_gb(kind: str, classes: int, world: int, dim: int, batch: int, rate: float) -> float:
-    """Rough resident memory of all ranks together: W, its gradient and momentum, ~8 logit-sized tensors, 0.5 GB each."""
+    """Resident memory of all ranks together, as measured here: ~7 W-sized tensors (W, its gradient and momentum,
+    the normalised W and its square, saved for the backward), ~10 logit-sized ones, 0.6 GB of interpreter each."""
     rows = classes if kind == "replicated" else -(-classes // world)
     n = batch if kind == "replicated" else batch * world
     cols = rows * (rate if kind == "sampled" else 1.0)
-    return world * (3 * rows * dim + 8 * n * cols) * 4 / 2**30 + 0.5 * world
+    return world * ((7 * rows * dim + 10 * n * cols) * 4 / 2**30 + 0.6)
 
 
 def free_gb() -> float:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES") / 2**30
+    """MemAvailable (free plus reclaimable page cache), GB."""
+    with open("/proc/meminfo") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("MemAvailable:")) / 2**20
 
 
 def measure(kind: str, classes: int, world: int, dim: int, batch: int, steps: int, rate: float) -> tuple[float, float]:
