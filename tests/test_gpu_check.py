@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,24 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = ("summary", "tests", "train_eager", "train_compile", "eval", "loader")
 
 
+def _suite_extensions_dir() -> str:
+    """Where this suite's other DeepSpeed processes build and find the CPU comm op (torch's own default folder).
+
+    gpu_check.sh's dry run keeps a cache of its own (a hand-run with another ninja on PATH would otherwise
+    rebuild the suite's); inside the suite, the same python and ninja make the same build, so sharing the
+    suite's skips a rebuild of half a minute or more.
+    """
+    import torch
+    from torch.utils.cpp_extension import get_default_build_root
+
+    accelerator = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+    return os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
+        get_default_build_root(), f"py{sys.version_info.major}{sys.version_info.minor}_{accelerator}")
+
+
 @pytest.mark.slow
 def test_dry_run_writes_a_row_for_every_step(tmp_path):
-    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
+    env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=_suite_extensions_dir())
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "out", "--dry-run"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=1500)
     log = (tmp_path / "out" / "gpu_check.log").read_text() if (tmp_path / "out" / "gpu_check.log").exists() else ""

@@ -1,5 +1,6 @@
-"""``dpm-train`` end to end on CPU (gloo): 2-rank ZeRO-1 and 2-"node" ZeRO-2 runs, ``kill -9`` + resume to
-the same weights, resume on another number of ranks, and fail-fast configuration errors.
+"""``dpm-train`` end to end on CPU (gloo): 2-rank ZeRO-1 and 2-"node" ZeRO-2 runs, resume on another number of
+ranks, and fail-fast configuration errors (``kill -9`` + the same command to the same weights: test_recovery.py,
+after a killed rank's restart in the same run).
 
 Every run is the real command (``dpm-train`` / ``torchrun -m dpm_dist.cli.train``) on the tiny synthetic
 shards of ``conftest.py`` with the tiny ViT at 64×32 px; each takes tens of seconds on 2 cores.
@@ -20,17 +21,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import (RUN_TIMEOUT_S, TINY_TRAIN, VENV_BIN, assert_identical, free_port, kill_tree, model_weights,
+from tests.conftest import (RUN_TIMEOUT_S, TINY_TRAIN, VENV_BIN, assert_identical, free_port, model_weights,
                             relative_workdir, train_env)
 
 ROOT = Path(__file__).resolve().parents[1]
 
 TINY = TINY_TRAIN
-
-
-def _torchrun(nproc: int) -> list[str]:
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr", "127.0.0.1",
-            "--master-port", str(free_port()), "-m", "dpm_dist.cli.train"]
 
 
 def _overrides(shards: Path, out: Path, *extra: str) -> list[str]:
@@ -105,45 +101,6 @@ def test_two_rank_zero1_run_trains_evaluates_and_writes_everything(uninterrupted
         assert tag in tags, (tag, sorted(tags))
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4, 5, 6]
     assert not [t for t in tags if "num_" in t], sorted(tags)  # counts are neither scalars nor hparam metrics
-
-
-def _tb_steps(tb: Path) -> dict[str, list[int]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tb))
-    acc.Reload()
-    return {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
-
-
-@pytest.mark.slow
-def test_kill_9_then_the_same_command_resumes_to_the_same_weights(uninterrupted, tiny_shards, tmp_path):
-    out = tmp_path / "killed"
-    cmd = _torchrun(2) + _overrides(tiny_shards, out, "engine.zero_stage=1")
-    log = open(tmp_path / "first.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=train_env(), cwd=tmp_path)
-    latest, deadline = out / "checkpoints" / "latest", time.time() + RUN_TIMEOUT_S
-    try:  # a step past the first checkpoint is on stdout, so it is in TensorBoard too
-        while not (latest.is_file() and latest.read_text().strip() and "[step 3 " in (tmp_path / "first.log").read_text()):
-            assert proc.poll() is None and time.time() < deadline, (tmp_path / "first.log").read_text()[-3000:]
-            time.sleep(0.05)
-    finally:
-        kill_tree(proc.pid)  # torchrun and both ranks, once the second epoch has logged a step
-        proc.wait(timeout=60)
-        log.close()
-    tag = latest.read_text().strip()
-    assert tag in ("epoch_0001", "epoch_0002") and not (out / "results.json").exists()
-
-    second = _run(cmd, cwd=tmp_path)
-    epoch = int(tag[-4:])
-    assert f"resumed from {tag} (epoch {epoch}, step {2 * epoch}, world size 2)" in second.stdout
-    assert_identical(model_weights(out), model_weights(uninterrupted))  # every parameter and buffer, bit for bit
-    # (The in-training metrics are not compared: after 6 steps the tiny model's features lie within a
-    # few ulps of each other, so the kernel path of a freshly loaded vs a trained-in-place parameter
-    # can swap near-ties; dpm-eval of the two model files gave identical metrics when this was written.)
-    assert json.loads((out / "results.json").read_text())["steps"] == 6
-    steps = _tb_steps(out / "tb")  # the resumed run purged what the killed one logged past its checkpoint
-    assert steps["train/loss"] == [1, 2, 3, 4, 5, 6]
-    assert not {tag: s for tag, s in steps.items() if len(s) != len(set(s))}
 
 
 def _snapshot(folder: Path) -> dict[str, tuple[int, bytes]]:
@@ -286,13 +243,13 @@ def test_two_nodes_in_network_namespaces_train_with_zero2(tiny_shards, tmp_path)
     out, logs = tmp_path / "two_node", tmp_path / "logs"
     env = dict(train_env(), PYTHON=sys.executable, LOG_DIR=str(logs), RDZV_PORT=str(free_port()))
     proc = subprocess.run(["bash", str(ROOT / "launch" / "two_node_netns.sh"), "1", "-m", "dpm_dist.cli.train",
-                           *_overrides(tiny_shards, out, "engine.zero_stage=2", "optim.epochs=2", "eval.period=2")],
+                           *_overrides(tiny_shards, out, "engine.zero_stage=2", "optim.epochs=1", "eval.period=1")],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=RUN_TIMEOUT_S)
     node_logs = {p.name: p.read_text() for p in logs.glob("node*.log")}
     assert proc.returncode == 0, proc.stderr[-2000:] + "".join(v[-3000:] for v in node_logs.values())
-    meta = json.loads((out / "checkpoints" / "epoch_0002" / "meta.json").read_text())
+    meta = json.loads((out / "checkpoints" / "epoch_0001" / "meta.json").read_text())  # one epoch: the count does not matter
     assert meta["world_size"] == 2 and meta["config"]["engine"]["zero_stage"] == 2
-    assert json.loads((out / "results.json").read_text())["steps"] == 4
+    assert json.loads((out / "results.json").read_text())["steps"] == 2
     assert '"results"' in node_logs["node0.log"]  # rank 0 (node 0) printed the metrics and the TensorBoard folder
 
 

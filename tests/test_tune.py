@@ -1,12 +1,12 @@
 """dpm-tune: search-space validation, and real searches on a local Ray cluster (CPU, 2 DeepSpeed workers a trial).
 
 The slow test runs the ``dpm-tune`` command itself (a local Ray instance per run, started and shut down
-by the command) from a working folder with relative paths: a search of 3 tiny trials first over-committed
-(3 at once on 2 CPUs: every worker group times out, all trials fail, exit 2), then resumed by the plain
-command under the limit (1 at once) with ASHA, rank 1 of the first trial to reach epoch 2 exiting once
-(``search.inject_crash_at_epoch``) and recovered from the epoch-1 checkpoint; that run is interrupted with
-SIGINT after its first trial, while the second one runs (exit 130), and resumed by re-running the same
-command; the best trial's preset is then trained by ``dpm-train``.
+by the command) from a working folder with relative paths: a search of 2 tiny trials first over-committed
+(2 at once on 2 CPUs, their drivers holding both: every worker group times out, all trials fail, exit 2),
+then resumed by the plain command under the limit (1 at once) with ASHA, rank 1 of the first trial to reach
+epoch 2 exiting once (``search.inject_crash_at_epoch``) and recovered from the epoch-1 checkpoint; that run
+is interrupted with SIGINT after its first trial, while the second one runs (exit 130), and resumed by
+re-running the same command; the best trial's preset is then trained by ``dpm-train``.
 """
 
 from __future__ import annotations
@@ -183,12 +183,14 @@ def test_tune_group_is_added_to_the_hydra_overrides():
 # ---- a real search on a local Ray cluster ----------------------------------------------------------
 
 TUNE_ARGS = ["tune=tiny_asha", "data.root=shards/x", "data.num_ids=4",  # relative to the working folder
-             "data.num_instances=2", "optim.epochs=3", "optim.steps_per_epoch=2", "search.num_samples=3",
+             "data.num_instances=2", "optim.epochs=3", "optim.steps_per_epoch=2", "search.num_samples=2",
              "search.grace_period=2",  # ASHA's only rung is epoch 2: no trial can be stopped at epoch 1
+             "search.driver_cpus=1",  # a trial (driver + 2 workers of 0.5) takes both CPUs: 1 at once fits
              "search.storage_path=storage", "search.local_dir=local", "search.results_dir=results",
              "search.num_cpus=2", "search.inject_crash_at_epoch=2"]
-# 3 trials at once on 2 CPUs: 3 drivers hold 1.5 CPUs and no worker group (1 CPU) can start
-OVERCOMMITTED = ["search.max_concurrent_trials=3", "search.worker_start_timeout_s=5", "search.worker_start_retries=0"]
+# 2 trials at once on 2 CPUs: 2 drivers hold both CPUs and no worker group (1 CPU) can start; it never will,
+# so a short start timeout only cuts the wait
+OVERCOMMITTED = ["search.max_concurrent_trials=2", "search.worker_start_timeout_s=2", "search.worker_start_retries=0"]
 
 
 def _max_running(log: str) -> int:
@@ -231,13 +233,13 @@ def test_search_overcommitted_resumed_interrupted_resumed_and_best_config_reused
                           timeout=RUN_TIMEOUT_S)
     (tmp_path / "run0.log").write_text(over.stdout + over.stderr)
     assert over.returncode == 2, over.stdout[-3000:] + over.stderr[-3000:]
-    assert re.search(r"dpm-tune: error: all 3 trials failed; first error \(trial_\w+\): ray\.train\.ControllerError: "
-                     r"Training failed due to controller error: The worker group startup timed out after 5\.0 seconds",
+    assert re.search(r"dpm-tune: error: all 2 trials failed; first error \(trial_\w+\): ray\.train\.ControllerError: "
+                     r"Training failed due to controller error: The worker group startup timed out after 2\.0 seconds",
                      over.stderr), over.stderr[-3000:]
     assert f"each failed trial's error: {tmp_path / 'storage' / 'tiny_asha'}/trial_<id>/error.txt" in over.stderr
     assert "results of tiny_asha" in over.stdout  # the table is still printed and written
-    assert [r["status"] for r in csv.DictReader(open(tmp_path / "results" / "results.csv"))] == ["ERROR"] * 3
-    assert len(list((tmp_path / "storage" / "tiny_asha").glob("trial_*/error.txt"))) == 3
+    assert [r["status"] for r in csv.DictReader(open(tmp_path / "results" / "results.csv"))] == ["ERROR"] * 2
+    assert len(list((tmp_path / "storage" / "tiny_asha").glob("trial_*/error.txt"))) == 2
 
     log1 = open(tmp_path / "run1.log", "w")
     first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=tmp_path)
@@ -258,10 +260,10 @@ def test_search_overcommitted_resumed_interrupted_resumed_and_best_config_reused
         log1.close()
     run1 = (tmp_path / "run1.log").read_text()
     assert first.returncode == 130, run1[-3000:]
-    assert re.search(r"dpm-tune: interrupted; [12] of 3 trials unfinished; re-run the same command from this folder "
+    assert re.search(r"dpm-tune: interrupted; 1 of 2 trials unfinished; re-run the same command from this folder "
                      r"to resume: " + re.escape(f"dpm-tune {' '.join(TUNE_ARGS)}"), run1), run1[-3000:]
     assert "dpm-tune: resuming" in run1 and "dpm-tune: at most 1 trial(s) at once" in run1
-    assert _max_running(run1) == 1  # the 3 errored trials resumed one at a time
+    assert _max_running(run1) == 1  # the 2 errored trials resumed one at a time, not both at once
     assert _scratch_trials(tmp_path) == []  # the workers' run folders are removed, also after Ctrl-C
     assert "search.inject_crash_at_epoch: rank 1 exits at epoch 2" in run1
     assert (tmp_path / "local" / "tiny_asha" / ".crash_injected").exists()
@@ -279,7 +281,7 @@ def test_search_overcommitted_resumed_interrupted_resumed_and_best_config_reused
 
     rows = list(csv.DictReader(open(tmp_path / "results" / "results.csv")))
     print("\n" + second.stdout[second.stdout.index("results of tiny_asha"):])
-    assert len(rows) == 3 and {r["status"] for r in rows} <= {"done", "stopped"}
+    assert len(rows) == 2 and {r["status"] for r in rows} <= {"done", "stopped"}
     by_trial = {r["trial"]: r for r in rows}
     assert by_trial[completed]["status"] == "done" and by_trial[completed]["epochs"] == "3"
     assert by_trial[completed]["restored_from"] == "1"  # rank 1 died at epoch 2; restart from epoch 1's checkpoint
