@@ -51,15 +51,19 @@ from dpm_dist.train.losses import _fp32, arcface_target, masked_cosine
 from dpm_dist.train.optim import build_scheduler, make_optimizer, param_groups
 
 
+def _all_gather_cat(x: torch.Tensor, world_size: int) -> torch.Tensor:
+    parts = [torch.empty_like(x) for _ in range(world_size)]
+    tdist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
 class _GatherRows(torch.autograd.Function):
     """All-gather along dim 0; backward: the sum over ranks of the gradient of this rank's rows, times ``grad_scale``."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, world_size: int, grad_scale: float) -> torch.Tensor:
-        parts = [torch.empty_like(x) for _ in range(world_size)]
-        tdist.all_gather(parts, x.contiguous())
         ctx.rows, ctx.grad_scale = x.shape[0], grad_scale
-        return torch.cat(parts)
+        return _all_gather_cat(x, world_size)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
@@ -77,9 +81,7 @@ def gather_rows(x: torch.Tensor, world_size: int, *, grad_scale: Optional[float]
     if world_size == 1:
         return x
     if not x.requires_grad:
-        parts = [torch.empty_like(x) for _ in range(world_size)]
-        tdist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
+        return _all_gather_cat(x, world_size)
     return _GatherRows.apply(x, world_size, float(world_size if grad_scale is None else grad_scale))
 
 
