@@ -28,8 +28,12 @@ from dpm_dist.train import checkpoint
 from dpm_dist.train.engine import DPMEngine
 
 MODELS = {
-    "tiny": dict(model=dict(embed_dim=64, depth=4, num_heads=4, tap_blocks=(1, 2, 3, 4)), img=(128, 64), stride=(12, 12),
-                 classes=702),
+    "tiny": dict(
+        model=dict(embed_dim=64, depth=4, num_heads=4, tap_blocks=(1, 2, 3, 4)),
+        img=(128, 64),
+        stride=(12, 12),
+        classes=702,
+    ),
     "vit_b": dict(model=dict(), img=(256, 128), stride=(11, 11), classes=702),  # Occluded-Duke's 702 identities
 }
 
@@ -37,10 +41,16 @@ MODELS = {
 def make_engine(name: str, env: DistEnv) -> DPMEngine:
     spec = MODELS[name]
     torch.manual_seed(0)
-    model = create_model(num_classes=spec["classes"], num_cams=8, img_size=spec["img"], stride=spec["stride"], **spec["model"])
-    cfg = to_config({"model": {"img_size": list(spec["img"]), "stride": list(spec["stride"])},
-                     "data": {"img_size": list(spec["img"]), "num_ids": 4, "num_instances": 4},
-                     "engine": {"zero_stage": 0}})
+    model = create_model(
+        num_classes=spec["classes"], num_cams=8, img_size=spec["img"], stride=spec["stride"], **spec["model"]
+    )
+    cfg = to_config(
+        {
+            "model": {"img_size": list(spec["img"]), "stride": list(spec["stride"])},
+            "data": {"img_size": list(spec["img"]), "num_ids": 4, "num_instances": 4},
+            "engine": {"zero_stage": 0},
+        }
+    )
     engine = DPMEngine(model, cfg, env)
     for opt in (engine.opt_main, engine.opt_mask):  # momentum buffers exist after a first step: make them now
         for group in opt.param_groups:
@@ -75,8 +85,10 @@ def main() -> None:
     args = parser.parse_args()
     env = DistEnv.from_env()
     init_process_group(env)
-    print(f"{'model':6} {'MB':>8} {'save s':>8} {'manifest s':>10} {'share':>6} {'verify s':>9} {'save MB/s':>10} "
-          f"{'verify MB/s':>11}")
+    print(
+        f"{'model':6} {'MB':>8} {'save s':>8} {'manifest s':>10} {'share':>6} {'verify s':>9} {'save MB/s':>10} "
+        f"{'verify MB/s':>11}"
+    )
     for name in args.models:
         root = tempfile.mkdtemp(prefix=f"ckpt-{name}-", dir=args.dir)
         try:
@@ -84,8 +96,11 @@ def main() -> None:
         finally:
             shutil.rmtree(root, ignore_errors=True)
         mb = r["bytes"] / 1e6
-        print(f"{name:6} {mb:8.1f} {r['save_s']:8.2f} {r['manifest_s']:10.2f} {r['manifest_s'] / r['save_s']:6.0%} "
-              f"{r['verify_s']:9.2f} {mb / r['save_s']:10.0f} {mb / r['verify_s']:11.0f}", flush=True)
+        print(
+            f"{name:6} {mb:8.1f} {r['save_s']:8.2f} {r['manifest_s']:10.2f} {r['manifest_s'] / r['save_s']:6.0%} "
+            f"{r['verify_s']:9.2f} {mb / r['save_s']:10.0f} {mb / r['verify_s']:11.0f}",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

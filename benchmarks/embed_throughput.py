@@ -21,7 +21,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from dpm_dist.config import DataConfig, DPMConfig, ModelConfig  # noqa: E402
+from dpm_dist.config import DataConfig, DPMConfig, ModelConfig
 
 TINY = ModelConfig(embed_dim=64, depth=4, num_heads=4, img_size=[128, 64], stride=[12, 12], tap_blocks=[1, 2, 3, 4])
 VIT_B = ModelConfig()  # the paper's ViT-B/16 at 256x128, stride 11
@@ -69,15 +69,27 @@ def bench(name: str, model_cfg: ModelConfig, batch: int, iters: int, device: str
         rates["torchscript"] = timed(module, images, camids, iters)
     onnx_path = os.path.join(folder, f"{name}.onnx")
     meta = export.export_onnx(loaded, onnx_path)
-    providers = ("CUDAExecutionProvider", "CPUExecutionProvider") if device.startswith("cuda") else ("CPUExecutionProvider",)
+    providers = (
+        ("CUDAExecutionProvider", "CPUExecutionProvider") if device.startswith("cuda") else ("CPUExecutionProvider",)
+    )
     session = export.onnx_session(onnx_path, providers)
     rates["onnxruntime"] = timed(lambda x, c: export.run_onnx(session, x, c), images, camids, iters)
-    out = {"model": name, "batch": batch, "iters": iters, "device": device, "threads": torch.get_num_threads(),
-           "onnx_exporter": meta["exporter"], "providers": session.get_providers(), "images_per_s": rates,
-           "ratio_to_eager": {k: v / rates["eager"] for k, v in rates.items()},
-           "parity": export.parity(loaded, onnx_path, batch=2)}
+    out = {
+        "model": name,
+        "batch": batch,
+        "iters": iters,
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "onnx_exporter": meta["exporter"],
+        "providers": session.get_providers(),
+        "images_per_s": rates,
+        "ratio_to_eager": {k: v / rates["eager"] for k, v in rates.items()},
+        "parity": export.parity(loaded, onnx_path, batch=2),
+    }
     for runtime, rate in rates.items():
-        print(f"{name:6s} batch {batch:3d}  {runtime:12s} {rate:9.1f} images/s  x{rate / rates['eager']:.2f}", flush=True)
+        print(
+            f"{name:6s} batch {batch:3d}  {runtime:12s} {rate:9.1f} images/s  x{rate / rates['eager']:.2f}", flush=True
+        )
     return out
 
 

@@ -34,7 +34,9 @@ import torch.nn.functional as F
 from dpm_dist.eval.retrieval import evaluate_features
 
 
-def make_data(num_query: int, num_gallery: int, dim: int, num_ids: int, num_cams: int, noise: float, dtype, seed: int = 0):
+def make_data(
+    num_query: int, num_gallery: int, dim: int, num_ids: int, num_cams: int, noise: float, dtype, seed: int = 0
+):
     g = torch.Generator().manual_seed(seed)
     centres = torch.randn(num_ids, dim, generator=g, dtype=dtype)
     q_pids = torch.randint(0, num_ids, (num_query,), generator=g)
@@ -80,8 +82,14 @@ def reference_metrics(distmat, q_pids, g_pids, q_camids, g_camids, max_rank=50) 
         tmp = orig_cmc.cumsum() / np.arange(1, orig_cmc.shape[0] + 1)
         all_ap.append((tmp * orig_cmc).sum() / orig_cmc.sum())
     cmc = np.asarray(all_cmc).astype(np.float64).sum(0) / len(all_ap)
-    return {"mAP": float(np.mean(all_ap)), "mINP": float(np.mean(all_inp)), "rank1": float(cmc[0]),
-            "rank5": float(cmc[4]), "rank10": float(cmc[9]), "num_valid_query": float(len(all_ap))}
+    return {
+        "mAP": float(np.mean(all_ap)),
+        "mINP": float(np.mean(all_inp)),
+        "rank1": float(cmc[0]),
+        "rank5": float(cmc[4]),
+        "rank10": float(cmc[9]),
+        "num_valid_query": float(len(all_ap)),
+    }
 
 
 def ours(qf, gf, qm, q_pids, g_pids, q_camids, g_camids, query_chunk: int) -> tuple[dict[str, float], float]:
@@ -107,15 +115,22 @@ def main() -> None:
     args = parser.parse_args()
 
     dtype = getattr(torch, args.dtype)
-    qf, gf, qm, q_pids, g_pids, q_cams, g_cams = make_data(args.num_query, args.num_gallery, args.dim, args.num_ids,
-                                                           args.num_cams, args.noise, dtype)
+    qf, gf, qm, q_pids, g_pids, q_cams, g_cams = make_data(
+        args.num_query, args.num_gallery, args.dim, args.num_ids, args.num_cams, args.noise, dtype
+    )
     n_ref = args.num_query if args.ref_queries <= 0 else min(args.ref_queries, args.num_query)
-    print(f"{args.num_query} queries x {args.num_gallery} gallery, D={args.dim}, {args.dtype}, "
-          f"torch threads={torch.get_num_threads()}, query_chunk={args.query_chunk}", flush=True)
+    print(
+        f"{args.num_query} queries x {args.num_gallery} gallery, D={args.dim}, {args.dtype}, "
+        f"torch threads={torch.get_num_threads()}, query_chunk={args.query_chunk}",
+        flush=True,
+    )
 
     runs = [ours(qf, gf, qm, q_pids, g_pids, q_cams, g_cams, args.query_chunk) for _ in range(args.repeats)]
     full_metrics, t_ours = runs[0][0], min(t for _, t in runs)
-    print(f"this evaluator, all {args.num_query} queries: {t_ours:.2f} s (best of {args.repeats})  {json.dumps(full_metrics)}", flush=True)
+    print(
+        f"this evaluator, all {args.num_query} queries: {t_ours:.2f} s (best of {args.repeats})  {json.dumps(full_metrics)}",
+        flush=True,
+    )
 
     sub = slice(0, n_ref)
     start = time.perf_counter()
@@ -128,9 +143,17 @@ def main() -> None:
     t_ref = t_dist + t_metrics
     scale = args.num_query / n_ref
     t_ref_full = t_ref * scale
-    label = "measured" if n_ref == args.num_query else (
-        f"EXTRAPOLATED linearly from {n_ref} queries (x{scale:.2f}); a lower bound, the torch.cat growth is quadratic")
-    print(f"reference way, {n_ref} queries: {t_ref:.2f} s (distances {t_dist:.2f} s + CMC/mAP {t_metrics:.2f} s)", flush=True)
+    label = (
+        "measured"
+        if n_ref == args.num_query
+        else (
+            f"EXTRAPOLATED linearly from {n_ref} queries (x{scale:.2f}); a lower bound, the torch.cat growth is quadratic"
+        )
+    )
+    print(
+        f"reference way, {n_ref} queries: {t_ref:.2f} s (distances {t_dist:.2f} s + CMC/mAP {t_metrics:.2f} s)",
+        flush=True,
+    )
     print(f"reference way, all {args.num_query} queries: {t_ref_full:.1f} s [{label}]")
     print(f"speed-up: {t_ref_full / t_ours:.0f}x")
 
@@ -140,13 +163,27 @@ def main() -> None:
     print(f"  reference way:  {json.dumps(ref_metrics)}")
     diff = max(abs(sub_metrics[k] - ref_metrics[k]) for k in ref_metrics)
     identical = sub_metrics["num_valid_query"] == ref_metrics["num_valid_query"] and diff <= 1e-12
-    print(f"  max |difference| = {diff:.3g} -> {'IDENTICAL' if identical else 'DIFFERENT'} (float64 summation-order slack 1e-12)")
+    print(
+        f"  max |difference| = {diff:.3g} -> {'IDENTICAL' if identical else 'DIFFERENT'} (float64 summation-order slack 1e-12)"
+    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "ours_s": t_ours, "ref_s_subset": t_ref, "ref_s_full": t_ref_full,
-                       "ref_extrapolated": n_ref != args.num_query, "speedup": t_ref_full / t_ours,
-                       "ours_full": full_metrics, "ours_subset": sub_metrics, "ref_subset": ref_metrics,
-                       "max_abs_diff": diff}, f, indent=2)
+            json.dump(
+                {
+                    "args": vars(args),
+                    "ours_s": t_ours,
+                    "ref_s_subset": t_ref,
+                    "ref_s_full": t_ref_full,
+                    "ref_extrapolated": n_ref != args.num_query,
+                    "speedup": t_ref_full / t_ours,
+                    "ours_full": full_metrics,
+                    "ours_subset": sub_metrics,
+                    "ref_subset": ref_metrics,
+                    "max_abs_diff": diff,
+                },
+                f,
+                indent=2,
+            )
     if args.dtype == "float64" and not identical:
         raise SystemExit("metric sets differ in float64")
 

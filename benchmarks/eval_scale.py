@@ -31,7 +31,9 @@ import torch.multiprocessing as mp
 BLOCK = 8192
 
 
-def block_features(block: int, ids: torch.Tensor, num: int, dim: int, centres: torch.Tensor) -> tuple[torch.Tensor, ...]:
+def block_features(
+    block: int, ids: torch.Tensor, num: int, dim: int, centres: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(1_000_003 * block + 17)
     pids = torch.randint(0, ids.numel(), (num,), generator=g)
     feats = centres[pids].add_(torch.randn(num, dim, generator=g), alpha=3.0)
@@ -56,12 +58,12 @@ def gallery_share(size: int, dim: int, num_ids: int, rank: int, world: int):
     for b in mine:
         n = min(BLOCK, size - b * BLOCK)
         p, c, f = block_features(b, ids, n, dim, centres)
-        feats[at:at + n] = f
+        feats[at : at + n] = f
         at += n
         pids.append(p)
         camids.append(c)
         keys += [f"g{b * BLOCK + j:09d}" for j in range(n)]
-    cat = (lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long))
+    cat = lambda xs: torch.cat(xs) if xs else torch.zeros(0, dtype=torch.long)
     return Embeddings(keys, ["gallery"] * count, cat(pids), cat(camids), feats, torch.zeros(count, 0))
 
 
@@ -103,18 +105,18 @@ def matmul_floor(query, share, chunk: int) -> tuple[float, float]:
     buf = query.feats.new_empty((chunk, GALLERY_BLOCK))
     start = time.perf_counter()
     for s in range(0, len(query), chunk):
-        q = l2_normalize(query.feats[s:s + chunk]) * query.masks[s:s + chunk]
-        m2 = query.masks[s:s + chunk] ** 2
-        out = buf[:q.shape[0]]
+        q = l2_normalize(query.feats[s : s + chunk]) * query.masks[s : s + chunk]
+        m2 = query.masks[s : s + chunk] ** 2
+        out = buf[: q.shape[0]]
         for block in gallery.feat:
             torch.mm(q, block.T, out=out)
             torch.mm(m2, (block * block).T, out=out)
     pure = time.perf_counter() - start
     start = time.perf_counter()
     for s in range(0, len(query), chunk):
-        q = l2_normalize(query.feats[s:s + chunk]) * query.masks[s:s + chunk]
+        q = l2_normalize(query.feats[s : s + chunk]) * query.masks[s : s + chunk]
         gallery.product(q)
-        gallery.product(query.masks[s:s + chunk] ** 2, squares=True)
+        gallery.product(query.masks[s : s + chunk] ** 2, squares=True)
     return pure, time.perf_counter() - start
 
 
@@ -123,8 +125,14 @@ def worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
 
     from dpm_dist.config import EvalConfig
     from dpm_dist.dist import DistEnv
-    from dpm_dist.eval.evaluator import (Embeddings, _shard, evaluate_embeddings, gather_embeddings, gather_queries,
-                                         split_roles)
+    from dpm_dist.eval.evaluator import (
+        Embeddings,
+        _shard,
+        evaluate_embeddings,
+        gather_embeddings,
+        gather_queries,
+        split_roles,
+    )
 
     torch.set_num_threads(args["threads"])
     if world > 1:
@@ -143,21 +151,35 @@ def worker(rank: int, world: int, port: int, args: dict, out: str) -> None:
     else:  # today's path: every rank gathers every feature (and mask)
         share.masks = torch.zeros_like(share.feats)
         local = Embeddings(
-            local_q.keys + share.keys, local_q.roles + share.roles, torch.cat([local_q.pids, share.pids]),
-            torch.cat([local_q.camids, share.camids]), torch.cat([local_q.feats, share.feats]),
-            torch.cat([local_q.masks, share.masks]))
+            local_q.keys + share.keys,
+            local_q.roles + share.roles,
+            torch.cat([local_q.pids, share.pids]),
+            torch.cat([local_q.camids, share.camids]),
+            torch.cat([local_q.feats, share.feats]),
+            torch.cat([local_q.masks, share.masks]),
+        )
         del share
         query, gallery = split_roles(gather_embeddings(local))
         del local
     metrics = evaluate_embeddings(query, gallery, cfg, env)
     seconds = time.perf_counter() - start
     rss = proc_status_gb("VmHWM")
-    floor, floor_out = matmul_floor(query, gallery.local if args["mode"] == "sharded" else gallery, args["chunk"]) \
-        if args["floor"] else (float("nan"), float("nan"))
-    result = {"rank": rank, "seconds": seconds, "peak_rss_gb": rss, "rss_before_gb": base, "floor_s": floor,
-              "floor_with_output_s": floor_out,
-              "generator_peak_gb": generated_peak,
-              "metrics": metrics.as_dict(), "ap_sum": float(metrics.ap.sum())}
+    floor, floor_out = (
+        matmul_floor(query, gallery.local if args["mode"] == "sharded" else gallery, args["chunk"])
+        if args["floor"]
+        else (float("nan"), float("nan"))
+    )
+    result = {
+        "rank": rank,
+        "seconds": seconds,
+        "peak_rss_gb": rss,
+        "rss_before_gb": base,
+        "floor_s": floor,
+        "floor_with_output_s": floor_out,
+        "generator_peak_gb": generated_peak,
+        "metrics": metrics.as_dict(),
+        "ap_sum": float(metrics.ap.sum()),
+    }
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(result, f)
     if world > 1:
@@ -170,31 +192,51 @@ def run(mode: str, size: int, world: int, ns: argparse.Namespace, out: str, num_
         port = s.getsockname()[1]
     folder = os.path.join(out, f"{mode}_{size}_{world}")
     os.makedirs(folder, exist_ok=True)
-    args = dict(mode=mode, size=size, dim=ns.dim, ids=ns.ids, queries=num_queries or ns.queries, chunk=ns.query_chunk,
-                threads=ns.threads, floor=mode == "sharded")
+    args = dict(
+        mode=mode,
+        size=size,
+        dim=ns.dim,
+        ids=ns.ids,
+        queries=num_queries or ns.queries,
+        chunk=ns.query_chunk,
+        threads=ns.threads,
+        floor=mode == "sharded",
+    )
     mp.spawn(worker, args=(world, port, args, folder), nprocs=world, join=True)
     ranks = [json.load(open(os.path.join(folder, f"rank{r}.json"))) for r in range(world)]
     assert all(r["metrics"] == ranks[0]["metrics"] for r in ranks), "ranks disagree"
-    return {"mode": mode, "Q": args["queries"], "G": size, "ranks": world, "seconds": max(r["seconds"] for r in ranks),
-            "peak_rss_gb": max(r["peak_rss_gb"] for r in ranks), "floor_s": max(r["floor_s"] for r in ranks),
-            "floor_with_output_s": max(r["floor_with_output_s"] for r in ranks),
-            "metrics": ranks[0]["metrics"]}
+    return {
+        "mode": mode,
+        "Q": args["queries"],
+        "G": size,
+        "ranks": world,
+        "seconds": max(r["seconds"] for r in ranks),
+        "peak_rss_gb": max(r["peak_rss_gb"] for r in ranks),
+        "floor_s": max(r["floor_s"] for r in ranks),
+        "floor_with_output_s": max(r["floor_with_output_s"] for r in ranks),
+        "metrics": ranks[0]["metrics"],
+    }
 
 
 def rerank_bench(num_q: int, num_g: int, ns: argparse.Namespace, dense: bool) -> dict:
     """Dense and/or sparse re-ranking of all queries, in a fresh process each (peak RSS is per process)."""
     import subprocess
 
-    code = (f"import sys,time,resource,torch; sys.path.insert(0,{os.path.dirname(os.path.abspath(__file__))!r});"
-            "from eval_scale import *; torch.set_num_threads(%d);" % ns.threads +
-            f"q=queries({num_q},{ns.dim},{ns.ids},0,1).feats; g=gallery_share({num_g},{ns.dim},{ns.ids},0,1).feats;"
-            "from dpm_dist.eval.rerank import k_reciprocal_distance as D; from dpm_dist.eval.rerank_sparse import sparse_k_reciprocal_distance as S;"
-            "r0=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/2**20; t=time.perf_counter();"
-            f"d=({'D' if dense else 'S'})(q,g); t=time.perf_counter()-t;"
-            "print(json.dumps(dict(seconds=t, peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/2**20, "
-            "rss_before_gb=r0, checksum=float(d.double().sum()), first=d[0,:5].tolist())))")
+    code = (
+        f"import sys,time,resource,torch; sys.path.insert(0,{os.path.dirname(os.path.abspath(__file__))!r});"
+        "from eval_scale import *; torch.set_num_threads(%d);"
+        % ns.threads
+        + f"q=queries({num_q},{ns.dim},{ns.ids},0,1).feats; g=gallery_share({num_g},{ns.dim},{ns.ids},0,1).feats;"
+        "from dpm_dist.eval.rerank import k_reciprocal_distance as D; from dpm_dist.eval.rerank_sparse import sparse_k_reciprocal_distance as S;"
+        "r0=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/2**20; t=time.perf_counter();"
+        f"d=({'D' if dense else 'S'})(q,g); t=time.perf_counter()-t;"
+        "print(json.dumps(dict(seconds=t, peak_rss_gb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/2**20, "
+        "rss_before_gb=r0, checksum=float(d.double().sum()), first=d[0,:5].tolist())))"
+    )
     proc = subprocess.run([sys.executable, "-c", "import json;" + code], capture_output=True, text=True, check=True)
-    return dict(json.loads(proc.stdout.strip().splitlines()[-1]), Q=num_q, G=num_g, method="dense" if dense else "sparse")
+    return dict(
+        json.loads(proc.stdout.strip().splitlines()[-1]), Q=num_q, G=num_g, method="dense" if dense else "sparse"
+    )
 
 
 def main() -> None:
@@ -207,11 +249,20 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=300)
     parser.add_argument("--query-chunk", type=int, default=64)
     parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    parser.add_argument("--rerank-sizes", nargs="*", default=["1000:9000", "2000:30000"], help="Q:G pairs; dense runs at the first")
+    parser.add_argument(
+        "--rerank-sizes", nargs="*", default=["1000:9000", "2000:30000"], help="Q:G pairs; dense runs at the first"
+    )
     parser.add_argument("--rerank-only", action="store_true")
-    parser.add_argument("--rerank-ranks", type=int, nargs="*", default=[],
-                        help="also evaluate with sparse re-ranking on a sharded gallery on these rank counts, every Q:G pair")
-    parser.add_argument("--no-single-rerank", action="store_true", help="skip the 1-process dense/sparse distance matrices")
+    parser.add_argument(
+        "--rerank-ranks",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also evaluate with sparse re-ranking on a sharded gallery on these rank counts, every Q:G pair",
+    )
+    parser.add_argument(
+        "--no-single-rerank", action="store_true", help="skip the 1-process dense/sparse distance matrices"
+    )
     parser.add_argument("--out", default="/tmp/eval_scale")
     ns = parser.parse_args()
     rows = []
@@ -238,19 +289,28 @@ def main() -> None:
 
 
 def print_table(rows: list[dict]) -> None:
-    print("\n| G | ranks | path | wall s | floor s (products alone) | wall / floor | floor s (with their output) | "
-          "wall / that | peak RSS GB/rank | RSS vs 1 rank | mAP | rank-1 |")
+    print(
+        "\n| G | ranks | path | wall s | floor s (products alone) | wall / floor | floor s (with their output) | "
+        "wall / that | peak RSS GB/rank | RSS vs 1 rank | mAP | rank-1 |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
-        one = next(r for r in rows if r["G"] == row["G"] and r["mode"] == row["mode"] and r["ranks"] == min(
-            x["ranks"] for x in rows if x["G"] == row["G"] and x["mode"] == row["mode"]))
+        one = next(
+            r
+            for r in rows
+            if r["G"] == row["G"]
+            and r["mode"] == row["mode"]
+            and r["ranks"] == min(x["ranks"] for x in rows if x["G"] == row["G"] and x["mode"] == row["mode"])
+        )
         ratio = row["seconds"] / row["floor_s"] if row["floor_s"] == row["floor_s"] else float("nan")
         ratio_out = row["seconds"] / row["floor_with_output_s"] if row["floor_s"] == row["floor_s"] else float("nan")
         m = row["metrics"]
-        print(f"| {row['G']:.0e} | {row['ranks']} | {row['mode']} | {row['seconds']:.1f} | {row['floor_s']:.1f} | "
-              f"{ratio:.2f} | {row['floor_with_output_s']:.1f} | {ratio_out:.2f} | {row['peak_rss_gb']:.2f} | "
-              f"{row['peak_rss_gb'] / one['peak_rss_gb']:.2f} | "
-              f"{m['mAP']:.6f} | {m['rank1']:.4f} |")
+        print(
+            f"| {row['G']:.0e} | {row['ranks']} | {row['mode']} | {row['seconds']:.1f} | {row['floor_s']:.1f} | "
+            f"{ratio:.2f} | {row['floor_with_output_s']:.1f} | {ratio_out:.2f} | {row['peak_rss_gb']:.2f} | "
+            f"{row['peak_rss_gb'] / one['peak_rss_gb']:.2f} | "
+            f"{m['mAP']:.6f} | {m['rank1']:.4f} |"
+        )
 
 
 def print_rerank_table(rows: list[dict]) -> None:
@@ -259,8 +319,10 @@ def print_rerank_table(rows: list[dict]) -> None:
     for row in rows:
         one = min((r for r in rows if r["G"] == row["G"] and r["Q"] == row["Q"]), key=lambda r: r["ranks"])
         m = row["metrics"]
-        print(f"| {row['Q']:,} × {row['G']:,} | {row['ranks']} | {row['seconds']:.1f} | {row['peak_rss_gb']:.2f} | "
-              f"{row['peak_rss_gb'] / one['peak_rss_gb']:.2f} | {m['mAP']:.6f} | {m['rank1']:.4f} |")
+        print(
+            f"| {row['Q']:,} × {row['G']:,} | {row['ranks']} | {row['seconds']:.1f} | {row['peak_rss_gb']:.2f} | "
+            f"{row['peak_rss_gb'] / one['peak_rss_gb']:.2f} | {m['mAP']:.6f} | {m['rank1']:.4f} |"
+        )
 
 
 if __name__ == "__main__":

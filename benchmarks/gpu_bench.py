@@ -13,7 +13,8 @@ import os
 import statistics
 import tempfile
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -21,12 +22,20 @@ MODES = ("exact", "approx", "reference")
 CLASSES, CAMS = 702, 8  # Occluded-Duke's training identities and cameras
 VIT_B = dict(model=dict(), img=(256, 128), stride=(11, 11), patch=16, batch=64, precision="bf16", warmup=3, steps=20)
 # The dry run: the CPU test model (tests/engine_worker.py) in fp32 (bf16 autocast is emulated, slowly, on most CPUs).
-TINY = dict(model=dict(embed_dim=32, depth=4, num_heads=4, tap_blocks=(1, 2, 3, 4), patch_size=8), img=(64, 32),
-            stride=(6, 6), patch=8, batch=4, precision="fp32", warmup=1, steps=2)
+TINY = dict(
+    model=dict(embed_dim=32, depth=4, num_heads=4, tap_blocks=(1, 2, 3, 4), patch_size=8),
+    img=(64, 32),
+    stride=(6, 6),
+    patch=8,
+    batch=4,
+    precision="fp32",
+    warmup=1,
+    steps=2,
+)
 PEAKS = {"H100": 989e12, "H200": 989e12}  # dense bf16 tensor-core peak of the SXM parts (vendor spec)
 
 
-def peak_flops(device_name: str) -> tuple[Optional[float], str]:
+def peak_flops(device_name: str) -> tuple[float | None, str]:
     for key, value in PEAKS.items():
         if key in device_name:
             return value, f"{value / 1e12:.0f} TFLOP/s: {key} SXM dense bf16 spec"
@@ -45,14 +54,26 @@ def _engine(spec: dict[str, Any], mode: str, *, compile: bool, backend: str):
     from dpm_dist.train.engine import DPMEngine
 
     torch.manual_seed(0)
-    model = create_model(num_classes=CLASSES, num_cams=CAMS, img_size=spec["img"], stride=spec["stride"], **spec["model"])
-    cfg = to_config({
-        "model": {"img_size": list(spec["img"]), "stride": list(spec["stride"]), "patch_size": spec["patch"]},
-        "data": {"img_size": list(spec["img"]), "num_ids": spec["batch"] // 2 if spec["batch"] < 8 else spec["batch"] // 4,
-                 "num_instances": 2 if spec["batch"] < 8 else 4},
-        "engine": {"update_mode": mode, "precision": spec["precision"], "zero_stage": 0, "compile": compile,
-                   "compile_backend": backend},
-    })
+    model = create_model(
+        num_classes=CLASSES, num_cams=CAMS, img_size=spec["img"], stride=spec["stride"], **spec["model"]
+    )
+    cfg = to_config(
+        {
+            "model": {"img_size": list(spec["img"]), "stride": list(spec["stride"]), "patch_size": spec["patch"]},
+            "data": {
+                "img_size": list(spec["img"]),
+                "num_ids": spec["batch"] // 2 if spec["batch"] < 8 else spec["batch"] // 4,
+                "num_instances": 2 if spec["batch"] < 8 else 4,
+            },
+            "engine": {
+                "update_mode": mode,
+                "precision": spec["precision"],
+                "zero_stage": 0,
+                "compile": compile,
+                "compile_backend": backend,
+            },
+        }
+    )
     engine = DPMEngine(model, cfg, DistEnv())
     engine.start_epoch(10)
     return engine, cfg.data.num_instances
@@ -61,9 +82,11 @@ def _engine(spec: dict[str, Any], mode: str, *, compile: bool, backend: str):
 def _batch(spec: dict[str, Any], k: int, device: torch.device) -> dict[str, torch.Tensor]:
     n, (h, w) = spec["batch"], spec["img"]
     g = torch.Generator().manual_seed(0)
-    return {"images": torch.randn(n, 3, h, w, generator=g).to(device),
-            "pids": (torch.arange(n // k).repeat_interleave(k) % CLASSES).to(device),
-            "camids": torch.randint(0, CAMS, (n,), generator=g).to(device)}
+    return {
+        "images": torch.randn(n, 3, h, w, generator=g).to(device),
+        "pids": (torch.arange(n // k).repeat_interleave(k) % CLASSES).to(device),
+        "camids": torch.randint(0, CAMS, (n,), generator=g).to(device),
+    }
 
 
 def count_flops(engine: Any, batch: dict[str, torch.Tensor]) -> float:
@@ -84,10 +107,18 @@ def train(*, dry: bool, compile: bool, part: str) -> dict[str, Any]:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     backend = "aot_eager" if dry and compile else "inductor"
-    out: dict[str, Any] = {"model": "tiny ViT (32-d, 4 blocks, patch 8)" if dry else "ViT-B/16", "img": list(spec["img"]),
-                           "stride": list(spec["stride"]), "batch": spec["batch"], "precision": spec["precision"],
-                           "compile": compile, "compile_backend": backend if compile else None,
-                           "steps": spec["steps"], "warmup": spec["warmup"], "modes": {}}
+    out: dict[str, Any] = {
+        "model": "tiny ViT (32-d, 4 blocks, patch 8)" if dry else "ViT-B/16",
+        "img": list(spec["img"]),
+        "stride": list(spec["stride"]),
+        "batch": spec["batch"],
+        "precision": spec["precision"],
+        "compile": compile,
+        "compile_backend": backend if compile else None,
+        "steps": spec["steps"],
+        "warmup": spec["warmup"],
+        "modes": {},
+    }
     for mode in MODES:
         engine, k = _engine(spec, mode, compile=compile, backend=backend)
         batch = _batch(spec, k, device)
@@ -144,8 +175,15 @@ def evaluation(*, dry: bool) -> dict[str, Any]:
 
     once()  # warm-up: kernels, allocator
     runs = [once() for _ in range(3)]
-    return {"num_query": nq, "num_gallery": ng, "dim": dim, "dtype": "float32", "device": str(device),
-            "seconds": min(t for t, _ in runs), "metrics": runs[0][1]}
+    return {
+        "num_query": nq,
+        "num_gallery": ng,
+        "dim": dim,
+        "dtype": "float32",
+        "device": str(device),
+        "seconds": min(t for t, _ in runs),
+        "metrics": runs[0][1],
+    }
 
 
 def loader(*, dry: bool, workers: int) -> dict[str, Any]:
@@ -160,19 +198,43 @@ def loader(*, dry: bool, workers: int) -> dict[str, Any]:
     batches = 4 if dry else 8 * workers
     with tempfile.TemporaryDirectory(prefix="gpu-check-loader-") as work:
         start = time.perf_counter()
-        root = write_synthetic_shards(os.path.join(work, "synthetic"), num_ids=num_ids, num_test_ids=2, images_per_id=per_id,
-                                      height=256, width=128, max_count=count)
+        root = write_synthetic_shards(
+            os.path.join(work, "synthetic"),
+            num_ids=num_ids,
+            num_test_ids=2,
+            images_per_id=per_id,
+            height=256,
+            width=128,
+            max_count=count,
+        )
         render_s = time.perf_counter() - start
-        cfg = DataConfig(root=root, dataset="synthetic", sampler="stream", num_ids=p, num_instances=k, num_workers=workers,
-                         shuffle_buffer=max(p * k, 128), batches_per_epoch=1 + batches, img_size=[256, 128],
-                         pin_memory=torch.cuda.is_available())
+        cfg = DataConfig(
+            root=root,
+            dataset="synthetic",
+            sampler="stream",
+            num_ids=p,
+            num_instances=k,
+            num_workers=workers,
+            shuffle_buffer=max(p * k, 128),
+            batches_per_epoch=1 + batches,
+            img_size=[256, 128],
+            pin_memory=torch.cuda.is_available(),
+        )
         it = iter(build_train_loader(cfg, DistEnv(), epoch=1, seed=0))
         next(it)  # worker start-up and the shuffle buffers
         t0 = time.perf_counter()
         seen = sum(b["images"].shape[0] for b in it)
         elapsed = time.perf_counter() - t0
-    return {"workers": workers, "batch": p * k, "batches": batches, "images": seen, "render_s": render_s,
-            "images_per_s": seen / elapsed, "pin_memory": cfg.pin_memory, "images_stored": num_ids * per_id}
+    return {
+        "workers": workers,
+        "batch": p * k,
+        "batches": batches,
+        "images": seen,
+        "render_s": render_s,
+        "images_per_s": seen / elapsed,
+        "pin_memory": cfg.pin_memory,
+        "images_stored": num_ids * per_id,
+    }
 
 
 def write(path: str, obj: Any) -> None:

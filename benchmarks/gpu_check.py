@@ -20,10 +20,10 @@ import platform
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
-from typing import Any, Optional
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # gpu_bench, also under python -P
-import gpu_bench  # noqa: E402
+import gpu_bench
 
 NO_CUDA = "skipped: no CUDA"
 
@@ -37,8 +37,12 @@ def _version(module: str) -> str:
 
 def _driver() -> str:
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"], capture_output=True,
-                             text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
         return out.stdout.strip() or "unknown"
     except (OSError, subprocess.SubprocessError):
         return "no nvidia-smi"
@@ -54,24 +58,38 @@ def summary() -> dict[str, Any]:
     cfg = compose_config(["experiment=occluded_duke"])
     cuda = torch.cuda.is_available()
     info: dict[str, Any] = {
-        "python": platform.python_version(), "machine": platform.machine(), "cpus": os.cpu_count(),
-        "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None, "gpu": None, "driver": None,
-        "nccl": None, "deepspeed": _version("deepspeed"), "timm": _version("timm"), "webdataset": _version("webdataset"),
-        "hydra": _version("hydra"), "dpm_dist": os.path.dirname(dpm_dist.__file__),
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if cuda else None,
+        "gpu": None,
+        "driver": None,
+        "nccl": None,
+        "deepspeed": _version("deepspeed"),
+        "timm": _version("timm"),
+        "webdataset": _version("webdataset"),
+        "hydra": _version("hydra"),
+        "dpm_dist": os.path.dirname(dpm_dist.__file__),
         "configs": f"composed from dpm_dist.configs: experiment=occluded_duke (data.dataset={cfg.data.dataset})",
     }
     if cuda:
         props = torch.cuda.get_device_properties(0)
-        info.update(gpu=torch.cuda.get_device_name(0), memory_gib=round(props.total_memory / 2**30, 1),
-                    sms=props.multi_processor_count, capability=f"{props.major}.{props.minor}", driver=_driver(),
-                    nccl=".".join(map(str, torch.cuda.nccl.version())))
+        info.update(
+            gpu=torch.cuda.get_device_name(0),
+            memory_gib=round(props.total_memory / 2**30, 1),
+            sms=props.multi_processor_count,
+            capability=f"{props.major}.{props.minor}",
+            driver=_driver(),
+            nccl=".".join(map(str, torch.cuda.nccl.version())),
+        )
     return info
 
 
 # ---- report
 
 
-def _load(parts: str, name: str) -> Optional[dict[str, Any]]:
+def _load(parts: str, name: str) -> dict[str, Any] | None:
     path = os.path.join(parts, f"{name}.json")
     if not os.path.exists(path):
         return None
@@ -106,7 +124,7 @@ def _tests(parts: str, dry: bool) -> list[list[str]]:
     return rows or [["1. pytest -m gpu", "–", _status(parts, "tests")]]
 
 
-def _train_rows(parts: str, peak: Optional[float]) -> list[list[str]]:
+def _train_rows(parts: str, peak: float | None) -> list[list[str]]:
     rows = []
     eager = (_load(parts, "train_eager") or {}).get("modes", {})
     for name, label in (("train_eager", "eager"), ("train_compile", "torch.compile")):
@@ -141,31 +159,59 @@ def report(parts: str, outdir: str) -> None:
     dry = os.path.exists(os.path.join(parts, "dry_run"))
     info = _load(parts, "summary") or {}
     peak, peak_note = gpu_bench.peak_flops(info.get("gpu") or "")
-    rows = [["4. machine", f"{info.get('gpu') or 'no GPU'}; driver {info.get('driver')}; CUDA {info.get('cuda')}; "
-             f"torch {info.get('torch')}; NCCL {info.get('nccl')}; deepspeed {info.get('deepspeed')}; timm {info.get('timm')}; "
-             f"Python {info.get('python')}; {info.get('cpus')} CPUs", _status(parts, "summary")],
-            ["4. configs", str(info.get("configs", "–")), _status(parts, "summary")]]
+    rows = [
+        [
+            "4. machine",
+            f"{info.get('gpu') or 'no GPU'}; driver {info.get('driver')}; CUDA {info.get('cuda')}; "
+            f"torch {info.get('torch')}; NCCL {info.get('nccl')}; deepspeed {info.get('deepspeed')}; timm {info.get('timm')}; "
+            f"Python {info.get('python')}; {info.get('cpus')} CPUs",
+            _status(parts, "summary"),
+        ],
+        ["4. configs", str(info.get("configs", "–")), _status(parts, "summary")],
+    ]
     rows += _tests(parts, dry)
     rows += _train_rows(parts, peak)
     ev = _load(parts, "eval")
-    rows.append(["3. evaluation", f"{ev['num_query']} × {ev['num_gallery']}, D = {ev['dim']}, {ev['device']}: "
-                 f"{ev['seconds']:.3f} s (mAP {ev['metrics']['mAP']:.4f})" if ev else "–", _status(parts, "eval")])
+    rows.append(
+        [
+            "3. evaluation",
+            f"{ev['num_query']} × {ev['num_gallery']}, D = {ev['dim']}, {ev['device']}: "
+            f"{ev['seconds']:.3f} s (mAP {ev['metrics']['mAP']:.4f})"
+            if ev
+            else "–",
+            _status(parts, "eval"),
+        ]
+    )
     ld = _load(parts, "loader")
     train = (_load(parts, "train_eager") or {}).get("modes", {}).get("exact", {}).get("images_per_s")
     margin = f", {ld['images_per_s'] / train:.2f}× training (exact, eager)" if ld and train else ""
-    rows.append(["3. loader", f"{ld['images_per_s']:.0f} images/s with {ld['workers']} workers{margin}" if ld else "–",
-                 _status(parts, "loader")])
-    header = (f"GPU check{' (DRY RUN: CPU, tiny sizes)' if dry else ''}; MFU against {peak_note}; FLOPs per image "
-              "counted by torch.utils.flop_counter.FlopCounterMode on one eager iteration (both steps, forward and "
-              "backward: matmuls, convolutions, attention; elementwise work not counted) divided by the batch.")
+    rows.append(
+        [
+            "3. loader",
+            f"{ld['images_per_s']:.0f} images/s with {ld['workers']} workers{margin}" if ld else "–",
+            _status(parts, "loader"),
+        ]
+    )
+    header = (
+        f"GPU check{' (DRY RUN: CPU, tiny sizes)' if dry else ''}; MFU against {peak_note}; FLOPs per image "
+        "counted by torch.utils.flop_counter.FlopCounterMode on one eager iteration (both steps, forward and "
+        "backward: matmuls, convolutions, attention; elementwise work not counted) divided by the batch."
+    )
     lines = [header, "", "| step | result | status |", "|---|---|---|"]
     lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
     os.makedirs(outdir, exist_ok=True)
     with open(os.path.join(outdir, "gpu_check.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
-    everything = {"dry_run": dry, "peak_flops": peak, "peak_note": peak_note, "rows": rows,
-                  "status": {n: _status(parts, n) for n in ("summary", "tests", "train_eager", "train_compile", "eval", "loader")},
-                  **{n: _load(parts, n) for n in ("summary", "train_eager", "train_compile", "eval", "loader")}}
+    everything = {
+        "dry_run": dry,
+        "peak_flops": peak,
+        "peak_note": peak_note,
+        "rows": rows,
+        "status": {
+            n: _status(parts, n) for n in ("summary", "tests", "train_eager", "train_compile", "eval", "loader")
+        },
+        **{n: _load(parts, n) for n in ("summary", "train_eager", "train_compile", "eval", "loader")},
+    }
     gpu_bench.write(os.path.join(outdir, "gpu_check.json"), everything)
     print("\n".join(lines))
 

@@ -36,11 +36,18 @@ def _socket_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _worker(rank: int, world: int, port: int, kind: str, classes: int, dim: int, batch: int, steps: int, rate: float,
-            queue) -> None:
+def _worker(
+    rank: int, world: int, port: int, kind: str, classes: int, dim: int, batch: int, steps: int, rate: float, queue
+) -> None:
     from dpm_dist.model.dpm import prototype_rows
     from dpm_dist.train.losses import classification_terms
-    from dpm_dist.train.sharded_head import gather_rows, sample_rows, sample_seed, shard_cross_entropy, shard_masked_arcface_ce
+    from dpm_dist.train.sharded_head import (
+        gather_rows,
+        sample_rows,
+        sample_seed,
+        shard_cross_entropy,
+        shard_masked_arcface_ce,
+    )
 
     torch.set_num_threads(1)
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -66,7 +73,9 @@ def _worker(rank: int, world: int, port: int, kind: str, classes: int, dim: int,
                 rows = sample_rows(all_labels, start, stop - start, rate, gen)
             w = weight if rows is None else weight.index_select(0, rows)
             loss = shard_cross_entropy(feats @ w.t(), all_labels, start, width=stop - start, rows=rows)[0]
-            loss = loss + shard_masked_arcface_ce(feats, masks, weight, all_labels, start, margin=0.5, scale=30.0, rows=rows)
+            loss = loss + shard_masked_arcface_ce(
+                feats, masks, weight, all_labels, start, margin=0.5, scale=30.0, rows=rows
+            )
         loss.backward()
         if kind == "replicated" and world > 1:
             tdist.all_reduce(weight.grad)  # the data-parallel average (its /R is a cheap scale)
@@ -98,8 +107,13 @@ def measure(kind: str, classes: int, world: int, dim: int, batch: int, steps: in
     """(median step seconds of the slowest rank, max peak RSS GB over ranks)."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    procs = mp.start_processes(_worker, args=(world, _socket_port(), kind, classes, dim, batch, steps, rate, queue),
-                               nprocs=world, join=False, start_method="spawn")
+    procs = mp.start_processes(
+        _worker,
+        args=(world, _socket_port(), kind, classes, dim, batch, steps, rate, queue),
+        nprocs=world,
+        join=False,
+        start_method="spawn",
+    )
     results = [queue.get() for _ in range(world)]
     procs.join()
     return max(r[1] for r in results), max(r[2] for r in results)
@@ -118,20 +132,36 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     kinds = args.kinds
     print(f"sampled = sharded at sample_rate {args.sample_rate}; ratios against the replicated head of the same row")
-    print("| C | ranks | " + " | ".join(f"{k} s/step" for k in kinds) + " | " + " | ".join(f"{k} GB/rank" for k in kinds) + " | ratios (time, memory) |")
+    print(
+        "| C | ranks | "
+        + " | ".join(f"{k} s/step" for k in kinds)
+        + " | "
+        + " | ".join(f"{k} GB/rank" for k in kinds)
+        + " | ratios (time, memory) |"
+    )
     print("|---|---|" + "---|" * (2 * len(kinds) + 1))
     for classes in args.classes:
         for world in args.ranks:
             got = {}
             for kind in kinds:
                 need = estimate_gb(kind, classes, world, args.dim, args.batch, args.sample_rate)
-                got[kind] = measure(kind, classes, world, args.dim, args.batch, args.steps, args.sample_rate) if need < 0.9 * free_gb() else None
+                got[kind] = (
+                    measure(kind, classes, world, args.dim, args.batch, args.steps, args.sample_rate)
+                    if need < 0.9 * free_gb()
+                    else None
+                )
             cell = lambda v, f: f"{v:{f}}" if v is not None else "skipped (memory)"
             times = " | ".join(cell(got[k] and got[k][0], ".3f") for k in kinds)
             mems = " | ".join(cell(got[k] and got[k][1], ".2f") for k in kinds)
             base = got.get("replicated")
-            ratios = ", ".join(f"{k}/rep {got[k][0] / base[0]:.2f}x, {got[k][1] / base[1]:.2f}x" for k in kinds
-                               if k != "replicated" and base and got[k]) or "-"
+            ratios = (
+                ", ".join(
+                    f"{k}/rep {got[k][0] / base[0]:.2f}x, {got[k][1] / base[1]:.2f}x"
+                    for k in kinds
+                    if k != "replicated" and base and got[k]
+                )
+                or "-"
+            )
             print(f"| {classes:,} | {world} | {times} | {mems} | {ratios} |", flush=True)
 
 

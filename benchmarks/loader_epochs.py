@@ -17,10 +17,10 @@ import time
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-from dpm_dist.config import DataConfig  # noqa: E402
-from dpm_dist.data.loader import TrainLoader  # noqa: E402
-from dpm_dist.data.synth import write_synthetic_shards  # noqa: E402
-from dpm_dist.dist import DistEnv  # noqa: E402
+from dpm_dist.config import DataConfig
+from dpm_dist.data.loader import TrainLoader
+from dpm_dist.data.synth import write_synthetic_shards
+from dpm_dist.dist import DistEnv
 
 
 def run(cfg: DataConfig, epochs: int) -> tuple[list[float], list[float]]:
@@ -47,19 +47,41 @@ def main() -> None:
     parser.add_argument("--images-per-id", type=int, default=8)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        root = write_synthetic_shards(os.path.join(tmp, "synthetic"), seed=0, num_ids=args.num_ids, num_test_ids=2,
-                                      images_per_id=args.images_per_id, query_per_id=1, gallery_per_id=1, num_cams=4,
-                                      height=256, width=128, max_count=16)
-        print(f"{args.num_ids * args.images_per_id} training images 256x128, {args.workers} workers, batch 8x4, "
-              f"epochs 2..{args.epochs} timed\n")
-        print("| sampler | first batch, new loader each epoch (s) | first batch, persistent workers (s) | ratio "
-              "| epoch, new loader (s) | epoch, persistent (s) |")
+        root = write_synthetic_shards(
+            os.path.join(tmp, "synthetic"),
+            seed=0,
+            num_ids=args.num_ids,
+            num_test_ids=2,
+            images_per_id=args.images_per_id,
+            query_per_id=1,
+            gallery_per_id=1,
+            num_cams=4,
+            height=256,
+            width=128,
+            max_count=16,
+        )
+        print(
+            f"{args.num_ids * args.images_per_id} training images 256x128, {args.workers} workers, batch 8x4, "
+            f"epochs 2..{args.epochs} timed\n"
+        )
+        print(
+            "| sampler | first batch, new loader each epoch (s) | first batch, persistent workers (s) | ratio "
+            "| epoch, new loader (s) | epoch, persistent (s) |"
+        )
         print("|---|---|---|---|---|---|")
         for sampler in ("exact", "stream"):
             got = {}
             for persistent in (False, True):
-                cfg = DataConfig(dataset="synthetic", root=root, sampler=sampler, num_ids=8, num_instances=4,
-                                 num_workers=args.workers, persistent_workers=persistent, shuffle_buffer=64)
+                cfg = DataConfig(
+                    dataset="synthetic",
+                    root=root,
+                    sampler=sampler,
+                    num_ids=8,
+                    num_instances=4,
+                    num_workers=args.workers,
+                    persistent_workers=persistent,
+                    shuffle_buffer=64,
+                )
                 got[persistent] = [statistics.median(v) for v in run(cfg, args.epochs)]
             (f0, e0), (f1, e1) = got[False], got[True]
             print(f"| {sampler} | {f0:.3f} | {f1:.3f} | {f1 / f0:.2f}x | {e0:.2f} | {e1:.2f} |", flush=True)

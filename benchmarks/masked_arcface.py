@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from dpm_dist.train.losses import arcface_logits, masked_cosine
 
 
-def official_logits(feat: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                    margin: float, scale: float) -> torch.Tensor:
+def official_logits(
+    feat: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, margin: float, scale: float
+) -> torch.Tensor:
     for i in range(feat.shape[0]):
         query_vector = F.normalize(feat[i, :].unsqueeze(0))
         gallery_prototype = mask[i, :].unsqueeze(0) * F.normalize(weight)
@@ -36,8 +37,9 @@ def official_logits(feat: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor
     return scale * ((one_hot * phi) + ((1.0 - one_hot) * cosine))
 
 
-def vectorised_logits(feat: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                      margin: float, scale: float) -> torch.Tensor:
+def vectorised_logits(
+    feat: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, margin: float, scale: float
+) -> torch.Tensor:
     return arcface_logits(masked_cosine(feat, mask, weight), labels, margin=margin, scale=scale)
 
 
@@ -85,8 +87,10 @@ def main() -> None:
     _, logits_v, grads_v = run(vectorised_logits, inputs, labels)
     loss_o, loss_v = (F.cross_entropy(z, labels) for z in (logits_o, logits_v))
     med = {name: statistics.median(t) for name, t in times.items()}
-    print(f"device={args.device} threads={torch.get_num_threads()} B={args.batch} C={args.classes} D={args.dim} "
-          f"reps={args.reps} (forward+backward, median)")
+    print(
+        f"device={args.device} threads={torch.get_num_threads()} B={args.batch} C={args.classes} D={args.dim} "
+        f"reps={args.reps} (forward+backward, median)"
+    )
     for name in fns:
         print(f"  {name:<10} {1e3 * med[name]:9.2f} ms")
     print(f"  speed-up (official / vectorised): {med['official'] / med['vectorised']:.1f}x")

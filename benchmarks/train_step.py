@@ -20,11 +20,16 @@ import torch
 
 from dpm_dist.config import to_config
 from dpm_dist.dist import DistEnv, init_process_group
-from dpm_dist.train.engine import DPMEngine
 from dpm_dist.model.dpm import create_model
+from dpm_dist.train.engine import DPMEngine
 
 MODELS = {
-    "tiny": dict(model=dict(embed_dim=64, depth=4, num_heads=4, tap_blocks=(1, 2, 3, 4)), img=(128, 64), stride=(12, 12), batch=32),
+    "tiny": dict(
+        model=dict(embed_dim=64, depth=4, num_heads=4, tap_blocks=(1, 2, 3, 4)),
+        img=(128, 64),
+        stride=(12, 12),
+        batch=32,
+    ),
     "vit_b": dict(model=dict(), img=(256, 128), stride=(11, 11), batch=8),
 }
 
@@ -33,11 +38,13 @@ def make_engine(name: str, mode: str, batch: int, precision: str, classes: int) 
     spec = MODELS[name]
     torch.manual_seed(0)
     model = create_model(num_classes=classes, num_cams=8, img_size=spec["img"], stride=spec["stride"], **spec["model"])
-    cfg = to_config({
-        "model": {"img_size": list(spec["img"]), "stride": list(spec["stride"])},
-        "data": {"img_size": list(spec["img"]), "num_ids": batch // 4, "num_instances": 4},
-        "engine": {"update_mode": mode, "precision": precision, "zero_stage": 0},
-    })
+    cfg = to_config(
+        {
+            "model": {"img_size": list(spec["img"]), "stride": list(spec["stride"])},
+            "data": {"img_size": list(spec["img"]), "num_ids": batch // 4, "num_instances": 4},
+            "engine": {"update_mode": mode, "precision": precision, "zero_stage": 0},
+        }
+    )
     engine = DPMEngine(model, cfg, DistEnv())
     engine.start_epoch(10)
     return engine
@@ -45,8 +52,11 @@ def make_engine(name: str, mode: str, batch: int, precision: str, classes: int) 
 
 def make_batch(name: str, batch: int, classes: int) -> dict:
     h, w = MODELS[name]["img"]
-    return {"images": torch.randn(batch, 3, h, w), "pids": torch.arange(batch // 4).repeat_interleave(4) % classes,
-            "camids": torch.randint(0, 8, (batch,))}
+    return {
+        "images": torch.randn(batch, 3, h, w),
+        "pids": torch.arange(batch // 4).repeat_interleave(4) % classes,
+        "camids": torch.randint(0, 8, (batch,)),
+    }
 
 
 def bench(name: str, batch: int, steps: int, precision: str) -> None:
@@ -72,8 +82,13 @@ def bench(name: str, batch: int, steps: int, precision: str) -> None:
             times[m].append(time.perf_counter() - t0)
     ref = statistics.median(times["reference"])
     device = torch.cuda.get_device_name() if cuda else "cpu"
-    print(f"\n{name}: batch {batch}, {precision}, {steps} timed steps per mode, {device}, threads {torch.get_num_threads()}")
-    print(f"{'mode':<10} {'s/step':>8} {'samples/s':>10} {'vs reference':>13}" + (f" {'peak GiB':>9} {'MFU':>6}" if cuda else ""))
+    print(
+        f"\n{name}: batch {batch}, {precision}, {steps} timed steps per mode, {device}, threads {torch.get_num_threads()}"
+    )
+    print(
+        f"{'mode':<10} {'s/step':>8} {'samples/s':>10} {'vs reference':>13}"
+        + (f" {'peak GiB':>9} {'MFU':>6}" if cuda else "")
+    )
     for m in modes:
         med = statistics.median(times[m])
         line = f"{m:<10} {med:8.3f} {batch / med:10.1f} {ref / med:12.2f}x"

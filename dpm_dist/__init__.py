@@ -7,7 +7,7 @@ Importing the package initialises no process group and imports none of deepspeed
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["load_model", "__version__"]
+__all__ = ["__version__", "load_model"]
 
 
 def __getattr__(name: str) -> Any:

@@ -11,7 +11,7 @@ Defaults are the paper's recipe for Occluded-Duke as the official code runs it (
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 DATASETS = ("occluded_duke", "dukemtmc", "market1501", "occluded_reid", "msmt17", "synthetic", "generic")
 UPDATE_MODES = ("exact", "reference", "approx")
@@ -31,7 +31,7 @@ def _check_choice(value: str, name: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, name, f"unknown value {value!r}; expected one of {', '.join(choices)}")
 
 
-def _check_pair(value: List[int], name: str) -> None:
+def _check_pair(value: list[int], name: str) -> None:
     _check(len(value) == 2 and all(int(v) > 0 for v in value), name, f"expected [height, width] > 0, got {list(value)}")
 
 
@@ -40,20 +40,22 @@ class ModelConfig:
     """DPM network: timm ViT backbone + SIE + HMG + BNNeck + prototypes (docs/method.md §1-2, §4.1-4.2)."""
 
     backbone: str = "vit_base_patch16_224"  # any timm ViT name; built with pretrained=False
-    embed_dim: Optional[int] = None  # overrides of the timm architecture (tiny test models)
-    depth: Optional[int] = None
-    num_heads: Optional[int] = None
-    img_size: List[int] = field(default_factory=lambda: [256, 128])
+    embed_dim: int | None = None  # overrides of the timm architecture (tiny test models)
+    depth: int | None = None
+    num_heads: int | None = None
+    img_size: list[int] = field(default_factory=lambda: [256, 128])
     patch_size: int = 16
-    stride: List[int] = field(default_factory=lambda: [11, 11])
+    stride: list[int] = field(default_factory=lambda: [11, 11])
     drop_path: float = 0.1
     sie: bool = True  # SIE camera embedding; False gives camera-agnostic features
     sie_coe: float = 3.0
     num_cams: int = 0  # 0: taken from the training shards' manifest
     num_classes: int = 0  # 0: taken from the training shards' manifest
-    tap_blocks: List[int] = field(default_factory=lambda: [2, 4, 10, 12])  # 1-based
-    pretrained: Optional[str] = None  # local ImageNet ViT file (jx_vit_base_p16_224 or timm state dict)
-    classifier: str = "replicated"  # replicated: W on every rank (the paper) | sharded: C/R rows per rank (docs/training.md)
+    tap_blocks: list[int] = field(default_factory=lambda: [2, 4, 10, 12])  # 1-based
+    pretrained: str | None = None  # local ImageNet ViT file (jx_vit_base_p16_224 or timm state dict)
+    classifier: str = (
+        "replicated"  # replicated: W on every rank (the paper) | sharded: C/R rows per rank (docs/training.md)
+    )
 
     def __post_init__(self) -> None:
         _check_pair(self.img_size, "model.img_size")
@@ -61,17 +63,29 @@ class ModelConfig:
         _check_choice(self.classifier, "model.classifier", CLASSIFIERS)
         _check(self.patch_size > 0, "model.patch_size", f"must be > 0, got {self.patch_size}")
         for axis, s in zip(("height", "width"), self.stride):
-            _check(s <= self.patch_size, "model.stride", f"{axis} stride {s} is larger than the patch ({self.patch_size}): pixels would be skipped")
+            _check(
+                s <= self.patch_size,
+                "model.stride",
+                f"{axis} stride {s} is larger than the patch ({self.patch_size}): pixels would be skipped",
+            )
         for axis, size in zip(("height", "width"), self.img_size):
-            _check(size >= self.patch_size, "model.img_size", f"{axis} {size} is smaller than the patch {self.patch_size}")
+            _check(
+                size >= self.patch_size, "model.img_size", f"{axis} {size} is smaller than the patch {self.patch_size}"
+            )
         _check(0.0 <= self.drop_path < 1.0, "model.drop_path", f"must be in [0, 1), got {self.drop_path}")
         _check(self.sie_coe >= 0.0, "model.sie_coe", f"must be >= 0, got {self.sie_coe}")
         _check(self.num_cams >= 0, "model.num_cams", f"must be >= 0, got {self.num_cams}")
         _check(self.num_classes >= 0, "model.num_classes", f"must be >= 0, got {self.num_classes}")
         _check(len(self.tap_blocks) > 0, "model.tap_blocks", "needs at least one block")
-        _check(all(b >= 1 for b in self.tap_blocks), "model.tap_blocks", f"blocks are 1-based, got {list(self.tap_blocks)}")
+        _check(
+            all(b >= 1 for b in self.tap_blocks), "model.tap_blocks", f"blocks are 1-based, got {list(self.tap_blocks)}"
+        )
         if self.depth is not None:
-            _check(max(self.tap_blocks) <= self.depth, "model.tap_blocks", f"block {max(self.tap_blocks)} exceeds depth {self.depth}")
+            _check(
+                max(self.tap_blocks) <= self.depth,
+                "model.tap_blocks",
+                f"block {max(self.tap_blocks)} exceeds depth {self.depth}",
+            )
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -107,19 +121,19 @@ class DataConfig:
     """Where the shards are and how batches are formed (docs/method.md §5.5, §6)."""
 
     dataset: str = "occluded_duke"
-    root: Optional[str] = None  # folder or URL prefix holding index.json and the shards
-    roots: List[str] = field(default_factory=list)  # many datasets at once, each its own index.json (docs/data.md)
-    root_weights: List[float] = field(default_factory=list)  # per root: share of the P×K chunks; empty: the union's own
-    eval_root: Optional[str] = None  # query/gallery from another dataset (Market→Occluded-REID); None: root
-    train_urls: List[str] = field(default_factory=list)  # explicit shard URLs; empty: from root/index.json
-    query_urls: List[str] = field(default_factory=list)
-    gallery_urls: List[str] = field(default_factory=list)
-    s3_endpoint: Optional[str] = None  # e.g. http://127.0.0.1:9000 for MinIO; None: AWS default chain
+    root: str | None = None  # folder or URL prefix holding index.json and the shards
+    roots: list[str] = field(default_factory=list)  # many datasets at once, each its own index.json (docs/data.md)
+    root_weights: list[float] = field(default_factory=list)  # per root: share of the P×K chunks; empty: the union's own
+    eval_root: str | None = None  # query/gallery from another dataset (Market→Occluded-REID); None: root
+    train_urls: list[str] = field(default_factory=list)  # explicit shard URLs; empty: from root/index.json
+    query_urls: list[str] = field(default_factory=list)
+    gallery_urls: list[str] = field(default_factory=list)
+    s3_endpoint: str | None = None  # e.g. http://127.0.0.1:9000 for MinIO; None: AWS default chain
     sampler: str = "exact"  # exact: the official per-epoch PK sampler; stream: resampled shards
     num_ids: int = 16  # P identities per rank-batch
     num_instances: int = 4  # K images per identity
     num_workers: int = 8
-    img_size: List[int] = field(default_factory=lambda: [256, 128])
+    img_size: list[int] = field(default_factory=lambda: [256, 128])
     flip_prob: float = 0.5
     padding: int = 10
     erase_prob: float = 0.5
@@ -129,7 +143,7 @@ class DataConfig:
     skip_corrupt: bool = False  # count and log corrupt samples instead of raising
     eval_batch_size: int = 256
     verify_sha: bool = True  # check every shard's size and sha256 against index.json when it is read
-    cache_dir: Optional[str] = None  # exact mode: local copies of remote shards; None: ~/.cache/dpm-dist/shards
+    cache_dir: str | None = None  # exact mode: local copies of remote shards; None: ~/.cache/dpm-dist/shards
     io_retries: int = 3  # attempts per remote read (index.json, shards), with doubling backoff
     io_backoff_s: float = 0.5  # first wait between attempts
     io_timeout_s: float = 30.0  # per-request timeout for HTTP(S) and S3
@@ -140,13 +154,21 @@ class DataConfig:
         _check_choice(self.dataset, "data.dataset", DATASETS)
         _check_choice(self.sampler, "data.sampler", SAMPLERS)
         _check(self.num_ids >= 2, "data.num_ids", f"P must be >= 2 for triplet negatives, got {self.num_ids}")
-        _check(self.num_instances >= 2, "data.num_instances", f"K must be >= 2 for triplet positives, got {self.num_instances}")
+        _check(
+            self.num_instances >= 2,
+            "data.num_instances",
+            f"K must be >= 2 for triplet positives, got {self.num_instances}",
+        )
         _check(self.num_workers >= 0, "data.num_workers", f"must be >= 0, got {self.num_workers}")
         _check_pair(self.img_size, "data.img_size")
         _check(0.0 <= self.flip_prob <= 1.0, "data.flip_prob", f"must be in [0, 1], got {self.flip_prob}")
         _check(0.0 <= self.erase_prob <= 1.0, "data.erase_prob", f"must be in [0, 1], got {self.erase_prob}")
         _check(self.padding >= 0, "data.padding", f"must be >= 0, got {self.padding}")
-        _check(self.shuffle_buffer >= self.num_ids * self.num_instances, "data.shuffle_buffer", "must hold at least one P×K batch")
+        _check(
+            self.shuffle_buffer >= self.num_ids * self.num_instances,
+            "data.shuffle_buffer",
+            "must hold at least one P×K batch",
+        )
         _check(self.batches_per_epoch >= 0, "data.batches_per_epoch", f"must be >= 0, got {self.batches_per_epoch}")
         _check(self.eval_batch_size > 0, "data.eval_batch_size", f"must be > 0, got {self.eval_batch_size}")
         _check(self.io_retries >= 1, "data.io_retries", f"must be >= 1, got {self.io_retries}")
@@ -155,14 +177,27 @@ class DataConfig:
         self._check_roots()
 
     def _check_roots(self) -> None:
-        others = [f"data.{n}" for n in ("root", "eval_root", "train_urls", "query_urls", "gallery_urls") if getattr(self, n)]
+        others = [
+            f"data.{n}" for n in ("root", "eval_root", "train_urls", "query_urls", "gallery_urls") if getattr(self, n)
+        ]
         unset = " ".join(o + ("=[]" if o.endswith("urls") else "=null") for o in others)
-        _check(not (self.roots and others), "data.roots", f"cannot be combined with {', '.join(others)} (each root "
-               f"brings its own train, query and gallery splits); unset {unset}")
+        _check(
+            not (self.roots and others),
+            "data.roots",
+            f"cannot be combined with {', '.join(others)} (each root "
+            f"brings its own train, query and gallery splits); unset {unset}",
+        )
         _check(len(set(self.roots)) == len(self.roots), "data.roots", f"a root is listed twice: {list(self.roots)}")
-        _check(not self.root_weights or len(self.root_weights) == len(self.roots), "data.root_weights",
-               f"{len(self.root_weights)} weights for {len(self.roots)} data.roots (one per root, or [] for the union's own)")
-        _check(all(w > 0 for w in self.root_weights), "data.root_weights", f"weights must be > 0, got {list(self.root_weights)}")
+        _check(
+            not self.root_weights or len(self.root_weights) == len(self.roots),
+            "data.root_weights",
+            f"{len(self.root_weights)} weights for {len(self.roots)} data.roots (one per root, or [] for the union's own)",
+        )
+        _check(
+            all(w > 0 for w in self.root_weights),
+            "data.root_weights",
+            f"weights must be > 0, got {list(self.root_weights)}",
+        )
 
     @property
     def batch_size(self) -> int:
@@ -195,7 +230,11 @@ class OptimConfig:
         _check(self.weight_decay >= 0.0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(self.weight_decay_bias >= 0.0, "optim.weight_decay_bias", f"must be >= 0, got {self.weight_decay_bias}")
         _check(self.epochs >= 1, "optim.epochs", f"must be >= 1, got {self.epochs}")
-        _check(0 <= self.warmup_epochs < self.epochs or self.epochs == 1, "optim.warmup_epochs", f"must be in [0, epochs), got {self.warmup_epochs}")
+        _check(
+            0 <= self.warmup_epochs < self.epochs or self.epochs == 1,
+            "optim.warmup_epochs",
+            f"must be in [0, epochs), got {self.warmup_epochs}",
+        )
         _check(self.warmup_lr_factor > 0.0, "optim.warmup_lr_factor", f"must be > 0, got {self.warmup_lr_factor}")
         _check(0.0 <= self.min_lr_factor <= 1.0, "optim.min_lr_factor", f"must be in [0, 1], got {self.min_lr_factor}")
         _check(self.steps_per_epoch >= 0, "optim.steps_per_epoch", f"must be >= 0, got {self.steps_per_epoch}")
@@ -217,16 +256,30 @@ class EngineConfig:
     deterministic: bool = False
     compile: bool = False  # torch.compile the ViT blocks (all but the last: it carries the HEM hook) and the HMG
     compile_backend: str = "inductor"  # any torch.compile backend; aot_eager for quick CPU checks
-    collective_timeout_s: float = 300.0  # a collective waiting longer on a peer fails the run (lost node; docs/training.md)
-    max_nonfinite_steps: int = 10  # this many skipped (NaN/Inf loss or gradient) steps in a row stop the run (docs/training.md)
+    collective_timeout_s: float = (
+        300.0  # a collective waiting longer on a peer fails the run (lost node; docs/training.md)
+    )
+    max_nonfinite_steps: int = (
+        10  # this many skipped (NaN/Inf loss or gradient) steps in a row stop the run (docs/training.md)
+    )
 
     def __post_init__(self) -> None:
         _check_choice(self.update_mode, "engine.update_mode", UPDATE_MODES)
         _check_choice(self.precision, "engine.precision", PRECISIONS)
-        _check(self.zero_stage in (0, 1, 2), "engine.zero_stage", f"supported stages are 0, 1, 2 (got {self.zero_stage}); ZeRO-3 cannot toggle trainable params")
+        _check(
+            self.zero_stage in (0, 1, 2),
+            "engine.zero_stage",
+            f"supported stages are 0, 1, 2 (got {self.zero_stage}); ZeRO-3 cannot toggle trainable params",
+        )
         _check(self.gradient_clipping >= 0.0, "engine.gradient_clipping", f"must be >= 0, got {self.gradient_clipping}")
-        _check(self.collective_timeout_s > 0.0, "engine.collective_timeout_s", f"must be > 0, got {self.collective_timeout_s}")
-        _check(self.max_nonfinite_steps >= 1, "engine.max_nonfinite_steps", f"must be >= 1, got {self.max_nonfinite_steps}")
+        _check(
+            self.collective_timeout_s > 0.0,
+            "engine.collective_timeout_s",
+            f"must be > 0, got {self.collective_timeout_s}",
+        )
+        _check(
+            self.max_nonfinite_steps >= 1, "engine.max_nonfinite_steps", f"must be >= 1, got {self.max_nonfinite_steps}"
+        )
 
 
 @dataclass
@@ -237,7 +290,9 @@ class EvalConfig:
     distance: str = "masked_cosine"  # masked_cosine (DPM) | cosine | euclidean
     neck_feat: str = "before"  # test feature: before the BNNeck (official TEST.NECK_FEAT) | after (running stats)
     max_rank: int = 50  # CMC length (shortened to the gallery size when that is smaller)
-    query_chunk: int = 256  # queries scored at once: memory ~ query_chunk × gallery (share) × 5 bytes; ranks take whole chunks
+    query_chunk: int = (
+        256  # queries scored at once: memory ~ query_chunk × gallery (share) × 5 bytes; ranks take whole chunks
+    )
     shard_gallery: bool = False  # each rank keeps its gallery share (never gathered); same metrics (docs/evaluation.md)
     rerank: bool = False  # k-reciprocal re-ranking on plain Euclidean distances (not used for the paper's numbers)
     rerank_k1: int = 20
@@ -262,8 +317,11 @@ class EvalConfig:
         _check(self.topk >= 0, "eval.topk", f"must be >= 0, got {self.topk}")
         _check_choice(self.rerank_method, "eval.rerank_method", ("dense", "sparse"))
         _check_choice(self.topk_format, "eval.topk_format", ("parquet", "jsonl"))
-        _check(not (self.rerank and self.shard_gallery and self.rerank_method == "dense"), "eval.rerank_method",
-               "dense needs the gathered gallery; with eval.shard_gallery=true use eval.rerank_method=sparse")
+        _check(
+            not (self.rerank and self.shard_gallery and self.rerank_method == "dense"),
+            "eval.rerank_method",
+            "dense needs the gathered gallery; with eval.shard_gallery=true use eval.rerank_method=sparse",
+        )
 
 
 SPACE_TYPES = {  # search-space entry type -> the keys it needs
@@ -279,12 +337,14 @@ SPACE_TYPES = {  # search-space entry type -> the keys it needs
 SCALAR_TYPES = ("float", "int", "str", "bool", "Optional[float]", "Optional[int]", "Optional[str]")
 
 
-def _scalar_field_type(key: str) -> Optional[str]:
+def _scalar_field_type(key: str) -> str | None:
     """The type (as written) of the scalar :class:`DPMConfig` field named by dotted ``key``, or None."""
     import dataclasses
 
-    sections = {cls.__name__: cls for cls in (ModelConfig, LossConfig, DataConfig, OptimConfig, EngineConfig,
-                                              EvalConfig, LogConfig, SearchConfig)}
+    sections = {
+        cls.__name__: cls
+        for cls in (ModelConfig, LossConfig, DataConfig, OptimConfig, EngineConfig, EvalConfig, LogConfig, SearchConfig)
+    }
     node: Any = DPMConfig
     *path, leaf = key.split(".")
     for part in path:  # field types are strings here (``from __future__ import annotations``)
@@ -300,9 +360,12 @@ def check_space_entry(key: str, entry: Any, searcher: str) -> None:
     """Raise ``ValueError`` naming ``search.space.<key>`` when the entry is malformed."""
     name = f"search.space.{key}"
     field_type = _scalar_field_type(key)
-    _check(key.split(".")[0] not in ("search", "log") and field_type is not None, name,
-           "not a searchable config field (expected a dotted key such as loss.alpha, loss.beta, loss.margin, "
-           "loss.scale or optim.base_lr)")
+    _check(
+        key.split(".")[0] not in ("search", "log") and field_type is not None,
+        name,
+        "not a searchable config field (expected a dotted key such as loss.alpha, loss.beta, loss.margin, "
+        "loss.scale or optim.base_lr)",
+    )
     _check(isinstance(entry, dict) and "type" in entry, name, f"expected {{type: ..., ...}}, got {entry!r}")
     kind = entry["type"]
     _check(kind in SPACE_TYPES, name, f"unknown type {kind!r}; expected one of {', '.join(SPACE_TYPES)}")
@@ -313,24 +376,49 @@ def check_space_entry(key: str, entry: Any, searcher: str) -> None:
     _check(not missing, name, f"type {kind} needs {', '.join(missing)}")
     if "values" in needed:
         values = entry["values"]
-        _check(isinstance(values, (list, tuple)) and len(values) > 0, name, f"values must be a non-empty list, got {values!r}")
+        _check(
+            isinstance(values, (list, tuple)) and len(values) > 0,
+            name,
+            f"values must be a non-empty list, got {values!r}",
+        )
     else:
         low, high = entry["low"], entry["high"]
-        _check(all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)), name,
-               f"low and high must be numbers, got {low!r}, {high!r}")
+        _check(
+            all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)),
+            name,
+            f"low and high must be numbers, got {low!r}, {high!r}",
+        )
         _check(low < high, name, f"low ({low}) must be < high ({high})")
         if kind == "loguniform":
             _check(low > 0, name, f"loguniform needs low > 0, got {low}")
         if kind == "randint":
-            _check(isinstance(low, int) and isinstance(high, int), name, "randint needs integer low and high (high excluded)")
+            _check(
+                isinstance(low, int) and isinstance(high, int),
+                name,
+                "randint needs integer low and high (high excluded)",
+            )
         if kind == "quniform":
             _check(entry["q"] > 0, name, f"q must be > 0, got {entry['q']}")
-        _check(kind == "randint" or "float" in field_type, name,
-               f"type {kind} samples floats but the field is {field_type} (use randint or choice)")
-        _check("int" in field_type or "float" in field_type, name, f"type {kind} samples numbers but the field is {field_type}")
-    _check(not (kind == "grid" and searcher == "optuna"), name,
-           "type grid cannot be used with search.searcher=optuna (use choice, or searcher=random/grid)")
-    _check(kind == "grid" or searcher != "grid", name, f"search.searcher=grid needs every entry to be type grid, got {kind}")
+        _check(
+            kind == "randint" or "float" in field_type,
+            name,
+            f"type {kind} samples floats but the field is {field_type} (use randint or choice)",
+        )
+        _check(
+            "int" in field_type or "float" in field_type,
+            name,
+            f"type {kind} samples numbers but the field is {field_type}",
+        )
+    _check(
+        not (kind == "grid" and searcher == "optuna"),
+        name,
+        "type grid cannot be used with search.searcher=optuna (use choice, or searcher=random/grid)",
+    )
+    _check(
+        kind == "grid" or searcher != "grid",
+        name,
+        f"search.searcher=grid needs every entry to be type grid, got {kind}",
+    )
 
 
 @dataclass
@@ -346,7 +434,7 @@ class SearchConfig:
     searcher: str = "optuna"  # optuna (TPE) | random (grid entries expanded, others sampled) | grid
     scheduler: str = "asha"  # asha | fifo
     num_samples: int = 8  # trials (random/optuna); repetitions of the whole grid (grid)
-    seed: Optional[int] = None  # searcher seed
+    seed: int | None = None  # searcher seed
     max_t: int = 0  # ASHA horizon in epochs; 0: optim.epochs
     grace_period: int = 1  # ASHA: epochs before a trial can be stopped
     reduction_factor: int = 2
@@ -358,18 +446,22 @@ class SearchConfig:
     max_failures: int = 1  # worker-group restarts per trial, each from the trial's last checkpoint
     worker_start_timeout_s: float = 60.0  # a trial's worker group must get its resources within this (Ray Train)
     worker_start_retries: int = 3  # new attempts after a timed-out worker-group start; -1: unbounded (autoscaling)
-    storage_path: Optional[str] = None  # local folder, NFS, or s3://bucket/prefix; None: runs/tune
-    s3_endpoint: Optional[str] = None  # e.g. http://127.0.0.1:9000 for MinIO; None: AWS default chain
+    storage_path: str | None = None  # local folder, NFS, or s3://bucket/prefix; None: runs/tune
+    s3_endpoint: str | None = None  # e.g. http://127.0.0.1:9000 for MinIO; None: AWS default chain
     name: str = "dpm_search"  # experiment folder under storage_path; re-running resumes it
-    results_dir: Optional[str] = None  # local folder for results.csv and best/; None: <storage>/<name> if local
-    local_dir: Optional[str] = None  # node-local scratch for the workers' run folders; None: system temp
-    ray_address: Optional[str] = None  # None: $RAY_ADDRESS, else a new local Ray instance
+    results_dir: str | None = None  # local folder for results.csv and best/; None: <storage>/<name> if local
+    local_dir: str | None = None  # node-local scratch for the workers' run folders; None: system temp
+    ray_address: str | None = None  # None: $RAY_ADDRESS, else a new local Ray instance
     num_cpus: int = 0  # CPUs of a new local Ray instance; 0: all of this machine
     inject_crash_at_epoch: int = 0  # TESTS ONLY: rank 1 exits once (per search) at this epoch's report
-    space: Dict[str, Any] = field(default_factory=dict)  # dotted key -> {type: uniform, low:, high:}
+    space: dict[str, Any] = field(default_factory=dict)  # dotted key -> {type: uniform, low:, high:}
 
     def __post_init__(self) -> None:
-        _check(self.metric in ("mAP", "rank1", "mINP"), "search.metric", f"unknown metric {self.metric!r}; expected mAP, rank1 or mINP")
+        _check(
+            self.metric in ("mAP", "rank1", "mINP"),
+            "search.metric",
+            f"unknown metric {self.metric!r}; expected mAP, rank1 or mINP",
+        )
         _check_choice(self.mode, "search.mode", ("max", "min"))
         _check_choice(self.searcher, "search.searcher", ("optuna", "random", "grid"))
         _check_choice(self.scheduler, "search.scheduler", ("asha", "fifo"))
@@ -378,15 +470,38 @@ class SearchConfig:
         _check(self.grace_period >= 1, "search.grace_period", f"must be >= 1, got {self.grace_period}")
         _check(self.reduction_factor >= 2, "search.reduction_factor", f"must be >= 2, got {self.reduction_factor}")
         _check(self.workers_per_trial >= 1, "search.workers_per_trial", f"must be >= 1, got {self.workers_per_trial}")
-        _check(self.cpus_per_worker >= 0 and self.gpus_per_worker >= 0 and self.driver_cpus >= 0, "search.cpus_per_worker",
-               "cpus_per_worker, gpus_per_worker and driver_cpus must be >= 0")
-        _check(self.max_concurrent_trials >= 0, "search.max_concurrent_trials", f"must be >= 0, got {self.max_concurrent_trials}")
+        _check(
+            self.cpus_per_worker >= 0 and self.gpus_per_worker >= 0 and self.driver_cpus >= 0,
+            "search.cpus_per_worker",
+            "cpus_per_worker, gpus_per_worker and driver_cpus must be >= 0",
+        )
+        _check(
+            self.max_concurrent_trials >= 0,
+            "search.max_concurrent_trials",
+            f"must be >= 0, got {self.max_concurrent_trials}",
+        )
         _check(self.max_failures >= 0, "search.max_failures", f"must be >= 0, got {self.max_failures}")
-        _check(self.worker_start_timeout_s > 0, "search.worker_start_timeout_s", f"must be > 0, got {self.worker_start_timeout_s}")
-        _check(self.worker_start_retries >= -1, "search.worker_start_retries", f"must be >= -1, got {self.worker_start_retries}")
+        _check(
+            self.worker_start_timeout_s > 0,
+            "search.worker_start_timeout_s",
+            f"must be > 0, got {self.worker_start_timeout_s}",
+        )
+        _check(
+            self.worker_start_retries >= -1,
+            "search.worker_start_retries",
+            f"must be >= -1, got {self.worker_start_retries}",
+        )
         _check(self.num_cpus >= 0, "search.num_cpus", f"must be >= 0, got {self.num_cpus}")
-        _check(self.inject_crash_at_epoch >= 0, "search.inject_crash_at_epoch", f"must be >= 0, got {self.inject_crash_at_epoch}")
-        _check(bool(self.name) and "/" not in self.name, "search.name", f"must be a non-empty folder name, got {self.name!r}")
+        _check(
+            self.inject_crash_at_epoch >= 0,
+            "search.inject_crash_at_epoch",
+            f"must be >= 0, got {self.inject_crash_at_epoch}",
+        )
+        _check(
+            bool(self.name) and "/" not in self.name,
+            "search.name",
+            f"must be a non-empty folder name, got {self.name!r}",
+        )
         for key, entry in self.space.items():
             check_space_entry(key, entry, self.searcher)
 
@@ -401,7 +516,9 @@ class LogConfig:
     keep_last: int = 2
     keep_best: bool = True
     level: str = "warning"  # what libraries may print: warning (default: known noise hidden) | info | debug (all of it)
-    allow_config_change: List[str] = field(default_factory=list)  # resume: fields allowed to differ from the checkpoint's
+    allow_config_change: list[str] = field(
+        default_factory=list
+    )  # resume: fields allowed to differ from the checkpoint's
 
     def __post_init__(self) -> None:
         _check_choice(self.level, "log.level", LOG_LEVELS)
@@ -425,16 +542,28 @@ class DPMConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
 
     def __post_init__(self) -> None:
-        _check(list(self.model.img_size) == list(self.data.img_size), "data.img_size",
-               f"{list(self.data.img_size)} differs from model.img_size {list(self.model.img_size)}")
+        _check(
+            list(self.model.img_size) == list(self.data.img_size),
+            "data.img_size",
+            f"{list(self.data.img_size)} differs from model.img_size {list(self.model.img_size)}",
+        )
         sharded = self.model.classifier == "sharded"
-        _check(sharded or self.loss.sample_rate == 1.0, "loss.sample_rate",
-               f"{self.loss.sample_rate} samples the classes of a sharded head (Partial FC); set model.classifier=sharded "
-               "(it also runs on one rank) or loss.sample_rate=1.0")
-        _check(not (sharded and self.engine.precision == "fp16"), "engine.precision",
-               "fp16's loss scaling does not cover the sharded head's optimiser; use bf16 or fp32 with model.classifier=sharded")
-        _check(not (sharded and self.engine.gradient_clipping > 0), "engine.gradient_clipping",
-               "the global norm would leave out the sharded prototypes; use 0 with model.classifier=sharded")
+        _check(
+            sharded or self.loss.sample_rate == 1.0,
+            "loss.sample_rate",
+            f"{self.loss.sample_rate} samples the classes of a sharded head (Partial FC); set model.classifier=sharded "
+            "(it also runs on one rank) or loss.sample_rate=1.0",
+        )
+        _check(
+            not (sharded and self.engine.precision == "fp16"),
+            "engine.precision",
+            "fp16's loss scaling does not cover the sharded head's optimiser; use bf16 or fp32 with model.classifier=sharded",
+        )
+        _check(
+            not (sharded and self.engine.gradient_clipping > 0),
+            "engine.gradient_clipping",
+            "the global norm would leave out the sharded prototypes; use 0 with model.classifier=sharded",
+        )
 
 
 def register_configs() -> None:

@@ -12,8 +12,9 @@ import datetime
 import os
 import re
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as tdist
@@ -37,7 +38,7 @@ class DistEnv:
         return self.world_size > 1
 
     @classmethod
-    def from_env(cls) -> "DistEnv":
+    def from_env(cls) -> DistEnv:
         """Read torchrun / deepspeed launcher / Ray Train / Slurm variables (torchrun names win)."""
         env = os.environ
 
@@ -96,8 +97,13 @@ def init_process_group(env: DistEnv, *, timeout_s: float = 300.0) -> None:
         # ranks would read the gloo addresses the killed attempt's ranks left there (connectFullMesh:
         # connection refused, then a hang until the timeout). A key prefix per attempt keeps them apart.
         store, rank, world = next(tdist.rendezvous("env://", timeout=timeout))
-        tdist.init_process_group(backend=backend, store=tdist.PrefixStore(f"dpm/attempt_{attempt}", store), rank=rank,
-                                 world_size=world, timeout=timeout)
+        tdist.init_process_group(
+            backend=backend,
+            store=tdist.PrefixStore(f"dpm/attempt_{attempt}", store),
+            rank=rank,
+            world_size=world,
+            timeout=timeout,
+        )
     _NODES[:] = all_gather_objects(node_address())
 
 
@@ -223,7 +229,9 @@ def describe_peer_failure(err: BaseException, env: DistEnv, timeout_s: float) ->
     """One line naming who stopped answering, why, and how to go on."""
     text = str(err)
     me = _NODES[env.rank] if len(_NODES) > env.rank else node_address()
-    detail = re.sub(r"\s*" + _PEER.pattern, "", text.split("] ", 1)[-1]).split(". ", 1)[0].strip()  # "Read error: Connection reset by peer"
+    detail = (
+        re.sub(r"\s*" + _PEER.pattern, "", text.split("] ", 1)[-1]).split(". ", 1)[0].strip()
+    )  # "Read error: Connection reset by peer"
     cause = f"collective timed out after {timeout_s:g} s" if _TIMED_OUT.search(text) else detail
     peer = _PEER.search(text)
     others = [r for r in range(len(_NODES)) if r != env.rank]
@@ -238,7 +246,11 @@ def describe_peer_failure(err: BaseException, env: DistEnv, timeout_s: float) ->
     elif len(other_nodes) == 1:
         who = _named(_ranks_on(other_nodes[0]), other_nodes[0])
     else:
-        who = "a rank on one of nodes " + ", ".join(other_nodes[:8]) + (" ..." if len(other_nodes) > 8 else "") if other_nodes else "a peer rank"
+        who = (
+            "a rank on one of nodes " + ", ".join(other_nodes[:8]) + (" ..." if len(other_nodes) > 8 else "")
+            if other_nodes
+            else "a peer rank"
+        )
     return f"{who} stopped answering ({cause}; seen by rank {env.rank} on node {me}); {RESUME_HINT}"
 
 

@@ -12,7 +12,7 @@ import re
 import sys
 import time
 import warnings
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 from dpm_dist.dist import DistEnv
 
@@ -20,7 +20,7 @@ from dpm_dist.dist import DistEnv
 class MetricLogger(Protocol):
     def log(self, metrics: dict[str, float], step: int) -> None: ...
 
-    def close(self, hparams: Optional[dict[str, Any]] = None, final: Optional[dict[str, float]] = None) -> None: ...
+    def close(self, hparams: dict[str, Any] | None = None, final: dict[str, float] | None = None) -> None: ...
 
 
 class NullLogger:
@@ -34,7 +34,7 @@ class NullLogger:
 class TensorBoardLogger:
     """Scalars under hierarchical tags (``train/loss_id``, ``lr/main_weight``, ``eval/mAP``) + hparams."""
 
-    def __init__(self, log_dir: str, purge_step: Optional[int] = None) -> None:
+    def __init__(self, log_dir: str, purge_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.log_dir = log_dir
@@ -56,7 +56,7 @@ class TensorBoardLogger:
         self.writer.add_image(tag, pixels, step, dataformats="HWC")
         self.writer.flush()
 
-    def close(self, hparams: Optional[dict[str, Any]] = None, final: Optional[dict[str, float]] = None) -> None:
+    def close(self, hparams: dict[str, Any] | None = None, final: dict[str, float] | None = None) -> None:
         if hparams is not None:
             clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
             self.writer.add_hparams(clean, {f"hparam/{k}": v for k, v in (final or {}).items()}, run_name=".")
@@ -75,7 +75,9 @@ class StdoutLogger:
         from tqdm import tqdm
 
         # eval/<dataset>/...: each dataset's metrics (several data.roots) are in the table the evaluator prints
-        keys = [k for k in metrics if k.startswith("eval/") and k.count("/") == 1] or [k for k in metrics if k in _HEADLINE]
+        keys = [k for k in metrics if k.startswith("eval/") and k.count("/") == 1] or [
+            k for k in metrics if k in _HEADLINE
+        ]
         body = " ".join(f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in keys)
         if body:
             tqdm.write(f"[step {step} +{time.time() - self.start:.0f}s] {body}", file=self.stream or sys.stdout)
@@ -85,7 +87,15 @@ class StdoutLogger:
         pass
 
 
-_HEADLINE = ("train/loss", "train/loss_id", "train/loss_mask_id", "train/loss_hem", "train/loss_triplet", "train/acc", "perf/samples_per_sec")
+_HEADLINE = (
+    "train/loss",
+    "train/loss_id",
+    "train/loss_mask_id",
+    "train/loss_hem",
+    "train/loss_triplet",
+    "train/acc",
+    "perf/samples_per_sec",
+)
 
 
 class MultiLogger:
@@ -101,7 +111,7 @@ class MultiLogger:
             sink.close(hparams, final)
 
 
-def build_logger(log_cfg: Any, env: DistEnv, purge_step: Optional[int] = None) -> MetricLogger:
+def build_logger(log_cfg: Any, env: DistEnv, purge_step: int | None = None) -> MetricLogger:
     """TensorBoard (``<output_dir>/tb``) + stdout on rank 0; a no-op logger elsewhere. ``purge_step``: the
     first step a resumed run writes again (events of the crashed run from there on are dropped)."""
     if not env.is_main:

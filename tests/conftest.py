@@ -8,19 +8,43 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
-TINY = dict(seed=3, num_ids=8, num_test_ids=5, images_per_id=6, query_per_id=2, gallery_per_id=3, num_cams=3,
-            height=32, width=16, max_count=6)
+TINY = dict(
+    seed=3,
+    num_ids=8,
+    num_test_ids=5,
+    images_per_id=6,
+    query_per_id=2,
+    gallery_per_id=3,
+    num_cams=3,
+    height=32,
+    width=16,
+    max_count=6,
+)
 # dpm-train overrides for the tiny ViT at 64×32 px on those shards: 3 epochs × 2 steps, tens of seconds on 2 cores.
-TINY_TRAIN = ["model=vit_tiny", "model.img_size=[64,32]", "model.stride=[6,6]", "model.patch_size=8", "data.img_size=[64,32]",
-              "data.num_ids=4", "data.num_instances=2", "data.num_workers=0", "data.eval_batch_size=8", "optim.epochs=3",
-              "optim.warmup_epochs=1", "optim.steps_per_epoch=2", "eval.period=3", "log.log_every=1", "log.progress=false",
-              "engine.deterministic=true"]
+TINY_TRAIN = [
+    "model=vit_tiny",
+    "model.img_size=[64,32]",
+    "model.stride=[6,6]",
+    "model.patch_size=8",
+    "data.img_size=[64,32]",
+    "data.num_ids=4",
+    "data.num_instances=2",
+    "data.num_workers=0",
+    "data.eval_batch_size=8",
+    "optim.epochs=3",
+    "optim.warmup_epochs=1",
+    "optim.steps_per_epoch=2",
+    "eval.period=3",
+    "log.log_every=1",
+    "log.progress=false",
+    "engine.deterministic=true",
+]
 
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -78,10 +102,16 @@ def s3_endpoint() -> Iterator[str]:
     """A moto S3 server on loopback (the way s3fs tests itself) with dummy credentials."""
     from moto.server import ThreadedMotoServer
 
-    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE",
-                                            "BOTO_CONFIG", "AWS_DEFAULT_REGION")}
-    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", BOTO_CONFIG="/dev/null",
-                      AWS_DEFAULT_REGION="us-east-1")
+    saved = {
+        k: os.environ.get(k)
+        for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_PROFILE", "BOTO_CONFIG", "AWS_DEFAULT_REGION")
+    }
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        BOTO_CONFIG="/dev/null",
+        AWS_DEFAULT_REGION="us-east-1",
+    )
     os.environ.pop("AWS_PROFILE", None)
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -109,6 +139,7 @@ def s3_shards(s3_endpoint: str, tiny_shards: Path) -> str:
 
 # ---- the same function on 1 process and on N gloo ranks --------------------------------------------------
 
+
 def _rank_worker(rank: int, world: int, port: int, out_dir: str, fn, args: tuple) -> None:
     import torch
     import torch.distributed as tdist
@@ -118,7 +149,10 @@ def _rank_worker(rank: int, world: int, port: int, out_dir: str, fn, args: tuple
     torch.set_num_threads(1)
     tdist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
-        torch.save(fn(DistEnv(rank=rank, world_size=world, local_world_size=world), *args), os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save(
+            fn(DistEnv(rank=rank, world_size=world, local_world_size=world), *args),
+            os.path.join(out_dir, f"rank{rank}.pt"),
+        )
     finally:
         tdist.destroy_process_group()
 
@@ -145,6 +179,7 @@ def run_ranks(fn, world: int, out_dir: Path, *args) -> list:
 
 # ---- dpm-train runs as a user starts them ---------------------------------------------------------------------
 
+
 def train_env() -> dict[str, str]:
     return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
@@ -167,8 +202,10 @@ def assert_identical(a: dict, b: dict) -> None:
 
     assert a.keys() == b.keys()
     differ = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}: max |Δ| " \
-                       f"{max(float((a[k].float() - b[k].float()).abs().max()) for k in differ):.3g}"
+    assert not differ, (
+        f"{len(differ)} tensors differ, e.g. {differ[:3]}: max |Δ| "
+        f"{max(float((a[k].float() - b[k].float()).abs().max()) for k in differ):.3g}"
+    )
 
 
 def kill_tree(pid: int) -> None:
@@ -196,8 +233,15 @@ def uninterrupted(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -
     work = relative_workdir(tmp_path_factory.mktemp("train") / "work", tiny_shards)
     env = dict(train_env(), PATH=f"{VENV_BIN}:{os.environ['PATH']}")
     env.pop("PYTHON", None)
-    cmd = ["bash", str(ROOT / "launch" / "torchrun.sh"), "2", *TINY_TRAIN, "data.root=shards", "log.output_dir=uninterrupted",
-           "engine.zero_stage=1"]
+    cmd = [
+        "bash",
+        str(ROOT / "launch" / "torchrun.sh"),
+        "2",
+        *TINY_TRAIN,
+        "data.root=shards",
+        "log.output_dir=uninterrupted",
+        "engine.zero_stage=1",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work, timeout=RUN_TIMEOUT_S)
     (work / "reference.log").write_text(proc.stdout + "\n----- stderr -----\n" + proc.stderr)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -16,18 +16,36 @@ from dpm_dist.config import to_config
 from dpm_dist.dist import DistEnv, init_process_group
 from dpm_dist.model.dpm import create_model
 
-TINY = dict(backbone="vit_base_patch16_224", embed_dim=32, depth=4, num_heads=4, tap_blocks=(1, 2, 3, 4), drop_path=0.0,
-            img_size=(64, 32), patch_size=8, stride=(6, 6), num_classes=6, num_cams=3)
+TINY = dict(
+    backbone="vit_base_patch16_224",
+    embed_dim=32,
+    depth=4,
+    num_heads=4,
+    tap_blocks=(1, 2, 3, 4),
+    drop_path=0.0,
+    img_size=(64, 32),
+    patch_size=8,
+    stride=(6, 6),
+    num_classes=6,
+    num_cams=3,
+)
 
 
 def make_cfg(mode: str, zero: int, *, gather_triplet: bool = False, precision: str = "fp32"):
-    return to_config({
-        "model": {"img_size": [64, 32], "stride": [6, 6], "patch_size": 8, "drop_path": 0.0},
-        "data": {"img_size": [64, 32], "num_ids": 3, "num_instances": 2},
-        "optim": {"epochs": 4, "warmup_epochs": 1, "base_lr": 0.05},
-        "engine": {"update_mode": mode, "zero_stage": zero, "precision": precision, "gather_triplet": gather_triplet},
-        "loss": {"hem_ref_batch": 6},
-    })
+    return to_config(
+        {
+            "model": {"img_size": [64, 32], "stride": [6, 6], "patch_size": 8, "drop_path": 0.0},
+            "data": {"img_size": [64, 32], "num_ids": 3, "num_instances": 2},
+            "optim": {"epochs": 4, "warmup_epochs": 1, "base_lr": 0.05},
+            "engine": {
+                "update_mode": mode,
+                "zero_stage": zero,
+                "precision": precision,
+                "gather_triplet": gather_triplet,
+            },
+            "loss": {"hem_ref_batch": 6},
+        }
+    )
 
 
 def batches(env: DistEnv, num: int, per_rank: int = 6) -> list[dict]:

@@ -23,9 +23,18 @@ from dpm_dist.cli.eval import compose_config, main
 from tests.conftest import free_port, official_file
 
 VENV_BIN = Path(sys.executable).parent
-OVERRIDES = ["model=vit_tiny", "model.img_size=[64,32]", "model.stride=[6,6]", "model.patch_size=8",
-             "data.img_size=[64,32]", "data.num_workers=0", "data.eval_batch_size=4", "eval.query_chunk=3",
-             "eval.num_pictures=2", "eval.picture_topk=4"]
+OVERRIDES = [
+    "model=vit_tiny",
+    "model.img_size=[64,32]",
+    "model.stride=[6,6]",
+    "model.patch_size=8",
+    "data.img_size=[64,32]",
+    "data.num_workers=0",
+    "data.eval_batch_size=4",
+    "eval.query_chunk=3",
+    "eval.num_pictures=2",
+    "eval.picture_topk=4",
+]
 COUNTS = {"eval/num_query", "eval/num_gallery", "eval/num_valid_query"}
 
 
@@ -61,7 +70,9 @@ def run_folder(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> P
     _save_tiny_model(run / "model_final.pt", stored, {"epoch": 3})
     for epoch, step in ((2, 4), (3, 6)):
         (run / "checkpoints" / f"epoch_{epoch:04d}").mkdir(parents=True)
-        (run / "checkpoints" / f"epoch_{epoch:04d}" / "meta.json").write_text(json.dumps({"epoch": epoch, "step": step}))
+        (run / "checkpoints" / f"epoch_{epoch:04d}" / "meta.json").write_text(
+            json.dumps({"epoch": epoch, "step": step})
+        )
     (run / "checkpoints" / "latest").write_text("epoch_0003")
     (run / "results.json").write_text(json.dumps({"epochs": 3, "steps": 6}))
     return run
@@ -71,8 +82,9 @@ def dpm(command: str, *args: str, cwd: Path, **env: str) -> subprocess.Completed
     """The installed console command, run the way a user runs it."""
     environ = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     environ.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", **env)
-    return subprocess.run([str(VENV_BIN / command), *args], cwd=cwd, env=environ, capture_output=True, text=True,
-                          timeout=180)
+    return subprocess.run(
+        [str(VENV_BIN / command), *args], cwd=cwd, env=environ, capture_output=True, text=True, timeout=180
+    )
 
 
 def assert_one_line_error(proc: subprocess.CompletedProcess, prog: str, *needles: str) -> str:
@@ -118,7 +130,7 @@ def test_dpm_eval_writes_results_tensorboard_and_pictures(export, single, tmp_pa
     assert len(result["cmc"]) == 15  # max_rank 50 shortened to the gallery size
     pictures = sorted(result["pictures"])
     assert len(pictures) == 2 * 3 + 1 and "pictures/head_correlation_mean.png" in pictures
-    ranked = Image.open(out / [p for p in pictures if "ranked_" in p][0])
+    ranked = Image.open(out / next(p for p in pictures if "ranked_" in p))
     assert ranked.width > 2 * ranked.height  # query + 4 gallery items side by side
     tb = tensorboard(out / "tb")
     assert "eval/mAP" in tb.Tags()["scalars"] and not COUNTS & set(tb.Tags()["scalars"])  # counts are no curves
@@ -126,8 +138,19 @@ def test_dpm_eval_writes_results_tensorboard_and_pictures(export, single, tmp_pa
 
     # The same weights in the official layout, read directly (no conversion step), give the same numbers.
     official = official_file(path, tmp_path / "transformer_7.pth")
-    assert main(["--checkpoint", str(official), "--output-dir", str(tmp_path / "official"), *overrides,
-                 "eval.num_pictures=0"]) == 0
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(official),
+                "--output-dir",
+                str(tmp_path / "official"),
+                *overrides,
+                "eval.num_pictures=0",
+            ]
+        )
+        == 0
+    )
     assert json.loads((tmp_path / "official" / "results.json").read_text())["metrics"] == result["metrics"]
 
 
@@ -146,15 +169,24 @@ def test_a_run_folder_from_elsewhere_uses_the_stored_data_root_and_writes_next_t
     assert proc.stdout.strip().splitlines()[-1].startswith("rank-1 ")
     tb = tensorboard(out / "tb")
     assert [s.step for s in tb.Scalars("eval/mAP")] == [4] and tb.Scalars("eval/mAP")[0].value == pytest.approx(
-        result["metrics"]["mAP"])
+        result["metrics"]["mAP"]
+    )
     assert [i.step for i in tb.Images(tb.Tags()["images"][0])] == [4]
 
 
 def test_command_line_overrides_win_over_the_stored_config(run_folder, tmp_path):
     (tmp_path / "runs").symlink_to(run_folder.parent)
     # eval.distance=masked_cosine is train.yaml's value: named on the command line, it still wins over the file's
-    proc = dpm("dpm-eval", "--checkpoint", "runs/tiny/model_final.pt", "--output-dir", "out",
-               "eval.distance=masked_cosine", "eval.num_pictures=0", cwd=tmp_path)
+    proc = dpm(
+        "dpm-eval",
+        "--checkpoint",
+        "runs/tiny/model_final.pt",
+        "--output-dir",
+        "out",
+        "eval.distance=masked_cosine",
+        "eval.num_pictures=0",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads((tmp_path / "out" / "results.json").read_text())
     assert result["eval"]["distance"] == "masked_cosine" and result["pictures"] == []
@@ -166,8 +198,9 @@ def test_command_line_overrides_win_over_the_stored_config(run_folder, tmp_path)
 def test_a_stored_data_root_that_is_gone_says_where_it_came_from(tmp_path):
     _save_tiny_model(tmp_path / "moved.pt", OVERRIDES + [f"data.root={tmp_path / 'gone'}"], {"epoch": 1})
     proc = dpm("dpm-eval", "--checkpoint", "moved.pt", cwd=tmp_path)
-    assert_one_line_error(proc, "dpm-eval", "`data.root`", str(tmp_path / "gone"), "stored in", "moved.pt",
-                          "data.root=<folder>")
+    assert_one_line_error(
+        proc, "dpm-eval", "`data.root`", str(tmp_path / "gone"), "stored in", "moved.pt", "data.root=<folder>"
+    )
 
 
 def _not_a_model(kind: str, folder: Path, real: Path) -> str:
@@ -190,14 +223,17 @@ def _not_a_model(kind: str, folder: Path, real: Path) -> str:
     return name
 
 
-@pytest.mark.parametrize("kind, says", [
-    ("garbage", "not a torch file"),
-    ("truncated", "truncated or damaged torch file"),
-    ("pickled_object", "not a state dict: the torch file holds a pickled Python object (argparse.Namespace)"),
-    ("list", "not a state dict: the torch file holds a list"),
-    ("other_state_dict", "not a DPM state dict: no 'backbone.pos_embed' key"),
-    ("unknown_keys", "unknown key(s) ['extra_head.weight']"),
-])
+@pytest.mark.parametrize(
+    "kind, says",
+    [
+        ("garbage", "not a torch file"),
+        ("truncated", "truncated or damaged torch file"),
+        ("pickled_object", "not a state dict: the torch file holds a pickled Python object (argparse.Namespace)"),
+        ("list", "not a state dict: the torch file holds a list"),
+        ("other_state_dict", "not a DPM state dict: no 'backbone.pos_embed' key"),
+        ("unknown_keys", "unknown key(s) ['extra_head.weight']"),
+    ],
+)
 def test_a_file_that_is_not_a_model_is_one_line_naming_it(export, tmp_path, kind, says):
     name = _not_a_model(kind, tmp_path, export[0])
     proc = dpm("dpm-eval", "--checkpoint", name, cwd=tmp_path)
@@ -207,15 +243,28 @@ def test_a_file_that_is_not_a_model_is_one_line_naming_it(export, tmp_path, kind
 def test_the_traceback_of_a_user_error_only_with_hydra_full_error(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"\x00" * 100)
     proc = dpm("dpm-eval", "--checkpoint", "garbage.pt", cwd=tmp_path, HYDRA_FULL_ERROR="1")
-    assert proc.returncode != 0 and "Traceback" in proc.stderr and "not a torch file (starts with bytes 00 00" in proc.stderr
+    assert (
+        proc.returncode != 0
+        and "Traceback" in proc.stderr
+        and "not a torch file (starts with bytes 00 00" in proc.stderr
+    )
 
 
-@pytest.mark.parametrize("folder, says", [
-    ("empty", "an empty folder without model_best.pt or model_final.pt (not a run folder)"),
-    ("runs/tiny/checkpoints", "a training-state checkpoint folder (DeepSpeed shards), not a model file; pass {run}/model_best.pt or {run}/model_final.pt"),
-    ("runs/tiny/checkpoints/epoch_0003", "a training-state checkpoint folder (DeepSpeed shards), not a model file; pass {run}/model_best.pt"),
-    ("runs/young/checkpoints", "the run {young} has no model file yet"),
-])
+@pytest.mark.parametrize(
+    "folder, says",
+    [
+        ("empty", "an empty folder without model_best.pt or model_final.pt (not a run folder)"),
+        (
+            "runs/tiny/checkpoints",
+            "a training-state checkpoint folder (DeepSpeed shards), not a model file; pass {run}/model_best.pt or {run}/model_final.pt",
+        ),
+        (
+            "runs/tiny/checkpoints/epoch_0003",
+            "a training-state checkpoint folder (DeepSpeed shards), not a model file; pass {run}/model_best.pt",
+        ),
+        ("runs/young/checkpoints", "the run {young} has no model file yet"),
+    ],
+)
 def test_a_folder_that_is_not_a_run_folder_says_what_to_pass(run_folder, tmp_path, folder, says):
     (tmp_path / "empty").mkdir()
     (tmp_path / "runs").mkdir()
@@ -223,8 +272,12 @@ def test_a_folder_that_is_not_a_run_folder_says_what_to_pass(run_folder, tmp_pat
     (tmp_path / "runs" / "young" / "checkpoints" / "epoch_0001").mkdir(parents=True)
     (tmp_path / "runs" / "young" / "checkpoints" / "epoch_0001" / "meta.json").write_text("{}")
     proc = dpm("dpm-eval", "--checkpoint", folder, cwd=tmp_path)
-    line = assert_one_line_error(proc, "dpm-eval", str(tmp_path / folder),
-                                 says.format(run=tmp_path / "runs" / "tiny", young=tmp_path / "runs" / "young"))
+    line = assert_one_line_error(
+        proc,
+        "dpm-eval",
+        str(tmp_path / folder),
+        says.format(run=tmp_path / "runs" / "tiny", young=tmp_path / "runs" / "young"),
+    )
     assert "IsADirectoryError" not in line
 
 
@@ -233,9 +286,30 @@ def test_dpm_eval_under_torchrun_gives_the_same_numbers(export, single, tmp_path
     path, overrides = export
     port = free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-                    "--master-port", str(port), "-m", "dpm_dist.cli.eval", "--checkpoint", str(path),
-                    "--output-dir", str(tmp_path / "w2"), *overrides], check=True, env=env, capture_output=True, timeout=120)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(port),
+            "-m",
+            "dpm_dist.cli.eval",
+            "--checkpoint",
+            str(path),
+            "--output-dir",
+            str(tmp_path / "w2"),
+            *overrides,
+        ],
+        check=True,
+        env=env,
+        capture_output=True,
+        timeout=120,
+    )
     one = json.loads((single[0] / "results.json").read_text())
     two = json.loads((tmp_path / "w2" / "results.json").read_text())
     assert two["world_size"] == 2 and one["world_size"] == 1

@@ -59,7 +59,12 @@ def test_paper_presets_follow_spec_section_8():
         assert (cfg.optim.name, cfg.eval.neck_feat, cfg.eval.distance) == ("sgd", "before", "masked_cosine"), name
     assert _compose(["experiment=dukemtmc"]).optim.epochs == 150
     oreid = _compose(["experiment=market_to_occluded_reid"])
-    assert (oreid.loss.beta, oreid.data.color_jitter, oreid.data.eval_root, oreid.loss.margin) == (0.01, True, "shards/occluded_reid", 0.3)
+    assert (oreid.loss.beta, oreid.data.color_jitter, oreid.data.eval_root, oreid.loss.margin) == (
+        0.01,
+        True,
+        "shards/occluded_reid",
+        0.3,
+    )
     assert _compose(["experiment=msmt17"]).data.dataset == "msmt17"
     assert _compose([]).name == "tiny_synthetic"  # the default is the CPU demo
 
@@ -102,7 +107,19 @@ def test_every_config_field_is_documented():
     from dpm_dist import config as C
 
     text = (Path(__file__).resolve().parents[1] / "docs" / "configuration.md").read_text()
-    sections = {"model": C.ModelConfig, "loss": C.LossConfig, "data": C.DataConfig, "optim": C.OptimConfig,
-                "engine": C.EngineConfig, "eval": C.EvalConfig, "log": C.LogConfig}
-    missing = [f"{name}.{f.name}" for name, cls in sections.items() for f in dataclasses.fields(cls) if f"`{f.name}`" not in text]
+    sections = {
+        "model": C.ModelConfig,
+        "loss": C.LossConfig,
+        "data": C.DataConfig,
+        "optim": C.OptimConfig,
+        "engine": C.EngineConfig,
+        "eval": C.EvalConfig,
+        "log": C.LogConfig,
+    }
+    missing = [
+        f"{name}.{f.name}"
+        for name, cls in sections.items()
+        for f in dataclasses.fields(cls)
+        if f"`{f.name}`" not in text
+    ]
     assert not missing, f"docs/configuration.md does not name: {', '.join(missing)}"

@@ -21,22 +21,47 @@ from dpm_dist.config import DataConfig, DPMConfig, ModelConfig
 from tests.conftest import official_file
 
 REPO = Path(__file__).resolve().parents[1]
-TINY_MODEL = ModelConfig(embed_dim=64, depth=4, num_heads=4, patch_size=8, img_size=[64, 32], stride=[6, 6],
-                         tap_blocks=[1, 2, 3, 4])
+TINY_MODEL = ModelConfig(
+    embed_dim=64, depth=4, num_heads=4, patch_size=8, img_size=[64, 32], stride=[6, 6], tap_blocks=[1, 2, 3, 4]
+)
 TOLERANCE = 1e-4
 
 
 # Two training datasets as dpm-train data.roots=[...] records them: b is the tiny synthetic shards' (8 ids, 3 cameras).
 TWO_DATASETS = [
-    {"name": "a", "root": "/data/a", "dataset": "synthetic", "id_offset": 0, "cam_offset": 0, "num_train_ids": 5,
-     "num_cams": 2, "num_images": 20, "weight": 0.3},
-    {"name": "b", "root": "/data/b", "dataset": "synthetic", "id_offset": 5, "cam_offset": 2, "num_train_ids": 8,
-     "num_cams": 3, "num_images": 48, "weight": 0.7},
+    {
+        "name": "a",
+        "root": "/data/a",
+        "dataset": "synthetic",
+        "id_offset": 0,
+        "cam_offset": 0,
+        "num_train_ids": 5,
+        "num_cams": 2,
+        "num_images": 20,
+        "weight": 0.3,
+    },
+    {
+        "name": "b",
+        "root": "/data/b",
+        "dataset": "synthetic",
+        "id_offset": 5,
+        "cam_offset": 2,
+        "num_train_ids": 8,
+        "num_cams": 3,
+        "num_images": 48,
+        "weight": 0.7,
+    },
 ]
 
 
-def save_tiny_model(path: Path, *, model: ModelConfig = TINY_MODEL, num_cams: int = 3, neck_feat: str = "before",
-                    datasets: list | None = None) -> Path:
+def save_tiny_model(
+    path: Path,
+    *,
+    model: ModelConfig = TINY_MODEL,
+    num_cams: int = 3,
+    neck_feat: str = "before",
+    datasets: list | None = None,
+) -> Path:
     """A tiny DPM with a non-trivial mask, written as training writes model files (weights + resolved config);
     ``datasets``: the ``meta["datasets"]`` record (none: a file from before it existed)."""
     from dpm_dist.model.dpm import build_model
@@ -48,7 +73,9 @@ def save_tiny_model(path: Path, *, model: ModelConfig = TINY_MODEL, num_cams: in
     cfg = DPMConfig(model=model, data=DataConfig(img_size=list(model.img_size)))
     config = dataclasses.asdict(cfg)
     config["eval"]["neck_feat"] = neck_feat
-    save_model_file(net, str(path), {"epoch": 3, "config": config, **({"datasets": datasets} if datasets is not None else {})})
+    save_model_file(
+        net, str(path), {"epoch": 3, "config": config, **({"datasets": datasets} if datasets is not None else {})}
+    )
     return path
 
 
@@ -115,13 +142,17 @@ def test_embed_takes_paths_and_pil_images_and_distance_is_the_evaluators(tiny_fi
     assert torch.equal(by_path.feat, by_image.feat)
     dist = loaded.distance(by_path, by_path)
     assert dist.shape == (3, 3)
-    torch.testing.assert_close(dist, arccos_distance(masked_cosine_similarity(by_path.feat, by_path.mask, by_path.feat)))
+    torch.testing.assert_close(
+        dist, arccos_distance(masked_cosine_similarity(by_path.feat, by_path.mask, by_path.feat))
+    )
 
 
 def test_the_documented_python_example_runs_as_written(tiny_file, tmp_path):
     """The README's "Using a trained model" example (the ```python block, also in docs/deployment.md), unchanged."""
-    example, copy = (re.search(r"```python\n(.*?)```", (REPO / name).read_text(), re.S).group(1)
-                     for name in ("README.md", "docs/deployment.md"))
+    example, copy = (
+        re.search(r"```python\n(.*?)```", (REPO / name).read_text(), re.S).group(1)
+        for name in ("README.md", "docs/deployment.md")
+    )
     assert example == copy
     assert len(example.strip().splitlines()) <= 5
     (tmp_path / "runs" / "tiny_synthetic").mkdir(parents=True)
@@ -146,7 +177,7 @@ def test_exported_model_matches_eager_pytorch_at_batch_1_and_7(tiny_file, tmp_pa
         stored = export.read_onnx_metadata(dst)
         assert stored["exporter"] == meta["exporter"] == "dynamo" and stored["opset"] == 18
         assert [i.name for i in session.get_inputs()] == ["images", "camids"]
-        run = lambda x, c: export.run_onnx(session, x, c)  # noqa: E731
+        run = lambda x, c: export.run_onnx(session, x, c)
     else:
         module, stored = export.read_torchscript(dst)
         run = module

@@ -16,7 +16,7 @@ from dpm_dist.dist import DistEnv, init_process_group
 from dpm_dist.train.optim import build_optimizers, build_scheduler
 
 sys.path.insert(0, str(Path(__file__).parent))
-import engine_worker as W  # noqa: E402
+import engine_worker as W
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -24,10 +24,31 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize(
     "epochs,table",
     [
-        (150, {1: (1.664e-3, 3.264e-3), 2: (3.248e-3, 6.448e-3), 4: (6.416e-3, 1.2816e-2), 5: (7.978e-3, 1.5956e-2),
-               10: (7.913e-3, 1.5825e-2), 30: (7.238e-3, 1.4474e-2), 75: (4.008e-3, 8.008e-3), 120: (7.78e-4, 1.542e-3),
-               149: (1.69e-5, 1.78e-5), 150: (1.6e-5, 1.6e-5)}),
-        (50, {1: (1.664e-3, 3.264e-3), 5: (7.805e-3, 1.5609e-2), 10: (7.238e-3, 1.4474e-2), 30: (2.774e-3, 5.538e-3), 50: (1.6e-5, 1.6e-5)}),
+        (
+            150,
+            {
+                1: (1.664e-3, 3.264e-3),
+                2: (3.248e-3, 6.448e-3),
+                4: (6.416e-3, 1.2816e-2),
+                5: (7.978e-3, 1.5956e-2),
+                10: (7.913e-3, 1.5825e-2),
+                30: (7.238e-3, 1.4474e-2),
+                75: (4.008e-3, 8.008e-3),
+                120: (7.78e-4, 1.542e-3),
+                149: (1.69e-5, 1.78e-5),
+                150: (1.6e-5, 1.6e-5),
+            },
+        ),
+        (
+            50,
+            {
+                1: (1.664e-3, 3.264e-3),
+                5: (7.805e-3, 1.5609e-2),
+                10: (7.238e-3, 1.4474e-2),
+                30: (2.774e-3, 5.538e-3),
+                50: (1.6e-5, 1.6e-5),
+            },
+        ),
     ],
 )
 def test_lr_table_of_spec_5_2_and_constant_mask_lr(epochs, table):
@@ -69,14 +90,28 @@ def official_loop(steps: int = 3) -> dict[str, torch.Tensor]:
     main, mask = build_optimizers(model, cfg.optim)
     build_scheduler(main, cfg.optim).step(2)
     lc = cfg.loss
-    kw = dict(alpha=lc.alpha, beta=lc.beta, margin=lc.margin, scale=lc.scale, triplet_weight=lc.triplet_weight, hem_ref_batch=lc.hem_ref_batch)
+    kw = dict(
+        alpha=lc.alpha,
+        beta=lc.beta,
+        margin=lc.margin,
+        scale=lc.scale,
+        triplet_weight=lc.triplet_weight,
+        hem_ref_batch=lc.hem_ref_batch,
+    )
     model.train()
     for batch in W.batches(DistEnv(), steps):
         for opt in (main, mask):
             opt.zero_grad()
             out = model(batch["images"], batch["camids"])
-            loss = dpm_loss(feat=out.feat, feat_bn=out.feat_bn, mask=out.mask, attn_logits=out.attn_logits,
-                            prototypes=model.prototypes, labels=batch["pids"], **kw)["loss"]
+            loss = dpm_loss(
+                feat=out.feat,
+                feat_bn=out.feat_bn,
+                mask=out.mask,
+                attn_logits=out.attn_logits,
+                prototypes=model.prototypes,
+                labels=batch["pids"],
+                **kw,
+            )["loss"]
             loss.backward()
             opt.step()
     return model.state_dict()
@@ -124,9 +159,24 @@ def test_reference_mode_refuses_zero_above_0(single_process):
 
 def _torchrun(tmp_path: Path, runs: list[str]) -> None:
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "0",
-           "--rdzv-backend", "c10d", "--rdzv-endpoint", "127.0.0.1:0", str(ROOT / "tests" / "engine_worker.py"),
-           "--out", str(tmp_path), "--runs", *runs]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--master-port",
+        "0",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        "127.0.0.1:0",
+        str(ROOT / "tests" / "engine_worker.py"),
+        "--out",
+        str(tmp_path),
+        "--runs",
+        *runs,
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
@@ -177,7 +227,7 @@ def test_checkpoint_keeps_the_fp16_loss_scale_and_weights(single_process, zero, 
     checkpoint.save(engine, str(tmp_path), epoch=1, step=2, env=single_process, meta={}, keep_last=1, is_best=False)
 
     fresh = DPMEngine(W.fresh_model(), cfg, single_process)
-    assert fresh.loss_scale() == 2.0 ** 16
+    assert fresh.loss_scale() == 2.0**16
     meta = checkpoint.resume(fresh, str(tmp_path), single_process)
     assert meta["epoch"] == 1 and meta["rng_restored"]
     assert {name: s.get_scale() for name, s in fresh._scalers()} == {"main": 1024.0, "mask": 1024.0}
@@ -210,7 +260,9 @@ def test_resharded_zero_state_continues_exactly_like_the_saved_engine(single_pro
     fresh = DPMEngine(W.fresh_model(), cfg, single_process)
     fresh.start_epoch(2)
     for name, ds_engine in fresh.modules():
-        ds_engine.load_checkpoint(str(tmp_path / "epoch_0001"), tag=name, load_module_only=True, load_optimizer_states=False)
+        ds_engine.load_checkpoint(
+            str(tmp_path / "epoch_0001"), tag=name, load_module_only=True, load_optimizer_states=False
+        )
         load_resharded_zero_state(ds_engine, str(tmp_path / "epoch_0001" / name))
     torch.manual_seed(11)
     engine.step(batches[2])

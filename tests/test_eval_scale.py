@@ -2,21 +2,25 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from test_evaluator import NUM_G, NUM_Q, rank_share, synthetic_embeddings
+from test_retrieval_rerank import CASES, assemble, distributed_rerank
 
 from dpm_dist.config import EvalConfig
 from dpm_dist.dist import DistEnv
 from dpm_dist.eval.evaluator import Embeddings, evaluate_embeddings, gather_embeddings, gather_queries, split_roles
 from dpm_dist.eval.evaluator import _shard as shard_of
+from dpm_dist.eval.retrieval import (
+    count_at_or_before,
+    distance_matrix,
+    match_ranks,
+    match_table,
+    true_matches,
+    valid_ranks,
+)
 from dpm_dist.eval.topk import topk_lists
-from dpm_dist.eval.retrieval import (count_at_or_before, distance_matrix, match_ranks, match_table, true_matches,
-                                     valid_ranks)
-
 from tests.conftest import run_ranks
-from test_evaluator import NUM_G, NUM_Q, rank_share, synthetic_embeddings
-from test_retrieval_rerank import CASES, assemble, distributed_rerank
 
 CONFIGS = {
     "masked_cosine": EvalConfig(distance="masked_cosine", query_chunk=4, max_rank=20),
@@ -28,8 +32,8 @@ CONFIGS = {
 def tied_embeddings() -> Embeddings:
     """The evaluator tests' set plus clip ties: gallery items pointing the same way as their query."""
     data = synthetic_embeddings()
-    data.feats[NUM_Q + 80:NUM_Q + 86] = data.feats[:6] * 3.0  # cos = 1 up to rounding: all clipped to one value
-    data.pids[NUM_Q + 80:NUM_Q + 86] = data.pids[:6]
+    data.feats[NUM_Q + 80 : NUM_Q + 86] = data.feats[:6] * 3.0  # cos = 1 up to rounding: all clipped to one value
+    data.pids[NUM_Q + 80 : NUM_Q + 86] = data.pids[:6]
     return data
 
 
@@ -43,7 +47,11 @@ def scenarios(env: DistEnv) -> dict:
     query, gallery = split_roles(gather_embeddings(local))
     sharded_query, shard = gather_queries(by_role(local, "query")), shard_of(by_role(local, "gallery"), env)
     out = {"share": len(shard.local), "rerank_rows": distributed_rerank(env)}
-    for method, q, g in (("dense", query, gallery), ("sparse", query, gallery), ("sparse_sharded", sharded_query, shard)):
+    for method, q, g in (
+        ("dense", query, gallery),
+        ("sparse", query, gallery),
+        ("sparse_sharded", sharded_query, shard),
+    ):
         cfg = EvalConfig(rerank=True, rerank_method=method.split("_")[0], rerank_k1=6, rerank_k2=3, query_chunk=4)
         m = evaluate_embeddings(q, g, cfg, env)
         out["rerank_" + method] = dict(m.as_dict(), ap=m.ap.tolist())
@@ -71,7 +79,9 @@ def worlds(tmp_path_factory) -> tuple[dict, list[dict]]:
 @pytest.mark.slow
 def test_sharded_equals_gathered_on_1_and_3_ranks(worlds):
     single, multi = worlds
-    assert [r["share"] for r in multi][1] == 0 and sum(r["share"] for r in multi) == NUM_G  # an empty rank, no duplicates
+    assert [r["share"] for r in multi][1] == 0 and sum(
+        r["share"] for r in multi
+    ) == NUM_G  # an empty rank, no duplicates
     for name in CONFIGS:
         assert single[name + "_sharded"] == single[name], name
         for rank_result in multi:
@@ -83,7 +93,8 @@ def test_sharded_equals_gathered_on_1_and_3_ranks(worlds):
     assert 0 < single["masked_cosine"]["num_valid_query"] < NUM_Q  # queries without a match are skipped
     for kind in ("rerank_sparse", "rerank_top_sparse"):  # distributed by rows; a sharded gallery gives the same
         assert single[kind + "_sharded"] == single[kind] and all(
-            r[kind] == single[kind] and r[kind + "_sharded"] == single[kind] for r in multi), kind
+            r[kind] == single[kind] and r[kind + "_sharded"] == single[kind] for r in multi
+        ), kind
     assert single["rerank_sparse"]["mAP"] == pytest.approx(single["rerank_dense"]["mAP"], abs=1e-12)
     assert single["rerank_top_sparse"][0] == single["rerank_top_dense"][0]
     index, distance = single["masked_cosine_top5"]
@@ -103,6 +114,7 @@ def test_row_distributed_sparse_rerank_has_the_same_bits_on_1_and_3_ranks(worlds
 
 # --- one process -------------------------------------------------------------------------------------
 
+
 def test_a_distance_has_the_same_bits_in_any_gallery():
     g = torch.Generator().manual_seed(0)
     q, gal, mask = torch.randn(5, 64, generator=g), torch.randn(700, 64, generator=g), torch.rand(5, 64, generator=g)
@@ -111,8 +123,8 @@ def test_a_distance_has_the_same_bits_in_any_gallery():
         perm = torch.randperm(700, generator=g)
         assert torch.equal(distance_matrix(q, gal[perm], q_mask=mask, metric=metric), full[:, perm]), metric
         for start, size in ((0, 1), (3, 7), (250, 300)):
-            part = distance_matrix(q, gal[start:start + size], q_mask=mask, metric=metric)
-            assert torch.equal(part, full[:, start:start + size]), (metric, start, size)
+            part = distance_matrix(q, gal[start : start + size], q_mask=mask, metric=metric)
+            assert torch.equal(part, full[:, start : start + size]), (metric, start, size)
 
 
 def test_counts_over_disjoint_parts_add_up_to_the_match_ranks():
@@ -126,9 +138,13 @@ def test_counts_over_disjoint_parts_add_up_to_the_match_ranks():
     pieces = [true_matches(q_pids, g_pids[p], q_cams, g_cams[p]) for p in parts]
     rows = torch.cat([m_rows for m_rows, *_ in pieces])
     values = torch.cat([dist[:, p][m_rows, m_cols] for p, (m_rows, m_cols, _, _) in zip(parts, pieces)])
-    match_val, match_tie, rel = match_table(rows, values, torch.cat([p[m_cols] for p, (_, m_cols, _, _) in zip(parts, pieces)]), num_q)
-    total = sum(count_at_or_before(dist[:, p].contiguous(), p, match_val, match_tie, j_rows, j_cols)
-                for p, (_, _, j_rows, j_cols) in zip(parts, pieces))
+    match_val, match_tie, rel = match_table(
+        rows, values, torch.cat([p[m_cols] for p, (_, m_cols, _, _) in zip(parts, pieces)]), num_q
+    )
+    total = sum(
+        count_at_or_before(dist[:, p].contiguous(), p, match_val, match_tie, j_rows, j_cols)
+        for p, (_, _, j_rows, j_cols) in zip(parts, pieces)
+    )
     assert torch.equal(rel, num_rel) and torch.equal(valid_ranks(total, rel), expected)
 
 
@@ -150,8 +166,11 @@ def test_match_ranks_by_cells_equal_a_stable_sort(cells, piece, monkeypatch):
     monkeypatch.setattr(retrieval, "CELLS", cells)
     monkeypatch.setattr(retrieval, "RANK_PIECE", piece)
     g = torch.Generator().manual_seed(cells)
-    for dist in (torch.randint(0, 9, (7, 300), generator=g).float(), torch.rand(7, 300, generator=g) ** 4,
-                 torch.full((7, 300), 0.25)):
+    for dist in (
+        torch.randint(0, 9, (7, 300), generator=g).float(),
+        torch.rand(7, 300, generator=g) ** 4,
+        torch.full((7, 300), 0.25),
+    ):
         q_pids, g_pids = torch.randint(0, 5, (7,), generator=g), torch.randint(0, 5, (300,), generator=g)
         q_cams, g_cams = torch.randint(0, 2, (7,), generator=g), torch.randint(0, 2, (300,), generator=g)
         ranks, num_rel = match_ranks(dist, q_pids, g_pids, q_cams, g_cams)
@@ -162,7 +181,9 @@ def test_match_ranks_by_cells_equal_a_stable_sort(cells, piece, monkeypatch):
 def test_dense_rerank_with_a_sharded_gallery_is_an_error_naming_the_fields():
     data = tied_embeddings()
     query, shard = gather_queries(by_role(data, "query")), shard_of(by_role(data, "gallery"), DistEnv())
-    with pytest.raises(ValueError, match="eval.rerank_method=dense.*eval.rerank_method=sparse.*eval.shard_gallery=false"):
+    with pytest.raises(
+        ValueError, match="eval.rerank_method=dense.*eval.rerank_method=sparse.*eval.shard_gallery=false"
+    ):
         evaluate_embeddings(query, shard, EvalConfig(rerank=True, rerank_method="dense"), DistEnv())
     with pytest.raises(ValueError, match="eval.rerank_method.*dense.*eval.shard_gallery=true"):
         EvalConfig(rerank=True, rerank_method="dense", shard_gallery=True)

@@ -10,12 +10,21 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import free_port
 
-OVERRIDES = ["model=vit_tiny", "model.img_size=[64,32]", "model.stride=[6,6]", "model.patch_size=8",
-             "data.img_size=[64,32]", "data.num_workers=0", "data.eval_batch_size=4", "eval.query_chunk=3",
-             "eval.num_pictures=2", "eval.picture_topk=4", "log.tensorboard=false"]
+OVERRIDES = [
+    "model=vit_tiny",
+    "model.img_size=[64,32]",
+    "model.stride=[6,6]",
+    "model.patch_size=8",
+    "data.img_size=[64,32]",
+    "data.num_workers=0",
+    "data.eval_batch_size=4",
+    "eval.query_chunk=3",
+    "eval.num_pictures=2",
+    "eval.picture_topk=4",
+    "log.tensorboard=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -38,12 +47,41 @@ def export(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def dpm_eval(cwd: Path, export: Path, shards: Path, out: str, *extra: str, ranks: int = 1) -> dict:
     """The real command from ``cwd`` with relative paths; its results.json."""
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr",
-                 "127.0.0.1", "--master-port", str(free_port())] if ranks > 1 else [sys.executable])
+    launcher = (
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            str(ranks),
+            "--master-addr",
+            "127.0.0.1",
+            "--master-port",
+            str(free_port()),
+        ]
+        if ranks > 1
+        else [sys.executable]
+    )
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
-    proc = subprocess.run([*launcher, "-m", "dpm_dist.cli.eval", "--checkpoint", os.path.relpath(export, cwd),
-                           "--output-dir", out, *OVERRIDES, f"data.root={os.path.relpath(shards, cwd)}", *extra],
-                          cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            *launcher,
+            "-m",
+            "dpm_dist.cli.eval",
+            "--checkpoint",
+            os.path.relpath(export, cwd),
+            "--output-dir",
+            out,
+            *OVERRIDES,
+            f"data.root={os.path.relpath(shards, cwd)}",
+            *extra,
+        ],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((cwd / out / "results.json").read_text())
 
@@ -55,8 +93,16 @@ def read_jsonl(path: Path) -> list[dict]:
 @pytest.mark.slow
 def test_sharded_dpm_eval_on_2_ranks_equals_1_process(export, tiny_shards, tmp_path):
     one = dpm_eval(tmp_path, export, tiny_shards, "one", "eval.topk=6", "eval.topk_format=jsonl")
-    two = dpm_eval(tmp_path, export, tiny_shards, "two", "eval.topk=6", "eval.topk_format=jsonl",
-                   "eval.shard_gallery=true", ranks=2)
+    two = dpm_eval(
+        tmp_path,
+        export,
+        tiny_shards,
+        "two",
+        "eval.topk=6",
+        "eval.topk_format=jsonl",
+        "eval.shard_gallery=true",
+        ranks=2,
+    )
     assert one["world_size"] == 1 and two["world_size"] == 2 and two["eval"]["shard_gallery"]
     assert two["metrics"] == one["metrics"] and two["cmc"] == one["cmc"] and two["pictures"] == one["pictures"]
     assert len(one["pictures"]) == 2 * 3 + 1
@@ -76,8 +122,9 @@ def test_sharded_dpm_eval_on_2_ranks_equals_1_process(export, tiny_shards, tmp_p
 def test_topk_parquet_equals_jsonl_and_follows_the_ranking(export, tiny_shards, tmp_path):
     import pyarrow.parquet as pq
 
-    result = dpm_eval(tmp_path, export, tiny_shards, "pq", "eval.topk=20", "eval.shard_gallery=true",
-                      "eval.num_pictures=0")
+    result = dpm_eval(
+        tmp_path, export, tiny_shards, "pq", "eval.topk=20", "eval.shard_gallery=true", "eval.num_pictures=0"
+    )
     assert result["topk_file"] == "topk.parquet"
     rows = pq.read_table(tmp_path / "pq" / "topk.parquet").to_pylist()
     assert len(rows) == 10 and all(12 <= len(r["gallery"]) <= 15 for r in rows)  # the kept gallery: <= 3 junk
@@ -87,15 +134,32 @@ def test_topk_parquet_equals_jsonl_and_follows_the_ranking(export, tiny_shards, 
 
 
 @pytest.mark.slow
-def test_sparse_rerank_with_a_sharded_gallery_on_2_ranks_equals_the_dense_one_in_1_process(export, tiny_shards, tmp_path):
-    rerank = ["eval.rerank=true", "eval.rerank_k1=6", "eval.rerank_k2=3", "eval.topk=5", "eval.topk_format=jsonl",
-              "eval.num_pictures=0"]
+def test_sparse_rerank_with_a_sharded_gallery_on_2_ranks_equals_the_dense_one_in_1_process(
+    export, tiny_shards, tmp_path
+):
+    rerank = [
+        "eval.rerank=true",
+        "eval.rerank_k1=6",
+        "eval.rerank_k2=3",
+        "eval.topk=5",
+        "eval.topk_format=jsonl",
+        "eval.num_pictures=0",
+    ]
     one = dpm_eval(tmp_path, export, tiny_shards, "dense", *rerank)
-    two = dpm_eval(tmp_path, export, tiny_shards, "sparse", *rerank, "eval.rerank_method=sparse",
-                   "eval.shard_gallery=true", ranks=2)
+    two = dpm_eval(
+        tmp_path,
+        export,
+        tiny_shards,
+        "sparse",
+        *rerank,
+        "eval.rerank_method=sparse",
+        "eval.shard_gallery=true",
+        ranks=2,
+    )
     assert two["eval"]["shard_gallery"] and two["eval"]["rerank_method"] == "sparse"
     assert two["metrics"] == one["metrics"] and two["cmc"] == one["cmc"]
-    for a, b in zip(read_jsonl(tmp_path / "sparse" / "topk.jsonl"), read_jsonl(tmp_path / "dense" / "topk.jsonl"),
-                    strict=True):
+    for a, b in zip(
+        read_jsonl(tmp_path / "sparse" / "topk.jsonl"), read_jsonl(tmp_path / "dense" / "topk.jsonl"), strict=True
+    ):
         assert a["distance"] == pytest.approx(b["distance"], abs=1e-5)  # re-ranked values: rounding only
         assert {**a, "distance": None} == {**b, "distance": None}

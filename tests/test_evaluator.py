@@ -2,21 +2,37 @@
 
 from __future__ import annotations
 
-
 import pytest
 import torch
+from test_retrieval import per_query_reference
 
 from dpm_dist.config import EvalConfig
 from dpm_dist.dist import DistEnv
-from dpm_dist.eval.evaluator import Embeddings, evaluate_embeddings, extract, extract_and_gather, gather_embeddings, split_roles
+from dpm_dist.eval.evaluator import (
+    Embeddings,
+    evaluate_embeddings,
+    extract,
+    extract_and_gather,
+    gather_embeddings,
+    split_roles,
+)
 from dpm_dist.eval.retrieval import evaluate_features
-
 from tests.conftest import run_ranks
-from test_retrieval import per_query_reference
 
 NUM_Q, NUM_G, DIM = 23, 101, 16  # 101 gallery items: no even split over 3 ranks
-TINY_MODEL = dict(backbone="vit_base_patch16_224", embed_dim=32, depth=2, num_heads=4, tap_blocks=(1, 2), drop_path=0.0,
-                  img_size=(64, 32), patch_size=8, stride=(6, 6), num_classes=5, num_cams=3)
+TINY_MODEL = dict(
+    backbone="vit_base_patch16_224",
+    embed_dim=32,
+    depth=2,
+    num_heads=4,
+    tap_blocks=(1, 2),
+    drop_path=0.0,
+    img_size=(64, 32),
+    patch_size=8,
+    stride=(6, 6),
+    num_classes=5,
+    num_cams=3,
+)
 
 
 def synthetic_embeddings() -> Embeddings:
@@ -27,7 +43,7 @@ def synthetic_embeddings() -> Embeddings:
     q_pids = torch.randint(0, 14, (NUM_Q,), generator=g)  # ids 12, 13 never appear in the gallery
     g_pids = torch.randint(0, 12, (NUM_G,), generator=g)
     feats = torch.cat([centres[q_pids], centres[g_pids]]) + 0.9 * torch.randn(NUM_Q + NUM_G, DIM, generator=g)
-    feats[NUM_Q + 60:NUM_Q + 70] = feats[NUM_Q:NUM_Q + 10]  # exact duplicates: tied distances
+    feats[NUM_Q + 60 : NUM_Q + 70] = feats[NUM_Q : NUM_Q + 10]  # exact duplicates: tied distances
     masks = torch.rand(NUM_Q + NUM_G, DIM, generator=g)
     return Embeddings(
         keys=[f"q{i:03d}" for i in range(NUM_Q)] + [f"g{j:03d}" for j in range(NUM_G)],
@@ -46,7 +62,7 @@ def rank_share(total: int, rank: int, world: int, seed: int = 5) -> list[int]:
         return order
     sizes = [total * 5 // 8, 0, total - total * 5 // 8]
     start = sum(sizes[:rank])
-    share = order[start:start + sizes[rank]]
+    share = order[start : start + sizes[rank]]
     return share + order[:3] if rank == 2 else share  # padding-style duplicates
 
 
@@ -57,10 +73,16 @@ def image_for(key: str) -> torch.Tensor:
 
 def model_batches(data: Embeddings, share: list[int], role: str, batch_size: int = 4) -> list[dict]:
     rows = [i for i in share if data.roles[i] == role]
-    return [{"images": torch.stack([image_for(data.keys[i]) for i in rows[s:s + batch_size]]),
-             "pids": data.pids[rows[s:s + batch_size]], "camids": data.camids[rows[s:s + batch_size]],
-             "keys": [data.keys[i] for i in rows[s:s + batch_size]], "roles": [role] * len(rows[s:s + batch_size])}
-            for s in range(0, len(rows), batch_size)]
+    return [
+        {
+            "images": torch.stack([image_for(data.keys[i]) for i in rows[s : s + batch_size]]),
+            "pids": data.pids[rows[s : s + batch_size]],
+            "camids": data.camids[rows[s : s + batch_size]],
+            "keys": [data.keys[i] for i in rows[s : s + batch_size]],
+            "roles": [role] * len(rows[s : s + batch_size]),
+        }
+        for s in range(0, len(rows), batch_size)
+    ]
 
 
 def tiny_model():
@@ -96,10 +118,19 @@ def scenarios(env: DistEnv, shards: str | None) -> dict:
     out["model"] = evaluate_embeddings(mq, mg, EvalConfig(query_chunk=5), env).as_dict()
     out["model_feats"] = torch.cat([mq.feats, mg.feats])
     if shards is not None:
-        cfg = to_config({"data": {"root": shards, "img_size": [64, 32], "num_workers": 0, "eval_batch_size": 3,
-                                  "dataset": "synthetic"},
-                         "model": {"img_size": [64, 32], "stride": [6, 6], "patch_size": 8},
-                         "eval": {"query_chunk": 2}})
+        cfg = to_config(
+            {
+                "data": {
+                    "root": shards,
+                    "img_size": [64, 32],
+                    "num_workers": 0,
+                    "eval_batch_size": 3,
+                    "dataset": "synthetic",
+                },
+                "model": {"img_size": [64, 32], "stride": [6, 6], "patch_size": 8},
+                "eval": {"query_chunk": 2},
+            }
+        )
         out["loader"] = evaluate(model, cfg, env, device="cpu")
     return out
 
@@ -122,14 +153,23 @@ def test_world_sizes_1_and_3_give_identical_metrics(tmp_path, tiny_shards):
     # The gathered set is the canonical one: every key once, sorted by (role, key), whatever the shares.
     assert single["keys"] == [f"q{i:03d}" for i in range(NUM_Q)] + [f"g{j:03d}" for j in range(NUM_G)]
     data = synthetic_embeddings()
-    expected = evaluate_features(data.feats[:NUM_Q], data.feats[NUM_Q:], data.pids[:NUM_Q], data.pids[NUM_Q:],
-                                 data.camids[:NUM_Q], data.camids[NUM_Q:], q_mask=data.masks[:NUM_Q], max_rank=20)
+    expected = evaluate_features(
+        data.feats[:NUM_Q],
+        data.feats[NUM_Q:],
+        data.pids[:NUM_Q],
+        data.pids[NUM_Q:],
+        data.camids[:NUM_Q],
+        data.camids[NUM_Q:],
+        q_mask=data.masks[:NUM_Q],
+        max_rank=20,
+    )
     assert single["masked_cosine"]["mAP"] == expected.mAP and single["masked_cosine"]["cmc"] == expected.cmc.tolist()
     assert 0 < single["masked_cosine"]["num_valid_query"] < NUM_Q  # some queries have no match and are skipped
     assert single["loader"]["num_query"] == 10 and single["loader"]["num_gallery"] == 15
 
 
 # --- one process -------------------------------------------------------------------------------------
+
 
 def test_gather_on_one_process_dedupes_sorts_and_splits_by_role():
     data = synthetic_embeddings()
@@ -145,13 +185,26 @@ def test_metrics_follow_keys_not_positions():
     data = synthetic_embeddings()
     cfg = EvalConfig(query_chunk=5)
     forward = evaluate_embeddings(*split_roles(gather_embeddings(data)), cfg, DistEnv())
-    backward = evaluate_embeddings(*split_roles(gather_embeddings(data.select(list(range(len(data)))[::-1]))), cfg, DistEnv())
+    backward = evaluate_embeddings(
+        *split_roles(gather_embeddings(data.select(list(range(len(data)))[::-1]))), cfg, DistEnv()
+    )
     assert forward.as_dict() == backward.as_dict()
     q, g = data.select(list(range(NUM_Q))), data.select(list(range(NUM_Q, NUM_Q + NUM_G)))
     ref = per_query_reference(
-        (-torch.clamp((torch.nn.functional.normalize(q.feats) * q.masks) @ torch.nn.functional.normalize(g.feats).T
-                      / torch.sqrt((q.masks ** 2) @ (torch.nn.functional.normalize(g.feats) ** 2).T), -1 + 1e-5, 1 - 1e-5)).numpy(),
-        q.pids.numpy(), g.pids.numpy(), q.camids.numpy(), g.camids.numpy())
+        (
+            -torch.clamp(
+                (torch.nn.functional.normalize(q.feats) * q.masks)
+                @ torch.nn.functional.normalize(g.feats).T
+                / torch.sqrt((q.masks**2) @ (torch.nn.functional.normalize(g.feats) ** 2).T),
+                -1 + 1e-5,
+                1 - 1e-5,
+            )
+        ).numpy(),
+        q.pids.numpy(),
+        g.pids.numpy(),
+        q.camids.numpy(),
+        g.camids.numpy(),
+    )
     assert forward.mAP == pytest.approx(ref[1], rel=1e-12) and forward.num_valid == ref[3]
 
 

@@ -13,7 +13,7 @@ import torch
 from dpm_dist.dist import DistEnv, init_process_group
 
 sys.path.insert(0, str(Path(__file__).parent))
-import engine_worker as W  # noqa: E402
+import engine_worker as W
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +78,9 @@ def test_pinned_loader_yields_the_same_batches(tiny_shards):
     from dpm_dist.config import DataConfig
     from dpm_dist.data.loader import build_train_loader
 
-    common = dict(root=str(tiny_shards), dataset="synthetic", num_ids=4, num_instances=2, num_workers=1,
-                  img_size=[32, 16])
+    common = dict(
+        root=str(tiny_shards), dataset="synthetic", num_ids=4, num_instances=2, num_workers=1, img_size=[32, 16]
+    )
     with pytest.warns(UserWarning, match="pin_memory") if not torch.cuda.is_available() else _no_warning():
         pinned = next(iter(build_train_loader(DataConfig(**common, pin_memory=True), DistEnv(), epoch=1, seed=0)))
     plain = next(iter(build_train_loader(DataConfig(**common), DistEnv(), epoch=1, seed=0)))

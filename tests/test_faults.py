@@ -60,35 +60,60 @@ def test_a_silent_peer_fails_a_deepspeed_style_group_within_the_timeout(tmp_path
     torch's 30 min default, and the survivor's error names the silent rank."""
     (tmp_path / "pair.py").write_text(_PAIR)
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "pair.py", "3", "60"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env=_env(RANK=str(r), WORLD_SIZE="2", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                                                  MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), PYTHONPATH=str(ROOT)))
-             for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "pair.py", "3", "60"],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=_env(
+                RANK=str(r),
+                WORLD_SIZE="2",
+                LOCAL_RANK="0",
+                LOCAL_WORLD_SIZE="1",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=str(port),
+                PYTHONPATH=str(ROOT),
+            ),
+        )
+        for r in (0, 1)
+    ]
     try:
         out, _ = procs[0].communicate(timeout=45)  # well below the silent rank's 60 s: the timeout fired
     finally:
         procs[1].kill()
         procs[1].wait()
     assert procs[0].returncode == 3, out[-3000:]
-    assert "rank 1 (node 127.0.0.1) stopped answering (collective timed out after 3 s; seen by rank 0" in out, out[-2000:]
+    assert "rank 1 (node 127.0.0.1) stopped answering (collective timed out after 3 s; seen by rank 0" in out, out[
+        -2000:
+    ]
     assert HINT in out
 
 
-@pytest.mark.parametrize("gloo,expected", [
-    ("[/x/gloo/transport/tcp/pair.cc:545] Read error [10.0.0.2]:9934: Connection reset by peer. This is typically caused",
-     "ranks 1, 2 (node 10.0.0.2) stopped answering (Read error: Connection reset by peer; seen by rank 0 on node 10.0.0.1)"),
-    ("[/x/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation to complete",
-     "a rank on one of nodes 10.0.0.2, 10.0.0.3 stopped answering (collective timed out after 5 s; seen by rank 0"),
-    ("[/x/gloo/transport/tcp/pair.cc:561] Connection closed by peer [10.0.0.9]:16777. This is typically caused",
-     "node 10.0.0.9 stopped answering (Connection closed by peer; seen by rank 0"),
-])
+@pytest.mark.parametrize(
+    "gloo,expected",
+    [
+        (
+            "[/x/gloo/transport/tcp/pair.cc:545] Read error [10.0.0.2]:9934: Connection reset by peer. This is typically caused",
+            "ranks 1, 2 (node 10.0.0.2) stopped answering (Read error: Connection reset by peer; seen by rank 0 on node 10.0.0.1)",
+        ),
+        (
+            "[/x/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 5000ms for recv operation to complete",
+            "a rank on one of nodes 10.0.0.2, 10.0.0.3 stopped answering (collective timed out after 5 s; seen by rank 0",
+        ),
+        (
+            "[/x/gloo/transport/tcp/pair.cc:561] Connection closed by peer [10.0.0.9]:16777. This is typically caused",
+            "node 10.0.0.9 stopped answering (Connection closed by peer; seen by rank 0",
+        ),
+    ],
+)
 def test_the_message_names_the_lost_rank_and_node(monkeypatch, gloo, expected):
     from dpm_dist import dist
 
     monkeypatch.setattr(dist, "_NODES", ["10.0.0.1", "10.0.0.2", "10.0.0.2", "10.0.0.3"])
-    with pytest.raises(dist.PeerLostError) as err:
-        with dist.peer_failures(dist.DistEnv(rank=0, world_size=4), 5.0):
-            raise RuntimeError(gloo)
+    with pytest.raises(dist.PeerLostError) as err, dist.peer_failures(dist.DistEnv(rank=0, world_size=4), 5.0):
+        raise RuntimeError(gloo)
     assert str(err.value).startswith(expected) and str(err.value).endswith(HINT)
     with pytest.raises(RuntimeError, match="not a collective"):  # anything else keeps its traceback
         with dist.peer_failures(dist.DistEnv(rank=0, world_size=4), 5.0):
@@ -100,8 +125,14 @@ STEPS = 10  # per epoch: the cut, after step STEPS + 3, lands with 7 steps of ep
 
 def _train_args(shards: Path, out: Path) -> list[str]:
     """TINY_TRAIN with longer epochs (stream sampler, STEPS steps) so that a cut lands mid-epoch."""
-    mine = {"optim.epochs": "2", "optim.steps_per_epoch": str(STEPS), "eval.period": "2", "data.sampler": "stream",
-            "data.batches_per_epoch": str(STEPS), "engine.collective_timeout_s": str(TIMEOUT_S)}
+    mine = {
+        "optim.epochs": "2",
+        "optim.steps_per_epoch": str(STEPS),
+        "eval.period": "2",
+        "data.sampler": "stream",
+        "data.batches_per_epoch": str(STEPS),
+        "engine.collective_timeout_s": str(TIMEOUT_S),
+    }
     kept = [o for o in TINY_TRAIN if o.split("=", 1)[0] not in mine]
     return [*kept, *(f"{k}={v}" for k, v in mine.items()), f"data.root={shards}", f"log.output_dir={out}"]
 
@@ -134,10 +165,26 @@ class _TwoNodes:
 
     def __init__(self, tmp_path: Path, tag: str, subnet: str, args: list[str], logs: Path) -> None:
         self.tag, self.logs = tag, logs
-        env = _env(PYTHON=sys.executable, LOG_DIR=str(logs), RDZV_PORT=str(free_port()), NETNS_TAG=tag, NETNS_SUBNET=subnet)
-        self.proc = subprocess.Popen(["bash", str(ROOT / "launch" / "two_node_netns.sh"), "1", "--max-restarts", "0",
-                                      "-m", "dpm_dist.cli.train", *args], cwd=tmp_path, env=env,
-                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        env = _env(
+            PYTHON=sys.executable, LOG_DIR=str(logs), RDZV_PORT=str(free_port()), NETNS_TAG=tag, NETNS_SUBNET=subnet
+        )
+        self.proc = subprocess.Popen(
+            [
+                "bash",
+                str(ROOT / "launch" / "two_node_netns.sh"),
+                "1",
+                "--max-restarts",
+                "0",
+                "-m",
+                "dpm_dist.cli.train",
+                *args,
+            ],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
 
     def log(self, node: int) -> str:
         path = self.logs / f"node{node}.log"
@@ -184,8 +231,10 @@ def test_a_lost_node_fails_fast_naming_it_and_the_relaunch_resumes(tiny_shards, 
     cut_node_s = _wait_gone(f"{tag}n1", LINGER_S) if cut == "link_down" else 0.0
     _kill_node(f"{tag}n1")  # what the scheduler does with a node it lost
     rc = run.finish(60)
-    print(f"\n[{cut}] collective timeout {TIMEOUT_S} s: node 0 (survivor) gone {survivors_s} s after the cut; "
-          f"node 1 gone by itself after {cut_node_s} s (None: still there {LINGER_S} s after node 0 exited, killed)")
+    print(
+        f"\n[{cut}] collective timeout {TIMEOUT_S} s: node 0 (survivor) gone {survivors_s} s after the cut; "
+        f"node 1 gone by itself after {cut_node_s} s (None: still there {LINGER_S} s after node 0 exited, killed)"
+    )
     assert survivors_s is not None, f"node 0 still running {3 * TIMEOUT_S + 15} s after the cut\n" + run.logs_tail()
     assert rc != 0
     node0 = run.log(0)

@@ -15,7 +15,7 @@ import torch
 from dpm_dist.dist import DistEnv, init_process_group
 
 sys.path.insert(0, str(Path(__file__).parent))
-import engine_worker as W  # noqa: E402
+import engine_worker as W
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (no CUDA device)")]
 
@@ -44,9 +44,20 @@ def test_forward_backward_under_autocast(dtype):
     batch = {k: v.cuda() for k, v in W.batches(DistEnv(), 1)[0].items()}
     with torch.autocast("cuda", dtype=dtype):
         out = model(batch["images"], batch["camids"])
-        loss = dpm_loss(feat=out.feat, feat_bn=out.feat_bn, mask=out.mask, attn_logits=out.attn_logits,
-                        prototypes=model.prototypes, labels=batch["pids"], alpha=0.5, beta=0.1, margin=0.5, scale=30.0,
-                        triplet_weight=1.0, hem_ref_batch=6)["loss"]
+        loss = dpm_loss(
+            feat=out.feat,
+            feat_bn=out.feat_bn,
+            mask=out.mask,
+            attn_logits=out.attn_logits,
+            prototypes=model.prototypes,
+            labels=batch["pids"],
+            alpha=0.5,
+            beta=0.1,
+            margin=0.5,
+            scale=30.0,
+            triplet_weight=1.0,
+            hem_ref_batch=6,
+        )["loss"]
     assert out.attn_logits.dtype == dtype and torch.isfinite(loss)
     loss.backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad]
@@ -57,7 +68,9 @@ def test_exact_update_equals_the_reference_update(env, strict_fp32):
     reference = W.run("reference", 0, env)
     exact = W.run("exact", 0, env)
     assert exact["backbone.pos_embed"].is_cuda
-    worst = max(float((exact[k].double() - reference[k].double()).abs().max()) for k in exact if exact[k].is_floating_point())
+    worst = max(
+        float((exact[k].double() - reference[k].double()).abs().max()) for k in exact if exact[k].is_floating_point()
+    )
     assert worst <= 1e-5, f"max |Δw| = {worst:.3g}"
 
 
@@ -86,7 +99,9 @@ def test_nccl_process_group_of_one_rank(tmp_path):
         "assert d.get_backend() == 'nccl' and x.tolist() == [1.0] * 4\n"
         "d.destroy_process_group(); print('nccl ok')\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=dict(os.environ))
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=dict(os.environ)
+    )
     assert proc.returncode == 0 and "nccl ok" in proc.stdout, proc.stderr[-3000:]
 
 
@@ -119,7 +134,9 @@ def test_extracted_features_on_cuda_match_the_cpu(strict_fp32):
     batches = [{**b, "keys": [f"k{i}" for i in range(6)], "roles": ["query"] * 6} for b in W.batches(DistEnv(), 2)]
     cpu = extract(model, batches, device="cpu")
     gpu = extract(model.cuda(), batches, device="cuda")
-    assert torch.allclose(cpu.feats, gpu.feats.cpu(), atol=1e-4) and torch.allclose(cpu.masks, gpu.masks.cpu(), atol=1e-5)
+    assert torch.allclose(cpu.feats, gpu.feats.cpu(), atol=1e-4) and torch.allclose(
+        cpu.masks, gpu.masks.cpu(), atol=1e-5
+    )
 
 
 class _Ops(torch.utils._python_dispatch.TorchDispatchMode):
@@ -140,15 +157,31 @@ def test_attention_runs_fused_sdpa_while_the_hem_logits_are_taken(dtype):
     from dpm_dist.model.dpm import create_model
 
     torch.manual_seed(0)
-    model = create_model(num_classes=10, num_cams=3, img_size=(256, 128), stride=(11, 11), embed_dim=192, depth=3,
-                         num_heads=3, tap_blocks=(1, 2, 3)).cuda().eval()
+    model = (
+        create_model(
+            num_classes=10,
+            num_cams=3,
+            img_size=(256, 128),
+            stride=(11, 11),
+            embed_dim=192,
+            depth=3,
+            num_heads=3,
+            tap_blocks=(1, 2, 3),
+        )
+        .cuda()
+        .eval()
+    )
     images, camids = torch.randn(4, 3, 256, 128, device="cuda"), torch.tensor([0, 1, 2, 0], device="cuda")
     ops = _Ops()
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION]), ops:
             out = model(images, camids)
-    fused = [n for n in ops.names if n.startswith(("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention"))]
-    assert len(fused) == 3, sorted(set(n for n in ops.names if "scaled_dot" in n))
+    fused = [
+        n
+        for n in ops.names
+        if n.startswith(("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention"))
+    ]
+    assert len(fused) == 3, sorted({n for n in ops.names if "scaled_dot" in n})
     assert not [n for n in ops.names if "math" in n]
     assert out.attn_logits.shape == (4, 3, 22 * 11) and torch.isfinite(out.attn_logits).all()
 
@@ -157,8 +190,15 @@ def test_pinned_batches_reach_the_device(tiny_shards):
     from dpm_dist.config import DataConfig
     from dpm_dist.data.loader import build_train_loader
 
-    cfg = DataConfig(root=str(tiny_shards), dataset="synthetic", num_ids=4, num_instances=2, num_workers=1,
-                     img_size=[32, 16], pin_memory=True)
+    cfg = DataConfig(
+        root=str(tiny_shards),
+        dataset="synthetic",
+        num_ids=4,
+        num_instances=2,
+        num_workers=1,
+        img_size=[32, 16],
+        pin_memory=True,
+    )
     batch = next(iter(build_train_loader(cfg, DistEnv(), epoch=1, seed=0)))
     assert batch["images"].is_pinned()
     assert batch["images"].to("cuda", non_blocking=True).is_cuda

@@ -27,27 +27,36 @@ def _suite_extensions_dir() -> str:
 
     accelerator = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
     return os.environ.get("TORCH_EXTENSIONS_DIR") or os.path.join(
-        get_default_build_root(), f"py{sys.version_info.major}{sys.version_info.minor}_{accelerator}")
+        get_default_build_root(), f"py{sys.version_info.major}{sys.version_info.minor}_{accelerator}"
+    )
 
 
 @pytest.mark.slow
 def test_dry_run_writes_a_row_for_every_step(tmp_path):
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", TORCH_EXTENSIONS_DIR=_suite_extensions_dir())
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "out", "--dry-run"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=1500)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "out", "--dry-run"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=1500,
+    )
     log = (tmp_path / "out" / "gpu_check.log").read_text() if (tmp_path / "out" / "gpu_check.log").exists() else ""
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:] + log[-3000:]
     table = (tmp_path / "out" / "gpu_check.md").read_text()
     report = json.loads((tmp_path / "out" / "gpu_check.json").read_text())
     assert report["dry_run"] and "DRY RUN" in table
-    assert report["status"] == {step: "ok" for step in STEPS}, log[-3000:]
+    assert report["status"] == dict.fromkeys(STEPS, "ok"), log[-3000:]
     assert report["summary"]["dpm_dist"].endswith("src/dpm_dist")  # the staged copy, configs inside
     assert "composed from dpm_dist.configs" in table
     test_rows = [row for row in report["rows"] if row[0].startswith("1. test ")]
     assert len(test_rows) >= 8 and all(row[2] == "skipped: no CUDA" for row in test_rows)
     for label in ("eager", "torch.compile"):
         for mode in ("exact", "approx", "reference"):
-            assert any(row[0].startswith(f"2. train {mode}, {label}") and "images/s" in row[1] for row in report["rows"]), (mode, label)
+            assert any(
+                row[0].startswith(f"2. train {mode}, {label}") and "images/s" in row[1] for row in report["rows"]
+            ), (mode, label)
     assert report["train_eager"]["modes"]["exact"]["flops_per_image"] > 0
     assert "images/s with 1 workers" in table and "× training" in table
     assert any(row[0] == "3. evaluation" and "s (mAP" in row[1] for row in report["rows"])
@@ -57,6 +66,11 @@ def test_missing_wheels_fail_in_one_line_naming_the_fix(tmp_path):
     """Without --dry-run the kit installs .whl/; a checkout without them stops at once and says what to run."""
     if (ROOT / ".whl").exists():
         pytest.skip(".whl/ exists here (benchmarks/gpu_wheels.sh was run)")
-    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "out"], cwd=tmp_path, capture_output=True,
-                          text=True, timeout=60)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "out"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 2 and "gpu_wheels.sh" in proc.stderr

@@ -41,9 +41,14 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(ROOT / name, src / name)
     env = dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    build = _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(base / "dist"), str(src)],
-                 cwd=base, env=env)
+    build = _run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", str(base / "dist"), str(src)],
+        cwd=base,
+        env=env,
+    )
     assert "project.license" not in build.stdout + build.stderr, "the build still warns about project.license"
+    # every config group is a declared package: no setuptools "Package ... is absent from the packages" warnings
+    assert "is absent from the `packages` configuration" not in build.stdout + build.stderr
     wheel = next((base / "dist").glob("dpm_dist-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
     shipped = {str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")}
@@ -56,8 +61,16 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
 
 def test_the_installed_package_is_the_wheel_and_ships_its_configs(installed, tmp_path):
     target, env = installed
-    out = _run([sys.executable, "-c", "import dpm_dist, importlib.resources as r; print(dpm_dist.__file__); "
-                "print(r.files('dpm_dist.configs').joinpath('experiment', 'tiny.yaml').is_file())"], cwd=tmp_path, env=env)
+    out = _run(
+        [
+            sys.executable,
+            "-c",
+            "import dpm_dist, importlib.resources as r; print(dpm_dist.__file__); "
+            "print(r.files('dpm_dist.configs').joinpath('experiment', 'tiny.yaml').is_file())",
+        ],
+        cwd=tmp_path,
+        env=env,
+    )
     module, found = out.stdout.split()
     assert Path(module).is_relative_to(target) and found == "True"
 
@@ -73,7 +86,11 @@ def test_commands_compose_their_configs_from_the_installed_package(installed, tm
     own = tmp_path / "mine" / "experiment"
     own.mkdir(parents=True)
     (own / "mine.yaml").write_text("# @package _global_\n# dpm-train --config-dir mine experiment=mine\nname: my_own\n")
-    mine = _run([str(target / "bin" / "dpm-train"), "--config-dir", "mine", "experiment=mine", "--cfg", "job"], cwd=tmp_path, env=env)
+    mine = _run(
+        [str(target / "bin" / "dpm-train"), "--config-dir", "mine", "experiment=mine", "--cfg", "job"],
+        cwd=tmp_path,
+        env=env,
+    )
     assert "name: my_own" in mine.stdout  # --config-dir adds one's own presets in front of the shipped ones
 
 
@@ -84,8 +101,14 @@ def test_installed_wheel_trains_two_steps_from_another_folder_with_relative_path
     for key, value in TINY.items():
         synth += [f"--{key.replace('_', '-')}", str(value)]
     _run(synth, cwd=tmp_path, env=env)
-    train = [str(target / "bin" / "dpm-train"), *TINY_TRAIN, "data.root=shards/tiny", "log.output_dir=runs/two_steps",
-             "optim.epochs=1", "eval.period=1"]
+    train = [
+        str(target / "bin" / "dpm-train"),
+        *TINY_TRAIN,
+        "data.root=shards/tiny",
+        "log.output_dir=runs/two_steps",
+        "optim.epochs=1",
+        "eval.period=1",
+    ]
     out = _run(train, cwd=tmp_path, env=env)
     assert (tmp_path / "runs" / "two_steps" / "model_final.pt").is_file(), out.stdout[-2000:]
     assert "mAP" in out.stdout

@@ -5,29 +5,41 @@ from __future__ import annotations
 import random
 from collections import Counter
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any
 
 import numpy as np
 import pytest
 import torch
 
 from dpm_dist.config import DataConfig
-from dpm_dist.dist import DistEnv
 from dpm_dist.data.loader import build_eval_loader, build_train_loader, load_manifest, num_train_batches
 from dpm_dist.data.sampling import official_pk_indices, stream_seed
+from dpm_dist.dist import DistEnv
 
 
 def data_cfg(root: str, **kw: Any) -> DataConfig:
-    base = dict(dataset="synthetic", root=root, img_size=[32, 16], num_ids=3, num_instances=2, num_workers=0,
-                shuffle_buffer=12, eval_batch_size=4, padding=2, io_retries=2, io_backoff_s=0.01, io_timeout_s=5.0)
+    base = dict(
+        dataset="synthetic",
+        root=root,
+        img_size=[32, 16],
+        num_ids=3,
+        num_instances=2,
+        num_workers=0,
+        shuffle_buffer=12,
+        eval_batch_size=4,
+        padding=2,
+        io_retries=2,
+        io_backoff_s=0.01,
+        io_timeout_s=5.0,
+    )
     return DataConfig(**{**base, **kw})
 
 
-def epoch_batches(cfg: DataConfig, env: DistEnv = DistEnv(), epoch: int = 1, seed: int = 0) -> List[Dict[str, Any]]:
+def epoch_batches(cfg: DataConfig, env: DistEnv = DistEnv(), epoch: int = 1, seed: int = 0) -> list[dict[str, Any]]:
     return list(build_train_loader(cfg, env, epoch=epoch, seed=seed))
 
 
-def assert_pk(batch: Dict[str, Any], p: int, k: int, num_classes: int) -> None:
+def assert_pk(batch: dict[str, Any], p: int, k: int, num_classes: int) -> None:
     counts = Counter(batch["pids"].tolist())
     assert len(counts) == p and set(counts.values()) == {k}
     assert batch["images"].shape == (p * k, 3, 32, 16) and batch["images"].dtype == torch.float32
@@ -62,15 +74,16 @@ def test_exact_mode_is_the_official_sampler_over_the_shards(tiny_shards: Path) -
     ranks = [epoch_batches(cfg, DistEnv(rank=r, world_size=2), epoch=2, seed=5) for r in range(2)]
     assert len(ranks[0]) == len(ranks[1]) == len(single) // 2
     interleaved = [k for pair in zip(*ranks) for b in pair for k in b["keys"]]
-    assert interleaved == keys[:len(interleaved)]
+    assert interleaved == keys[: len(interleaved)]
     assert len(keys) == len(set(keys))  # every id has >= K images: no image twice in an epoch
     # recompute the official list from the shard labels in shard order
     from dpm_dist.data.loader import _index_shards, _shards
 
     index = _index_shards(cfg, _shards(cfg, "train", str(tiny_shards), load_manifest(cfg)))
     shared = stream_seed(5, 2)
-    flat = official_pk_indices([m["label"] for *_, m in index], 3, 2, random.Random(shared),
-                               np.random.RandomState(shared % 2**32))
+    flat = official_pk_indices(
+        [m["label"] for *_, m in index], 3, 2, random.Random(shared), np.random.RandomState(shared % 2**32)
+    )
     assert keys == [index[i][3] for i in flat]
 
 
@@ -83,11 +96,12 @@ def test_simulated_ranks_and_workers_get_equal_exact_batches(tiny_shards: Path) 
             assert_pk(batch, 3, 2, 8)
     assert [b["keys"] for b in per_rank[0]] != [b["keys"] for b in per_rank[1]]
     with pytest.raises(ValueError, match="8 training shards for 3 ranks × 3 workers"):
-        build_train_loader(data_cfg(str(tiny_shards), sampler="stream", num_workers=3), DistEnv(rank=0, world_size=3),
-                           epoch=1, seed=0)
+        build_train_loader(
+            data_cfg(str(tiny_shards), sampler="stream", num_workers=3), DistEnv(rank=0, world_size=3), epoch=1, seed=0
+        )
 
 
-def eval_keys(cfg: DataConfig, role: str, world: int) -> List[List[Dict[str, Any]]]:
+def eval_keys(cfg: DataConfig, role: str, world: int) -> list[list[dict[str, Any]]]:
     return [list(build_eval_loader(cfg, DistEnv(rank=r, world_size=world), role)) for r in range(world)]
 
 
@@ -112,12 +126,13 @@ def test_eval_reads_every_sample_exactly_once(tiny_shards: Path, workers: int) -
                         assert key.startswith(f"{role}_{pid:04d}_c{cam + 1}")  # original pid, 0-based camid
 
 
-def first_batches(cfg: DataConfig) -> List[Dict[str, Any]]:
+def first_batches(cfg: DataConfig) -> list[dict[str, Any]]:
     return epoch_batches(cfg, epoch=1, seed=9)[:3]
 
 
-def test_local_http_and_s3_streams_yield_the_same_samples(tiny_shards: Path, http_root: str, s3_shards: str,
-                                                          s3_endpoint: str, tmp_path: Path) -> None:
+def test_local_http_and_s3_streams_yield_the_same_samples(
+    tiny_shards: Path, http_root: str, s3_shards: str, s3_endpoint: str, tmp_path: Path
+) -> None:
     local = first_batches(data_cfg(str(tiny_shards), sampler="stream"))
     http = first_batches(data_cfg(f"{http_root}/{tiny_shards.name}", sampler="stream"))
     s3 = first_batches(data_cfg(s3_shards, sampler="stream", s3_endpoint=s3_endpoint, num_workers=1))
@@ -125,19 +140,25 @@ def test_local_http_and_s3_streams_yield_the_same_samples(tiny_shards: Path, htt
         assert [b["keys"] for b in other] == [b["keys"] for b in local]
         assert all(torch.equal(a["images"], b["images"]) for a, b in zip(local, other))
     exact = data_cfg(s3_shards, sampler="exact", s3_endpoint=s3_endpoint, cache_dir=str(tmp_path))
-    assert [b["keys"] for b in first_batches(exact)] == [b["keys"] for b in first_batches(
-        data_cfg(str(tiny_shards), sampler="exact"))]
+    assert [b["keys"] for b in first_batches(exact)] == [
+        b["keys"] for b in first_batches(data_cfg(str(tiny_shards), sampler="exact"))
+    ]
     assert len(list(tmp_path.glob("*.tar"))) == 8  # cached by sha256
     gallery = data_cfg(f"{http_root}/{tiny_shards.name}", num_workers=2)
     assert sorted(k for b in build_eval_loader(gallery, DistEnv(), "gallery") for k in b["keys"]) == sorted(
-        k for b in build_eval_loader(data_cfg(str(tiny_shards)), DistEnv(), "gallery") for k in b["keys"])
+        k for b in build_eval_loader(data_cfg(str(tiny_shards)), DistEnv(), "gallery") for k in b["keys"]
+    )
 
 
 def test_explicit_urls_and_eval_root(tiny_shards: Path, http_root: str, tmp_path: Path) -> None:
     manifest = load_manifest(data_cfg(str(tiny_shards)))
     names = [e["name"] for e in manifest["splits"]["train"]["shards"]]
-    cfg = data_cfg(None, train_urls=[f"{http_root}/{tiny_shards.name}/{n}" for n in names[:4]], sampler="stream",
-                   batches_per_epoch=2)
+    cfg = data_cfg(
+        None,
+        train_urls=[f"{http_root}/{tiny_shards.name}/{n}" for n in names[:4]],
+        sampler="stream",
+        batches_per_epoch=2,
+    )
     keys = {k for b in epoch_batches(cfg) for k in b["keys"]}
     allowed = set()
     from dpm_dist.data.shards import iter_shard
@@ -147,8 +168,9 @@ def test_explicit_urls_and_eval_root(tiny_shards: Path, http_root: str, tmp_path
     assert keys <= allowed
     from dpm_dist.data.synth import write_synthetic_shards
 
-    other = write_synthetic_shards(str(tmp_path / "six_cams"), num_ids=2, num_test_ids=2, images_per_id=2,
-                                   num_cams=6, height=32, width=16)
+    other = write_synthetic_shards(
+        str(tmp_path / "six_cams"), num_ids=2, num_test_ids=2, images_per_id=2, num_cams=6, height=32, width=16
+    )
     both = data_cfg(str(tiny_shards), eval_root=other)
     assert load_manifest(both)["num_cams"] == 6
     query = [k for b in build_eval_loader(both, DistEnv(), "query") for k in b["keys"]]
@@ -164,7 +186,9 @@ def test_file_url_root_reads_the_same_samples_as_the_path(tiny_shards: Path, sam
 
 
 @pytest.mark.parametrize("sampler", ["stream", "exact"])
-def test_persistent_workers_give_the_same_epochs_and_rng_with_the_same_processes(tiny_shards: Path, sampler: str) -> None:
+def test_persistent_workers_give_the_same_epochs_and_rng_with_the_same_processes(
+    tiny_shards: Path, sampler: str
+) -> None:
     """data.persistent_workers: one DataLoader for the run, its workers kept across epochs; every epoch's batches and
     the main process' RNG afterwards equal a new loader per epoch (the default)."""
     from dpm_dist.data.loader import TrainLoader
@@ -188,4 +212,6 @@ def test_persistent_workers_give_the_same_epochs_and_rng_with_the_same_processes
         assert [b["keys"] for b in kept] == [b["keys"] for b in fresh]
         assert all(torch.equal(a["images"], b["images"]) for a, b in zip(kept, fresh))
         assert torch.equal(kept_rng, fresh_rng)
-    assert [b["keys"] for b in runs[True][0][0]] != [b["keys"] for b in runs[True][1][0]]  # the epoch reached the workers
+    assert [b["keys"] for b in runs[True][0][0]] != [
+        b["keys"] for b in runs[True][1][0]
+    ]  # the epoch reached the workers

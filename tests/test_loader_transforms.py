@@ -7,7 +7,7 @@ import torch
 import torchvision.transforms as T
 from PIL import Image
 
-from dpm_dist.data.transforms import random_erase, eval_transform, train_transform
+from dpm_dist.data.transforms import eval_transform, random_erase, train_transform
 
 
 def image() -> Image.Image:
@@ -39,7 +39,7 @@ def test_pad_and_crop_is_a_shifted_window_with_black_border() -> None:
     offsets = set()
     for seed in range(40):
         out = train_transform(image(), gen(seed), size=(32, 16), flip_prob=0.0, padding=4, erase_prob=0.0)
-        match = [(t, l) for t in range(9) for l in range(9) if torch.equal(out, padded[:, t:t + 32, l:l + 16])]
+        match = [(t, x) for t in range(9) for x in range(9) if torch.equal(out, padded[:, t : t + 32, x : x + 16])]
         assert match
         offsets.add(match[0])
     assert len(offsets) > 15  # uniform offsets in 0..2·padding
@@ -53,11 +53,11 @@ def test_random_erasing_is_per_pixel_normal_in_one_box() -> None:
         out = random_erase(x.clone(), gen(seed), 1.0)
         rows, cols = torch.nonzero(out.abs().sum(0)).unbind(1)
         assert len(rows) > 0
-        box = out[:, rows.min():rows.max() + 1, cols.min():cols.max() + 1]
+        box = out[:, rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
         assert (box != 0).float().mean() > 0.99  # the whole box is filled, every channel independently
         assert not torch.equal(box[0], box[1])
         areas.append(box[0].numel() / (64 * 32))
-    assert 0.015 < min(areas) and max(areas) < 0.36  # area in [0.02, 1/3] up to rounding
+    assert min(areas) > 0.015 and max(areas) < 0.36  # area in [0.02, 1/3] up to rounding
     assert 0.3 < np.mean([random_erase(x.clone(), gen(s), 0.5).abs().sum() > 0 for s in range(200)]) < 0.7
 
 

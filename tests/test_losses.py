@@ -9,8 +9,16 @@ import torch
 import torch.nn.functional as F
 
 from dpm_dist.config import LossConfig
-from dpm_dist.train.losses import (arcface_logits, batch_hard_distances, dpm_loss, hem_loss, loss_terms_from_config,
-                             masked_arcface_ce, masked_cosine, soft_margin_triplet)
+from dpm_dist.train.losses import (
+    arcface_logits,
+    batch_hard_distances,
+    dpm_loss,
+    hem_loss,
+    loss_terms_from_config,
+    masked_arcface_ce,
+    masked_cosine,
+    soft_margin_triplet,
+)
 
 
 def official_masked_cosine(feat: torch.Tensor, mask: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -52,8 +60,15 @@ def official_triplet(feat: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.soft_margin_loss(dist_an - dist_ap, torch.ones_like(dist_an))
 
 
-def _inputs(batch: int = 8, classes: int = 5, dim: int = 16, heads: int = 3, patches: int = 7,
-            dtype: torch.dtype = torch.float32, seed: int = 0) -> dict[str, torch.Tensor]:
+def _inputs(
+    batch: int = 8,
+    classes: int = 5,
+    dim: int = 16,
+    heads: int = 3,
+    patches: int = 7,
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     labels = torch.arange(batch) // 2 % classes  # P×K with K = 2
     return {
@@ -134,8 +149,13 @@ def test_arcface_is_fp32_under_bf16_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         cos = masked_cosine(x["feat_bn"].bfloat16(), x["mask"].bfloat16(), x["prototypes"].bfloat16())
         logits = arcface_logits(cos.bfloat16(), x["labels"], margin=0.5, scale=30.0)
-        out = dpm_loss(**{k: v.bfloat16() if v.is_floating_point() else v for k, v in x.items()},
-                       alpha=0.5, beta=0.1, margin=0.5, scale=30.0)
+        out = dpm_loss(
+            **{k: v.bfloat16() if v.is_floating_point() else v for k, v in x.items()},
+            alpha=0.5,
+            beta=0.1,
+            margin=0.5,
+            scale=30.0,
+        )
     assert cos.dtype == logits.dtype == torch.float32
     assert all(v.dtype == torch.float32 for v in out.values())
 
@@ -198,8 +218,12 @@ def test_triplet_by_hand():
     d_ap, d_an = batch_hard_distances(feat, labels)
     torch.testing.assert_close(d_ap, torch.tensor([2.0, 2.0, 4.0, 4.0]))
     torch.testing.assert_close(d_an, torch.tensor([3.0, r13, 3.0, r13]))
-    want = (math.log1p(math.exp(-1.0)) + math.log1p(math.exp(2.0 - r13))
-            + math.log1p(math.exp(1.0)) + math.log1p(math.exp(4.0 - r13))) / 4
+    want = (
+        math.log1p(math.exp(-1.0))
+        + math.log1p(math.exp(2.0 - r13))
+        + math.log1p(math.exp(1.0))
+        + math.log1p(math.exp(4.0 - r13))
+    ) / 4
     assert soft_margin_triplet(feat, labels).item() == pytest.approx(want, rel=1e-6)
 
 
@@ -226,8 +250,11 @@ def test_total_matches_the_official_make_loss():
     out = dpm_loss(**x, alpha=0.5, beta=0.1, margin=0.5, scale=30.0, hem_ref_batch=16)
     score = F.linear(x["feat_bn"], x["prototypes"])
     mscore = official_arcface(official_masked_cosine(x["feat_bn"], x["mask"], x["prototypes"]), x["labels"], 30.0, 0.5)
-    id_loss = 0.5 * F.cross_entropy(score, x["labels"]) + 0.5 * F.cross_entropy(mscore, x["labels"]) \
+    id_loss = (
+        0.5 * F.cross_entropy(score, x["labels"])
+        + 0.5 * F.cross_entropy(mscore, x["labels"])
         + 0.1 * official_orthonomal_loss(x["attn_logits"])
+    )
     want = 1.0 * id_loss + 1.0 * official_triplet(x["feat"], x["labels"])
     torch.testing.assert_close(out["loss"], want, atol=1e-12, rtol=0)
     assert out["acc"].item() == (score.argmax(1) == x["labels"]).double().mean().item()

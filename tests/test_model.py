@@ -20,7 +20,12 @@ def tiny(**kw) -> DPMNet:
 
 @pytest.mark.parametrize(
     "img_size,stride,grid",
-    [((256, 128), (11, 11), (22, 11)), ((256, 128), (12, 12), (21, 10)), ((256, 128), (16, 16), (16, 8)), ((384, 128), (12, 12), (31, 10))],
+    [
+        ((256, 128), (11, 11), (22, 11)),
+        ((256, 128), (12, 12), (21, 10)),
+        ((256, 128), (16, 16), (16, 8)),
+        ((384, 128), (12, 12), (31, 10)),
+    ],
 )
 def test_grid_and_token_count(img_size, stride, grid):
     model = tiny(img_size=img_size, stride=stride)
@@ -49,7 +54,7 @@ def test_taps_are_row_major_grid_of_raw_block_outputs():
     assert enc.taps.shape == (2, 4 * 32, h, w)
     for i, raw in enumerate(outs):
         t = raw[:, 1:]  # (B, P, D)
-        tap = enc.taps[:, i * 32:(i + 1) * 32]  # (B, D, h, w)
+        tap = enc.taps[:, i * 32 : (i + 1) * 32]  # (B, D, h, w)
         torch.testing.assert_close(tap[:, :, 1, 2], t[:, 1 * w + 2])  # token t sits at row t//w, col t%w
     torch.testing.assert_close(enc.feat, bb.norm(outs[-1])[:, 0])
 

@@ -20,7 +20,7 @@ import torch
 from tests.conftest import RUN_TIMEOUT_S, TINY_TRAIN, VENV_BIN, model_weights, relative_workdir, run_ranks, train_env
 
 sys.path.insert(0, str(Path(__file__).parent))
-import engine_worker as W  # noqa: E402
+import engine_worker as W
 
 NAN = float("nan")
 
@@ -57,7 +57,7 @@ def _engine(env, precision: str, zero: int):
 
     engine = DPMEngine(W.fresh_model(), W.make_cfg("exact", zero, precision=precision), env)
     engine.start_epoch(2)
-    _set_scale(engine, 2.0 ** 10)  # fp16: the tiny model's gradients overflow at the default 2^16
+    _set_scale(engine, 2.0**10)  # fp16: the tiny model's gradients overflow at the default 2^16
     return engine
 
 
@@ -76,8 +76,14 @@ def nan_batch_run(env, precision: str, zero: int) -> dict:
     engine.step(clean)
     before, scale = _snapshot(engine), engine.loss_scale()
     metrics = engine.step(bad)
-    result = {"changed": _differ(before, _snapshot(engine)), "skip": engine.last_skip, "skipped": engine.skipped_steps,
-              "streak": engine.nonfinite_streak, "loss": metrics["loss"], "scales": (scale, engine.loss_scale())}
+    result = {
+        "changed": _differ(before, _snapshot(engine)),
+        "skip": engine.last_skip,
+        "skipped": engine.skipped_steps,
+        "streak": engine.nonfinite_streak,
+        "loss": metrics["loss"],
+        "scales": (scale, engine.loss_scale()),
+    }
     engine.step(after)
     result.update(final=_snapshot(engine), streak_after=engine.nonfinite_streak, skip_after=engine.last_skip)
     reference = _engine(env, precision, zero)
@@ -119,8 +125,14 @@ def nan_step2_run(env, precision: str, zero: int) -> dict:
     metrics = engine.step(nxt)
     hook.remove()
     changed = _differ(before, _snapshot(engine))
-    return {"changed": changed, "skip": engine.last_skip, "loss_step2": metrics["loss_step2"],
-            "finite": all(bool(torch.isfinite(v).all()) for v in engine.model.state_dict().values() if v.is_floating_point())}
+    return {
+        "changed": changed,
+        "skip": engine.last_skip,
+        "loss_step2": metrics["loss_step2"],
+        "finite": all(
+            bool(torch.isfinite(v).all()) for v in engine.model.state_dict().values() if v.is_floating_point()
+        ),
+    }
 
 
 def _assert_nan_batch_skipped(results: list[dict]) -> None:
@@ -139,11 +151,21 @@ def test_nan_batch_is_skipped_and_changes_nothing_one_process(single_process, pr
 
 def two_rank_cases(env) -> dict:
     # What a launcher sets and DeepSpeed reads (run_ranks' spawned workers only join the process group).
-    os.environ.update(RANK=str(env.rank), LOCAL_RANK=str(env.rank), WORLD_SIZE=str(env.world_size),
-                      LOCAL_WORLD_SIZE=str(env.world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT="1")  # group exists already
-    return {"nan_fp32_zero2": nan_batch_run(env, "fp32", 2), "nan_bf16_zero0": nan_batch_run(env, "bf16", 0),
-            "grad_fp32_zero0": inf_grad_run(env, "fp32", 0), "grad_bf16_zero2": inf_grad_run(env, "bf16", 2),
-            "step2_fp32_zero0": nan_step2_run(env, "fp32", 0)}
+    os.environ.update(
+        RANK=str(env.rank),
+        LOCAL_RANK=str(env.rank),
+        WORLD_SIZE=str(env.world_size),
+        LOCAL_WORLD_SIZE=str(env.world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT="1",
+    )  # group exists already
+    return {
+        "nan_fp32_zero2": nan_batch_run(env, "fp32", 2),
+        "nan_bf16_zero0": nan_batch_run(env, "bf16", 0),
+        "grad_fp32_zero0": inf_grad_run(env, "fp32", 0),
+        "grad_bf16_zero2": inf_grad_run(env, "bf16", 2),
+        "step2_fp32_zero0": nan_step2_run(env, "fp32", 0),
+    }
 
 
 def test_one_rank_nan_batch_or_inf_gradient_skips_on_both_ranks(tmp_path):
@@ -157,7 +179,11 @@ def test_one_rank_nan_batch_or_inf_gradient_skips_on_both_ranks(tmp_path):
     for rank, r in enumerate(results):
         step2 = r["step2_fp32_zero0"]
         assert step2["skip"] == ("loss_step2",) and step2["finite"], (rank, step2["skip"])
-        hmg = [k for k in step2["changed"] if k.startswith("mask.") or (k.startswith("model.mask_gen.") and not _is_bn_stat(k))]
+        hmg = [
+            k
+            for k in step2["changed"]
+            if k.startswith("mask.") or (k.startswith("model.mask_gen.") and not _is_bn_stat(k))
+        ]
         assert step2["changed"] and not hmg, hmg  # step 1 applied (BN statistics of its forward too), no HMG update
     assert results[1]["step2_fp32_zero0"]["loss_step2"] != results[1]["step2_fp32_zero0"]["loss_step2"]  # NaN there
 
@@ -174,16 +200,20 @@ def test_fp16_overflow_is_the_loss_scalers_skip_and_back_off_counted(single_proc
     first, second, third = W.batches(single_process, 3)
     engine.step(first)
     assert engine.last_skip == ()
-    _set_scale(engine, 2.0 ** 60)
+    _set_scale(engine, 2.0**60)
     before = _snapshot(engine)
     engine.step(second)
-    assert engine.last_skip == ("fp16 gradient overflow (main: loss scale 1.15292e+18 -> 5.76461e+17)",
-                                "fp16 gradient overflow (mask: loss scale 1.15292e+18 -> 5.76461e+17)")
-    changed = [k for k in _differ(before, _snapshot(engine)) if not _is_bn_stat(k)]  # AMP: a finite forward's BN stats stay
+    assert engine.last_skip == (
+        "fp16 gradient overflow (main: loss scale 1.15292e+18 -> 5.76461e+17)",
+        "fp16 gradient overflow (mask: loss scale 1.15292e+18 -> 5.76461e+17)",
+    )
+    changed = [
+        k for k in _differ(before, _snapshot(engine)) if not _is_bn_stat(k)
+    ]  # AMP: a finite forward's BN stats stay
     assert changed == [], changed[:5]
     engine.step(second)
-    assert (engine.skipped_steps, engine.nonfinite_streak, engine.loss_scale()) == (2, 2, 2.0 ** 58)
-    _set_scale(engine, 2.0 ** 10)
+    assert (engine.skipped_steps, engine.nonfinite_streak, engine.loss_scale()) == (2, 2, 2.0**58)
+    _set_scale(engine, 2.0**10)
     engine.step(third)
     assert (engine.last_skip, engine.nonfinite_streak, engine.skipped_steps) == ((), 0, 2)
     assert [k for k in _differ(before, _snapshot(engine)) if not _is_bn_stat(k)]  # a clean step does train
@@ -192,25 +222,39 @@ def test_fp16_overflow_is_the_loss_scalers_skip_and_back_off_counted(single_proc
 def test_fp16_nan_batch_is_skipped_and_keeps_the_loss_scale(single_process):
     r = nan_batch_run(single_process, "fp16", 0)
     _assert_nan_batch_skipped([r])
-    assert r["scales"] == (2.0 ** 10, 2.0 ** 10)  # a NaN input is no overflow: GradScaler's back-off is undone
+    assert r["scales"] == (2.0**10, 2.0**10)  # a NaN input is no overflow: GradScaler's back-off is undone
 
 
 # ---- dpm-train end to end ------------------------------------------------------------------------------------
+
 
 def test_dpm_train_skips_and_counts_a_nan_step_and_stops_a_streak_naming_the_last_checkpoint(tiny_shards, tmp_path):
     """Steps 1, 3 and 4 get NaN images (the test hook): step 1 is skipped and counted into the epoch-1
     checkpoint, steps 3-4 are a streak of engine.max_nonfinite_steps=2: one line, exit 2. The same command
     without the hook resumes from epoch 1 and finishes, the count carried on."""
     work = relative_workdir(tmp_path / "work", tiny_shards)
-    args = [str(VENV_BIN / "dpm-train"), *TINY_TRAIN, "data.root=shards", "log.output_dir=run", "engine.max_nonfinite_steps=2"]
-    proc = subprocess.run(args, capture_output=True, text=True, env=dict(train_env(), DPM_DEBUG_NONFINITE_STEPS="1,3,4"),
-                          cwd=work, timeout=RUN_TIMEOUT_S)
+    args = [
+        str(VENV_BIN / "dpm-train"),
+        *TINY_TRAIN,
+        "data.root=shards",
+        "log.output_dir=run",
+        "engine.max_nonfinite_steps=2",
+    ]
+    proc = subprocess.run(
+        args,
+        capture_output=True,
+        text=True,
+        env=dict(train_env(), DPM_DEBUG_NONFINITE_STEPS="1,3,4"),
+        cwd=work,
+        timeout=RUN_TIMEOUT_S,
+    )
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
     ckpts = work / "run" / "checkpoints"
     assert proc.stderr.strip().splitlines()[-1] == (
         "dpm-train: error: step 4: 2 steps in a row skipped for non-finite values (loss, loss_id, loss_mask_id, loss_hem, "
-        f"loss_triplet; engine.max_nonfinite_steps=2); last good checkpoint: epoch_0001 (epoch 1, step 2) in {ckpts}")
+        f"loss_triplet; engine.max_nonfinite_steps=2); last good checkpoint: epoch_0001 (epoch 1, step 2) in {ckpts}"
+    )
     assert "step 1: update skipped for non-finite loss, loss_id" in proc.stdout
 
     proc = subprocess.run(args, capture_output=True, text=True, env=train_env(), cwd=work, timeout=RUN_TIMEOUT_S)

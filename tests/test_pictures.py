@@ -36,21 +36,33 @@ def test_to_display_undoes_the_normalisation():
 
 
 def _rgb(hex_colour: str) -> np.ndarray:
-    return np.array([int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)])
+    return np.array([int(hex_colour[i : i + 2], 16) for i in (1, 3, 5)])
 
 
 def test_ranked_list_marks_matches_green_and_non_matches_red(tmp_path):
     images = [torch.zeros(3, 32, 16) for _ in range(4)]
-    path = save_ranked_list(str(tmp_path / "ranked.png"), torch.zeros(3, 32, 16), images, [True, False, True, False],
-                            query_title="q", gallery_titles=["a", "b", "c", "d"])
+    path = save_ranked_list(
+        str(tmp_path / "ranked.png"),
+        torch.zeros(3, 32, 16),
+        images,
+        [True, False, True, False],
+        query_title="q",
+        gallery_titles=["a", "b", "c", "d"],
+    )
     pixels = np.asarray(Image.open(path).convert("RGB")).reshape(-1, 3).astype(int)
 
     def count(colour):
         return int((np.abs(pixels - _rgb(colour)).sum(1) < 30).sum())
 
     assert count(MATCH) > 100 and count(NON_MATCH) > 100  # both frame colours are drawn
-    only_matches = save_ranked_list(str(tmp_path / "green.png"), torch.zeros(3, 32, 16), images[:2], [True, True],
-                                    query_title="q", gallery_titles=["a", "b"])
+    only_matches = save_ranked_list(
+        str(tmp_path / "green.png"),
+        torch.zeros(3, 32, 16),
+        images[:2],
+        [True, True],
+        query_title="q",
+        gallery_titles=["a", "b"],
+    )
     pixels = np.asarray(Image.open(only_matches).convert("RGB")).reshape(-1, 3).astype(int)
     assert count(NON_MATCH) == 0
 
@@ -66,19 +78,30 @@ def test_correlation_and_mask_pictures_are_written(tmp_path):
 def _border_is_blank(path: str, width: int = 2) -> bool:
     """Nothing drawn in the outermost pixels: no caption runs off the canvas."""
     grey = np.asarray(Image.open(path).convert("L")).astype(int)
-    edges = np.concatenate([grey[:width].ravel(), grey[-width:].ravel(), grey[:, :width].ravel(), grey[:, -width:].ravel()])
+    edges = np.concatenate(
+        [grey[:width].ravel(), grey[-width:].ravel(), grey[:, :width].ravel(), grey[:, -width:].ravel()]
+    )
     return bool((edges > 240).all())
 
 
 def test_captions_are_not_clipped_at_the_edge_of_the_picture(tmp_path):
     torch.manual_seed(0)
     images = [torch.rand(3, 64, 32) * 2 - 1 for _ in range(10)]
-    path = save_ranked_list(str(tmp_path / "ranked.png"), images[0], images, [i % 3 == 0 for i in range(10)],
-                            query_title="query\npid 1234 c5\nAP 0.123",
-                            gallery_titles=[f"d=1.234\npid {1000 + i} c{i + 1}" for i in range(10)])
+    path = save_ranked_list(
+        str(tmp_path / "ranked.png"),
+        images[0],
+        images,
+        [i % 3 == 0 for i in range(10)],
+        query_title="query\npid 1234 c5\nAP 0.123",
+        gallery_titles=[f"d=1.234\npid {1000 + i} c{i + 1}" for i in range(10)],
+    )
     assert _border_is_blank(path)
-    corr = save_head_correlation(str(tmp_path / "corr.png"), head_correlation(torch.randn(12, 50)), title="a long title " * 3)
-    mask = save_mask_plot(str(tmp_path / "mask.png"), torch.rand(768), title="HMG mask, query query_0007_c3s1_000003_00")
+    corr = save_head_correlation(
+        str(tmp_path / "corr.png"), head_correlation(torch.randn(12, 50)), title="a long title " * 3
+    )
+    mask = save_mask_plot(
+        str(tmp_path / "mask.png"), torch.rand(768), title="HMG mask, query query_0007_c3s1_000003_00"
+    )
     assert _border_is_blank(corr) and _border_is_blank(mask)
 
 

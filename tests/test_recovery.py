@@ -17,23 +17,41 @@ import re
 import shutil
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import psutil
 import pytest
 import torch
 
-from tests.conftest import (ROOT, RUN_TIMEOUT_S, TINY_TRAIN, VENV_BIN, assert_identical, kill_tree, model_weights,
-                            relative_workdir, run_ranks, train_env)
+from tests.conftest import (
+    ROOT,
+    RUN_TIMEOUT_S,
+    TINY_TRAIN,
+    VENV_BIN,
+    assert_identical,
+    kill_tree,
+    model_weights,
+    relative_workdir,
+    run_ranks,
+    train_env,
+)
 
 ZERO_RANK_1 = "main/zero_pp_rank_1_mp_rank_00_optim_states.pt"
 
 
 def _launch(*extra: str) -> list[str]:
     """``bash launch/torchrun.sh 2`` on the tiny model, relative paths: the reference run's command."""
-    return ["bash", str(ROOT / "launch" / "torchrun.sh"), "2", *TINY_TRAIN, "data.root=shards", "log.output_dir=run",
-            "engine.zero_stage=1", *extra]
+    return [
+        "bash",
+        str(ROOT / "launch" / "torchrun.sh"),
+        "2",
+        *TINY_TRAIN,
+        "data.root=shards",
+        "log.output_dir=run",
+        "engine.zero_stage=1",
+        *extra,
+    ]
 
 
 def _env(**extra: str) -> dict[str, str]:
@@ -137,17 +155,25 @@ def test_when_no_checkpoint_verifies_the_command_lists_what_was_found(uninterrup
     work = relative_workdir(tmp_path / "work", tiny_shards)
     ckpts = _resumable_copy(uninterrupted, work) / "checkpoints"
     first, second = _unverifiable(ckpts)
-    proc = subprocess.run([str(VENV_BIN / "dpm-train"), *TINY_TRAIN, "data.root=shards", "log.output_dir=run"],
-                          capture_output=True, text=True, env=_env(), cwd=work, timeout=RUN_TIMEOUT_S)
+    proc = subprocess.run(
+        [str(VENV_BIN / "dpm-train"), *TINY_TRAIN, "data.root=shards", "log.output_dir=run"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=work,
+        timeout=RUN_TIMEOUT_S,
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == (
         f"dpm-train: error: no checkpoint in {ckpts} verifies (epoch_0003: {first}; epoch_0002: {second}); move the folder "
-        "away (or set a new log.output_dir) to start over")
+        "away (or set a new log.output_dir) to start over"
+    )
 
 
 @pytest.fixture(scope="module")
-def garbage_then_crash_in_save(uninterrupted: Path, tiny_shards: Path,
-                               tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str, subprocess.CompletedProcess]:
+def garbage_then_crash_in_save(
+    uninterrupted: Path, tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, str, subprocess.CompletedProcess]:
     """One launch that both tests below read: the reference run's copy with garbage in a rank file of epoch_0003
     (and ``latest`` set back to epoch_0002, so that the save below visibly does not move it), resumed by the
     reference command, which trains epoch 3 and is killed in the middle of its save (``DPM_DEBUG_CRASH_IN_SAVE``:
@@ -159,14 +185,21 @@ def garbage_then_crash_in_save(uninterrupted: Path, tiny_shards: Path,
     run = _resumable_copy(uninterrupted, work)
     problem = _damage(run / "checkpoints" / "epoch_0003", "garbage")
     (run / "checkpoints" / "latest").write_text("epoch_0002")
-    proc = subprocess.run(_launch(), capture_output=True, text=True, env=_env(DPM_DEBUG_CRASH_IN_SAVE="3", MAX_RESTARTS="0"),
-                          cwd=work, timeout=RUN_TIMEOUT_S)
+    proc = subprocess.run(
+        _launch(),
+        capture_output=True,
+        text=True,
+        env=_env(DPM_DEBUG_CRASH_IN_SAVE="3", MAX_RESTARTS="0"),
+        cwd=work,
+        timeout=RUN_TIMEOUT_S,
+    )
     return run, problem, proc
 
 
 @pytest.mark.slow
-def test_garbage_in_a_rank_file_resumes_from_the_previous_checkpoint_to_the_same_weights(garbage_then_crash_in_save,
-                                                                                        uninterrupted):
+def test_garbage_in_a_rank_file_resumes_from_the_previous_checkpoint_to_the_same_weights(
+    garbage_then_crash_in_save, uninterrupted
+):
     run, problem, proc = garbage_then_crash_in_save
     out = proc.stdout + proc.stderr
     assert f"skipping epoch_0003: {problem}; resuming from epoch_0002" in out, out[-5000:]
@@ -177,9 +210,9 @@ def test_garbage_in_a_rank_file_resumes_from_the_previous_checkpoint_to_the_same
 
 
 @pytest.mark.slow
-def test_a_crash_in_the_middle_of_a_save_keeps_latest_and_the_rerun_ends_with_the_same_weights(garbage_then_crash_in_save,
-                                                                                              uninterrupted, tiny_shards,
-                                                                                              tmp_path):
+def test_a_crash_in_the_middle_of_a_save_keeps_latest_and_the_rerun_ends_with_the_same_weights(
+    garbage_then_crash_in_save, uninterrupted, tiny_shards, tmp_path
+):
     crashed_run, _, crashed = garbage_then_crash_in_save
     assert crashed.returncode != 0, crashed.stdout[-3000:]
     work = relative_workdir(tmp_path / "work", tiny_shards)
@@ -190,7 +223,9 @@ def test_a_crash_in_the_middle_of_a_save_keeps_latest_and_the_rerun_ends_with_th
     assert (ckpts / "latest").read_text() == "epoch_0002"  # a folder is a checkpoint only once its manifest is written
 
     # (restarts off: no preflight process; the reference run, the killed rank and the mistake tests start with them on)
-    proc = subprocess.run(_launch(), capture_output=True, text=True, env=_env(MAX_RESTARTS="0"), cwd=work, timeout=RUN_TIMEOUT_S)
+    proc = subprocess.run(
+        _launch(), capture_output=True, text=True, env=_env(MAX_RESTARTS="0"), cwd=work, timeout=RUN_TIMEOUT_S
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-5000:]
     assert "skipping epoch_0003: no manifest.json (its save did not finish); resuming from epoch_0002" in out
@@ -224,7 +259,8 @@ def _tb_steps(tb: Path) -> dict[str, list[int]]:
 
 @pytest.mark.slow
 def test_a_killed_rank_is_restarted_by_torchrun_then_after_kill_9_the_same_command_ends_with_the_same_weights(
-        uninterrupted, tiny_shards, tmp_path):
+    uninterrupted, tiny_shards, tmp_path
+):
     """Two faults in one run of the reference command. Rank 1 SIGKILLed in epoch 2: torchrun restarts both ranks,
     which resume from epoch_0001. Once they have checkpointed epoch 2 and logged a step of epoch 3, the whole job
     (torchrun and both ranks) is SIGKILLed: the same command again resumes and ends with the reference's weights,
@@ -236,28 +272,43 @@ def test_a_killed_rank_is_restarted_by_torchrun_then_after_kill_9_the_same_comma
         proc = subprocess.Popen(_launch(), stdout=log, stderr=subprocess.STDOUT, env=_env(MAX_RESTARTS="2"), cwd=work)
         deadline = time.time() + RUN_TIMEOUT_S
         try:  # epoch 1 is checkpointed and epoch 2 has started
-            _wait_for(proc, log_path, lambda text: bool(latest.is_file() and latest.read_text().strip()) and "[step 3 " in text,
-                      deadline)
+            _wait_for(
+                proc,
+                log_path,
+                lambda text: bool(latest.is_file() and latest.read_text().strip()) and "[step 3 " in text,
+                deadline,
+            )
             _worker(psutil.Process(proc.pid), "1").kill()
             killed = time.time()
             _wait_for(proc, log_path, lambda text: "resumed from" in text, deadline)
             resumed = time.time() - killed
-            _wait_for(proc, log_path, lambda text: latest.read_text().strip() == "epoch_0002"
-                      and "[step 5 " in text.partition("start     resumed from")[2], deadline)
+            _wait_for(
+                proc,
+                log_path,
+                lambda text: (
+                    latest.read_text().strip() == "epoch_0002"
+                    and "[step 5 " in text.partition("start     resumed from")[2]
+                ),
+                deadline,
+            )
         finally:
             kill_tree(proc.pid)  # kill -9 of the job: torchrun and both ranks
             proc.wait(timeout=60)
     text = log_path.read_text()
     starts = [line for line in text.splitlines() if "start     resumed from" in line]
     assert len(starts) == 1 and "resumed from epoch_0001 (epoch 1, step 2, world size 2)" in starts[0], text[-3000:]
-    before = text[:text.index(starts[0])]
+    before = text[: text.index(starts[0])]
     lost = max(int(n) for n in re.findall(r"\[step (\d+) ", before)) - 2
-    print(f"\n[restart] SIGKILL of rank 1 -> training resumed {resumed:.1f} s later from epoch_0001 ({lost} steps redone)")
+    print(
+        f"\n[restart] SIGKILL of rank 1 -> training resumed {resumed:.1f} s later from epoch_0001 ({lost} steps redone)"
+    )
     tag = latest.read_text().strip()
     assert tag in ("epoch_0002", "epoch_0003") and not (run / "results.json").exists()
 
     # (restarts off: no preflight process; the reference run and the mistake test start with them on)
-    again = subprocess.run(_launch(), capture_output=True, text=True, env=_env(MAX_RESTARTS="0"), cwd=work, timeout=RUN_TIMEOUT_S)
+    again = subprocess.run(
+        _launch(), capture_output=True, text=True, env=_env(MAX_RESTARTS="0"), cwd=work, timeout=RUN_TIMEOUT_S
+    )
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-5000:]
     epoch = int(tag[-4:])
     assert f"resumed from {tag} (epoch {epoch}, step {2 * epoch}, world size 2)" in again.stdout
@@ -275,7 +326,9 @@ def test_a_killed_rank_is_restarted_by_torchrun_then_after_kill_9_the_same_comma
 def _small_disk(folder: Path, size: str) -> Iterator[Path]:
     """A tmpfs of ``size`` mounted on ``folder`` (root only): a real full disk, ENOSPC and all."""
     folder.mkdir()
-    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True)
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True
+    )
     if mount.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {mount.stderr.strip()}")
     try:
@@ -289,18 +342,32 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_names_the_f
         (tmp_path / "shards").symlink_to(tiny_shards)
         args = [str(VENV_BIN / "dpm-train"), *TINY_TRAIN, "data.root=shards", "optim.epochs=2", "eval.period=2"]
         # One checkpoint of the tiny model (one rank, ZeRO-0) takes 8.9 MiB: the first fits, the second does not.
-        proc = subprocess.run([*args, "log.output_dir=disk/run"], capture_output=True, text=True, env=_env(), cwd=tmp_path,
-                              timeout=RUN_TIMEOUT_S)
+        proc = subprocess.run(
+            [*args, "log.output_dir=disk/run"],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            cwd=tmp_path,
+            timeout=RUN_TIMEOUT_S,
+        )
         ckpts = disk / "run" / "checkpoints"
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         line = proc.stderr.strip().splitlines()[-1]
-        assert line.startswith(f"dpm-train: error: saving checkpoint {ckpts / 'epoch_0002'} failed: No space left on device ("), line
+        assert line.startswith(
+            f"dpm-train: error: saving checkpoint {ckpts / 'epoch_0002'} failed: No space left on device ("
+        ), line
         assert "MiB free of 14 MiB); epoch_0001 is intact and still the latest; free space and re-run" in line, line
         assert (ckpts / "latest").read_text() == "epoch_0001" and not (ckpts / "epoch_0002").exists()
 
         shutil.copytree(disk / "run", tmp_path / "bigger")  # the same run on a disk with room
-        again = subprocess.run([*args, "log.output_dir=bigger"], capture_output=True, text=True, env=_env(), cwd=tmp_path,
-                               timeout=RUN_TIMEOUT_S)
+        again = subprocess.run(
+            [*args, "log.output_dir=bigger"],
+            capture_output=True,
+            text=True,
+            env=_env(),
+            cwd=tmp_path,
+            timeout=RUN_TIMEOUT_S,
+        )
         assert again.returncode == 0, again.stderr[-3000:]
         assert "resumed from epoch_0001 (epoch 1, step 2, world size 1)" in again.stdout
 
@@ -312,8 +379,11 @@ def test_a_full_disk_while_writing_a_model_file_replaces_nothing(tmp_path):
 
     with _small_disk(tmp_path / "disk", "1m") as disk:
         (disk / "model_final.pt").write_bytes(b"previous")
-        with pytest.raises(OSError, match=r"writing the model file .*model_final.pt failed: No space left on device "
-                                          r"\(0\.\d MiB free of 1 MiB\); no file was replaced"):
+        with pytest.raises(
+            OSError,
+            match=r"writing the model file .*model_final.pt failed: No space left on device "
+            r"\(0\.\d MiB free of 1 MiB\); no file was replaced",
+        ):
             save_model_file(torch.nn.Linear(1024, 1024), str(disk / "model_final.pt"), {})  # 4 MiB of weights
         assert (disk / "model_final.pt").read_bytes() == b"previous" and os.listdir(disk) == ["model_final.pt"]
 
@@ -323,12 +393,20 @@ def test_a_mistake_in_the_run_is_not_restarted_over_and_over(tiny_shards, tmp_pa
     """A non-finite streak (a bad value, not a machine fault) under restarts: the first attempt stops with its
     line, the restarted ranks stop at once with the same line instead of replaying the epoch."""
     work = relative_workdir(tmp_path / "work", tiny_shards)
-    proc = subprocess.run(_launch("engine.max_nonfinite_steps=2"), capture_output=True, text=True,
-                          env=_env(MAX_RESTARTS="2", DPM_DEBUG_NONFINITE_STEPS="3,4"), cwd=work, timeout=RUN_TIMEOUT_S)
+    proc = subprocess.run(
+        _launch("engine.max_nonfinite_steps=2"),
+        capture_output=True,
+        text=True,
+        env=_env(MAX_RESTARTS="2", DPM_DEBUG_NONFINITE_STEPS="3,4"),
+        cwd=work,
+        timeout=RUN_TIMEOUT_S,
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
-    first = ("step 4: 2 steps in a row skipped for non-finite values (loss, loss_id, loss_mask_id, loss_hem, loss_triplet; "
-             "engine.max_nonfinite_steps=2); last good checkpoint: epoch_0001")
+    first = (
+        "step 4: 2 steps in a row skipped for non-finite values (loss, loss_id, loss_mask_id, loss_hem, loss_triplet; "
+        "engine.max_nonfinite_steps=2); last good checkpoint: epoch_0001"
+    )
     assert f"dpm-train: error: {first}" in proc.stderr, out[-3000:]
     assert proc.stderr.count("(stopped again at once: a restart would only repeat it)") == 2 * 2  # 2 restarts x 2 ranks
     assert out.count("[step 4 ") == 1 and out.count("start     resumed from") == 0  # no epoch was replayed

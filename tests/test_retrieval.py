@@ -54,7 +54,13 @@ def random_case(seed, num_q=37, num_g=211, num_ids=25, num_cams=4, levels=None):
         dist = (dist * levels).floor() / levels
     q_pids = torch.randint(0, num_ids + 5, (num_q,), generator=g)  # ids >= num_ids have no gallery match
     g_pids = torch.randint(0, num_ids, (num_g,), generator=g)
-    return dist, q_pids, g_pids, torch.randint(0, num_cams, (num_q,), generator=g), torch.randint(0, num_cams, (num_g,), generator=g)
+    return (
+        dist,
+        q_pids,
+        g_pids,
+        torch.randint(0, num_cams, (num_q,), generator=g),
+        torch.randint(0, num_cams, (num_g,), generator=g),
+    )
 
 
 def assert_same_as_reference(metrics, ref):
@@ -66,6 +72,7 @@ def assert_same_as_reference(metrics, ref):
 
 
 # --- hand-computed cases -----------------------------------------------------------------------------
+
 
 def test_hand_computed_cmc_ap_minp_with_junk_removed():
     # Query pid 1, camera 0. Item 0 (pid 1, camera 0) is junk and removed. Kept order: 1 (pid 2), 2 (pid 1),
@@ -85,8 +92,14 @@ def test_hand_computed_two_queries_and_a_skipped_one():
     # q1 (pid 1, cam 1): order 1 (pid0), 0 (pid1 cam0, match), 2 (pid0) -> rank 2.
     # q2 (pid 7): no match in the gallery: skipped.
     dist = torch.tensor([[0.5, 0.9, 0.1], [0.4, 0.3, 0.8], [0.1, 0.2, 0.3]])
-    m = cmc_map_minp(dist, torch.tensor([0, 1, 7]), torch.tensor([1, 0, 0]), torch.tensor([0, 1, 0]),
-                     torch.tensor([0, 2, 1]), max_rank=50)
+    m = cmc_map_minp(
+        dist,
+        torch.tensor([0, 1, 7]),
+        torch.tensor([1, 0, 0]),
+        torch.tensor([0, 1, 0]),
+        torch.tensor([0, 2, 1]),
+        max_rank=50,
+    )
     assert m.num_valid == 2 and m.num_query == 3
     assert m.cmc.numel() == 3  # shortened to the gallery size, as the official code does
     assert m.cmc.tolist() == [0.5, 1.0, 1.0]
@@ -99,8 +112,14 @@ def test_ties_are_ranked_by_gallery_index():
     # All distances equal: the kept order is the gallery order. Matches (pid 4, other camera) at 1 and 3;
     # item 2 is junk (pid 4, camera 0) and item 0 a distractor -> kept [0, 1, 3, 4]: matches at ranks 2, 3.
     dist = torch.full((1, 5), 0.25)
-    m = cmc_map_minp(dist, torch.tensor([4]), torch.tensor([9, 4, 4, 4, 8]), torch.tensor([0]),
-                     torch.tensor([1, 1, 0, 2, 1]), max_rank=2)
+    m = cmc_map_minp(
+        dist,
+        torch.tensor([4]),
+        torch.tensor([9, 4, 4, 4, 8]),
+        torch.tensor([0]),
+        torch.tensor([1, 1, 0, 2, 1]),
+        max_rank=2,
+    )
     assert m.cmc.tolist() == [0.0, 1.0]
     assert m.mAP == pytest.approx((1 / 2 + 2 / 3) / 2)
     assert m.mINP == pytest.approx(2 / 3)
@@ -113,6 +132,7 @@ def test_no_valid_query_is_an_error():
 
 
 # --- against the per-query reference -----------------------------------------------------------------
+
 
 @pytest.mark.parametrize("levels", [None, 7, 2])
 @pytest.mark.parametrize("max_rank", [1, 10, 50])
@@ -132,8 +152,12 @@ def test_gallery_smaller_than_max_rank_and_short_kept_lists():
 def test_query_shards_sum_exactly_to_the_whole():
     dist, qp, gp, qc, gc = random_case(4, num_q=53, levels=5)
     whole = score_queries(lambda s, e: dist[s:e], qp, gp, qc, gc, chunks=query_chunks(53, 6), max_rank=20)
-    parts = [score_queries(lambda s, e: dist[s:e], qp, gp, qc, gc, chunks=query_chunks(53, 6, rank=r, world_size=4),
-                           max_rank=20) for r in range(4)]
+    parts = [
+        score_queries(
+            lambda s, e: dist[s:e], qp, gp, qc, gc, chunks=query_chunks(53, 6, rank=r, world_size=4), max_rank=20
+        )
+        for r in range(4)
+    ]
     total = sum(p.flat() for p in parts)
     assert torch.equal(total, whole.flat())
     merged = finalize(RankingSums.from_flat(total, 53, 20), num_gallery=dist.shape[1])
@@ -151,23 +175,31 @@ def test_query_chunks_cover_every_query_once_with_fixed_boundaries():
 
 # --- distances ---------------------------------------------------------------------------------------
 
+
 def official_masked_cosine(qf, gf, qm):
     """docs/method.md §7.4 per query, as the official cosine_single: normalize(m_i * normalize(gf)), then q̂·."""
-    rows = [F.normalize(qf[i:i + 1]) @ F.normalize(qm[i:i + 1] * F.normalize(gf)).T for i in range(qf.shape[0])]
+    rows = [F.normalize(qf[i : i + 1]) @ F.normalize(qm[i : i + 1] * F.normalize(gf)).T for i in range(qf.shape[0])]
     return torch.cat(rows)
 
 
 def features(seed, num_q=13, num_g=29, dim=48, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(num_q, dim, generator=g, dtype=dtype), torch.randn(num_g, dim, generator=g, dtype=dtype),
-            torch.rand(num_q, dim, generator=g, dtype=dtype))
+    return (
+        torch.randn(num_q, dim, generator=g, dtype=dtype),
+        torch.randn(num_g, dim, generator=g, dtype=dtype),
+        torch.rand(num_q, dim, generator=g, dtype=dtype),
+    )
 
 
 def test_masked_cosine_equals_the_per_query_formula():
     qf, gf, qm = features(0)
-    torch.testing.assert_close(masked_cosine_similarity(qf, qm, gf), official_masked_cosine(qf, gf, qm), rtol=0, atol=1e-13)
+    torch.testing.assert_close(
+        masked_cosine_similarity(qf, qm, gf), official_masked_cosine(qf, gf, qm), rtol=0, atol=1e-13
+    )
     qf, gf, qm = (t.float() for t in (qf, gf, qm))
-    torch.testing.assert_close(masked_cosine_similarity(qf, qm, gf), official_masked_cosine(qf, gf, qm), rtol=0, atol=2e-6)
+    torch.testing.assert_close(
+        masked_cosine_similarity(qf, qm, gf), official_masked_cosine(qf, gf, qm), rtol=0, atol=2e-6
+    )
 
 
 def test_masked_cosine_with_a_zero_mask_row_is_finite_like_the_eps_clamp():
@@ -193,7 +225,9 @@ def test_clipped_arccos_order_equals_negated_clipped_cosine_order_with_clip_ties
     # Near-duplicates: many cosines above 1-1e-5 become tied by the clip in both formulations.
     g = torch.Generator().manual_seed(5)
     gallery = torch.randn(60, 16, generator=g, dtype=torch.float64)
-    query = gallery[torch.randint(0, 60, (20,), generator=g)] + 1e-4 * torch.randn(20, 16, generator=g, dtype=torch.float64)
+    query = gallery[torch.randint(0, 60, (20,), generator=g)] + 1e-4 * torch.randn(
+        20, 16, generator=g, dtype=torch.float64
+    )
     gallery = torch.cat([gallery, gallery[:30] + 1e-5 * torch.randn(30, 16, generator=g, dtype=torch.float64)])
     cos = cosine_similarity(query, gallery)
     assert (cos > 1 - 1e-5).sum() > 20
@@ -211,10 +245,16 @@ def test_clipped_arccos_order_equals_negated_clipped_cosine_order_with_clip_ties
 def test_chunked_features_path_equals_the_full_matrix(metric):
     qf, gf, qm = features(6, num_q=41, num_g=97, dtype=torch.float32)
     g = torch.Generator().manual_seed(6)
-    labels = (torch.randint(0, 12, (41,), generator=g), torch.randint(0, 12, (97,), generator=g),
-              torch.randint(0, 3, (41,), generator=g), torch.randint(0, 3, (97,), generator=g))
+    labels = (
+        torch.randint(0, 12, (41,), generator=g),
+        torch.randint(0, 12, (97,), generator=g),
+        torch.randint(0, 3, (41,), generator=g),
+        torch.randint(0, 3, (97,), generator=g),
+    )
     full = cmc_map_minp(distance_matrix(qf, gf, q_mask=qm, metric=metric), *labels, max_rank=20)
-    ref = per_query_reference(distance_matrix(qf, gf, q_mask=qm, metric=metric).numpy(), *(a.numpy() for a in labels), max_rank=20)
+    ref = per_query_reference(
+        distance_matrix(qf, gf, q_mask=qm, metric=metric).numpy(), *(a.numpy() for a in labels), max_rank=20
+    )
     assert_same_as_reference(full, ref)
     for chunk in (1, 8, 41, 500):
         got = evaluate_features(qf, gf, *labels, q_mask=qm, metric=metric, max_rank=20, query_chunk=chunk)
@@ -226,7 +266,9 @@ def test_benchmark_reference_way_gives_identical_metrics_in_float64():
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("eval_retrieval", Path(__file__).parents[1] / "benchmarks" / "eval_retrieval.py")
+    spec = importlib.util.spec_from_file_location(
+        "eval_retrieval", Path(__file__).parents[1] / "benchmarks" / "eval_retrieval.py"
+    )
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     qf, gf, qm, qp, gp, qc, gc = bench.make_data(40, 300, 32, 30, 4, 1.5, torch.float64)

@@ -14,19 +14,19 @@ def loop_rerank(q, g, k1, k2, lambda_value):
     """The classic numpy implementation written out sample by sample (float64, stable argsort)."""
     feat = F.normalize(torch.cat([q, g]).double()).numpy()
     num_q, num_all = q.shape[0], feat.shape[0]
-    sq = (feat ** 2).sum(1)
+    sq = (feat**2).sum(1)
     original = np.maximum(sq[:, None] + sq[None, :] - 2 * feat @ feat.T, 0)
     original = original / original.max(axis=1, keepdims=True)
     rank = np.argsort(original, axis=1, kind="stable")
     V = np.zeros_like(original)
     for i in range(num_all):
-        forward = rank[i, :k1 + 1]
-        backward = rank[forward, :k1 + 1]
+        forward = rank[i, : k1 + 1]
+        backward = rank[forward, : k1 + 1]
         recip = forward[np.where(backward == i)[0]]
         expansion = recip
         for cand in recip:
-            cf = rank[cand, :int(np.around(k1 / 2)) + 1]
-            cb = rank[cf, :int(np.around(k1 / 2)) + 1]
+            cf = rank[cand, : int(np.around(k1 / 2)) + 1]
+            cb = rank[cf, : int(np.around(k1 / 2)) + 1]
             c_recip = cf[np.where(cb == cand)[0]]
             if len(np.intersect1d(c_recip, recip)) > 2 / 3 * len(c_recip):
                 expansion = np.append(expansion, c_recip)
@@ -115,9 +115,16 @@ def distributed_rerank(env) -> dict:
         for num_q, k1, k2 in CASES:
             q, gal = rerank_set(num_q)
             share = gallery_share(env)
-            reranked = rerank_sparse.SparseReRanking(q, gal[share], torch.tensor(share, dtype=torch.long), 57, k1=k1,
-                                                     k2=k2, lambda_value=0.3,
-                                                     peers=rerank_sparse.Peers(env.rank, env.world_size))
+            reranked = rerank_sparse.SparseReRanking(
+                q,
+                gal[share],
+                torch.tensor(share, dtype=torch.long),
+                57,
+                k1=k1,
+                k2=k2,
+                lambda_value=0.3,
+                peers=rerank_sparse.Peers(env.rank, env.world_size),
+            )
             out[(num_q, k1, k2)] = (share, reranked.chunk(0, num_q), reranked.chunk(num_q // 3, num_q // 3 + 4))
         return out
     finally:
@@ -130,7 +137,7 @@ def assemble(ranks: list[dict], case: tuple[int, int, int]) -> torch.Tensor:
     full = torch.full((num_q, 57), float("nan"))
     for share, rows, part in (r[case] for r in ranks):
         full[:, share] = rows
-        assert torch.equal(part, rows[num_q // 3:num_q // 3 + 4]), case
+        assert torch.equal(part, rows[num_q // 3 : num_q // 3 + 4]), case
     return full
 
 
@@ -142,5 +149,7 @@ def test_row_distributed_sparse_rerank_with_ties_equals_the_dense_one_and_the_lo
         num_q, k1, k2 = case
         q, gal = rerank_set(num_q)
         full = assemble([result], case)
-        torch.testing.assert_close(full, k_reciprocal_distance(q, gal, k1=k1, k2=k2, lambda_value=0.3), rtol=0, atol=1e-6)
+        torch.testing.assert_close(
+            full, k_reciprocal_distance(q, gal, k1=k1, k2=k2, lambda_value=0.3), rtol=0, atol=1e-6
+        )
         np.testing.assert_allclose(full.numpy(), loop_rerank(q, gal, k1, k2, 0.3), rtol=0, atol=1e-5)

@@ -66,8 +66,8 @@ def test_official_sampler_invariants() -> None:
     assert len(flat) % (p * k) == 0
     counts = Counter(labels)
     for b in range(0, len(flat), p * k):
-        block = [labels[i] for i in flat[b:b + p * k]]
-        chunks = [block[j:j + k] for j in range(0, p * k, k)]
+        block = [labels[i] for i in flat[b : b + p * k]]
+        chunks = [block[j : j + k] for j in range(0, p * k, k)]
         assert all(len(set(c)) == 1 for c in chunks)  # K consecutive images of one id
         assert len({c[0] for c in chunks}) == p  # P distinct ids
     used = Counter(flat)
@@ -97,8 +97,12 @@ def check_pk(batch: list, p: int, k: int) -> None:
 def test_stream_batches_are_exact_pk_and_upsample_rare_ids() -> None:
     rng = random.Random(0)
     stream = ((pid, i) for i in range(100000) for pid in [rng.choice([0] * 30 + list(range(1, 12)))])
-    batches = list(zip(range(40), pk_batches(stream, label=lambda s: s[0], num_ids=4, num_instances=3,
-                                            buffer_size=30, rng=random.Random(1))))
+    batches = list(
+        zip(
+            range(40),
+            pk_batches(stream, label=lambda s: s[0], num_ids=4, num_instances=3, buffer_size=30, rng=random.Random(1)),
+        )
+    )
     assert len(batches) == 40
     for _, batch in batches:
         check_pk(batch, 4, 3)
@@ -106,8 +110,9 @@ def test_stream_batches_are_exact_pk_and_upsample_rare_ids() -> None:
 
 def test_stream_does_not_stall_on_a_run_of_one_id() -> None:
     stream = [(0, i) for i in range(500)] + [(1 + i % 6, i) for i in range(1000)]
-    out = list(pk_batches(iter(stream), label=lambda s: s[0], num_ids=3, num_instances=2, buffer_size=20,
-                          rng=random.Random(0)))
+    out = list(
+        pk_batches(iter(stream), label=lambda s: s[0], num_ids=3, num_instances=2, buffer_size=20, rng=random.Random(0))
+    )
     assert len(out) > 100
     for batch in out:
         check_pk(batch, 3, 2)
@@ -125,8 +130,20 @@ def test_stream_seed_depends_on_every_part() -> None:
 
 def test_stream_passes_over_a_sample_already_buffered() -> None:
     stream = [(pid, i) for _ in range(50) for pid in range(4) for i in range(3)]  # the same 12 samples, repeated
-    out = list(zip(range(30), pk_batches(iter(stream), label=lambda s: s[0], num_ids=2, num_instances=3,
-                                         buffer_size=12, rng=random.Random(0), key=lambda s: s)))
+    out = list(
+        zip(
+            range(30),
+            pk_batches(
+                iter(stream),
+                label=lambda s: s[0],
+                num_ids=2,
+                num_instances=3,
+                buffer_size=12,
+                rng=random.Random(0),
+                key=lambda s: s,
+            ),
+        )
+    )
     for _, batch in out:
         check_pk(batch, 2, 3)
         assert len(set(batch)) == 6  # no image twice in a batch
@@ -136,7 +153,15 @@ def test_stream_with_fewer_usable_identities_than_p_is_an_error_not_a_hang():
     # 2 identities × 2 samples repeat forever (a resampled stream whose other samples were all skipped):
     # the buffer holds every usable sample and still cannot form a batch of P=3 identities.
     samples = itertools.cycle([{"key": f"{pid}_{i}", "pid": pid} for pid in (0, 1) for i in (0, 1)])
-    batches = pk_batches(samples, label=lambda s: s["pid"], num_ids=3, num_instances=2, buffer_size=6,
-                         rng=random.Random(0), key=lambda s: s["key"], num_distinct=lambda: 4)
+    batches = pk_batches(
+        samples,
+        label=lambda s: s["pid"],
+        num_ids=3,
+        num_instances=2,
+        buffer_size=6,
+        rng=random.Random(0),
+        key=lambda s: s["key"],
+        num_distinct=lambda: 4,
+    )
     with pytest.raises(ValueError, match="only 2 distinct identities in its 4 usable samples, fewer than P=3"):
         next(batches)

@@ -16,7 +16,9 @@ from dpm_dist.model.dpm import create_model, prototype_rows
 from tests.conftest import run_ranks
 
 sys.path.insert(0, str(Path(__file__).parent))
-import engine_worker as W  # noqa: E402
+import itertools
+
+import engine_worker as W
 
 NUM_CLASSES = 11  # uneven at 2 (6 + 5) and 3 ranks (4 + 4 + 3); W.batches labels 0..3·world−1
 STEPS = 5
@@ -29,7 +31,7 @@ def test_prototype_rows_cover_every_class_once():
     for classes, world in [(11, 2), (11, 3), (12, 4), (5, 5), (1_000_000, 3)]:
         rows = [prototype_rows(classes, r, world) for r in range(world)]
         assert rows[0][0] == 0 and rows[-1][1] == classes
-        assert all(a[1] == b[0] for a, b in zip(rows, rows[1:]))
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(rows))
         sizes = [stop - start for start, stop in rows]
         assert max(sizes) - min(sizes) <= 1
     with pytest.raises(ValueError, match="3 classes cannot be sharded over 4 ranks"):
@@ -55,8 +57,11 @@ def _cfg(mode: str, zero: int, classifier: str):
     # W.make_cfg's lr 0.05 makes 5 steps of this tiny model chaotic: a 2e-7 relative change of W's init alone then
     # moves the HMG weights by 5e-4 relative. At 1e-3 the runs stay within fp32 rounding of each other.
     cfg = W.make_cfg(mode, zero)
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, classifier=classifier),
-                               optim=dataclasses.replace(cfg.optim, base_lr=1e-3))
+    return dataclasses.replace(
+        cfg,
+        model=dataclasses.replace(cfg.model, classifier=classifier),
+        optim=dataclasses.replace(cfg.optim, base_lr=1e-3),
+    )
 
 
 def _model():
@@ -88,15 +93,29 @@ def _run(env: DistEnv, mode: str, zero: int, classifier: str) -> dict:
     if engine.head is not None:
         state["classifier.weight"] = engine.head.weight.detach().clone()
         assert not any(p is engine.head.weight for p in engine.model.parameters())  # DeepSpeed never saw the shard
-    return {"metrics": metrics, "grads": grads, "state": state, "rows": prototype_rows(NUM_CLASSES, env.rank, env.world_size)}
+    return {
+        "metrics": metrics,
+        "grads": grads,
+        "state": state,
+        "rows": prototype_rows(NUM_CLASSES, env.rank, env.world_size),
+    }
 
 
 def cases(env: DistEnv) -> dict:
     # What a launcher sets and DeepSpeed reads (run_ranks' spawned workers only join the process group).
-    os.environ.update(RANK=str(env.rank), LOCAL_RANK=str(env.rank), WORLD_SIZE=str(env.world_size),
-                      LOCAL_WORLD_SIZE=str(env.world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT="1")  # group exists already
-    return {(mode, zero, classifier): _run(env, mode, zero, classifier)
-            for mode, zero in CASES for classifier in ("replicated", "sharded")}
+    os.environ.update(
+        RANK=str(env.rank),
+        LOCAL_RANK=str(env.rank),
+        WORLD_SIZE=str(env.world_size),
+        LOCAL_WORLD_SIZE=str(env.world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT="1",
+    )  # group exists already
+    return {
+        (mode, zero, classifier): _run(env, mode, zero, classifier)
+        for mode, zero in CASES
+        for classifier in ("replicated", "sharded")
+    }
 
 
 def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -117,9 +136,13 @@ def test_sharded_head_equals_replicated(ranks, mode, zero):
     world = len(ranks)
     terms = 0.0
     for step in range(STEPS):  # the loss terms of every step
-        for term in TERMS_LOCAL + TERMS_GLOBAL[:3 if mode == "reference" else 4]:  # reference: loss_step2 is the total
+        for term in TERMS_LOCAL + TERMS_GLOBAL[: 3 if mode == "reference" else 4]:  # reference: loss_step2 is the total
             for r in range(world):
-                want = rep[r]["metrics"][step][term] if term in TERMS_LOCAL else sum(x["metrics"][step][term] for x in rep) / world
+                want = (
+                    rep[r]["metrics"][step][term]
+                    if term in TERMS_LOCAL
+                    else sum(x["metrics"][step][term] for x in rep) / world
+                )
                 terms = max(terms, abs(sh[r]["metrics"][step][term] - want) / max(abs(want), 1e-3))
     worst = {}
     for r in range(world):  # the gradients of the first iteration into the backbone, the HMG and the BNNeck, per rank
@@ -133,10 +156,15 @@ def test_sharded_head_equals_replicated(ranks, mode, zero):
     start, stop = sh[0]["rows"], None
     for r in range(world):  # W's gradient: the shard's rows of the rank-averaged replicated gradient
         start, stop = sh[r]["rows"]
-        want = [sum(x["grads"]["classifier.weight"][i] for x in rep)[start:stop] / world for i in range(len(rep[r]["grads"]["classifier.weight"]))]
+        want = [
+            sum(x["grads"]["classifier.weight"][i] for x in rep)[start:stop] / world
+            for i in range(len(rep[r]["grads"]["classifier.weight"]))
+        ]
         got = sh[r]["grads"]["classifier.weight"]
         assert len(got) == len(want)
-        worst["classifier.weight"] = max([worst.get("classifier.weight", 0.0)] + [_rel(g, w) for g, w in zip(got, want)])
+        worst["classifier.weight"] = max(
+            [worst.get("classifier.weight", 0.0)] + [_rel(g, w) for g, w in zip(got, want)]
+        )
     w_full = torch.cat([s["state"]["classifier.weight"] for s in sh])
     weights = {}
     for r in range(world):  # the weights after STEPS iterations
@@ -146,8 +174,10 @@ def test_sharded_head_equals_replicated(ranks, mode, zero):
                 weights[name] = max(weights.get(name, 0.0), _rel(got, want))
             else:
                 assert torch.equal(got, want), name
-    print(f"{world} ranks {mode} ZeRO-{zero}: max relative difference of the weights after {STEPS} steps "
-          f"{max(weights.values()):.2e}, of the first gradients {max(worst.values()):.2e}, of the loss terms {terms:.2e}")
+    print(
+        f"{world} ranks {mode} ZeRO-{zero}: max relative difference of the weights after {STEPS} steps "
+        f"{max(weights.values()):.2e}, of the first gradients {max(worst.values()):.2e}, of the loss terms {terms:.2e}"
+    )
     # Measured (docs/training.md): 1e-6..1e-5 mostly, 4e-4 at worst; a 2e-7 change of W's init gives ~1e-5 alone.
     assert terms <= 1e-4
     assert max(worst.values()) <= 1e-3, sorted(worst.items(), key=lambda kv: -kv[1])[:5]
@@ -161,8 +191,14 @@ def _terms(env: DistEnv, sharded: bool) -> dict:
 
     g = torch.Generator().manual_seed(7)
     full_w = torch.randn(NUM_CLASSES, 32, generator=g, dtype=torch.float64)
-    rows = [(torch.randn(4, 32, generator=g, dtype=torch.float64), torch.rand(4, 32, generator=g, dtype=torch.float64),
-             torch.randint(0, NUM_CLASSES, (4,), generator=g)) for _ in range(env.world_size)]
+    rows = [
+        (
+            torch.randn(4, 32, generator=g, dtype=torch.float64),
+            torch.rand(4, 32, generator=g, dtype=torch.float64),
+            torch.randint(0, NUM_CLASSES, (4,), generator=g),
+        )
+        for _ in range(env.world_size)
+    ]
     feat, mask, labels = (t.clone().requires_grad_(t.is_floating_point()) for t in rows[env.rank])
     margin, scale = 0.5, 30.0
     if sharded:
@@ -177,8 +213,14 @@ def _terms(env: DistEnv, sharded: bool) -> dict:
         terms = classification_terms(feat, mask, weight, labels, margin=margin, scale=scale)
         step2 = masked_arcface_ce(feat.detach(), mask, weight.detach(), labels, margin=margin, scale=scale)
     (terms["loss_id"] + 0.7 * terms["loss_mask_id"]).backward()
-    out = {"loss_id": terms["loss_id"].detach(), "loss_mask_id": terms["loss_mask_id"].detach(), "acc": terms["acc"],
-           "d_feat": feat.grad.clone(), "d_mask": mask.grad.clone(), "d_w": weight.grad.clone()}
+    out = {
+        "loss_id": terms["loss_id"].detach(),
+        "loss_mask_id": terms["loss_mask_id"].detach(),
+        "acc": terms["acc"],
+        "d_feat": feat.grad.clone(),
+        "d_mask": mask.grad.clone(),
+        "d_w": weight.grad.clone(),
+    }
     mask.grad = None
     step2.backward()
     return dict(out, step2=step2.detach(), d_mask2=mask.grad.clone())
@@ -199,7 +241,9 @@ def test_sharded_terms_and_gradients_match_in_float64(tmp_path):
         for key in ("d_feat", "d_mask", "d_mask2"):  # ×R: DeepSpeed's average then gives the replicated value
             torch.testing.assert_close(sh[key], rep[key], rtol=1e-12, atol=1e-12)
         start, stop = prototype_rows(NUM_CLASSES, r, world)
-        torch.testing.assert_close(sh["d_w"], (sum(o[0]["d_w"] for o in out) / world)[start:stop], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(
+            sh["d_w"], (sum(o[0]["d_w"] for o in out) / world)[start:stop], rtol=1e-12, atol=1e-12
+        )
 
 
 # ---- Partial FC (loss.sample_rate < 1) ----------------------------------------------------------------------
@@ -211,7 +255,9 @@ def test_sampled_rows_keep_every_positive_and_are_seeded_by_seed_iteration_and_r
     from dpm_dist.train.sharded_head import sample_rows, sample_seed
 
     labels = torch.tensor([3, 3, 17, 25, 26, 39, 0])
-    rows = lambda seed, it, rank, rate=0.3: sample_rows(labels, 10, 20, rate, torch.Generator().manual_seed(sample_seed(seed, it, rank)))
+    rows = lambda seed, it, rank, rate=0.3: sample_rows(
+        labels, 10, 20, rate, torch.Generator().manual_seed(sample_seed(seed, it, rank))
+    )
     got = rows(0, 1, 0)
     assert got.tolist() == sorted(set(got.tolist())) and len(got) == 6  # int(0.3 · 20), sorted, unique
     assert {7, 15, 16} <= set(got.tolist())  # labels 17, 25, 26 are this shard's rows 7, 15, 16
@@ -229,8 +275,14 @@ def _pfc(env: DistEnv) -> dict:
 
     g = torch.Generator().manual_seed(11)
     full_w = torch.randn(PFC_CLASSES, 32, generator=g, dtype=torch.float64)
-    data = [(torch.randn(4, 32, generator=g, dtype=torch.float64), torch.rand(4, 32, generator=g, dtype=torch.float64),
-             torch.randint(0, PFC_CLASSES, (4,), generator=g)) for _ in range(env.world_size)]
+    data = [
+        (
+            torch.randn(4, 32, generator=g, dtype=torch.float64),
+            torch.rand(4, 32, generator=g, dtype=torch.float64),
+            torch.randint(0, PFC_CLASSES, (4,), generator=g),
+        )
+        for _ in range(env.world_size)
+    ]
     feat, mask, labels = (t.clone().requires_grad_(t.is_floating_point()) for t in data[env.rank])
     model = create_model(**dict(W.TINY, num_classes=PFC_CLASSES)).double()
     model.classifier.weight.data.copy_(full_w)
@@ -251,10 +303,19 @@ def _pfc(env: DistEnv) -> dict:
     ref_step2 = masked_arcface_ce(feats, masks, sub_w.detach(), local, margin=0.5, scale=30.0)
     d_w_ref = torch.zeros_like(full_w).index_copy_(0, union, sub_w.grad)
     rows = slice(env.rank * 4, env.rank * 4 + 4)
-    return {"kept": kept, "labels": all_labels.tolist(), "width": head.stop - head.start,
-            "got": [terms["loss_id"], terms["loss_mask_id"], step2, feat.grad * 1.0, head.weight.grad],
-            "want": [ref["loss_id"], ref["loss_mask_id"], ref_step2, ref_feat.grad[rows] * env.world_size,
-                     d_w_ref[head.start:head.stop]]}
+    return {
+        "kept": kept,
+        "labels": all_labels.tolist(),
+        "width": head.stop - head.start,
+        "got": [terms["loss_id"], terms["loss_mask_id"], step2, feat.grad * 1.0, head.weight.grad],
+        "want": [
+            ref["loss_id"],
+            ref["loss_mask_id"],
+            ref_step2,
+            ref_feat.grad[rows] * env.world_size,
+            d_w_ref[head.start : head.stop],
+        ],
+    }
 
 
 def _all_gather_objects(obj):
@@ -276,6 +337,7 @@ def test_partial_fc_is_the_softmax_over_every_ranks_sampled_classes(tmp_path):
 
 
 # ---- the shards in checkpoints ------------------------------------------------------------------------------
+
 
 def _head(env: DistEnv, seed: int):
     from dpm_dist.train.sharded_head import ShardedHead
@@ -300,8 +362,12 @@ def _save_head(env: DistEnv, folder: str) -> dict:
 def _load_head(env: DistEnv, folder: str, saved_world: int) -> dict:
     head = _head(env, 1)  # another init: everything must come from the files
     head.load(folder, saved_world)
-    return {"weight": head.weight.detach().clone(), "momentum": head.optimizer.state[head.weight]["momentum_buffer"].clone(),
-            "iteration": head.iteration, "lr": head.optimizer.param_groups[0]["lr"]}
+    return {
+        "weight": head.weight.detach().clone(),
+        "momentum": head.optimizer.state[head.weight]["momentum_buffer"].clone(),
+        "iteration": head.iteration,
+        "lr": head.optimizer.param_groups[0]["lr"],
+    }
 
 
 def test_head_shards_are_saved_by_their_owners_and_resharded_on_another_world_size(tmp_path):
@@ -315,8 +381,10 @@ def test_head_shards_are_saved_by_their_owners_and_resharded_on_another_world_si
         assert torch.equal(torch.cat([r["weight"] for r in loaded]), weight), world
         assert torch.equal(torch.cat([r["momentum"] for r in loaded]), momentum), world
         assert all(r["iteration"] == 5 for r in loaded)
-    torch.save(dict(torch.load(os.path.join(folder, "head", "rank_1.pt"), weights_only=False), num_classes=12),
-               os.path.join(folder, "head", "rank_1.pt"))
+    torch.save(
+        dict(torch.load(os.path.join(folder, "head", "rank_1.pt"), weights_only=False), num_classes=12),
+        os.path.join(folder, "head", "rank_1.pt"),
+    )
     with pytest.raises(ValueError, match=r"head/rank_1.pt: rows \[6, 11\] of 12 classes, expected \[6, 11\) of 11"):
         _load_head(DistEnv(), folder, 2)
 
@@ -328,18 +396,38 @@ def test_dpm_train_with_a_sharded_head_resumes_exactly_reshards_and_writes_the_w
     import shutil
     import subprocess
 
-    from tests.conftest import ROOT, RUN_TIMEOUT_S, TINY_TRAIN, VENV_BIN, assert_identical, model_weights, relative_workdir, train_env
+    from tests.conftest import (
+        ROOT,
+        RUN_TIMEOUT_S,
+        TINY_TRAIN,
+        VENV_BIN,
+        assert_identical,
+        model_weights,
+        relative_workdir,
+        train_env,
+    )
 
     work = relative_workdir(tmp_path / "work", tiny_shards)
     # 2 ids per rank: a global batch names 4 of the 8 classes, so each shard (4 rows, keeping 3) draws negatives.
     args = [a for a in TINY_TRAIN if not a.startswith(("optim.epochs=", "data.num_ids="))] + [
-        "optim.epochs=2", "data.num_ids=2", "log.checkpoint_every=1", "data.root=shards", "model.classifier=sharded",
-        "loss.sample_rate=0.75"]
+        "optim.epochs=2",
+        "data.num_ids=2",
+        "log.checkpoint_every=1",
+        "data.root=shards",
+        "model.classifier=sharded",
+        "loss.sample_rate=0.75",
+    ]
 
     def train(world: int, out: str, *extra: str) -> subprocess.CompletedProcess:
         cmd = ["bash", str(ROOT / "launch" / "torchrun.sh"), str(world)] if world > 1 else [str(VENV_BIN / "dpm-train")]
-        proc = subprocess.run(cmd + args + [f"log.output_dir={out}", *extra], capture_output=True, text=True, env=train_env(),
-                              cwd=work, timeout=RUN_TIMEOUT_S)
+        proc = subprocess.run(
+            cmd + args + [f"log.output_dir={out}", *extra],
+            capture_output=True,
+            text=True,
+            env=train_env(),
+            cwd=work,
+            timeout=RUN_TIMEOUT_S,
+        )
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         return proc
 
@@ -347,12 +435,17 @@ def test_dpm_train_with_a_sharded_head_resumes_exactly_reshards_and_writes_the_w
     # resumed run's fresh loader must then give its second epoch the same batches and drop-path draws.
     train(2, "full", "data.num_workers=2", "data.persistent_workers=true")
     final = torch.load(work / "full" / "model_final.pt", weights_only=True)["model"]["classifier.weight"]
-    shards = [torch.load(work / "full" / "checkpoints" / "epoch_0002" / "head" / f"rank_{r}.pt", weights_only=False) for r in (0, 1)]
+    shards = [
+        torch.load(work / "full" / "checkpoints" / "epoch_0002" / "head" / f"rank_{r}.pt", weights_only=False)
+        for r in (0, 1)
+    ]
     assert final.shape[0] == 8 and torch.equal(final, torch.cat([s["weight"] for s in shards]))
     assert [s["rows"] for s in shards] == [[0, 4], [4, 8]] and shards[0]["iteration"] == 4
 
     for out in ("resumed", "one_rank"):  # the state after epoch 1, as a crash after its checkpoint leaves it
-        shutil.copytree(work / "full" / "checkpoints", work / out / "checkpoints", ignore=shutil.ignore_patterns("epoch_0002"))
+        shutil.copytree(
+            work / "full" / "checkpoints", work / out / "checkpoints", ignore=shutil.ignore_patterns("epoch_0002")
+        )
         (work / out / "checkpoints" / "latest").write_text("epoch_0001")
     resumed = train(2, "resumed")
     assert "resumed from epoch_0001 (epoch 1, step 2, world size 2)" in resumed.stdout
@@ -360,5 +453,8 @@ def test_dpm_train_with_a_sharded_head_resumes_exactly_reshards_and_writes_the_w
 
     one = train(1, "one_rank")
     assert "resharding the prototype head of epoch_0001 from 2 to 1 ranks" in one.stdout
-    assert torch.load(work / "one_rank" / "model_final.pt", weights_only=True)["model"]["classifier.weight"].shape == final.shape
+    assert (
+        torch.load(work / "one_rank" / "model_final.pt", weights_only=True)["model"]["classifier.weight"].shape
+        == final.shape
+    )
     assert json.loads((work / "one_rank" / "results.json").read_text())["steps"] == 4

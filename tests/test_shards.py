@@ -10,28 +10,41 @@ import subprocess
 import sys
 import tarfile
 from pathlib import Path
-from typing import Dict, List, Tuple
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from dpm_dist.data.layouts import parse_market_name, parse_msmt_name, scan_layout
-from dpm_dist.data.shards import (Sample, ShardError, iter_shard, read_manifest, split_contiguous, verify,
-                                  write_dataset, write_records)
 from dpm_dist.cli.shards import main as shards_main
+from dpm_dist.data.layouts import parse_market_name, parse_msmt_name, scan_layout
+from dpm_dist.data.shards import (
+    Sample,
+    ShardError,
+    iter_shard,
+    read_manifest,
+    split_contiguous,
+    verify,
+    write_dataset,
+    write_records,
+)
 
 DPM_SHARDS = str(Path(sys.executable).parent / "dpm-shards")
 
 
-def run_shards(args: List[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
+def run_shards(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
     """The installed ``dpm-shards`` command, run from ``cwd`` (paths in ``args`` relative to it)."""
     full_env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    return subprocess.run([DPM_SHARDS, *args], cwd=cwd, env={**full_env, "DS_ACCELERATOR": "cpu", **env},
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [DPM_SHARDS, *args],
+        cwd=cwd,
+        env={**full_env, "DS_ACCELERATOR": "cpu", **env},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
-def error_lines(proc: subprocess.CompletedProcess) -> List[str]:
+def error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     return [ln for ln in proc.stderr.splitlines() if ln.strip()]
 
 
@@ -41,10 +54,13 @@ def save_image(path: Path, colour: int) -> None:
     Image.new("RGB", (8, 16), (colour, 255 - colour, 40)).save(path, format=fmt)
 
 
-def market_folder(root: Path, ext: str = ".jpg") -> Dict[str, List[Tuple[int, int]]]:
+def market_folder(root: Path, ext: str = ".jpg") -> dict[str, list[tuple[int, int]]]:
     """Market-style folder: pids 0 (distractor), 2, 5, 11, junk -1 in the gallery; a digit-laden parent dir."""
-    files = {"bounding_box_train": [(11, 1), (11, 2), (2, 1), (5, 3), (5, 3)],
-             "query": [(2, 1), (5, 2)], "bounding_box_test": [(2, 2), (5, 1), (0, 4), (-1, 3)]}
+    files = {
+        "bounding_box_train": [(11, 1), (11, 2), (2, 1), (5, 3), (5, 3)],
+        "query": [(2, 1), (5, 2)],
+        "bounding_box_test": [(2, 2), (5, 1), (0, 4), (-1, 3)],
+    }
     for sub, items in files.items():
         for i, (pid, cam) in enumerate(items):
             save_image(root / sub / f"{pid:04d}_c{cam}s1_{i:06d}_00{ext}", 10 * i + pid)
@@ -69,8 +85,14 @@ def test_market_style_layouts_round_trip(tmp_path: Path) -> None:
         samples = [s for e in train["shards"] for s in iter_shard(e["name"], (out / e["name"]).read_bytes())]
         metas = {s["key"]: s["meta"] for s in samples}
         meta = metas["train_0011_c2s1_000001_00"]
-        assert meta == {"pid": 11, "label": 2, "camid": 1, "split": "train", "role": "train",
-                        "source": "bounding_box_train/0011_c2s1_000001_00.jpg"}
+        assert meta == {
+            "pid": 11,
+            "label": 2,
+            "camid": 1,
+            "split": "train",
+            "role": "train",
+            "source": "bounding_box_train/0011_c2s1_000001_00.jpg",
+        }
         jpg = next(s["jpg"] for s in samples if s["key"] == "train_0011_c2s1_000001_00")
         assert jpg == (src / meta["source"]).read_bytes()  # JPEGs are copied, not re-encoded
 
@@ -87,8 +109,12 @@ def test_generic_layout_reencodes_png_and_allows_missing_splits(tmp_path: Path) 
 
 
 def test_msmt17_from_list_files(tmp_path: Path) -> None:
-    lists = {"list_train.txt": ("train", [(0, 1), (0, 3), (4, 15)]), "list_val.txt": ("train", [(4, 2)]),
-             "list_query.txt": ("test", [(9, 2)]), "list_gallery.txt": ("test", [(9, 5), (12, 2)])}
+    lists = {
+        "list_train.txt": ("train", [(0, 1), (0, 3), (4, 15)]),
+        "list_val.txt": ("train", [(4, 2)]),
+        "list_query.txt": ("test", [(9, 2)]),
+        "list_gallery.txt": ("test", [(9, 5), (12, 2)]),
+    }
     for list_name, (sub, items) in lists.items():
         lines = []
         for i, (pid, cam) in enumerate(items):
@@ -96,7 +122,9 @@ def test_msmt17_from_list_files(tmp_path: Path) -> None:
             save_image(tmp_path / "MSMT17_V1" / sub / rel, pid + i)
             lines.append(f"{rel} {pid}\n")
         (tmp_path / "MSMT17_V1" / list_name).write_text("".join(lines))
-    manifest = write_records(scan_layout("msmt17", str(tmp_path / "MSMT17_V1")), str(tmp_path / "out"), dataset="msmt17")
+    manifest = write_records(
+        scan_layout("msmt17", str(tmp_path / "MSMT17_V1")), str(tmp_path / "out"), dataset="msmt17"
+    )
     assert manifest["splits"]["train"]["num_samples"] == 4  # train + val
     assert manifest["splits"]["train"]["cams"] == {"0": 1, "1": 1, "2": 1, "14": 1}
     assert manifest["relabel"] == {"0": 0, "4": 1} and manifest["num_cams"] == 15
@@ -113,8 +141,12 @@ def test_occluded_reid_raw_release_is_renamed_like_rename_py(tmp_path: Path) -> 
     assert set(manifest["splits"]) == {"query", "gallery"} and manifest["num_train_ids"] == 0
     assert manifest["splits"]["query"]["cams"] == {"0": 6} and manifest["splits"]["gallery"]["cams"] == {"2": 6}
     out = tmp_path / "out"
-    keys = {s["key"]: s["meta"] for role in ("query", "gallery")
-            for e in manifest["splits"][role]["shards"] for s in iter_shard(e["name"], (out / e["name"]).read_bytes())}
+    keys = {
+        s["key"]: s["meta"]
+        for role in ("query", "gallery")
+        for e in manifest["splits"][role]["shards"]
+        for s in iter_shard(e["name"], (out / e["name"]).read_bytes())
+    }
     assert keys["query_0200_c1s1_000250_00"]["source"] == "occluded_body_images/200/200_05.tif"
     assert keys["gallery_0001_c3s3_000100_00"]["camid"] == 2 and keys["gallery_0001_c3s3_000100_00"]["pid"] == 1
     assert verify(str(out)) == []
@@ -195,8 +227,22 @@ def test_verify_decodes_every_image(tmp_path: Path) -> None:
 
 def test_cli_write_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     market_folder(tmp_path / "src")
-    assert shards_main(["write", "--layout", "market1501", "--src", str(tmp_path / "src"), "--out",
-                        str(tmp_path / "out"), "--max-bytes", "1kB"]) == 0
+    assert (
+        shards_main(
+            [
+                "write",
+                "--layout",
+                "market1501",
+                "--src",
+                str(tmp_path / "src"),
+                "--out",
+                str(tmp_path / "out"),
+                "--max-bytes",
+                "1kB",
+            ]
+        )
+        == 0
+    )
     manifest = read_manifest(str(tmp_path / "out"))
     assert len(manifest["splits"]["train"]["shards"]) == 5  # one sample per 1 kB shard
     assert "train: 5 images / 3 ids / 5 shards" in capsys.readouterr().out
@@ -244,8 +290,11 @@ def test_hidden_files_are_ignored_and_jpeg_extensions_accepted(tmp_path: Path) -
     proc = run_shards(["write", "--layout", "market1501", "--src", "src", "--out", "out"], tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "train: 7 images / 4 ids" in proc.stdout
-    sources = {s["meta"]["source"] for e in read_manifest(str(tmp_path / "out"))["splits"]["train"]["shards"]
-               for s in iter_shard(e["name"], (tmp_path / "out" / e["name"]).read_bytes())}
+    sources = {
+        s["meta"]["source"]
+        for e in read_manifest(str(tmp_path / "out"))["splits"]["train"]["shards"]
+        for s in iter_shard(e["name"], (tmp_path / "out" / e["name"]).read_bytes())
+    }
     assert {"bounding_box_train/0007_c1s1_000001_00.jpeg", "bounding_box_train/0007_c2s1_000002_00.JPG"} <= sources
     raw = tmp_path / "Occluded_REID"
     for folder in ("occluded_body_images", "whole_body_images"):
@@ -269,8 +318,10 @@ def test_cli_user_errors_are_one_line_naming_the_culprit(tmp_path: Path, case: s
         (tmp_path / "empty" / sub).mkdir(parents=True)
     (tmp_path / "empty" / "query" / "._0001_c1s1_000001_00.jpg").write_bytes(bytes(8))  # hidden: not an image
     args, culprit = {
-        "missing_src": (["write", "--layout", "market1501", "--src", "nope"],
-                        f"--src {tmp_path / 'nope'}: no such folder"),
+        "missing_src": (
+            ["write", "--layout", "market1501", "--src", "nope"],
+            f"--src {tmp_path / 'nope'}: no such folder",
+        ),
         "no_images": (["write", "--layout", "market1501", "--src", "empty"], f"{tmp_path / 'empty'}': no images found"),
         "verify_missing": (["verify", "gone"], f"no such folder: {tmp_path / 'gone'}"),
         "verify_not_shards": (["verify", "empty"], f"{tmp_path / 'empty'} holds no index.json"),

@@ -17,9 +17,10 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, ClassVar
 from urllib.parse import urlsplit
 
 import pytest
@@ -35,14 +36,17 @@ SLOW_S, STALL_S = 0.3, 1.6
 # What the proxy does with the n-th GET. Sequential reads of one object meet at most 2 failures in a row.
 CYCLE = ("503", "reset", "slow", "500", "ok", "cut", "ok", "stall", "ok", "ok")
 FAILURES = {"503", "500", "reset", "cut", "stall"}
-_ERROR_XML = {"503": (b"SlowDown", b"Please reduce your request rate."), "500": (b"InternalError", b"We encountered an internal error.")}
+_ERROR_XML = {
+    "503": (b"SlowDown", b"Please reduce your request rate."),
+    "500": (b"InternalError", b"We encountered an internal error."),
+}
 
 
 class _Proxy(BaseHTTPRequestHandler):
     upstream: str = ""  # host:port
     plan: Iterator[str] = iter(())
     lock = threading.Lock()
-    seen: list[str] = []
+    seen: ClassVar[list[str]] = []
 
     def log_message(self, *args: object) -> None:
         pass
@@ -81,7 +85,7 @@ class _Proxy(BaseHTTPRequestHandler):
         self.send_response(status)
         for key, value in headers:
             self.send_header(key, value)
-        self.send_header("Content-Length", dict((k.lower(), v) for k, v in headers).get("content-length", str(len(body))))
+        self.send_header("Content-Length", {k.lower(): v for k, v in headers}.get("content-length", str(len(body))))
         self.end_headers()
 
     def do_GET(self) -> None:
@@ -90,8 +94,15 @@ class _Proxy(BaseHTTPRequestHandler):
             self.seen.append(fault)
         if fault in _ERROR_XML:
             code, message = _ERROR_XML[fault]
-            self._send(int(fault), [("Content-Type", "application/xml")],
-                       b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>" + code + b"</Code><Message>" + message + b"</Message></Error>")
+            self._send(
+                int(fault),
+                [("Content-Type", "application/xml")],
+                b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>"
+                + code
+                + b"</Code><Message>"
+                + message
+                + b"</Message></Error>",
+            )
         elif fault == "reset":
             self._reset()
         elif fault == "stall":
@@ -116,8 +127,16 @@ def faulty_proxy() -> Iterator[Any]:
     servers: list[ThreadingHTTPServer] = []
 
     def start(upstream: str) -> tuple[str, list[str]]:
-        handler = type("Proxy", (_Proxy,), {"upstream": urlsplit(upstream).netloc, "plan": itertools.cycle(CYCLE),
-                                            "lock": threading.Lock(), "seen": []})
+        handler = type(
+            "Proxy",
+            (_Proxy,),
+            {
+                "upstream": urlsplit(upstream).netloc,
+                "plan": itertools.cycle(CYCLE),
+                "lock": threading.Lock(),
+                "seen": [],
+            },
+        )
         server = _QuietServer(("127.0.0.1", 0), handler)
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
@@ -130,15 +149,17 @@ def faulty_proxy() -> Iterator[Any]:
 
 
 def _epoch(root: str, sampler: str, cache: Path, **kw: Any) -> list[dict[str, Any]]:
-    cfg = data_cfg(root, sampler=sampler, cache_dir=str(cache), io_retries=3, io_backoff_s=0.01, io_timeout_s=TIMEOUT_S, **kw)
+    cfg = data_cfg(
+        root, sampler=sampler, cache_dir=str(cache), io_retries=3, io_backoff_s=0.01, io_timeout_s=TIMEOUT_S, **kw
+    )
     return list(build_train_loader(cfg, DistEnv(), epoch=1, seed=0))
 
 
 @pytest.mark.parametrize("sampler", ["exact", "stream"])
 @pytest.mark.parametrize("storage", ["http", "s3"])
-def test_a_burst_of_storage_errors_is_retried_to_the_same_batches(storage, sampler, tiny_shards, http_root, s3_shards,
-                                                                  s3_endpoint, faulty_proxy, tmp_path, caplog,
-                                                                  monkeypatch):
+def test_a_burst_of_storage_errors_is_retried_to_the_same_batches(
+    storage, sampler, tiny_shards, http_root, s3_shards, s3_endpoint, faulty_proxy, tmp_path, caplog, monkeypatch
+):
     if storage == "http":
         root, clean_kw = f"{http_root}/{tiny_shards.name}", {}
         proxy, seen = faulty_proxy(http_root)

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dpm_dist.cli.shards import main as shards_main
 from dpm_dist.data.layouts import parse_market_name, scan_layout
 from dpm_dist.data.shards import read_manifest, verify, write_records
-from dpm_dist.cli.shards import main as shards_main
 from dpm_dist.data.synth import SynthSpec, synth_samples, write_synthetic_shards
 
 SMALL = dict(num_ids=4, num_test_ids=3, images_per_id=5, query_per_id=2, gallery_per_id=4, height=32, width=16)
@@ -60,11 +60,30 @@ def test_identities_differ_more_than_views_of_one_identity() -> None:
 
 
 def test_synth_folder_then_write_equals_direct_shards(tmp_path: Path) -> None:
-    args = ["--num-ids", "4", "--num-test-ids", "3", "--images-per-id", "5", "--height", "32", "--width", "16",
-            "--max-count", "7", "--seed", "4"]
+    args = [
+        "--num-ids",
+        "4",
+        "--num-test-ids",
+        "3",
+        "--images-per-id",
+        "5",
+        "--height",
+        "32",
+        "--width",
+        "16",
+        "--max-count",
+        "7",
+        "--seed",
+        "4",
+    ]
     assert shards_main(["synth", "--out", str(tmp_path / "direct"), "--folder", str(tmp_path / "folder")] + args) == 0
-    write_records(scan_layout("synthetic", str(tmp_path / "folder")), str(tmp_path / "written"),
-                  dataset="synthetic", max_count=7, seed=4)
+    write_records(
+        scan_layout("synthetic", str(tmp_path / "folder")),
+        str(tmp_path / "written"),
+        dataset="synthetic",
+        max_count=7,
+        seed=4,
+    )
     direct, written = read_manifest(str(tmp_path / "direct")), read_manifest(str(tmp_path / "written"))
     assert direct["splits"] == written["splits"] and direct["relabel"] == written["relabel"]
     counts = Counter(n.split("-")[0] for n in (p.name for p in (tmp_path / "direct").glob("*.tar")))

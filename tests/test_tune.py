@@ -43,6 +43,7 @@ def _base(overrides: list[str]) -> dict:
 
 # ---- search space and configuration (no Ray cluster) ---------------------------------------------
 
+
 @pytest.mark.parametrize("preset", TUNE_PRESETS)
 def test_every_tune_preset_composes_and_its_space_is_valid(preset):
     from dpm_dist.tune.search import check_space, param_space
@@ -55,32 +56,99 @@ def test_every_tune_preset_composes_and_its_space_is_valid(preset):
     assert text[1].startswith(f"# dpm-tune tune={preset}")
 
 
-@pytest.mark.parametrize("entry, searcher, message", [
-    ({"loss.alpah": {"type": "uniform", "low": 0.1, "high": 0.9}}, "random", "search.space.loss.alpah`: not a searchable"),
-    ({"model.img_size": {"type": "choice", "values": [[128, 64]]}}, "random", "search.space.model.img_size`: not a searchable"),
-    ({"loss.beta": {"type": "loguniform", "low": 0.3, "high": 0.01}}, "random", "search.space.loss.beta`: low (0.3) must be < high"),
-    ({"loss.beta": {"type": "loguniform", "low": 0.0, "high": 0.3}}, "random", "search.space.loss.beta`: loguniform needs low > 0"),
-    ({"loss.margin": {"type": "normal", "low": 0.2, "high": 0.5}}, "random", "search.space.loss.margin`: unknown type 'normal'"),
-    ({"loss.scale": {"type": "grid", "values": [16.0, 30.0]}}, "optuna", "search.space.loss.scale`: type grid cannot be used with search.searcher=optuna"),
-    ({"loss.scale": {"type": "choice", "values": [16.0]}}, "grid", "search.space.loss.scale`: search.searcher=grid needs every entry"),
-    ({"loss.scale": {"type": "choice", "values": []}}, "random", "search.space.loss.scale`: values must be a non-empty list"),
-    ({"loss.margin": {"type": "uniform", "low": 0.2}}, "random", "search.space.loss.margin`: type uniform needs high"),
-    ({"loss.margin": {"type": "uniform", "low": 0.2, "high": 0.5, "q": 0.1}}, "random", "search.space.loss.margin`: unexpected keys ['q']"),
-    ({"optim.epochs": {"type": "randint", "low": 2.5, "high": 9}}, "random", "search.space.optim.epochs`: randint needs integer"),
-    ({"loss.alpha": "uniform(0, 1)"}, "random", "search.space.loss.alpha`: expected {type: ..., ...}"),
-    ({"data.num_ids": {"type": "uniform", "low": 4, "high": 8}}, "random", "search.space.data.num_ids`: type uniform samples floats but the field is int"),
-    ({"engine.update_mode": {"type": "randint", "low": 0, "high": 2}}, "random", "search.space.engine.update_mode`: type randint samples numbers but the field is str"),
-])
+@pytest.mark.parametrize(
+    "entry, searcher, message",
+    [
+        (
+            {"loss.alpah": {"type": "uniform", "low": 0.1, "high": 0.9}},
+            "random",
+            "search.space.loss.alpah`: not a searchable",
+        ),
+        (
+            {"model.img_size": {"type": "choice", "values": [[128, 64]]}},
+            "random",
+            "search.space.model.img_size`: not a searchable",
+        ),
+        (
+            {"loss.beta": {"type": "loguniform", "low": 0.3, "high": 0.01}},
+            "random",
+            "search.space.loss.beta`: low (0.3) must be < high",
+        ),
+        (
+            {"loss.beta": {"type": "loguniform", "low": 0.0, "high": 0.3}},
+            "random",
+            "search.space.loss.beta`: loguniform needs low > 0",
+        ),
+        (
+            {"loss.margin": {"type": "normal", "low": 0.2, "high": 0.5}},
+            "random",
+            "search.space.loss.margin`: unknown type 'normal'",
+        ),
+        (
+            {"loss.scale": {"type": "grid", "values": [16.0, 30.0]}},
+            "optuna",
+            "search.space.loss.scale`: type grid cannot be used with search.searcher=optuna",
+        ),
+        (
+            {"loss.scale": {"type": "choice", "values": [16.0]}},
+            "grid",
+            "search.space.loss.scale`: search.searcher=grid needs every entry",
+        ),
+        (
+            {"loss.scale": {"type": "choice", "values": []}},
+            "random",
+            "search.space.loss.scale`: values must be a non-empty list",
+        ),
+        (
+            {"loss.margin": {"type": "uniform", "low": 0.2}},
+            "random",
+            "search.space.loss.margin`: type uniform needs high",
+        ),
+        (
+            {"loss.margin": {"type": "uniform", "low": 0.2, "high": 0.5, "q": 0.1}},
+            "random",
+            "search.space.loss.margin`: unexpected keys ['q']",
+        ),
+        (
+            {"optim.epochs": {"type": "randint", "low": 2.5, "high": 9}},
+            "random",
+            "search.space.optim.epochs`: randint needs integer",
+        ),
+        ({"loss.alpha": "uniform(0, 1)"}, "random", "search.space.loss.alpha`: expected {type: ..., ...}"),
+        (
+            {"data.num_ids": {"type": "uniform", "low": 4, "high": 8}},
+            "random",
+            "search.space.data.num_ids`: type uniform samples floats but the field is int",
+        ),
+        (
+            {"engine.update_mode": {"type": "randint", "low": 0, "high": 2}},
+            "random",
+            "search.space.engine.update_mode`: type randint samples numbers but the field is str",
+        ),
+    ],
+)
 def test_bad_search_space_entry_is_a_clear_error(entry, searcher, message):
     with pytest.raises(ValueError, match=re.escape(message)):
         SearchConfig(searcher=searcher, space=entry)
 
 
-@pytest.mark.parametrize("entry, message", [
-    ({"loss.alpha": {"type": "uniform", "low": 0.5, "high": 1.5}}, "search.space.loss.alpha`: value 1.5 gives an invalid config"),
-    ({"optim.epochs": {"type": "choice", "values": [3, 0]}}, "search.space.optim.epochs`: value 0 gives an invalid config"),
-    ({"data.num_ids": {"type": "randint", "low": 1, "high": 8}}, "search.space.data.num_ids`: value 1 gives an invalid config"),
-])
+@pytest.mark.parametrize(
+    "entry, message",
+    [
+        (
+            {"loss.alpha": {"type": "uniform", "low": 0.5, "high": 1.5}},
+            "search.space.loss.alpha`: value 1.5 gives an invalid config",
+        ),
+        (
+            {"optim.epochs": {"type": "choice", "values": [3, 0]}},
+            "search.space.optim.epochs`: value 0 gives an invalid config",
+        ),
+        (
+            {"data.num_ids": {"type": "randint", "low": 1, "high": 8}},
+            "search.space.data.num_ids`: value 1 gives an invalid config",
+        ),
+    ],
+)
 def test_space_values_outside_the_schema_are_a_clear_error(entry, message):
     from dpm_dist.tune.search import check_space
 
@@ -92,29 +160,51 @@ def test_space_values_outside_the_schema_are_a_clear_error(entry, message):
 
 def test_bad_entry_stops_dpm_tune_before_any_trial(tiny_shards, tmp_path):
     proc = subprocess.run(
-        [str(VENV_BIN / "dpm-tune"), f"data.root={tiny_shards}", f"search.storage_path={tmp_path}",
-         "search.space={loss.beta: {type: loguniform, low: 0.3, high: 0.01}}"],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        [
+            str(VENV_BIN / "dpm-tune"),
+            f"data.root={tiny_shards}",
+            f"search.storage_path={tmp_path}",
+            "search.space={loss.beta: {type: loguniform, low: 0.3, high: 0.01}}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert proc.returncode != 0
     assert "search.space.loss.beta`: low (0.3) must be < high (0.01)" in proc.stdout + proc.stderr
     assert not (tmp_path / "tiny_asha").exists()
 
 
 def test_missing_data_root_fails_in_seconds_naming_the_field(tmp_path):
-    proc = subprocess.run([str(VENV_BIN / "dpm-tune"), "data.root=shards/nowhere", "search.storage_path=storage"],
-                          capture_output=True, text=True, timeout=120, cwd=tmp_path, env=_env())
+    proc = subprocess.run(
+        [str(VENV_BIN / "dpm-tune"), "data.root=shards/nowhere", "search.storage_path=storage"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=_env(),
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"dpm-tune: error: config field `data.root`: no such folder: {tmp_path / 'shards' / 'nowhere'} "
-        f"(make shards with `dpm-shards write ...` or `dpm-shards synth --out {tmp_path / 'shards' / 'nowhere'}`)"]
+        f"(make shards with `dpm-shards write ...` or `dpm-shards synth --out {tmp_path / 'shards' / 'nowhere'}`)"
+    ]
     assert "ray" not in proc.stdout.lower() and not (tmp_path / "storage").exists()  # no Ray started
 
 
 def test_help_and_cfg_job_still_work(tmp_path):
-    help_ = subprocess.run([str(VENV_BIN / "dpm-tune"), "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    help_ = subprocess.run(
+        [str(VENV_BIN / "dpm-tune"), "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path
+    )
     assert help_.returncode == 0 and "Configuration groups" in help_.stdout
-    job = subprocess.run([str(VENV_BIN / "dpm-tune"), "--cfg", "job", "search.worker_start_retries=0"],
-                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    job = subprocess.run(
+        [str(VENV_BIN / "dpm-tune"), "--cfg", "job", "search.worker_start_retries=0"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
     assert job.returncode == 0 and "worker_start_retries: 0" in job.stdout and "name: tiny_asha" in job.stdout
 
 
@@ -127,17 +217,25 @@ def test_failed_trials_give_a_non_zero_exit_naming_the_first_error(capsys):
     with pytest.raises(SystemExit) as some:
         _check_failures(failed, 3, "/s/x")
     assert some.value.code == EXIT_SOME_FAILED == 1
-    assert capsys.readouterr().err.splitlines()[0] == \
-        "dpm-tune: error: 1 of 3 trials failed (trial_a_00001); first error (trial_a_00001): ValueError: bad"
+    assert (
+        capsys.readouterr().err.splitlines()[0]
+        == "dpm-tune: error: 1 of 3 trials failed (trial_a_00001); first error (trial_a_00001): ValueError: bad"
+    )
     with pytest.raises(SystemExit) as every:
         _check_failures(failed * 3, 3, "/s/x")
     assert every.value.code == EXIT_ALL_FAILED == 2
-    assert "dpm-tune: error: all 3 trials failed; first error (trial_a_00001): ValueError: bad\n  " \
-           "each failed trial's error: /s/x/trial_<id>/error.txt" in capsys.readouterr().err
-    nested = RuntimeError("ray::ImplicitFunc.train()\n  File x\nray.train.ControllerError: Training failed due to "
-                          "controller error:\nThe worker group startup timed out after 5.0 seconds")
-    assert error_line(nested) == ("ray.train.ControllerError: Training failed due to controller error: "
-                                  "The worker group startup timed out after 5.0 seconds")
+    assert (
+        "dpm-tune: error: all 3 trials failed; first error (trial_a_00001): ValueError: bad\n  "
+        "each failed trial's error: /s/x/trial_<id>/error.txt" in capsys.readouterr().err
+    )
+    nested = RuntimeError(
+        "ray::ImplicitFunc.train()\n  File x\nray.train.ControllerError: Training failed due to "
+        "controller error:\nThe worker group startup timed out after 5.0 seconds"
+    )
+    assert error_line(nested) == (
+        "ray.train.ControllerError: Training failed due to controller error: "
+        "The worker group startup timed out after 5.0 seconds"
+    )
 
 
 def test_trial_config_applies_sampled_values_and_output_dir():
@@ -182,12 +280,22 @@ def test_tune_group_is_added_to_the_hydra_overrides():
 
 # ---- a real search on a local Ray cluster ----------------------------------------------------------
 
-TUNE_ARGS = ["tune=tiny_asha", "data.root=shards/x", "data.num_ids=4",  # relative to the working folder
-             "data.num_instances=2", "optim.epochs=3", "optim.steps_per_epoch=2", "search.num_samples=2",
-             "search.grace_period=2",  # ASHA's only rung is epoch 2: no trial can be stopped at epoch 1
-             "search.driver_cpus=1",  # a trial (driver + 2 workers of 0.5) takes both CPUs: 1 at once fits
-             "search.storage_path=storage", "search.local_dir=local", "search.results_dir=results",
-             "search.num_cpus=2", "search.inject_crash_at_epoch=2"]
+TUNE_ARGS = [
+    "tune=tiny_asha",
+    "data.root=shards/x",
+    "data.num_ids=4",  # relative to the working folder
+    "data.num_instances=2",
+    "optim.epochs=3",
+    "optim.steps_per_epoch=2",
+    "search.num_samples=2",
+    "search.grace_period=2",  # ASHA's only rung is epoch 2: no trial can be stopped at epoch 1
+    "search.driver_cpus=1",  # a trial (driver + 2 workers of 0.5) takes both CPUs: 1 at once fits
+    "search.storage_path=storage",
+    "search.local_dir=local",
+    "search.results_dir=results",
+    "search.num_cpus=2",
+    "search.inject_crash_at_epoch=2",
+]
 # 2 trials at once on 2 CPUs: 2 drivers hold both CPUs and no worker group (1 CPU) can start; it never will,
 # so a short start timeout only cuts the wait
 OVERCOMMITTED = ["search.max_concurrent_trials=2", "search.worker_start_timeout_s=2", "search.worker_start_retries=0"]
@@ -217,8 +325,9 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 def _env() -> dict[str, str]:
-    return dict(os.environ, DS_ACCELERATOR="cpu", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", RAY_DEDUP_LOGS="0",
-                PYTHONUNBUFFERED="1")
+    return dict(
+        os.environ, DS_ACCELERATOR="cpu", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1"
+    )
 
 
 def _result_lines(storage: Path) -> dict[str, int]:
@@ -229,20 +338,25 @@ def _result_lines(storage: Path) -> dict[str, int]:
 def test_search_overcommitted_resumed_interrupted_resumed_and_best_config_reused(tiny_shards, tmp_path):
     shutil.copytree(tiny_shards, tmp_path / "shards" / "x")
     command = [str(VENV_BIN / "dpm-tune"), *TUNE_ARGS]
-    over = subprocess.run(command + OVERCOMMITTED, capture_output=True, text=True, env=_env(), cwd=tmp_path,
-                          timeout=RUN_TIMEOUT_S)
+    over = subprocess.run(
+        command + OVERCOMMITTED, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=RUN_TIMEOUT_S
+    )
     (tmp_path / "run0.log").write_text(over.stdout + over.stderr)
     assert over.returncode == 2, over.stdout[-3000:] + over.stderr[-3000:]
-    assert re.search(r"dpm-tune: error: all 2 trials failed; first error \(trial_\w+\): ray\.train\.ControllerError: "
-                     r"Training failed due to controller error: The worker group startup timed out after 2\.0 seconds",
-                     over.stderr), over.stderr[-3000:]
+    assert re.search(
+        r"dpm-tune: error: all 2 trials failed; first error \(trial_\w+\): ray\.train\.ControllerError: "
+        r"Training failed due to controller error: The worker group startup timed out after 2\.0 seconds",
+        over.stderr,
+    ), over.stderr[-3000:]
     assert f"each failed trial's error: {tmp_path / 'storage' / 'tiny_asha'}/trial_<id>/error.txt" in over.stderr
     assert "results of tiny_asha" in over.stdout  # the table is still printed and written
     assert [r["status"] for r in csv.DictReader(open(tmp_path / "results" / "results.csv"))] == ["ERROR"] * 2
     assert len(list((tmp_path / "storage" / "tiny_asha").glob("trial_*/error.txt"))) == 2
 
     log1 = open(tmp_path / "run1.log", "w")
-    first = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=tmp_path)
+    first = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=tmp_path
+    )
     try:
         completed = interrupted = None
         for line in first.stdout:  # Ctrl-C once a first trial is done and a second one has reported epoch 1
@@ -260,8 +374,11 @@ def test_search_overcommitted_resumed_interrupted_resumed_and_best_config_reused
         log1.close()
     run1 = (tmp_path / "run1.log").read_text()
     assert first.returncode == 130, run1[-3000:]
-    assert re.search(r"dpm-tune: interrupted; 1 of 2 trials unfinished; re-run the same command from this folder "
-                     r"to resume: " + re.escape(f"dpm-tune {' '.join(TUNE_ARGS)}"), run1), run1[-3000:]
+    assert re.search(
+        r"dpm-tune: interrupted; 1 of 2 trials unfinished; re-run the same command from this folder "
+        r"to resume: " + re.escape(f"dpm-tune {' '.join(TUNE_ARGS)}"),
+        run1,
+    ), run1[-3000:]
     assert "dpm-tune: resuming" in run1 and "dpm-tune: at most 1 trial(s) at once" in run1
     assert _max_running(run1) == 1  # the 2 errored trials resumed one at a time, not both at once
     assert _scratch_trials(tmp_path) == []  # the workers' run folders are removed, also after Ctrl-C
@@ -280,7 +397,7 @@ def test_search_overcommitted_resumed_interrupted_resumed_and_best_config_reused
     assert _scratch_trials(tmp_path) == []
 
     rows = list(csv.DictReader(open(tmp_path / "results" / "results.csv")))
-    print("\n" + second.stdout[second.stdout.index("results of tiny_asha"):])
+    print("\n" + second.stdout[second.stdout.index("results of tiny_asha") :])
     assert len(rows) == 2 and {r["status"] for r in rows} <= {"done", "stopped"}
     by_trial = {r["trial"]: r for r in rows}
     assert by_trial[completed]["status"] == "done" and by_trial[completed]["epochs"] == "3"
@@ -293,9 +410,21 @@ def test_search_overcommitted_resumed_interrupted_resumed_and_best_config_reused
     best = tmp_path / "results" / "best"
     header = (best / "experiment" / "best.yaml").read_text().splitlines()[1]
     assert header.startswith(f"# dpm-train --config-dir {best} experiment=best")
-    train = subprocess.run([str(VENV_BIN / "dpm-train"), "--config-dir", str(best), "experiment=best", "optim.epochs=1",
-                            f"log.output_dir={tmp_path / 'retrain'}"],
-                           capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=300)
+    train = subprocess.run(
+        [
+            str(VENV_BIN / "dpm-train"),
+            "--config-dir",
+            str(best),
+            "experiment=best",
+            "optim.epochs=1",
+            f"log.output_dir={tmp_path / 'retrain'}",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert train.returncode == 0, train.stdout[-3000:] + train.stderr[-3000:]
     used = OmegaConf.load(tmp_path / "retrain" / "config.yaml")
     for key in ("loss.alpha", "loss.beta", "loss.margin", "loss.scale"):
@@ -310,10 +439,21 @@ def test_search_stored_on_s3_resumes_from_the_bucket(tiny_shards, tmp_path, s3_e
 
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, skip_instance_cache=True)
     fs.mkdir("dpm-sweeps")
-    command = [str(VENV_BIN / "dpm-tune"), "tune=tiny_asha", f"data.root={tiny_shards}", "data.num_ids=4",
-               "data.num_instances=2", "optim.epochs=1", "optim.steps_per_epoch=1", "search.num_samples=1",
-               "search.searcher=optuna", "search.storage_path=s3://dpm-sweeps/team", f"search.s3_endpoint={s3_endpoint}",
-               f"search.local_dir={tmp_path / 'local'}", "search.num_cpus=2"]
+    command = [
+        str(VENV_BIN / "dpm-tune"),
+        "tune=tiny_asha",
+        f"data.root={tiny_shards}",
+        "data.num_ids=4",
+        "data.num_instances=2",
+        "optim.epochs=1",
+        "optim.steps_per_epoch=1",
+        "search.num_samples=1",
+        "search.searcher=optuna",
+        "search.storage_path=s3://dpm-sweeps/team",
+        f"search.s3_endpoint={s3_endpoint}",
+        f"search.local_dir={tmp_path / 'local'}",
+        "search.num_cpus=2",
+    ]
     first = subprocess.run(command, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=RUN_TIMEOUT_S)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     [trial] = [p.rsplit("/", 1)[1] for p in fs.ls("dpm-sweeps/team/tiny_asha") if "/trial_" in p]

@@ -65,7 +65,9 @@ def test_load_imagenet_vit_errors_name_key_and_shapes(tmp_path):
     state = _imagenet_state(model)
     state["blocks.1.mlp.fc1.weight"] = torch.randn(7, 32)
     torch.save(state, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match=r"'blocks.1.mlp.fc1.weight' has shape \(7, 32\) in the file but \(128, 32\) in the model"):
+    with pytest.raises(
+        ValueError, match=r"'blocks.1.mlp.fc1.weight' has shape \(7, 32\) in the file but \(128, 32\) in the model"
+    ):
         load_imagenet_vit(model, str(tmp_path / "bad.pth"))
     state = _imagenet_state(model)
     del state["norm.weight"]
@@ -76,25 +78,57 @@ def test_load_imagenet_vit_errors_name_key_and_shapes(tmp_path):
         load_imagenet_vit(model, str(tmp_path / "nope.pth"))
 
 
-def _official_state(dim: int, depth: int, tokens: int, cams: int, classes: int, taps: int = 4) -> dict[str, torch.Tensor]:
+def _official_state(
+    dim: int, depth: int, tokens: int, cams: int, classes: int, taps: int = 4
+) -> dict[str, torch.Tensor]:
     """A reference-named DPM state dict of the right shapes (docs/method.md §7 parity-test naming)."""
     g = torch.Generator().manual_seed(2)
-    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
-    sd = {"base.cls_token": r(1, 1, dim), "base.pos_embed": r(1, tokens, dim), "base.sie_embed": r(cams, 1, dim),
-          "base.patch_embed.proj.weight": r(dim, 3, 16, 16), "base.patch_embed.proj.bias": r(dim),
-          "base.norm.weight": r(dim), "base.norm.bias": r(dim), "base.fc.weight": r(1000, dim), "base.fc.bias": r(1000),
-          "base.attfc.weight": r(dim, dim), "base.attfc.bias": r(dim), "classifier.weight": r(classes, dim)}
+    r = lambda *s: torch.randn(*s, generator=g)
+    sd = {
+        "base.cls_token": r(1, 1, dim),
+        "base.pos_embed": r(1, tokens, dim),
+        "base.sie_embed": r(cams, 1, dim),
+        "base.patch_embed.proj.weight": r(dim, 3, 16, 16),
+        "base.patch_embed.proj.bias": r(dim),
+        "base.norm.weight": r(dim),
+        "base.norm.bias": r(dim),
+        "base.fc.weight": r(1000, dim),
+        "base.fc.bias": r(1000),
+        "base.attfc.weight": r(dim, dim),
+        "base.attfc.bias": r(dim),
+        "classifier.weight": r(classes, dim),
+    }
     for i in range(depth):
         p = f"base.blocks.{i}."
-        sd.update({p + "norm1.weight": r(dim), p + "norm1.bias": r(dim), p + "norm2.weight": r(dim), p + "norm2.bias": r(dim),
-                   p + "attn.qkv.weight": r(3 * dim, dim), p + "attn.qkv.bias": r(3 * dim),
-                   p + "attn.proj.weight": r(dim, dim), p + "attn.proj.bias": r(dim),
-                   p + "mlp.fc1.weight": r(4 * dim, dim), p + "mlp.fc1.bias": r(4 * dim),
-                   p + "mlp.fc2.weight": r(dim, 4 * dim), p + "mlp.fc2.bias": r(dim)})
+        sd.update(
+            {
+                p + "norm1.weight": r(dim),
+                p + "norm1.bias": r(dim),
+                p + "norm2.weight": r(dim),
+                p + "norm2.bias": r(dim),
+                p + "attn.qkv.weight": r(3 * dim, dim),
+                p + "attn.qkv.bias": r(3 * dim),
+                p + "attn.proj.weight": r(dim, dim),
+                p + "attn.proj.bias": r(dim),
+                p + "mlp.fc1.weight": r(4 * dim, dim),
+                p + "mlp.fc1.bias": r(4 * dim),
+                p + "mlp.fc2.weight": r(dim, 4 * dim),
+                p + "mlp.fc2.bias": r(dim),
+            }
+        )
     for idx, (cin, cout) in zip((0, 2, 4), ((taps * dim, 2 * dim), (2 * dim, dim), (dim, dim))):
         p = f"base.ConvLayer.{idx}."
-        sd.update({p + "0.weight": r(cout, cin, 3, 3), p + "0.bias": r(cout), p + "1.weight": r(cout), p + "1.bias": r(cout),
-                   p + "1.running_mean": r(cout), p + "1.running_var": r(cout).abs(), p + "1.num_batches_tracked": torch.tensor(7)})
+        sd.update(
+            {
+                p + "0.weight": r(cout, cin, 3, 3),
+                p + "0.bias": r(cout),
+                p + "1.weight": r(cout),
+                p + "1.bias": r(cout),
+                p + "1.running_mean": r(cout),
+                p + "1.running_var": r(cout).abs(),
+                p + "1.num_batches_tracked": torch.tensor(7),
+            }
+        )
     for name in ("weight", "bias", "running_mean"):
         sd["bottleneck." + name] = r(dim)
     sd["bottleneck.running_var"] = r(dim).abs()
@@ -107,11 +141,13 @@ def test_official_checkpoint_round_trip_every_tensor_lands(tmp_path):
     official = _official_state(dim=32, depth=4, tokens=243, cams=8, classes=11)
     torch.save(official, src)
     dst = tmp_path / "ours.pt"
-    model = convert.convert_official_checkpoint(str(src), str(dst), stride=(11, 11), tap_blocks=(1, 2, 3, 4), num_heads=4)
+    model = convert.convert_official_checkpoint(
+        str(src), str(dst), stride=(11, 11), tap_blocks=(1, 2, 3, 4), num_heads=4
+    )
     ours = model.state_dict()
     landed = 0
     for key, value in official.items():
-        new = official_key(key[len("module."):])
+        new = official_key(key[len("module.") :])
         if new is None:
             assert key.startswith("module.base.fc.")
             continue
@@ -130,12 +166,22 @@ def test_official_checkpoint_round_trip_every_tensor_lands(tmp_path):
 def test_official_key_shapes_for_vit_b():
     model = create_model(num_classes=702, num_cams=8, stride=(11, 11))
     own = model.state_dict()
-    expected = {"base.cls_token": (1, 1, 768), "base.pos_embed": (1, 243, 768), "base.sie_embed": (8, 1, 768),
-                "base.patch_embed.proj.weight": (768, 3, 16, 16), "base.blocks.3.attn.qkv.weight": (2304, 768),
-                "base.blocks.11.mlp.fc1.weight": (3072, 768), "base.blocks.0.mlp.fc2.weight": (768, 3072),
-                "base.ConvLayer.0.0.weight": (1536, 3072, 3, 3), "base.ConvLayer.2.0.weight": (768, 1536, 3, 3),
-                "base.ConvLayer.4.0.weight": (768, 768, 3, 3), "base.ConvLayer.4.1.running_var": (768,),
-                "base.attfc.weight": (768, 768), "classifier.weight": (702, 768), "bottleneck.running_mean": (768,)}
+    expected = {
+        "base.cls_token": (1, 1, 768),
+        "base.pos_embed": (1, 243, 768),
+        "base.sie_embed": (8, 1, 768),
+        "base.patch_embed.proj.weight": (768, 3, 16, 16),
+        "base.blocks.3.attn.qkv.weight": (2304, 768),
+        "base.blocks.11.mlp.fc1.weight": (3072, 768),
+        "base.blocks.0.mlp.fc2.weight": (768, 3072),
+        "base.ConvLayer.0.0.weight": (1536, 3072, 3, 3),
+        "base.ConvLayer.2.0.weight": (768, 1536, 3, 3),
+        "base.ConvLayer.4.0.weight": (768, 768, 3, 3),
+        "base.ConvLayer.4.1.running_var": (768,),
+        "base.attfc.weight": (768, 768),
+        "classifier.weight": (702, 768),
+        "bottleneck.running_mean": (768,),
+    }
     for key, shape in expected.items():
         assert tuple(own[official_key(key)].shape) == shape, key
     assert official_key("base.fc.weight") is None
@@ -145,16 +191,24 @@ def test_converter_errors_name_key_shapes_and_stride(tmp_path, capsys):
     official = _official_state(dim=32, depth=4, tokens=243, cams=8, classes=11)
     official["module.base.ConvLayer.2.0.weight"] = torch.randn(32, 63, 3, 3)
     torch.save(official, tmp_path / "bad.pth")
-    with pytest.raises(ValueError, match=r"'mask_gen.layers.2.0.weight' has shape \(32, 63, 3, 3\) in the file but \(32, 64, 3, 3\)"):
-        convert.convert_official_checkpoint(str(tmp_path / "bad.pth"), stride=(11, 11), tap_blocks=(1, 2, 3, 4), num_heads=4)
+    with pytest.raises(
+        ValueError, match=r"'mask_gen.layers.2.0.weight' has shape \(32, 63, 3, 3\) in the file but \(32, 64, 3, 3\)"
+    ):
+        convert.convert_official_checkpoint(
+            str(tmp_path / "bad.pth"), stride=(11, 11), tap_blocks=(1, 2, 3, 4), num_heads=4
+        )
     torch.save(_official_state(dim=32, depth=4, tokens=243, cams=8, classes=11), tmp_path / "ok.pth")
     with pytest.raises(ValueError, match=r"pos_embed has 243 tokens .*stride \[12, 12\]"):
-        convert.convert_official_checkpoint(str(tmp_path / "ok.pth"), stride=(12, 12), tap_blocks=(1, 2, 3, 4), num_heads=4)
+        convert.convert_official_checkpoint(
+            str(tmp_path / "ok.pth"), stride=(12, 12), tap_blocks=(1, 2, 3, 4), num_heads=4
+        )
     weird = _official_state(dim=32, depth=4, tokens=243, cams=8, classes=11)
     weird["module.base.mystery"] = torch.zeros(1)
     torch.save(weird, tmp_path / "weird.pth")
     with pytest.raises(ValueError, match="unknown key.*backbone.mystery"):
-        convert.convert_official_checkpoint(str(tmp_path / "weird.pth"), stride=(11, 11), tap_blocks=(1, 2, 3, 4), num_heads=4)
+        convert.convert_official_checkpoint(
+            str(tmp_path / "weird.pth"), stride=(11, 11), tap_blocks=(1, 2, 3, 4), num_heads=4
+        )
 
 
 def test_convert_cli(tmp_path, capsys):
@@ -170,8 +224,14 @@ def test_convert_cli(tmp_path, capsys):
 def _dpm_convert(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1")
-    return subprocess.run([str(Path(sys.executable).parent / "dpm-convert"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=180)
+    return subprocess.run(
+        [str(Path(sys.executable).parent / "dpm-convert"), *args],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
 
 
 def test_convert_command_relative_paths_and_one_line_errors_naming_the_file(tmp_path):
@@ -179,11 +239,16 @@ def test_convert_command_relative_paths_and_one_line_errors_naming_the_file(tmp_
     data = (tmp_path / "transformer_150.pth").read_bytes()
     (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
     (tmp_path / "noise.pth").write_bytes(os.urandom(2048))
-    for name, says in (("cut.pth", "truncated or damaged torch file"), ("noise.pth", "not a torch file"),
-                       ("absent.pth", "weights file not found")):
+    for name, says in (
+        ("cut.pth", "truncated or damaged torch file"),
+        ("noise.pth", "not a torch file"),
+        ("absent.pth", "weights file not found"),
+    ):
         proc = _dpm_convert(name, "out.pt", cwd=tmp_path)
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-        assert lines[0].startswith("dpm-convert: error: ") and str(tmp_path / name) in lines[0] and says in lines[0], lines[0]
+        assert lines[0].startswith("dpm-convert: error: ") and str(tmp_path / name) in lines[0] and says in lines[0], (
+            lines[0]
+        )
         assert "Traceback" not in proc.stderr and "weights_only" not in proc.stderr and "mmap" not in proc.stderr
     assert not (tmp_path / "out.pt").exists()

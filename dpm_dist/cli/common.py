@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
-from typing import Any, Callable, Optional, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 T = TypeVar("T")
 
@@ -42,12 +43,20 @@ def compose_config(overrides: Sequence[str]) -> Any:
 
 # ---- user paths: made absolute where the user typed them, before any launcher, process group or Ray --------
 
-PATH_FIELDS = ("model.pretrained", "data.root", "data.eval_root", "data.cache_dir", "log.output_dir",
-               "search.storage_path", "search.results_dir", "search.local_dir")
+PATH_FIELDS = (
+    "model.pretrained",
+    "data.root",
+    "data.eval_root",
+    "data.cache_dir",
+    "log.output_dir",
+    "search.storage_path",
+    "search.results_dir",
+    "search.local_dir",
+)
 PATH_LIST_FIELDS = ("data.roots", "data.train_urls", "data.query_urls", "data.gallery_urls")
 
 
-def absolute_path(value: Optional[str]) -> Optional[str]:
+def absolute_path(value: str | None) -> str | None:
     """``value`` made absolute against the current folder (``~`` expanded); URLs and None unchanged."""
     if not value or "://" in value:
         return value
@@ -73,17 +82,24 @@ def check_local_inputs(cfg: Any) -> None:
     """Fail in seconds, naming the field, when a local input the run needs is missing (before Ray or ranks start)."""
     if cfg.model.pretrained and not os.path.isfile(cfg.model.pretrained):
         raise FileNotFoundError(f"config field `model.pretrained`: weights file not found: {cfg.model.pretrained}")
-    roots = [("data.root", cfg.data.root, not cfg.data.train_urls), ("data.eval_root", cfg.data.eval_root, True),
-             *(("data.roots", root, True) for root in cfg.data.roots)]
+    roots = [
+        ("data.root", cfg.data.root, not cfg.data.train_urls),
+        ("data.eval_root", cfg.data.eval_root, True),
+        *(("data.roots", root, True) for root in cfg.data.roots),
+    ]
     for field, root, needs_index in roots:
         if not root or "://" in root:
             continue
         if not os.path.isdir(root):
-            raise FileNotFoundError(f"config field `{field}`: no such folder: {root} "
-                                    f"(make shards with `dpm-shards write ...` or `dpm-shards synth --out {root}`)")
+            raise FileNotFoundError(
+                f"config field `{field}`: no such folder: {root} "
+                f"(make shards with `dpm-shards write ...` or `dpm-shards synth --out {root}`)"
+            )
         if needs_index and not os.path.isfile(os.path.join(root, "index.json")):
-            raise FileNotFoundError(f"config field `{field}`: {root} holds no index.json (not a shard folder; "
-                                    f"see `dpm-shards verify {root}`)")
+            raise FileNotFoundError(
+                f"config field `{field}`: {root} holds no index.json (not a shard folder; "
+                f"see `dpm-shards verify {root}`)"
+            )
 
 
 # ---- errors a person can act on ------------------------------------------------------------------------------
@@ -98,7 +114,7 @@ def debug_enabled() -> bool:
     return os.environ.get(DEBUG_ENV, "") not in ("", "0")
 
 
-def run_guarded(prog: str, fn: Callable[[], T], *, on_interrupt: Optional[Callable[[], str]] = None) -> T:
+def run_guarded(prog: str, fn: Callable[[], T], *, on_interrupt: Callable[[], str] | None = None) -> T:
     """Run ``fn``; a user error becomes ``<prog>: error: <message>`` on stderr and exit status 2 (the
     traceback only with ``HYDRA_FULL_ERROR=1``); Ctrl-C prints one line (``on_interrupt()`` says what was
     saved and how to resume) and exits 130. Bugs propagate with their traceback."""

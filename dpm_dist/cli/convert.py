@@ -1,7 +1,7 @@
 """``dpm-convert``: turn an official DPM checkpoint into a dpm-dist model file, verifying every tensor.
 
-    dpm-convert transformer_150.pth occluded_duke_dpm.pt --stride 11 11
-    dpm-convert market_dpm.pth market_dpm.pt --stride 12 12
+dpm-convert transformer_150.pth occluded_duke_dpm.pt --stride 11 11
+dpm-convert market_dpm.pth market_dpm.pt --stride 12 12
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from dpm_dist.cli.common import absolute_path, run_guarded
 from dpm_dist.model.convert import convert_official_checkpoint
@@ -18,11 +18,20 @@ from dpm_dist.model.weights import describe_state_dict
 PROG = "dpm-convert"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description="Convert an official DPM checkpoint to a dpm-dist model file.")
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Convert an official DPM checkpoint to a dpm-dist model file."
+    )
     parser.add_argument("src", help="official state dict, e.g. transformer_150.pth")
     parser.add_argument("dst", help="output file (.pt)")
-    parser.add_argument("--stride", type=int, nargs=2, default=[11, 11], metavar=("SY", "SX"), help="11 11 for Occluded-Duke, 12 12 for Market/Duke")
+    parser.add_argument(
+        "--stride",
+        type=int,
+        nargs=2,
+        default=[11, 11],
+        metavar=("SY", "SX"),
+        help="11 11 for Occluded-Duke, 12 12 for Market/Duke",
+    )
     parser.add_argument("--img-size", type=int, nargs=2, default=[256, 128], metavar=("H", "W"))
     parser.add_argument("--backbone", default="vit_base_patch16_224")
     parser.add_argument("--tap-blocks", type=int, nargs="+", default=[2, 4, 10, 12])

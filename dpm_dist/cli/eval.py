@@ -29,7 +29,8 @@ import dataclasses
 import json
 import os
 import sys
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from dpm_dist.cli.common import absolute_path, check_local_inputs, compose_config, resolve_paths, run_guarded
 
@@ -40,17 +41,21 @@ ONE_ROOT = ("root", "eval_root", "train_urls", "query_urls", "gallery_urls")  # 
 MANY_ROOTS = ("roots", "root_weights")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0],
-                                     epilog="Remaining arguments are Hydra overrides, e.g. experiment=occluded_duke eval.rerank=true")
-    parser.add_argument("--checkpoint", required=True,
-                        help="our model file (.pt), an official DPM state dict (.pth), or a run folder")
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description=__doc__.split("\n\n")[0],
+        epilog="Remaining arguments are Hydra overrides, e.g. experiment=occluded_duke eval.rerank=true",
+    )
+    parser.add_argument(
+        "--checkpoint", required=True, help="our model file (.pt), an official DPM state dict (.pth), or a run folder"
+    )
     parser.add_argument("--output-dir", help="default: <checkpoint's folder>/eval/<checkpoint's name>")
     args, overrides = parser.parse_known_args(argv)
     return run_guarded(PROG, lambda: evaluate_checkpoint(args.checkpoint, args.output_dir, overrides))
 
 
-def evaluate_checkpoint(checkpoint: str, output_dir: Optional[str], overrides: Sequence[str]) -> int:
+def evaluate_checkpoint(checkpoint: str, output_dir: str | None, overrides: Sequence[str]) -> int:
     """Everything a user can get wrong is checked before the process group; then every rank evaluates."""
     from dpm_dist import dist
     from dpm_dist.dist import DistEnv
@@ -87,12 +92,13 @@ def evaluate_checkpoint(checkpoint: str, output_dir: Optional[str], overrides: S
 
 # ---- which file -------------------------------------------------------------------------------------------------
 
+
 def default_output_dir(model_path: str) -> str:
     """Next to the checkpoint: ``<folder>/eval/<file name without extension>`` (best and final stay apart)."""
     return os.path.join(os.path.dirname(model_path), "eval", os.path.splitext(os.path.basename(model_path))[0])
 
 
-def training_step(model_path: str, meta: dict[str, Any]) -> Optional[int]:
+def training_step(model_path: str, meta: dict[str, Any]) -> int | None:
     """The global step the weights were saved at: training logs ``eval/*`` at it, so dpm-eval's scalars line up.
 
     From ``meta.step`` when the file records it, else from the run's checkpoint of the file's epoch
@@ -105,8 +111,10 @@ def training_step(model_path: str, meta: dict[str, Any]) -> Optional[int]:
     epoch, run = meta.get("epoch"), os.path.dirname(model_path)
     if not isinstance(epoch, int):
         return None
-    for path, key, needs_epoch in ((os.path.join(run, "checkpoints", tag_for(epoch), "meta.json"), "step", "epoch"),
-                                   (os.path.join(run, "results.json"), "steps", "epochs")):
+    for path, key, needs_epoch in (
+        (os.path.join(run, "checkpoints", tag_for(epoch), "meta.json"), "step", "epoch"),
+        (os.path.join(run, "results.json"), "steps", "epochs"),
+    ):
         try:
             with open(path) as f:
                 saved = json.load(f)
@@ -118,6 +126,7 @@ def training_step(model_path: str, meta: dict[str, Any]) -> Optional[int]:
 
 
 # ---- which settings ---------------------------------------------------------------------------------------------
+
 
 def eval_config(stored: dict[str, Any], overrides: Sequence[str]) -> tuple[Any, list[str]]:
     """The config to evaluate with, and the fields taken from the model file's training config.
@@ -136,7 +145,9 @@ def eval_config(stored: dict[str, Any], overrides: Sequence[str]) -> tuple[Any, 
         changes, user_set = {}, set()
         for field in dataclasses.fields(mine):
             key = f"{section}.{field.name}"
-            if any(key == k or key.startswith(k + ".") for k in named) or getattr(mine, field.name) != getattr(default, field.name):
+            if any(key == k or key.startswith(k + ".") for k in named) or getattr(mine, field.name) != getattr(
+                default, field.name
+            ):
                 user_set.add(field.name)
             elif field.name in saved and saved[field.name] != getattr(mine, field.name):
                 changes[field.name] = saved[field.name]
@@ -166,11 +177,12 @@ def _check_inputs(cfg: Any, from_file: list[str], model_path: str) -> None:
         field = next((k for k in from_file if f"`{k}`" in str(err)), None)
         if field is None:
             raise
-        raise FileNotFoundError(f"{err} (the training config stored in {model_path}; override it with "
-                                f"{field}=<folder>)") from None
+        raise FileNotFoundError(
+            f"{err} (the training config stored in {model_path}; override it with {field}=<folder>)"
+        ) from None
 
 
-def check_datasets(cfg: Any, meta: dict[str, Any], model_path: str) -> Optional[str]:
+def check_datasets(cfg: Any, meta: dict[str, Any], model_path: str) -> str | None:
     """A model trained on several datasets holds their camera offsets (SIE): evaluating it on other
     ``data.roots`` than it was trained on is refused (``ValueError``); on one root, a warning (returned)."""
     from dpm_dist.data.loader import load_manifest
@@ -181,12 +193,16 @@ def check_datasets(cfg: Any, meta: dict[str, Any], model_path: str) -> Optional[
         return None
     names = ", ".join(d["name"] for d in trained)
     if len(cfg.data.roots) < 2:
-        return (f"{model_path} was trained on {len(trained)} datasets ({names}) with camera offsets; one data.root is "
-                "evaluated with cameras from 0, the first dataset's; data.roots=[...] evaluates each with its own")
+        return (
+            f"{model_path} was trained on {len(trained)} datasets ({names}) with camera offsets; one data.root is "
+            "evaluated with cameras from 0, the first dataset's; data.roots=[...] evaluates each with its own"
+        )
     differ = same_datasets(trained, load_manifest(cfg.data)["datasets"])
     if differ:
-        raise ValueError(f"config field `data.roots`: {model_path} was trained on {differ}; the camera offsets would "
-                         "not match: list the training datasets, in their order")
+        raise ValueError(
+            f"config field `data.roots`: {model_path} was trained on {differ}; the camera offsets would "
+            "not match: list the training datasets, in their order"
+        )
     return None
 
 
@@ -195,9 +211,11 @@ def summary_line(result: dict[str, Any], out_dir: str) -> str:
     valid = int(m["num_valid_query"])
     skipped = f", {int(m['num_query']) - valid} without a true match skipped" if valid != int(m["num_query"]) else ""
     mean = f"mean of {len(result['datasets'])} datasets: " if result.get("datasets") else ""
-    return (f"{mean}rank-1 {m['rank1']:.1%}  mAP {m['mAP']:.1%}  mINP {m['mINP']:.1%}  ({int(m['num_query'])} queries{skipped}, "
-            f"{int(m['num_gallery'])} gallery images)   results: {os.path.join(out_dir, 'results.json')}   "
-            f"TensorBoard: tensorboard --logdir {os.path.join(out_dir, 'tb')}")
+    return (
+        f"{mean}rank-1 {m['rank1']:.1%}  mAP {m['mAP']:.1%}  mINP {m['mINP']:.1%}  ({int(m['num_query'])} queries{skipped}, "
+        f"{int(m['num_gallery'])} gallery images)   results: {os.path.join(out_dir, 'results.json')}   "
+        f"TensorBoard: tensorboard --logdir {os.path.join(out_dir, 'tb')}"
+    )
 
 
 if __name__ == "__main__":

@@ -16,14 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from dpm_dist.cli.common import absolute_path, run_guarded
 
 PROG = "dpm-export"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="our model file (.pt), a run folder, or an official DPM state dict (.pth)")
     parser.add_argument("output", help="OUTPUT.onnx (ONNX) or OUTPUT.pt (TorchScript)")
@@ -57,18 +57,26 @@ def export(checkpoint: str, output: str, check_batch: int) -> int:
     loaded = load_model(path)
     meta = export_model(loaded, dst)
     how = f"{meta['exporter']} exporter, opset {meta['opset']}" if meta["format"] == "onnx" else meta["exporter"]
-    line = f"{PROG}: wrote {dst} ({meta['format']}, {how}; input {meta['img_size'][0]}x{meta['img_size'][1]}, " \
-           f"{meta['num_cams']} cameras, test feature {meta['test_feature']})"
+    line = (
+        f"{PROG}: wrote {dst} ({meta['format']}, {how}; input {meta['img_size'][0]}x{meta['img_size'][1]}, "
+        f"{meta['num_cams']} cameras, test feature {meta['test_feature']})"
+    )
     if len(meta["datasets"]) > 1:
-        line += "; camids are the model's: a dataset's camera + its cam_offset (" + ", ".join(
-            f"{d['name']} +{d['cam_offset']}" for d in meta["datasets"]) + ", recorded as datasets)"
+        line += (
+            "; camids are the model's: a dataset's camera + its cam_offset ("
+            + ", ".join(f"{d['name']} +{d['cam_offset']}" for d in meta["datasets"])
+            + ", recorded as datasets)"
+        )
     if meta.get("dynamo_error"):
         line += f"; the dynamo exporter failed ({meta['dynamo_error']})"
     print(line, flush=True)
     if check_batch > 0:
         errors = parity(loaded, dst, batch=check_batch)
-        print(f"{PROG}: parity vs eager PyTorch at batch {check_batch}: " + json.dumps({k: float(f"{v:.3g}") for k, v in errors.items()}),
-              flush=True)
+        print(
+            f"{PROG}: parity vs eager PyTorch at batch {check_batch}: "
+            + json.dumps({k: float(f"{v:.3g}") for k, v in errors.items()}),
+            flush=True,
+        )
         worst = max(errors.values())
         if worst > 1e-3:
             raise ValueError(f"{dst}: the exported model differs from PyTorch by {worst:.3g} (relative); not usable")

@@ -13,28 +13,35 @@ the query's pid and camera), so the lists are dpm-eval's top-k lists.
 from __future__ import annotations
 
 import argparse
-import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from dpm_dist.cli.common import absolute_path, run_guarded
 
 PROG = "dpm-search"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
     parser.add_argument("query", help="dpm-embed file of the query images")
     parser.add_argument("gallery", help="dpm-embed file of the gallery images")
     parser.add_argument("-k", "--topk", type=int, default=10, help="gallery items per query (default: %(default)s)")
     parser.add_argument("--distance", choices=("masked_cosine", "cosine"), default="masked_cosine")
-    parser.add_argument("--feature", choices=("before", "after"),
-                        help="feature before/after the BNNeck (default: the model's test feature, recorded in the files)")
-    parser.add_argument("--exclude-same-camera", action="store_true",
-                        help="evaluation protocol: drop gallery items with the query's pid and camera")
+    parser.add_argument(
+        "--feature",
+        choices=("before", "after"),
+        help="feature before/after the BNNeck (default: the model's test feature, recorded in the files)",
+    )
+    parser.add_argument(
+        "--exclude-same-camera",
+        action="store_true",
+        help="evaluation protocol: drop gallery items with the query's pid and camera",
+    )
     parser.add_argument("--output-dir", default="search", help="where topk.<format> goes (default: %(default)s)")
     parser.add_argument("--format", choices=("parquet", "jsonl"), default="parquet")
     parser.add_argument("--pictures", type=int, default=0, help="ranked-list pictures of the first N queries")
-    parser.add_argument("--query-chunk", type=int, default=256, help="queries scored at once (memory ~ chunk x gallery)")
+    parser.add_argument(
+        "--query-chunk", type=int, default=256, help="queries scored at once (memory ~ chunk x gallery)"
+    )
     args = parser.parse_args(argv)
     return run_guarded(PROG, lambda: run(args))
 
@@ -49,13 +56,28 @@ def run(args: argparse.Namespace) -> int:
     if env.distributed:
         dist.init_process_group(env)
     try:
-        path, query, _ = search(absolute_path(args.query), absolute_path(args.gallery), out_dir, env, k=args.topk,
-                                distance=args.distance, feature=args.feature, exclude_junk=args.exclude_same_camera,
-                                fmt=args.format, query_chunk=args.query_chunk)
+        path, query, _ = search(
+            absolute_path(args.query),
+            absolute_path(args.gallery),
+            out_dir,
+            env,
+            k=args.topk,
+            distance=args.distance,
+            feature=args.feature,
+            exclude_junk=args.exclude_same_camera,
+            fmt=args.format,
+            query_chunk=args.query_chunk,
+        )
         if env.is_main:
-            written = write_pictures(out_dir, path, query, absolute_path(args.gallery), args.pictures) if args.pictures else []
+            written = (
+                write_pictures(out_dir, path, query, absolute_path(args.gallery), args.pictures)
+                if args.pictures
+                else []
+            )
             extra = f", {len(written)} pictures in {out_dir}/pictures" if written else ""
-            print(f"{PROG}: top-{args.topk} of {len(query.rows)} queries ({args.distance}) -> {path}{extra}", flush=True)
+            print(
+                f"{PROG}: top-{args.topk} of {len(query.rows)} queries ({args.distance}) -> {path}{extra}", flush=True
+            )
     finally:
         if env.distributed:
             dist.barrier()

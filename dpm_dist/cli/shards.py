@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from dpm_dist.cli.common import absolute_path, run_guarded
 from dpm_dist.data.layouts import LAYOUTS, scan_layout
@@ -26,7 +26,16 @@ from dpm_dist.data.synth import SynthSpec, write_synthetic_folder, write_synthet
 
 PROG = "dpm-shards"
 DEFAULT_ROOT = "shards"
-SYNTH_FLAGS = ("num_ids", "num_test_ids", "images_per_id", "query_per_id", "gallery_per_id", "num_cams", "height", "width")
+SYNTH_FLAGS = (
+    "num_ids",
+    "num_test_ids",
+    "images_per_id",
+    "query_per_id",
+    "gallery_per_id",
+    "num_cams",
+    "height",
+    "width",
+)
 
 
 def parse_size(text: str) -> int:
@@ -42,8 +51,10 @@ def parse_size(text: str) -> int:
 
 
 def _summary(manifest: dict, out: str) -> str:
-    parts = [f"{role}: {s['num_samples']} images / {s['num_ids']} ids / {len(s['shards'])} shards"
-             for role, s in manifest["splits"].items()]
+    parts = [
+        f"{role}: {s['num_samples']} images / {s['num_ids']} ids / {len(s['shards'])} shards"
+        for role, s in manifest["splits"].items()
+    ]
     return f"wrote {out}: " + "; ".join(parts) + f"; C={manifest['num_train_ids']} cams={manifest['num_cams']}"
 
 
@@ -54,8 +65,11 @@ def _parser() -> argparse.ArgumentParser:
     write.add_argument("--layout", required=True, choices=sorted(LAYOUTS))
     write.add_argument("--src", required=True, help="dataset folder")
     write.add_argument("--out", help=f"output folder (default {DEFAULT_ROOT}/<layout>)")
-    write.add_argument("--skip-corrupt", action="store_true",
-                       help="leave out images that do not decode (counted, listed in index.json) instead of failing")
+    write.add_argument(
+        "--skip-corrupt",
+        action="store_true",
+        help="leave out images that do not decode (counted, listed in index.json) instead of failing",
+    )
     synth = sub.add_parser("synth", help="generate the built-in synthetic occluded-person dataset")
     synth.add_argument("--out", help=f"shard folder (default {DEFAULT_ROOT}/synthetic)")
     synth.add_argument("--folder", help="also (or, with --no-shards, only) write a Market-style image folder")
@@ -78,17 +92,27 @@ def _write(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"--src {src}: no such folder")
     out = absolute_path(args.out or os.path.join(DEFAULT_ROOT, args.layout))
     try:
-        manifest = write_records(scan_layout(args.layout, src), out, dataset=args.layout,
-                                 skip_corrupt=args.skip_corrupt, max_count=args.max_count, max_bytes=args.max_bytes,
-                                 seed=args.seed)
+        manifest = write_records(
+            scan_layout(args.layout, src),
+            out,
+            dataset=args.layout,
+            skip_corrupt=args.skip_corrupt,
+            max_count=args.max_count,
+            max_bytes=args.max_bytes,
+            seed=args.seed,
+        )
     except CorruptImageError as exc:
-        raise ValueError(f"{exc}; nothing was written (--skip-corrupt leaves such files out, "
-                         f"listed in index.json)") from exc
+        raise ValueError(
+            f"{exc}; nothing was written (--skip-corrupt leaves such files out, listed in index.json)"
+        ) from exc
     print(_summary(manifest, out))
     if manifest["skipped"]:
         first = manifest["skipped"][0]
-        print(f"{PROG}: warning: skipped {manifest['num_skipped']} corrupt image(s), listed under \"skipped\" in "
-              f"{os.path.join(out, 'index.json')}; first: {first['path']} ({first['reason']})", file=sys.stderr)
+        print(
+            f'{PROG}: warning: skipped {manifest["num_skipped"]} corrupt image(s), listed under "skipped" in '
+            f"{os.path.join(out, 'index.json')}; first: {first['path']} ({first['reason']})",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -97,8 +121,13 @@ def _synth(args: argparse.Namespace) -> int:
     if args.folder:
         print(f"wrote {write_synthetic_folder(absolute_path(args.folder), SynthSpec(seed=args.seed, **fields))}")
     if not args.no_shards:
-        out = write_synthetic_shards(absolute_path(args.out or os.path.join(DEFAULT_ROOT, "synthetic")),
-                                     seed=args.seed, max_count=args.max_count, max_bytes=args.max_bytes, **fields)
+        out = write_synthetic_shards(
+            absolute_path(args.out or os.path.join(DEFAULT_ROOT, "synthetic")),
+            seed=args.seed,
+            max_count=args.max_count,
+            max_bytes=args.max_bytes,
+            **fields,
+        )
         print(_summary(read_manifest(out), out))
     return 0
 
@@ -118,7 +147,7 @@ def _verify(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Exit status 0 done, 1 ``verify`` found problems, 2 a user error (one line on stderr, naming the culprit)."""
     args = _parser().parse_args(argv)
     run = {"write": _write, "synth": _synth, "verify": _verify}[args.command]

@@ -15,10 +15,18 @@ import contextlib
 import json
 import os
 import sys
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
-from dpm_dist.cli.common import (CONFIG_MODULE, CONFIG_NAME, CONFIG_PATH, check_local_inputs, insert_override, resolve_paths,
-                                 run_guarded)
+from dpm_dist.cli.common import (
+    CONFIG_MODULE,
+    CONFIG_NAME,
+    CONFIG_PATH,
+    check_local_inputs,
+    insert_override,
+    resolve_paths,
+    run_guarded,
+)
 
 PROG = "dpm-train"
 # launch/torchrun.sh and launch/slurm.sbatch run the command once with this set before starting the ranks: the
@@ -50,8 +58,11 @@ def _help_config() -> dict[str, str]:
     from importlib.resources import files
 
     root = files(CONFIG_MODULE)
-    lines = [f"{group}: " + ", ".join(sorted(p.name[:-5] for p in root.joinpath(group).iterdir() if p.name.endswith(".yaml")))
-             for group in GROUPS]
+    lines = [
+        f"{group}: "
+        + ", ".join(sorted(p.name[:-5] for p in root.joinpath(group).iterdir() if p.name.endswith(".yaml")))
+        for group in GROUPS
+    ]
     return {"app_name": PROG, "header": "", "footer": "", "template": HELP.format(groups="\n".join(lines))}
 
 
@@ -68,8 +79,10 @@ def interrupted_hint(cfg: Any) -> str:
     meta = latest_meta(ckpts)
     if meta is None:
         return f"no checkpoint was saved in {ckpts}; re-running the same command starts the run over"
-    return (f"the latest checkpoint is {meta['tag']} (epoch {meta['epoch']} of {cfg.optim.epochs}) in {ckpts}; "
-            "re-run the same command to resume from it")
+    return (
+        f"the latest checkpoint is {meta['tag']} (epoch {meta['epoch']} of {cfg.optim.epochs}) in {ckpts}; "
+        "re-run the same command to resume from it"
+    )
 
 
 def print_end(cfg: Any, results: dict[str, float]) -> None:
@@ -85,8 +98,11 @@ def print_end(cfg: Any, results: dict[str, float]) -> None:
         print(dataset_table(per), flush=True)
     if results:
         mean = f"mean of {len(per)} datasets: " if per else ""
-        print(f"{mean}rank-1 {results['rank1']:.1%}  mAP {results['mAP']:.1%}  mINP {results.get('mINP', float('nan')):.1%}  "
-              f"({int(results['num_query'])} queries, {int(results['num_gallery'])} gallery images)", flush=True)
+        print(
+            f"{mean}rank-1 {results['rank1']:.1%}  mAP {results['mAP']:.1%}  mINP {results.get('mINP', float('nan')):.1%}  "
+            f"({int(results['num_query'])} queries, {int(results['num_gallery'])} gallery images)",
+            flush=True,
+        )
     summary = os.path.join(out, "results.json")
     done: dict[str, Any] = {}
     if os.path.isfile(summary):
@@ -94,12 +110,22 @@ def print_end(cfg: Any, results: dict[str, float]) -> None:
             done = json.load(f)
     skipped = done.get("num_skipped_corrupt", 0)
     if skipped:
-        print(f"skipped {skipped} corrupt training samples (data.skip_corrupt=true; each is named in the log above)", flush=True)
+        print(
+            f"skipped {skipped} corrupt training samples (data.skip_corrupt=true; each is named in the log above)",
+            flush=True,
+        )
     nonfinite = done.get("num_skipped_steps", 0)
     if nonfinite:
-        print(f"skipped {nonfinite} training step{'s' if nonfinite > 1 else ''} with non-finite losses or gradients "
-              "(no update applied; TensorBoard train/skipped_steps)", flush=True)
-    written = [f for f in ("model_final.pt", "model_best.pt", "results.json", "config.yaml") if os.path.isfile(os.path.join(out, f))]
+        print(
+            f"skipped {nonfinite} training step{'s' if nonfinite > 1 else ''} with non-finite losses or gradients "
+            "(no update applied; TensorBoard train/skipped_steps)",
+            flush=True,
+        )
+    written = [
+        f
+        for f in ("model_final.pt", "model_best.pt", "results.json", "config.yaml")
+        if os.path.isfile(os.path.join(out, f))
+    ]
     meta = latest_meta(os.path.join(out, "checkpoints"))
     if meta:
         written.append(f"checkpoints/ (latest {meta['tag']})")
@@ -185,7 +211,7 @@ def main() -> None:
     register_configs()
     ConfigStore.instance().store(group="hydra/help", name="dpm_train", node=_help_config(), provider="dpm_dist")
     sys.argv[1:] = insert_override(sys.argv[1:], "hydra/help=dpm_train")
-    state: dict[str, Optional[Any]] = {"cfg": None}
+    state: dict[str, Any | None] = {"cfg": None}
 
     def task(cfg_node: Any) -> None:
         run_guarded(PROG, lambda: run_training(cfg_node, state), on_interrupt=lambda: interrupted_hint(state["cfg"]))

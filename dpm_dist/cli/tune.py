@@ -22,10 +22,18 @@ from __future__ import annotations
 import os
 import shlex
 import sys
-from typing import Any, NoReturn, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, NoReturn
 
-from dpm_dist.cli.common import (CONFIG_NAME, CONFIG_PATH, absolute_path, check_local_inputs, insert_override, resolve_paths,
-                                 run_guarded)
+from dpm_dist.cli.common import (
+    CONFIG_NAME,
+    CONFIG_PATH,
+    absolute_path,
+    check_local_inputs,
+    insert_override,
+    resolve_paths,
+    run_guarded,
+)
 
 PROG = "dpm-tune"
 DEFAULT_TUNE = "tiny_asha"
@@ -48,7 +56,9 @@ def search_config(cfg_node: Any) -> dict[str, Any]:
     cfg = resolve_paths(to_config(cfg_node))
     check_local_inputs(cfg)  # in seconds, before Ray starts
     if not cfg.search.storage_path:
-        cfg = dataclasses.replace(cfg, search=dataclasses.replace(cfg.search, storage_path=absolute_path(DEFAULT_STORAGE)))
+        cfg = dataclasses.replace(
+            cfg, search=dataclasses.replace(cfg.search, storage_path=absolute_path(DEFAULT_STORAGE))
+        )
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
 
 
@@ -59,8 +69,16 @@ def run(cfg_node: Any) -> list[dict[str, Any]]:
     """
     base = search_config(cfg_node)  # user errors in seconds, before the Ray import below
 
-    from dpm_dist.tune.results import (BEST_EXPERIMENT, UNFINISHED, failed_trials, format_table, results_dir,
-                                       results_rows, write_best, write_csv)
+    from dpm_dist.tune.results import (
+        BEST_EXPERIMENT,
+        UNFINISHED,
+        failed_trials,
+        format_table,
+        results_dir,
+        results_rows,
+        write_best,
+        write_csv,
+    )
     from dpm_dist.tune.search import best_trial, publish_results, run_search, saved_trials
 
     search = base["search"]
@@ -76,8 +94,11 @@ def run(cfg_node: Any) -> list[dict[str, Any]]:
     if best is not None:
         config, trial = best
         path = write_best(config, trial, out, search["name"])
-        print(f"best: {trial['trial']} ({trial['summary']})\n  dpm-train --config-dir {os.path.dirname(os.path.dirname(path))} "
-              f"experiment={BEST_EXPERIMENT}", flush=True)
+        print(
+            f"best: {trial['trial']} ({trial['summary']})\n  dpm-train --config-dir {os.path.dirname(os.path.dirname(path))} "
+            f"experiment={BEST_EXPERIMENT}",
+            flush=True,
+        )
     remote = publish_results(out, search)
     if remote:
         print(f"results copied to {remote}", flush=True)
@@ -96,7 +117,10 @@ def _check_failures(failed: list[tuple[str, str, str]], total: int, experiment: 
     if len(failed) == total:
         _exit(EXIT_ALL_FAILED, f"all {total} trials failed; first error (trial_{trial}): {line}\n  {where}")
     names = ", ".join(f"trial_{t}" for t, _, _ in failed)
-    _exit(EXIT_SOME_FAILED, f"{len(failed)} of {total} trials failed ({names}); first error (trial_{trial}): {line}\n  {where}")
+    _exit(
+        EXIT_SOME_FAILED,
+        f"{len(failed)} of {total} trials failed ({names}); first error (trial_{trial}): {line}\n  {where}",
+    )
 
 
 def _experiment_uri(search: dict[str, Any]) -> str:
@@ -122,7 +146,7 @@ def hydra_argv(argv: Sequence[str]) -> list[str]:
     return out if any(a.startswith("+tune=") for a in out) else insert_override(out, f"+tune={DEFAULT_TUNE}")
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Sequence[str] | None = None) -> None:
     import hydra
 
     from dpm_dist.config import register_configs

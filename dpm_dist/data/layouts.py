@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Tuple
 
 MARKET_RE = re.compile(r"^([-\d]+)_c(\d+)")
 MARKET_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
@@ -36,7 +36,7 @@ class Record:
     role: str
 
 
-def parse_market_name(name: str) -> Tuple[int, int]:
+def parse_market_name(name: str) -> tuple[int, int]:
     """``(pid, camid)`` of a Market/Duke-style file name ``0001_c2s1_000151_01.jpg`` (camid 0-based)."""
     match = MARKET_RE.match(os.path.basename(name))
     if match is None:
@@ -47,7 +47,7 @@ def parse_market_name(name: str) -> Tuple[int, int]:
     return pid, cam - 1
 
 
-def parse_msmt_name(name: str) -> Tuple[int, int]:
+def parse_msmt_name(name: str) -> tuple[int, int]:
     """``(pid, camid)`` of an MSMT17 name ``0000_000_01_0303morning_0015_0.jpg`` (third field = camera)."""
     parts = os.path.basename(name).split("_")
     if len(parts) < 3 or not (parts[0].isdigit() and parts[2].isdigit()) or int(parts[2]) < 1:
@@ -66,16 +66,21 @@ def is_hidden(name: str) -> bool:
     return name.startswith(".")
 
 
-def _list_images(folder: str, exts: Tuple[str, ...]) -> List[str]:
+def _list_images(folder: str, exts: tuple[str, ...]) -> list[str]:
     if not os.path.isdir(folder):
         raise ValueError(f"folder {folder!r} does not exist (expected by the dataset layout)")
     return sorted(n for n in os.listdir(folder) if n.lower().endswith(exts) and not is_hidden(n))
 
 
-def scan_market_style(root: str, *, folders: Optional[Dict[str, str]] = None, exts: Tuple[str, ...] = JPEG_EXTS,
-                      optional: Tuple[str, ...] = ()) -> List[Record]:
+def scan_market_style(
+    root: str,
+    *,
+    folders: dict[str, str] | None = None,
+    exts: tuple[str, ...] = JPEG_EXTS,
+    optional: tuple[str, ...] = (),
+) -> list[Record]:
     """Market-1501 / DukeMTMC-reID / Occluded-Duke / generic: one flat folder per split."""
-    records: List[Record] = []
+    records: list[Record] = []
     for role, sub in (folders or MARKET_FOLDERS).items():
         folder = os.path.join(root, sub)
         if role in optional and not os.path.isdir(folder):
@@ -89,19 +94,22 @@ def scan_market_style(root: str, *, folders: Optional[Dict[str, str]] = None, ex
     return records
 
 
-def _msmt_dirs(root: str) -> Tuple[str, str]:
+def _msmt_dirs(root: str) -> tuple[str, str]:
     for train, test in (("train", "test"), ("mask_train_v2", "mask_test_v2")):
         if os.path.isdir(os.path.join(root, train)):
             return train, test
     raise ValueError(f"folder {root!r}: no MSMT17 `train/` (V1) or `mask_train_v2/` (V2) folder")
 
 
-def scan_msmt17(root: str) -> List[Record]:
+def scan_msmt17(root: str) -> list[Record]:
     """MSMT17 from its list files: train = list_train + list_val, query/gallery from their lists."""
     train_dir, test_dir = _msmt_dirs(root)
-    lists = {"train": (train_dir, ["list_train.txt", "list_val.txt"]), "query": (test_dir, ["list_query.txt"]),
-             "gallery": (test_dir, ["list_gallery.txt"])}
-    records: List[Record] = []
+    lists = {
+        "train": (train_dir, ["list_train.txt", "list_val.txt"]),
+        "query": (test_dir, ["list_query.txt"]),
+        "gallery": (test_dir, ["list_gallery.txt"]),
+    }
+    records: list[Record] = []
     for role, (sub, names) in lists.items():
         for list_name in names:
             list_path = os.path.join(root, list_name)
@@ -117,13 +125,17 @@ def scan_msmt17(root: str) -> List[Record]:
                     rel = parts[0]
                     pid, camid = parse_msmt_name(rel)
                     if len(parts) > 1 and int(parts[1]) != pid:
-                        raise ValueError(f"file {list_path!r} line {lineno}: pid {parts[1]} disagrees with file name {rel!r}")
+                        raise ValueError(
+                            f"file {list_path!r} line {lineno}: pid {parts[1]} disagrees with file name {rel!r}"
+                        )
                     source = f"{sub}/{rel}"
-                    records.append(Record(os.path.join(root, sub, rel), source, make_key(role, source), pid, camid, role))
+                    records.append(
+                        Record(os.path.join(root, sub, rel), source, make_key(role, source), pid, camid, role)
+                    )
     return records
 
 
-def scan_occluded_reid(root: str) -> List[Record]:
+def scan_occluded_reid(root: str) -> list[Record]:
     """Occluded-REID: the raw release converted as Rename.py does (docs/method.md §6.5), or an already renamed folder.
 
     ``occluded_body_images/XXX/XXX_YY.tif`` -> query, camera 1 (camid 0);
@@ -132,7 +144,7 @@ def scan_occluded_reid(root: str) -> List[Record]:
     if not os.path.isdir(os.path.join(root, "occluded_body_images")):
         folders = {"query": "query", "gallery": "bounding_box_test"}
         return scan_market_style(root, folders=folders, exts=IMAGE_EXTS)
-    records: List[Record] = []
+    records: list[Record] = []
     for role, sub, cam, sess in (("query", "occluded_body_images", 1, 1), ("gallery", "whole_body_images", 3, 3)):
         folder = os.path.join(root, sub)
         if not os.path.isdir(folder):
@@ -146,11 +158,13 @@ def scan_occluded_reid(root: str) -> List[Record]:
                 pid, idx = int(match.group(1)), int(match.group(2))
                 renamed = f"{pid:04d}_c{cam}s{sess}_{idx * 50:06d}_00"
                 source = f"{sub}/{person}/{name}"
-                records.append(Record(os.path.join(folder, person, name), source, f"{role}_{renamed}", pid, cam - 1, role))
+                records.append(
+                    Record(os.path.join(folder, person, name), source, f"{role}_{renamed}", pid, cam - 1, role)
+                )
     return records
 
 
-LAYOUTS: Dict[str, Callable[[str], List[Record]]] = {
+LAYOUTS: dict[str, Callable[[str], list[Record]]] = {
     "market1501": scan_market_style,
     "dukemtmc": scan_market_style,
     "occluded_duke": scan_market_style,
@@ -161,7 +175,7 @@ LAYOUTS: Dict[str, Callable[[str], List[Record]]] = {
 }
 
 
-def scan_layout(layout: str, root: str) -> List[Record]:
+def scan_layout(layout: str, root: str) -> list[Record]:
     """All records of the dataset folder ``root`` read with ``layout`` (a key of :data:`LAYOUTS`)."""
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(LAYOUTS)}")
@@ -170,7 +184,7 @@ def scan_layout(layout: str, root: str) -> List[Record]:
     records = LAYOUTS[layout](root)
     if not records:
         raise ValueError(f"dataset folder {root!r}: no images found for layout {layout!r}")
-    seen: Dict[str, str] = {}
+    seen: dict[str, str] = {}
     for rec in records:
         if rec.key in seen:
             raise ValueError(f"file {rec.source!r}: sample key {rec.key!r} collides with {seen[rec.key]!r}")
@@ -178,6 +192,6 @@ def scan_layout(layout: str, root: str) -> List[Record]:
     return records
 
 
-def relabel(pids: List[int]) -> Dict[int, int]:
+def relabel(pids: list[int]) -> dict[int, int]:
     """pid -> 0..C-1 in sorted pid order (the same on every rank; fast-reid #523)."""
     return {pid: label for label, pid in enumerate(sorted(set(pids)))}

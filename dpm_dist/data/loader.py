@@ -26,8 +26,9 @@ import json
 import logging
 import os
 import random
+from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Set, Tuple
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,22 +36,37 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from dpm_dist.config import DataConfig
-from dpm_dist.dist import DistEnv
-from dpm_dist.data.sampling import (chunk_targets, official_pk_indices, pk_batches, rank_batches, stream_seed,
-                                    weighted_pk_indices)
-from dpm_dist.data.shards import (ShardError, decode_image, fetch_shard, iter_shard, read_manifest, shard_entries,
-                             split_contiguous, tar_members)
+from dpm_dist.data.sampling import (
+    chunk_targets,
+    official_pk_indices,
+    pk_batches,
+    rank_batches,
+    stream_seed,
+    weighted_pk_indices,
+)
+from dpm_dist.data.shards import (
+    ShardError,
+    decode_image,
+    fetch_shard,
+    iter_shard,
+    read_manifest,
+    shard_entries,
+    split_contiguous,
+    tar_members,
+)
 from dpm_dist.data.storage import IOOptions, is_remote, join_url, local_path
 from dpm_dist.data.transforms import eval_transform, train_transform
 from dpm_dist.data.union import Part, chunks_per_dataset, offset_parts, records, union_manifest
+from dpm_dist.dist import DistEnv
 
 log = logging.getLogger(__name__)
-Shard = Tuple[str, Optional[Dict[str, Any]], Part]  # (url, index.json entry or None, its dataset)
+Shard = tuple[str, dict[str, Any] | None, Part]  # (url, index.json entry or None, its dataset)
 
 
 def io_options(cfg: DataConfig) -> IOOptions:
-    return IOOptions(s3_endpoint=cfg.s3_endpoint, retries=cfg.io_retries, backoff_s=cfg.io_backoff_s,
-                     timeout_s=cfg.io_timeout_s)
+    return IOOptions(
+        s3_endpoint=cfg.s3_endpoint, retries=cfg.io_retries, backoff_s=cfg.io_backoff_s, timeout_s=cfg.io_timeout_s
+    )
 
 
 def _train_root(cfg: DataConfig) -> str:
@@ -58,11 +74,13 @@ def _train_root(cfg: DataConfig) -> str:
         return cfg.root
     if cfg.train_urls:
         return cfg.train_urls[0].rsplit("/", 1)[0] if "/" in cfg.train_urls[0] else "."
-    raise ValueError("config field `data.root`: set it (folder or URL holding index.json), `data.train_urls`, "
-                     "or `data.roots` (many datasets)")
+    raise ValueError(
+        "config field `data.root`: set it (folder or URL holding index.json), `data.train_urls`, "
+        "or `data.roots` (many datasets)"
+    )
 
 
-def _parts(cfg: DataConfig) -> List[Tuple[Part, Dict[str, Any]]]:
+def _parts(cfg: DataConfig) -> list[tuple[Part, dict[str, Any]]]:
     """Each training dataset with its index.json; one :class:`Part` without shifts unless ``data.roots`` has several."""
     opts = io_options(cfg)
     if len(cfg.roots) <= 1:
@@ -71,7 +89,7 @@ def _parts(cfg: DataConfig) -> List[Tuple[Part, Dict[str, Any]]]:
     return offset_parts(list(cfg.roots), [read_manifest(root, opts) for root in cfg.roots])
 
 
-def _merge(cfg: DataConfig, parts: List[Tuple[Part, Dict[str, Any]]]) -> Dict[str, Any]:
+def _merge(cfg: DataConfig, parts: list[tuple[Part, dict[str, Any]]]) -> dict[str, Any]:
     if len(parts) == 1:
         manifest = parts[0][1]
         if cfg.eval_root:
@@ -81,14 +99,14 @@ def _merge(cfg: DataConfig, parts: List[Tuple[Part, Dict[str, Any]]]) -> Dict[st
     return union_manifest(parts, list(cfg.root_weights))
 
 
-def load_manifest(cfg: DataConfig) -> Dict[str, Any]:
+def load_manifest(cfg: DataConfig) -> dict[str, Any]:
     """``index.json`` of the training data, with ``num_cams`` covering ``data.eval_root``'s cameras too, and a
     ``datasets`` list (:func:`dpm_dist.data.union.records`). With several ``data.roots``: their union (identity and camera
     counts summed, label counts in order), ``dataset`` their common layout or ``generic``."""
     return _merge(cfg, _parts(cfg))
 
 
-def _shards(cfg: DataConfig, role: str, root: str, manifest: Dict[str, Any], part: Optional[Part] = None) -> List[Shard]:
+def _shards(cfg: DataConfig, role: str, root: str, manifest: dict[str, Any], part: Part | None = None) -> list[Shard]:
     entries, part = shard_entries(manifest, role), part or Part(root)
     explicit = {"train": cfg.train_urls, "query": cfg.query_urls, "gallery": cfg.gallery_urls}[role]
     if not explicit:
@@ -97,7 +115,7 @@ def _shards(cfg: DataConfig, role: str, root: str, manifest: Dict[str, Any], par
     return [(url, by_name.get(url.rsplit("/", 1)[-1]) if cfg.verify_sha else None, part) for url in explicit]
 
 
-def num_train_batches(cfg: DataConfig, world_size: int, manifest: Optional[Dict[str, Any]] = None) -> int:
+def num_train_batches(cfg: DataConfig, world_size: int, manifest: dict[str, Any] | None = None) -> int:
     """Batches per epoch on every rank. Stream: ``data.batches_per_epoch`` or samples / (P·K·W).
 
     Exact: an upper bound (the official ``__len__`` estimate / W); ``len()`` of the epoch's loader is exact.
@@ -116,8 +134,9 @@ def num_train_batches(cfg: DataConfig, world_size: int, manifest: Optional[Dict[
 # ---- per-sample work, shared by both train modes (runs in the workers)
 
 
-def _train_item(jpg: bytes, meta: Dict[str, Any], key: str, url: str, gen: torch.Generator,
-                cfg: DataConfig) -> Dict[str, Any]:
+def _train_item(
+    jpg: bytes, meta: dict[str, Any], key: str, url: str, gen: torch.Generator, cfg: DataConfig
+) -> dict[str, Any]:
     item = {"label": int(meta["label"]), "camid": int(meta["camid"]), "key": key, "image": None}
     try:
         img = decode_image(jpg, url=url, key=key)
@@ -126,23 +145,30 @@ def _train_item(jpg: bytes, meta: Dict[str, Any], key: str, url: str, gen: torch
             raise
         _count_corrupt(exc)
         return item
-    item["image"] = train_transform(img, gen, size=cfg.img_size, flip_prob=cfg.flip_prob, padding=cfg.padding,
-                                    erase_prob=cfg.erase_prob, jitter=cfg.color_jitter)
+    item["image"] = train_transform(
+        img,
+        gen,
+        size=cfg.img_size,
+        flip_prob=cfg.flip_prob,
+        padding=cfg.padding,
+        erase_prob=cfg.erase_prob,
+        jitter=cfg.color_jitter,
+    )
     return item
 
 
 _NUM_CORRUPT = [0]
-_CORRUPT_KEYS: Set[str] = set()  # distinct (shard URL, key) pairs skipped in this process
+_CORRUPT_KEYS: set[str] = set()  # distinct (shard URL, key) pairs skipped in this process
 
 
-def _count_corrupt(exc: Exception, where: Optional[Tuple[str, str]] = None) -> None:
+def _count_corrupt(exc: Exception, where: tuple[str, str] | None = None) -> None:
     _NUM_CORRUPT[0] += 1
     if where is not None:
         _CORRUPT_KEYS.add(where)
     log.warning("skipping corrupt sample (%d so far in this process): %s", _NUM_CORRUPT[0], exc)
 
 
-def _collate_train(items: List[Dict[str, Any]]) -> Dict[str, Any]:
+def _collate_train(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack a P×K batch; a skipped corrupt image (exact mode) is replaced by another image of its identity.
 
     ``num_skipped`` counts the corrupt samples skipped to make this batch (the loop adds them up: the
@@ -154,10 +180,13 @@ def _collate_train(items: List[Dict[str, Any]]) -> Dict[str, Any]:
             if not donors:
                 raise ShardError(f"sample {item['key']!r}: every image of its identity in the batch is corrupt")
             items[i] = {**donors[0], "image": donors[0]["image"].clone()}
-    return {"images": torch.stack([it["image"] for it in items]),
-            "pids": torch.tensor([it["label"] for it in items], dtype=torch.long),
-            "camids": torch.tensor([it["camid"] for it in items], dtype=torch.long),
-            "keys": [it["key"] for it in items], "num_skipped": num_skipped}
+    return {
+        "images": torch.stack([it["image"] for it in items]),
+        "pids": torch.tensor([it["label"] for it in items], dtype=torch.long),
+        "camids": torch.tensor([it["camid"] for it in items], dtype=torch.long),
+        "keys": [it["key"] for it in items],
+        "num_skipped": num_skipped,
+    }
 
 
 # ---- stream mode
@@ -171,11 +200,16 @@ class _ResampledShards:
     proportional to w_d · shards_d / images_d, so the expected share of samples read from d is w_d.
     """
 
-    def __init__(self, shards: List[Shard], seed_of: Callable[[], int], weights: Optional[List[float]] = None,
-                 images: Optional[List[int]] = None) -> None:
+    def __init__(
+        self,
+        shards: list[Shard],
+        seed_of: Callable[[], int],
+        weights: list[float] | None = None,
+        images: list[int] | None = None,
+    ) -> None:
         self.shards, self.seed_of = shards, seed_of
-        self.groups: List[List[int]] = []
-        self.cumulative: List[float] = []
+        self.groups: list[list[int]] = []
+        self.cumulative: list[float] = []
         if weights:
             names = list(dict.fromkeys(part.name for _, _, part in shards))
             self.groups = [[i for i, (_, _, part) in enumerate(shards) if part.name == name] for name in names]
@@ -188,7 +222,7 @@ class _ResampledShards:
         group = self.groups[min(bisect.bisect_right(self.cumulative, rng.random()), len(self.groups) - 1)]
         return group[rng.randrange(len(group))]
 
-    def __call__(self) -> Iterator[Dict[str, Any]]:
+    def __call__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
         worker, seed = (info.id if info is not None else 0), self.seed_of()
         rng = random.Random(stream_seed(seed, worker))
@@ -197,7 +231,7 @@ class _ResampledShards:
             yield {"url": url, "entry": entry, "part": part, "seed": stream_seed(seed, worker, rng.getrandbits(62))}
 
 
-def _decodes(sample: Dict[str, Any]) -> bool:
+def _decodes(sample: dict[str, Any]) -> bool:
     """Whether the image decodes; JPEG draft mode (1/8 scale) makes the check cheap but still reads it all."""
     try:
         with Image.open(io.BytesIO(sample["jpg"])) as img:
@@ -205,26 +239,30 @@ def _decodes(sample: Dict[str, Any]) -> bool:
             img.load()
         return True
     except Exception as exc:
-        _count_corrupt(ShardError(f"shard {sample['url']}: sample {sample['key']!r}: corrupt image ({exc})"),
-                       (sample["url"], sample["key"]))
+        _count_corrupt(
+            ShardError(f"shard {sample['url']}: sample {sample['key']!r}: corrupt image ({exc})"),
+            (sample["url"], sample["key"]),
+        )
         return False
 
 
-def _in_union(sample: Dict[str, Any], part: Part) -> Dict[str, Any]:
+def _in_union(sample: dict[str, Any], part: Part) -> dict[str, Any]:
     key, meta = part.apply(sample["key"], sample["meta"])
     return {**sample, "key": key, "meta": meta}
 
 
-def _expand(sources: Iterable[Dict[str, Any]], opts: IOOptions, skip_corrupt: bool) -> Iterator[Dict[str, Any]]:
+def _expand(sources: Iterable[dict[str, Any]], opts: IOOptions, skip_corrupt: bool) -> Iterator[dict[str, Any]]:
     """Samples of each shard in a seeded order; with ``skip_corrupt`` undecodable ones are dropped here,
     before batching, so batches stay exactly P×K."""
     for src in sources:
-        samples = [_in_union(s, src["part"]) for s in iter_shard(src["url"], fetch_shard(src["url"], src["entry"], opts))]
+        samples = [
+            _in_union(s, src["part"]) for s in iter_shard(src["url"], fetch_shard(src["url"], src["entry"], opts))
+        ]
         random.Random(src["seed"]).shuffle(samples)
         yield from (s for s in samples if not skip_corrupt or _decodes(s))
 
 
-def _augment_batches(batches: Iterable[List[Dict[str, Any]]], cfg: DataConfig, seed: int) -> Iterator[Dict[str, Any]]:
+def _augment_batches(batches: Iterable[list[dict[str, Any]]], cfg: DataConfig, seed: int) -> Iterator[dict[str, Any]]:
     info = get_worker_info()
     worker = info.id if info is not None else 0
     seen = _NUM_CORRUPT[0]
@@ -240,44 +278,73 @@ def _augment_batches(batches: Iterable[List[Dict[str, Any]]], cfg: DataConfig, s
 class _Epoch:
     """``n`` batches of an endless loader; ``len()`` is ``n``."""
 
-    def __init__(self, loader: Iterable[Dict[str, Any]], n: int) -> None:
+    def __init__(self, loader: Iterable[dict[str, Any]], n: int) -> None:
         self.loader, self.n = loader, n
 
     def __len__(self) -> int:
         return self.n
 
-    def __iter__(self) -> Iterator[Dict[str, Any]]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         return islice(iter(self.loader), self.n)
 
 
-def _stream_pipeline(cfg: DataConfig, env: DistEnv, shards: List[Shard], seed_of: Callable[[], int], num_samples: int,
-                     datasets: List[Dict[str, Any]]) -> Any:
+def _stream_pipeline(
+    cfg: DataConfig,
+    env: DistEnv,
+    shards: list[Shard],
+    seed_of: Callable[[], int],
+    num_samples: int,
+    datasets: list[dict[str, Any]],
+) -> Any:
     """The endless stream of P×K batches; ``seed_of()`` (the epoch's seed) is read each time it is iterated."""
     import webdataset as wds
 
     if len(shards) < env.world_size * max(1, cfg.num_workers):
-        raise ValueError(f"{len(shards)} training shards for {env.world_size} ranks × {max(1, cfg.num_workers)} "
-                         "workers: write more, smaller shards (dpm-shards write --max-count) or lower data.num_workers")
+        raise ValueError(
+            f"{len(shards)} training shards for {env.world_size} ranks × {max(1, cfg.num_workers)} "
+            "workers: write more, smaller shards (dpm-shards write --max-count) or lower data.num_workers"
+        )
     # At most half the training set is buffered: a buffer holding nearly every sample could only refill
     # by re-drawing the few samples a batch released (about 34 reads per image measured; half: ~1).
     opts, buffer = io_options(cfg), max(cfg.batch_size, min(cfg.shuffle_buffer, num_samples // 2))
-    weights = (list(cfg.root_weights), [d["num_images"] for d in datasets]) if cfg.root_weights and len(datasets) > 1 else ()
+    weights = (
+        (list(cfg.root_weights), [d["num_images"] for d in datasets]) if cfg.root_weights and len(datasets) > 1 else ()
+    )
     return wds.DataPipeline(
         _ResampledShards(shards, seed_of, *weights),
         lambda src: _expand(src, opts, cfg.skip_corrupt),
-        lambda samples: pk_batches(samples, label=lambda s: s["meta"]["label"], num_ids=cfg.num_ids,
-                                   num_instances=cfg.num_instances, buffer_size=buffer,
-                                   rng=random.Random(stream_seed(seed_of(), _worker_id())), key=lambda s: s["key"],
-                                   num_distinct=lambda: num_samples - len(_CORRUPT_KEYS)),
+        lambda samples: pk_batches(
+            samples,
+            label=lambda s: s["meta"]["label"],
+            num_ids=cfg.num_ids,
+            num_instances=cfg.num_instances,
+            buffer_size=buffer,
+            rng=random.Random(stream_seed(seed_of(), _worker_id())),
+            key=lambda s: s["key"],
+            num_distinct=lambda: num_samples - len(_CORRUPT_KEYS),
+        ),
         lambda batches: _augment_batches(batches, cfg, seed_of()),
     )
 
 
-def _stream_loader(cfg: DataConfig, env: DistEnv, shards: List[Shard], seed: int, n: int, num_samples: int,
-                   datasets: List[Dict[str, Any]]) -> _Epoch:
+def _stream_loader(
+    cfg: DataConfig,
+    env: DistEnv,
+    shards: list[Shard],
+    seed: int,
+    n: int,
+    num_samples: int,
+    datasets: list[dict[str, Any]],
+) -> _Epoch:
     pipeline = _stream_pipeline(cfg, env, shards, lambda: seed, num_samples, datasets)
-    loader = DataLoader(pipeline, batch_size=None, num_workers=cfg.num_workers, pin_memory=cfg.pin_memory,
-                        persistent_workers=False, prefetch_factor=2 if cfg.num_workers else None)
+    loader = DataLoader(
+        pipeline,
+        batch_size=None,
+        num_workers=cfg.num_workers,
+        pin_memory=cfg.pin_memory,
+        persistent_workers=False,
+        prefetch_factor=2 if cfg.num_workers else None,
+    )
     return _Epoch(loader, n)
 
 
@@ -289,10 +356,10 @@ def _worker_id() -> int:
 # ---- exact mode
 
 
-_INDEX_CACHE: Dict[Tuple[str, ...], List[Tuple[str, int, int, str, Dict[str, Any]]]] = {}
+_INDEX_CACHE: dict[tuple[str, ...], list[tuple[str, int, int, str, dict[str, Any]]]] = {}
 
 
-def _local_copy(url: str, entry: Optional[Dict[str, Any]], cfg: DataConfig) -> str:
+def _local_copy(url: str, entry: dict[str, Any] | None, cfg: DataConfig) -> str:
     """A local path for the shard: itself when local (checked once), else a sha-named cached download."""
     if not is_remote(url):
         if entry is not None:
@@ -311,7 +378,7 @@ def _local_copy(url: str, entry: Optional[Dict[str, Any]], cfg: DataConfig) -> s
     return path
 
 
-def _index_shards(cfg: DataConfig, shards: List[Shard]) -> List[Tuple[str, int, int, str, Dict[str, Any]]]:
+def _index_shards(cfg: DataConfig, shards: list[Shard]) -> list[tuple[str, int, int, str, dict[str, Any]]]:
     """(path, jpg offset, jpg size, key, meta) of every training sample, in shard order."""
     ident = tuple((u, part) for u, _, part in shards)
     if ident in _INDEX_CACHE:
@@ -339,13 +406,13 @@ def _index_shards(cfg: DataConfig, shards: List[Shard]) -> List[Tuple[str, int, 
 class _IndexedTrain(Dataset):
     """Random access to training samples; items are ``(index, augmentation seed)`` pairs."""
 
-    def __init__(self, index: List[Tuple[str, int, int, str, Dict[str, Any]]], cfg: DataConfig) -> None:
+    def __init__(self, index: list[tuple[str, int, int, str, dict[str, Any]]], cfg: DataConfig) -> None:
         self.index, self.cfg = index, cfg
 
     def __len__(self) -> int:
         return len(self.index)
 
-    def __getitem__(self, item: Tuple[int, int]) -> Dict[str, Any]:
+    def __getitem__(self, item: tuple[int, int]) -> dict[str, Any]:
         path, offset, size, key, meta = self.index[item[0]]
         with open(path, "rb") as f:
             f.seek(offset)
@@ -353,8 +420,14 @@ class _IndexedTrain(Dataset):
         return _train_item(jpg, meta, key, path, torch.Generator().manual_seed(item[1]), self.cfg)
 
 
-def _exact_batches(cfg: DataConfig, env: DistEnv, index: List[Tuple[str, int, int, str, Dict[str, Any]]], seed: int,
-                   epoch: int, datasets: List[Dict[str, Any]]) -> List[List[Tuple[int, int]]]:
+def _exact_batches(
+    cfg: DataConfig,
+    env: DistEnv,
+    index: list[tuple[str, int, int, str, dict[str, Any]]],
+    seed: int,
+    epoch: int,
+    datasets: list[dict[str, Any]],
+) -> list[list[tuple[int, int]]]:
     """This rank's batches of the epoch: (sample index, augmentation seed) pairs."""
     shared = stream_seed(seed, epoch)  # the same on every rank, as rank 0's seed is in docs/method.md §5.6
     labels = [m["label"] for *_, m in index]
@@ -367,23 +440,31 @@ def _exact_batches(cfg: DataConfig, env: DistEnv, index: List[Tuple[str, int, in
         flat = official_pk_indices(labels, cfg.num_ids, cfg.num_instances, *rngs)
     batches = rank_batches(flat, cfg.batch_size, env.rank, env.world_size)
     if not batches:
-        raise ValueError(f"exact sampler: an epoch of {len(flat)} samples gives no {cfg.num_ids}×{cfg.num_instances} "
-                         f"batch for each of {env.world_size} ranks; lower data.num_ids or the world size")
+        raise ValueError(
+            f"exact sampler: an epoch of {len(flat)} samples gives no {cfg.num_ids}×{cfg.num_instances} "
+            f"batch for each of {env.world_size} ranks; lower data.num_ids or the world size"
+        )
     return [[(i, stream_seed(shared, env.rank, b, j)) for j, i in enumerate(batch)] for b, batch in enumerate(batches)]
 
 
-def _exact_loader(cfg: DataConfig, env: DistEnv, shards: List[Shard], seed: int, epoch: int,
-                  datasets: List[Dict[str, Any]]) -> DataLoader:
+def _exact_loader(
+    cfg: DataConfig, env: DistEnv, shards: list[Shard], seed: int, epoch: int, datasets: list[dict[str, Any]]
+) -> DataLoader:
     index = _index_shards(cfg, shards)
-    return DataLoader(_IndexedTrain(index, cfg), batch_sampler=_exact_batches(cfg, env, index, seed, epoch, datasets),
-                      num_workers=cfg.num_workers, collate_fn=_collate_train, pin_memory=cfg.pin_memory)
+    return DataLoader(
+        _IndexedTrain(index, cfg),
+        batch_sampler=_exact_batches(cfg, env, index, seed, epoch, datasets),
+        num_workers=cfg.num_workers,
+        collate_fn=_collate_train,
+        pin_memory=cfg.pin_memory,
+    )
 
 
-def _train_shards(cfg: DataConfig) -> Tuple[List[Shard], Dict[str, Any]]:
+def _train_shards(cfg: DataConfig) -> tuple[list[Shard], dict[str, Any]]:
     """Every training shard of every dataset, and the (merged) manifest; checks P against the identities."""
     parts = _parts(cfg)
     manifest = _merge(cfg, parts)
-    shards: List[Shard] = []
+    shards: list[Shard] = []
     for part, part_manifest in parts:
         mine = _shards(cfg, "train", part.root, part_manifest, part)
         if not mine:
@@ -391,12 +472,14 @@ def _train_shards(cfg: DataConfig) -> Tuple[List[Shard], Dict[str, Any]]:
         shards += mine
     where = parts[0][0].root if len(parts) == 1 else f"the union of data.roots ({len(parts)} datasets)"
     if manifest["num_train_ids"] < cfg.num_ids:
-        raise ValueError(f"config field `data.num_ids`: P={cfg.num_ids} but the training set {where} has only "
-                         f"{manifest['num_train_ids']} identities")
+        raise ValueError(
+            f"config field `data.num_ids`: P={cfg.num_ids} but the training set {where} has only "
+            f"{manifest['num_train_ids']} identities"
+        )
     return shards, manifest
 
 
-def build_train_loader(cfg: DataConfig, env: DistEnv, *, epoch: int, seed: int) -> Iterable[Dict[str, Any]]:
+def build_train_loader(cfg: DataConfig, env: DistEnv, *, epoch: int, seed: int) -> Iterable[dict[str, Any]]:
     """One epoch of P×K batches for ``env.rank``; every rank gets the same number of batches.
 
     Batches are dicts: ``images`` (B, 3, H, W) in [-1, 1], ``pids`` (relabelled 0..C-1), ``camids``, ``keys``.
@@ -406,33 +489,40 @@ def build_train_loader(cfg: DataConfig, env: DistEnv, *, epoch: int, seed: int) 
     if cfg.sampler == "exact":
         return _exact_loader(cfg, env, shards, seed, epoch, manifest["datasets"])
     stream = stream_seed(seed, epoch, env.rank)
-    return _stream_loader(cfg, env, shards, stream, num_train_batches(cfg, env.world_size, manifest),
-                          manifest["splits"]["train"]["num_samples"], manifest["datasets"])
+    return _stream_loader(
+        cfg,
+        env,
+        shards,
+        stream,
+        num_train_batches(cfg, env.world_size, manifest),
+        manifest["splits"]["train"]["num_samples"],
+        manifest["datasets"],
+    )
 
 
 class _EpochBatches:
     """A batch sampler whose batches are replaced each epoch (a DataLoader's sampler cannot be)."""
 
     def __init__(self) -> None:
-        self.batches: List[List[Tuple[int, int]]] = []
+        self.batches: list[list[tuple[int, int]]] = []
 
     def __len__(self) -> int:
         return len(self.batches)
 
-    def __iter__(self) -> Iterator[List[Tuple[int, int]]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         return iter(self.batches)
 
 
 class _PersistentEpoch:
     """One epoch of a DataLoader whose workers outlive it; ``len()`` is the epoch's batch count."""
 
-    def __init__(self, owner: "TrainLoader", n: int) -> None:
+    def __init__(self, owner: TrainLoader, n: int) -> None:
         self.owner, self.n = owner, n
 
     def __len__(self) -> int:
         return self.n
 
-    def __iter__(self) -> Iterator[Dict[str, Any]]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.owner.iterated:
             # A new DataLoader iterator draws its base seed from the global RNG, a persistent one's reset does not:
             # draw it here, so the main process' RNG (drop-path) runs as with a fresh loader each epoch.
@@ -453,10 +543,10 @@ class TrainLoader:
     def __init__(self, cfg: DataConfig, env: DistEnv, *, seed: int) -> None:
         self.cfg, self.env, self.seed = cfg, env, seed
         self.persistent = cfg.persistent_workers and cfg.num_workers > 0
-        self.loader: Optional[DataLoader] = None
+        self.loader: DataLoader | None = None
         self.iterated = False
 
-    def epoch(self, epoch: int) -> Iterable[Dict[str, Any]]:
+    def epoch(self, epoch: int) -> Iterable[dict[str, Any]]:
         cfg, env = self.cfg, self.env
         if not self.persistent:
             return build_train_loader(cfg, env, epoch=epoch, seed=self.seed)
@@ -475,13 +565,20 @@ class TrainLoader:
         common = dict(num_workers=cfg.num_workers, pin_memory=cfg.pin_memory, persistent_workers=True)
         if cfg.sampler == "exact":
             self._index, self._sampler = _index_shards(cfg, self._shards), _EpochBatches()
-            self.loader = DataLoader(_IndexedTrain(self._index, cfg), batch_sampler=self._sampler,
-                                     collate_fn=_collate_train, **common)
+            self.loader = DataLoader(
+                _IndexedTrain(self._index, cfg), batch_sampler=self._sampler, collate_fn=_collate_train, **common
+            )
             return
         self._seed_box = torch.zeros((), dtype=torch.int64).share_memory_()
         box = self._seed_box
-        pipeline = _stream_pipeline(cfg, env, self._shards, lambda: int(box), self._manifest["splits"]["train"]["num_samples"],
-                                    self._manifest["datasets"])
+        pipeline = _stream_pipeline(
+            cfg,
+            env,
+            self._shards,
+            lambda: int(box),
+            self._manifest["splits"]["train"]["num_samples"],
+            self._manifest["datasets"],
+        )
         self.loader = DataLoader(pipeline, batch_size=None, prefetch_factor=2, **common)
 
 
@@ -489,13 +586,13 @@ class TrainLoader:
 
 
 class _EvalStream(IterableDataset):
-    def __init__(self, shards: List[Shard], cfg: DataConfig) -> None:
+    def __init__(self, shards: list[Shard], cfg: DataConfig) -> None:
         self.shards, self.cfg = shards, cfg
 
-    def __iter__(self) -> Iterator[Dict[str, Any]]:
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         info = get_worker_info()
-        mine = self.shards[info.id::info.num_workers] if info is not None else self.shards
-        items: List[Dict[str, Any]] = []
+        mine = self.shards[info.id :: info.num_workers] if info is not None else self.shards
+        items: list[dict[str, Any]] = []
         for url, entry, part in mine:
             for s in iter_shard(url, fetch_shard(url, entry, io_options(self.cfg))):
                 try:
@@ -513,19 +610,22 @@ class _EvalStream(IterableDataset):
             yield _collate_eval(items)
 
 
-def _collate_eval(items: List[Dict[str, Any]]) -> Dict[str, Any]:
-    return {"images": torch.stack([it["image"] for it in items]),
-            "pids": torch.tensor([int(it["meta"]["pid"]) for it in items], dtype=torch.long),
-            "camids": torch.tensor([int(it["meta"]["camid"]) for it in items], dtype=torch.long),
-            "keys": [it["key"] for it in items], "roles": [it["meta"]["role"] for it in items]}
+def _collate_eval(items: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "images": torch.stack([it["image"] for it in items]),
+        "pids": torch.tensor([int(it["meta"]["pid"]) for it in items], dtype=torch.long),
+        "camids": torch.tensor([int(it["meta"]["camid"]) for it in items], dtype=torch.long),
+        "keys": [it["key"] for it in items],
+        "roles": [it["meta"]["role"] for it in items],
+    }
 
 
-def eval_datasets(cfg: DataConfig) -> List[str]:
+def eval_datasets(cfg: DataConfig) -> list[str]:
     """The names of the datasets evaluated one by one (several ``data.roots``); [] for one evaluation set."""
     return [part.name for part, _ in _parts(cfg)] if len(cfg.roots) > 1 else []
 
 
-def build_eval_loader(cfg: DataConfig, env: DistEnv, role: str, dataset: Optional[str] = None) -> Iterable[Dict[str, Any]]:
+def build_eval_loader(cfg: DataConfig, env: DistEnv, role: str, dataset: str | None = None) -> Iterable[dict[str, Any]]:
     """This rank's share of ``role`` (query or gallery): every sample once across ranks, no padding.
 
     Batches of up to ``eval_batch_size``: ``images``, ``pids`` (original), ``camids``, ``keys``, ``roles``.
@@ -548,7 +648,7 @@ def build_eval_loader(cfg: DataConfig, env: DistEnv, role: str, dataset: Optiona
     return DataLoader(_EvalStream(mine, cfg), batch_size=None, num_workers=workers, pin_memory=cfg.pin_memory)
 
 
-def _eval_part(cfg: DataConfig, dataset: Optional[str]) -> Part:
+def _eval_part(cfg: DataConfig, dataset: str | None) -> Part:
     if len(cfg.roots) <= 1:
         if dataset is not None:
             raise ValueError(f"dataset {dataset!r}: only several data.roots are evaluated by dataset")

@@ -13,7 +13,8 @@ from __future__ import annotations
 import hashlib
 import random
 from collections import OrderedDict, defaultdict
-from typing import Any, Callable, Dict, Hashable, Iterable, Iterator, List, Optional, Sequence, Set
+from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -24,8 +25,9 @@ def stream_seed(*parts: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-def official_pk_indices(labels: Sequence[int], num_ids: int, num_instances: int, rng: random.Random,
-                        np_rng: np.random.RandomState) -> List[int]:
+def official_pk_indices(
+    labels: Sequence[int], num_ids: int, num_instances: int, rng: random.Random, np_rng: np.random.RandomState
+) -> list[int]:
     """One epoch of the official sampler: a flat index list, consecutive P×K blocks of distinct ids.
 
     Per id (in first-seen order): copy its indices, up-sample to K with replacement if it has fewer,
@@ -44,30 +46,37 @@ def official_pk_indices(labels: Sequence[int], num_ids: int, num_instances: int,
     return out
 
 
-def _by_label(labels: Sequence[int]) -> Dict[int, List[int]]:
-    index_dic: Dict[int, List[int]] = defaultdict(list)
+def _by_label(labels: Sequence[int]) -> dict[int, list[int]]:
+    index_dic: dict[int, list[int]] = defaultdict(list)
     for index, label in enumerate(labels):
         index_dic[label].append(index)
     return index_dic
 
 
-def _chunks(idxs: List[int], num_instances: int, rng: random.Random, np_rng: np.random.RandomState) -> List[List[int]]:
+def _chunks(idxs: list[int], num_instances: int, rng: random.Random, np_rng: np.random.RandomState) -> list[list[int]]:
     """The official chunks of one identity: up-sampled to K with replacement if it has fewer, shuffled, cut into K's."""
     idxs = list(idxs)
     if len(idxs) < num_instances:
         idxs = [int(i) for i in np_rng.choice(idxs, size=num_instances, replace=True)]
     rng.shuffle(idxs)
-    return [idxs[start:start + num_instances] for start in range(0, len(idxs) - num_instances + 1, num_instances)]
+    return [idxs[start : start + num_instances] for start in range(0, len(idxs) - num_instances + 1, num_instances)]
 
 
-def chunk_targets(chunks: Sequence[int], weights: Sequence[float]) -> List[int]:
+def chunk_targets(chunks: Sequence[int], weights: Sequence[float]) -> list[int]:
     """Chunks each dataset gives a weighted epoch: the union's total ``sum(chunks)`` shared by weight (>= 1 each)."""
     total, norm = sum(chunks), sum(weights)
     return [max(1, round(total * w / norm)) for w in weights]
 
 
-def weighted_pk_indices(labels: Sequence[int], groups: Sequence[int], weights: Sequence[float], num_ids: int,
-                        num_instances: int, rng: random.Random, np_rng: np.random.RandomState) -> List[int]:
+def weighted_pk_indices(
+    labels: Sequence[int],
+    groups: Sequence[int],
+    weights: Sequence[float],
+    num_ids: int,
+    num_instances: int,
+    rng: random.Random,
+    np_rng: np.random.RandomState,
+) -> list[int]:
     """One epoch over several datasets (``groups[i]``: sample i's dataset) with P×K chunks shared by ``weights``.
 
     Each identity is cut into chunks as :func:`official_pk_indices` does. Dataset d then gives
@@ -79,18 +88,18 @@ def weighted_pk_indices(labels: Sequence[int], groups: Sequence[int], weights: S
     """
     index_dic = _by_label(labels)
     group_of = {pid: groups[idxs[0]] for pid, idxs in index_dic.items()}
-    members: Dict[int, List[int]] = defaultdict(list)
+    members: dict[int, list[int]] = defaultdict(list)
     for pid in index_dic:
         members[group_of[pid]].append(pid)
     order = sorted(members)
     rounds = {pid: _chunks(index_dic[pid], num_instances, rng, np_rng) for pid in index_dic}
     targets = chunk_targets([sum(len(rounds[p]) for p in members[g]) for g in order], [weights[g] for g in order])
-    chunks: Dict[int, List[List[int]]] = defaultdict(list)
+    chunks: dict[int, list[list[int]]] = defaultdict(list)
     for g, target in zip(order, targets):
         _fill(members[g], index_dic, rounds, target, chunks, num_instances, rng, np_rng)
     avail = [pid for pid in index_dic if chunks[pid]]
     left = np.array([len(chunks[pid]) for pid in avail], dtype=np.float64)
-    out: List[int] = []
+    out: list[int] = []
     while len(avail) >= num_ids:
         picks = np_rng.choice(len(avail), size=num_ids, replace=False, p=left / left.sum())
         for i in picks:
@@ -102,9 +111,16 @@ def weighted_pk_indices(labels: Sequence[int], groups: Sequence[int], weights: S
     return out
 
 
-def _fill(pids: List[int], index_dic: Dict[int, List[int]], first: Dict[int, List[List[int]]], target: int,
-          chunks: Dict[int, List[List[int]]], num_instances: int, rng: random.Random,
-          np_rng: np.random.RandomState) -> None:
+def _fill(
+    pids: list[int],
+    index_dic: dict[int, list[int]],
+    first: dict[int, list[list[int]]],
+    target: int,
+    chunks: dict[int, list[list[int]]],
+    num_instances: int,
+    rng: random.Random,
+    np_rng: np.random.RandomState,
+) -> None:
     """Append ``target`` chunks of the identities ``pids`` to ``chunks``: whole rounds, then a random part of one."""
     round_ = first
     while True:
@@ -118,17 +134,26 @@ def _fill(pids: List[int], index_dic: Dict[int, List[int]], first: Dict[int, Lis
         round_ = {pid: _chunks(index_dic[pid], num_instances, rng, np_rng) for pid in pids}
 
 
-def rank_batches(indices: Sequence[int], batch_size: int, rank: int, world_size: int) -> List[List[int]]:
+def rank_batches(indices: Sequence[int], batch_size: int, rank: int, world_size: int) -> list[list[int]]:
     """Batches ``rank, rank+W, ...`` of the flat list cut into ``batch_size`` blocks; equal count per rank."""
     num_batches = len(indices) // batch_size // world_size
-    return [list(indices[(b * world_size + rank) * batch_size:(b * world_size + rank + 1) * batch_size])
-            for b in range(num_batches)]
+    return [
+        list(indices[(b * world_size + rank) * batch_size : (b * world_size + rank + 1) * batch_size])
+        for b in range(num_batches)
+    ]
 
 
-def pk_batches(samples: Iterable[Any], *, label: Callable[[Any], Hashable], num_ids: int, num_instances: int,
-               buffer_size: int, rng: random.Random,
-               key: Optional[Callable[[Any], Hashable]] = None,
-               num_distinct: Optional[Callable[[], int]] = None) -> Iterator[List[Any]]:
+def pk_batches(
+    samples: Iterable[Any],
+    *,
+    label: Callable[[Any], Hashable],
+    num_ids: int,
+    num_instances: int,
+    buffer_size: int,
+    rng: random.Random,
+    key: Callable[[Any], Hashable] | None = None,
+    num_distinct: Callable[[], int] | None = None,
+) -> Iterator[list[Any]]:
     """Endless P×K batches (lists of samples) from a shuffled, endless sample stream.
 
     The buffer fills to ``buffer_size`` samples, then each batch draws P distinct ids among those with
@@ -143,9 +168,9 @@ def pk_batches(samples: Iterable[Any], *, label: Callable[[Any], Hashable], num_
     """
     if buffer_size < num_ids * num_instances:
         raise ValueError(f"shuffle buffer {buffer_size} cannot hold one {num_ids}×{num_instances} batch")
-    buffer: "OrderedDict[Hashable, List[Any]]" = OrderedDict()
+    buffer: OrderedDict[Hashable, list[Any]] = OrderedDict()
     size = 0
-    held: Set[Hashable] = set()
+    held: set[Hashable] = set()
     for sample in samples:
         if key is not None:
             if key(sample) in held:
@@ -158,8 +183,10 @@ def pk_batches(samples: Iterable[Any], *, label: Callable[[Any], Hashable], num_
             continue
         if len(buffer) < num_ids:
             if bound is not None and size >= bound:
-                raise ValueError(f"the training stream holds only {len(buffer)} distinct identities in its {size} "
-                                 f"usable samples, fewer than P={num_ids} (corrupt samples skipped?)")
+                raise ValueError(
+                    f"the training stream holds only {len(buffer)} distinct identities in its {size} "
+                    f"usable samples, fewer than P={num_ids} (corrupt samples skipped?)"
+                )
             largest = max(buffer, key=lambda k: len(buffer[k]))
             held.discard(key(buffer[largest].pop(0)) if key is not None else None)
             size -= 1
@@ -173,15 +200,16 @@ def pk_batches(samples: Iterable[Any], *, label: Callable[[Any], Hashable], num_
         size = sum(len(v) for v in buffer.values())
 
 
-def _take_batch(buffer: "OrderedDict[Hashable, List[Any]]", num_ids: int, num_instances: int,
-                rng: random.Random) -> List[Any]:
+def _take_batch(
+    buffer: OrderedDict[Hashable, list[Any]], num_ids: int, num_instances: int, rng: random.Random
+) -> list[Any]:
     ready = [k for k, v in buffer.items() if len(v) >= num_instances]
     if len(ready) >= num_ids:
         chosen = rng.sample(ready, num_ids)
     else:
         rest = sorted((k for k in buffer if k not in set(ready)), key=lambda k: -len(buffer[k]))
-        chosen = ready + rest[:num_ids - len(ready)]
-    batch: List[Any] = []
+        chosen = ready + rest[: num_ids - len(ready)]
+    batch: list[Any] = []
     for pid in chosen:
         items = buffer[pid]
         if len(items) >= num_instances:

@@ -14,9 +14,10 @@ import os
 import random
 import tarfile
 from collections import Counter
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence
+from typing import Any
 
 from PIL import Image, ImageFile
 
@@ -80,7 +81,7 @@ def encode_jpeg(path: str, quality: int = 95) -> bytes:
         raise CorruptImageError(path, str(exc) or type(exc).__name__) from exc
 
 
-def samples_from_records(records: Iterable[Record], skipped: Optional[List[Dict[str, str]]] = None) -> Iterator[Sample]:
+def samples_from_records(records: Iterable[Record], skipped: list[dict[str, str]] | None = None) -> Iterator[Sample]:
     """Encoded samples; with a ``skipped`` list, a corrupt image is appended there (``{"path", "reason"}``,
     path relative to the dataset folder) instead of raising. A missing or unreadable file always raises."""
     for rec in records:
@@ -132,12 +133,13 @@ def check_keys(samples: Sequence[Sample]) -> None:
         raise ShardError(f"duplicate sample keys, e.g. {dupes[0]!r}")
 
 
-def write_shards(samples: Sequence[Sample], out_dir: str, prefix: str, *, labels: Dict[int, int],
-                 max_count: int, max_bytes: int) -> List[Dict[str, Any]]:
+def write_shards(
+    samples: Sequence[Sample], out_dir: str, prefix: str, *, labels: dict[int, int], max_count: int, max_bytes: int
+) -> list[dict[str, Any]]:
     """Write ``samples`` into ``{prefix}-%05d.tar`` shards; each closes at ``max_count`` samples or ``max_bytes``."""
     check_keys(samples)
-    entries: List[Dict[str, Any]] = []
-    batch: List[Sample] = []
+    entries: list[dict[str, Any]] = []
+    batch: list[Sample] = []
 
     def flush() -> None:
         name = f"{prefix}-{len(entries):05d}.tar"
@@ -146,14 +148,21 @@ def write_shards(samples: Sequence[Sample], out_dir: str, prefix: str, *, labels
         def write(f: Any) -> None:
             with tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
                 for s in batch:
-                    meta = {"pid": s.pid, "label": labels.get(s.pid, -1), "camid": s.camid,
-                            "split": "train" if s.role == "train" else "test", "role": s.role, "source": s.source}
+                    meta = {
+                        "pid": s.pid,
+                        "label": labels.get(s.pid, -1),
+                        "camid": s.camid,
+                        "split": "train" if s.role == "train" else "test",
+                        "role": s.role,
+                        "source": s.source,
+                    }
                     _add_member(tar, f"{s.key}.jpg", s.jpg)
                     _add_member(tar, f"{s.key}.json", json.dumps(meta, sort_keys=True).encode())
 
         _write_atomic(path, write)
-        entries.append({"name": name, "num_samples": len(batch), "num_bytes": os.path.getsize(path),
-                        "sha256": file_sha256(path)})
+        entries.append(
+            {"name": name, "num_samples": len(batch), "num_bytes": os.path.getsize(path), "sha256": file_sha256(path)}
+        )
         batch.clear()
 
     size = 0
@@ -168,20 +177,31 @@ def write_shards(samples: Sequence[Sample], out_dir: str, prefix: str, *, labels
     return entries
 
 
-def _split_stats(samples: Sequence[Sample]) -> Dict[str, Any]:
+def _split_stats(samples: Sequence[Sample]) -> dict[str, Any]:
     cams = Counter(s.camid for s in samples)
-    return {"num_samples": len(samples), "num_ids": len({s.pid for s in samples}),
-            "cams": {str(c): cams[c] for c in sorted(cams)}}
+    return {
+        "num_samples": len(samples),
+        "num_ids": len({s.pid for s in samples}),
+        "cams": {str(c): cams[c] for c in sorted(cams)},
+    }
 
 
-def write_dataset(samples: Iterable[Sample], out_dir: str, *, dataset: str, max_count: int = 1000,
-                  max_bytes: int = 64 << 20, seed: int = 0, extra: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+def write_dataset(
+    samples: Iterable[Sample],
+    out_dir: str,
+    *,
+    dataset: str,
+    max_count: int = 1000,
+    max_bytes: int = 64 << 20,
+    seed: int = 0,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Write train/query/gallery shards and ``index.json`` into ``out_dir``; returns the manifest.
 
     Training samples are shuffled (seeded) so identities spread over shards, which the stream sampler
     needs; query and gallery keep key order. Samples are held in memory: ReID sets are a few GB at most.
     """
-    by_role: Dict[str, List[Sample]] = {role: [] for role in SPLITS}
+    by_role: dict[str, list[Sample]] = {role: [] for role in SPLITS}
     for s in samples:
         if s.role not in by_role:
             raise ShardError(f"file {s.source!r}: unknown role {s.role!r}")
@@ -198,22 +218,28 @@ def write_dataset(samples: Iterable[Sample], out_dir: str, *, dataset: str, max_
             shards = write_shards(group, out_dir, role, labels=labels, max_count=max_count, max_bytes=max_bytes)
             splits[role] = {"shards": shards, **_split_stats(group)}
     all_cams = [s.camid for group in by_role.values() for s in group]
-    manifest = {"format": FORMAT, "dataset": dataset, "splits": splits, "num_train_ids": len(labels),
-                "num_cams": max(all_cams) + 1 if all_cams else 0,
-                "relabel": {str(pid): label for pid, label in labels.items()},
-                "train_label_counts": [n for _, n in sorted(Counter(labels[s.pid] for s in by_role["train"]).items())],
-                **(extra or {})}
+    manifest = {
+        "format": FORMAT,
+        "dataset": dataset,
+        "splits": splits,
+        "num_train_ids": len(labels),
+        "num_cams": max(all_cams) + 1 if all_cams else 0,
+        "relabel": {str(pid): label for pid, label in labels.items()},
+        "train_label_counts": [n for _, n in sorted(Counter(labels[s.pid] for s in by_role["train"]).items())],
+        **(extra or {}),
+    }
     text = json.dumps(manifest, indent=1, sort_keys=True).encode()
     _write_atomic(os.path.join(out_dir, MANIFEST), lambda f: f.write(text))
     return manifest
 
 
-def write_records(records: Sequence[Record], out_dir: str, *, dataset: str, skip_corrupt: bool = False,
-                  **kwargs: Any) -> Dict[str, Any]:
+def write_records(
+    records: Sequence[Record], out_dir: str, *, dataset: str, skip_corrupt: bool = False, **kwargs: Any
+) -> dict[str, Any]:
     """:func:`write_dataset` over files found by :func:`dpm_dist.data.layouts.scan_layout`. Every image is
     decoded first (nothing is written if one fails); with ``skip_corrupt`` undecodable ones are left out and
     listed in the manifest's ``skipped`` (``num_skipped`` counts them)."""
-    skipped: List[Dict[str, str]] = []
+    skipped: list[dict[str, str]] = []
     samples = list(samples_from_records(records, skipped if skip_corrupt else None))
     if not samples:
         raise ValueError(f"no decodable images among the {len(records)} files found ({len(skipped)} corrupt)")
@@ -224,7 +250,7 @@ def write_records(records: Sequence[Record], out_dir: str, *, dataset: str, skip
 # ---- reading
 
 
-def read_manifest(root: str, opts: IOOptions = IOOptions()) -> Dict[str, Any]:
+def read_manifest(root: str, opts: IOOptions = IOOptions()) -> dict[str, Any]:
     url = join_url(root, MANIFEST)
     try:
         manifest = json.loads(read_bytes(url, opts))
@@ -235,11 +261,11 @@ def read_manifest(root: str, opts: IOOptions = IOOptions()) -> Dict[str, Any]:
     return manifest
 
 
-def shard_entries(manifest: Dict[str, Any], role: str) -> List[Dict[str, Any]]:
+def shard_entries(manifest: dict[str, Any], role: str) -> list[dict[str, Any]]:
     return list(manifest["splits"].get(role, {}).get("shards", []))
 
 
-def fetch_shard(url: str, entry: Optional[Dict[str, Any]], opts: IOOptions) -> bytes:
+def fetch_shard(url: str, entry: dict[str, Any] | None, opts: IOOptions) -> bytes:
     """The shard's bytes, checked against its manifest entry (size, then sha256) when one is given."""
     data = read_bytes(url, opts)
     if entry is not None:
@@ -252,7 +278,7 @@ def fetch_shard(url: str, entry: Optional[Dict[str, Any]], opts: IOOptions) -> b
     return data
 
 
-def tar_members(url: str, fileobj: Any, size: int) -> List[tarfile.TarInfo]:
+def tar_members(url: str, fileobj: Any, size: int) -> list[tarfile.TarInfo]:
     """Members of a complete tar; a cut-off archive (even at a member boundary, which ``tarfile``
     accepts silently) is a :class:`ShardError` naming the shard."""
     try:
@@ -266,7 +292,7 @@ def tar_members(url: str, fileobj: Any, size: int) -> List[tarfile.TarInfo]:
     return members
 
 
-def iter_shard(url: str, data: bytes) -> Iterator[Dict[str, Any]]:
+def iter_shard(url: str, data: bytes) -> Iterator[dict[str, Any]]:
     """``{"key", "jpg", "meta", "url"}`` for each sample of a shard held in memory."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
@@ -295,10 +321,10 @@ def decode_image(data: bytes, *, url: str, key: str) -> Image.Image:
         raise ShardError(f"shard {url}: sample {key!r}: corrupt image ({exc})") from exc
 
 
-def verify(root: str, opts: IOOptions = IOOptions()) -> List[str]:
+def verify(root: str, opts: IOOptions = IOOptions()) -> list[str]:
     """Problems found in the dataset at ``root`` (empty when it is sound): counts, sha256, every image."""
     manifest = read_manifest(root, opts)
-    problems: List[str] = []
+    problems: list[str] = []
     for role, split in manifest["splits"].items():
         total, pids, cams, unreadable = 0, set(), Counter(), False
         for entry in split["shards"]:
@@ -322,8 +348,10 @@ def verify(root: str, opts: IOOptions = IOOptions()) -> List[str]:
         if unreadable:
             continue  # the split's totals are off by that shard: one line per damaged shard, not two
         if total != split["num_samples"] or len(pids) != split["num_ids"]:
-            problems.append(f"split {role}: {total} samples / {len(pids)} ids, index.json says "
-                            f"{split['num_samples']} / {split['num_ids']}")
+            problems.append(
+                f"split {role}: {total} samples / {len(pids)} ids, index.json says "
+                f"{split['num_samples']} / {split['num_ids']}"
+            )
         if {str(c): n for c, n in sorted(cams.items())} != split["cams"]:
             problems.append(f"split {role}: camera counts {dict(cams)} differ from index.json {split['cams']}")
     return problems
@@ -332,7 +360,7 @@ def verify(root: str, opts: IOOptions = IOOptions()) -> List[str]:
 # ---- assignment of shards to ranks and workers (pure)
 
 
-def split_contiguous(counts: Sequence[int], rank: int, world_size: int) -> List[int]:
+def split_contiguous(counts: Sequence[int], rank: int, world_size: int) -> list[int]:
     """Shard indices of ``rank``: a contiguous run, balanced by sample count; every shard exactly once."""
     total, start, mine = sum(counts), 0, []
     for i, n in enumerate(counts):

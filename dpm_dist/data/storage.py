@@ -14,7 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import Any, Dict, Optional, Tuple
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +25,7 @@ class StorageError(OSError):
 
 @dataclass(frozen=True)
 class IOOptions:
-    s3_endpoint: Optional[str] = None
+    s3_endpoint: str | None = None
     retries: int = 3  # attempts in total
     backoff_s: float = 0.5  # first wait; doubles after every failed attempt
     timeout_s: float = 30.0
@@ -37,7 +37,7 @@ def is_remote(url: str) -> bool:
 
 def local_path(url: str) -> str:
     """The file-system path of a local URL (``file:///x`` or ``/x``)."""
-    return url[len("file://"):] if url.startswith("file://") else url
+    return url[len("file://") :] if url.startswith("file://") else url
 
 
 def join_url(root: str, name: str) -> str:
@@ -45,7 +45,7 @@ def join_url(root: str, name: str) -> str:
     return name if is_remote(name) or os.path.isabs(name) else f"{root.rstrip('/')}/{name}"
 
 
-_S3: Dict[Tuple[int, Optional[str], float], Any] = {}
+_S3: dict[tuple[int, str | None, float], Any] = {}
 
 
 def _s3fs(opts: IOOptions) -> Any:
@@ -54,8 +54,11 @@ def _s3fs(opts: IOOptions) -> Any:
 
     cache_key = (os.getpid(), opts.s3_endpoint, opts.timeout_s)
     if cache_key not in _S3:
-        config = {"connect_timeout": min(opts.timeout_s, 10.0), "read_timeout": opts.timeout_s,
-                  "retries": {"total_max_attempts": 1, "mode": "standard"}}  # no botocore retry: ours, with backoff
+        config = {
+            "connect_timeout": min(opts.timeout_s, 10.0),
+            "read_timeout": opts.timeout_s,
+            "retries": {"total_max_attempts": 1, "mode": "standard"},
+        }  # no botocore retry: ours, with backoff
         client = {"endpoint_url": opts.s3_endpoint} if opts.s3_endpoint else {}
         fs = s3fs.S3FileSystem(client_kwargs=client, config_kwargs=config, skip_instance_cache=True)
         fs.retries = 1  # s3fs's own loop would add up to 5 tries per attempt
@@ -65,7 +68,7 @@ def _s3fs(opts: IOOptions) -> Any:
 
 def _read_once(url: str, opts: IOOptions) -> bytes:
     if url.startswith("s3://"):
-        return _s3fs(opts).cat_file(url[len("s3://"):])
+        return _s3fs(opts).cat_file(url[len("s3://") :])
     if url.startswith(("http://", "https://")):
         try:
             with urllib.request.urlopen(url, timeout=opts.timeout_s) as resp:
@@ -90,9 +93,11 @@ def _no_credentials(exc: BaseException) -> bool:
 
 
 def no_credentials_message(url: str) -> str:
-    return (f"{url}: no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE "
-            f"(a profile in ~/.aws/credentials), or run with an instance role; the endpoint of MinIO/Ceph/moto "
-            f"is data.s3_endpoint (dpm-shards verify --s3-endpoint)")
+    return (
+        f"{url}: no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE "
+        f"(a profile in ~/.aws/credentials), or run with an instance role; the endpoint of MinIO/Ceph/moto "
+        f"is data.s3_endpoint (dpm-shards verify --s3-endpoint)"
+    )
 
 
 def read_bytes(url: str, opts: IOOptions = IOOptions()) -> bytes:
@@ -110,8 +115,15 @@ def read_bytes(url: str, opts: IOOptions = IOOptions()) -> bytes:
                 raise StorageError(no_credentials_message(url)) from exc
             last = exc
             if attempt < opts.retries:
-                log.warning("reading %s failed (attempt %d of %d: %s: %s); retrying in %.1f s", url, attempt,
-                            opts.retries, type(exc).__name__, exc, delay)
+                log.warning(
+                    "reading %s failed (attempt %d of %d: %s: %s); retrying in %.1f s",
+                    url,
+                    attempt,
+                    opts.retries,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
                 time.sleep(delay)
                 delay *= 2
     raise StorageError(f"{url} is unreachable after {opts.retries} attempts: {type(last).__name__}: {last}")

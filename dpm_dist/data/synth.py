@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -40,15 +41,24 @@ class SynthSpec:
     quality: int = 92
 
 
-def _identity(rng: np.random.Generator) -> Dict[str, Any]:
+def _identity(rng: np.random.Generator) -> dict[str, Any]:
     def colour() -> np.ndarray:
         return rng.uniform(0.05, 0.95, 3)
 
-    return {"shirt": colour(), "shirt2": colour(), "shirt_tex": TEXTURES[rng.integers(len(TEXTURES))],
-            "sleeve": colour() if rng.random() < 0.3 else None, "pants": colour(), "pants2": colour(),
-            "pants_tex": TEXTURES[rng.integers(3)], "shoes": colour() * 0.6, "hair": rng.uniform(0.0, 0.5, 3),
-            "skin": np.array([0.85, 0.65, 0.5]) * rng.uniform(0.6, 1.1), "bag": colour() if rng.random() < 0.4 else None,
-            "build": rng.uniform(0.8, 1.15)}
+    return {
+        "shirt": colour(),
+        "shirt2": colour(),
+        "shirt_tex": TEXTURES[rng.integers(len(TEXTURES))],
+        "sleeve": colour() if rng.random() < 0.3 else None,
+        "pants": colour(),
+        "pants2": colour(),
+        "pants_tex": TEXTURES[rng.integers(3)],
+        "shoes": colour() * 0.6,
+        "hair": rng.uniform(0.0, 0.5, 3),
+        "skin": np.array([0.85, 0.65, 0.5]) * rng.uniform(0.6, 1.1),
+        "bag": colour() if rng.random() < 0.4 else None,
+        "build": rng.uniform(0.8, 1.15),
+    }
 
 
 def _texture(name: str, yy: np.ndarray, xx: np.ndarray, period: int) -> np.ndarray:
@@ -63,8 +73,14 @@ def _texture(name: str, yy: np.ndarray, xx: np.ndarray, period: int) -> np.ndarr
     return np.zeros_like(yy, dtype=bool)
 
 
-def _paint(canvas: np.ndarray, mask: np.ndarray, colour: np.ndarray, second: Optional[np.ndarray] = None,
-           tex: str = "plain", period: int = 6) -> None:
+def _paint(
+    canvas: np.ndarray,
+    mask: np.ndarray,
+    colour: np.ndarray,
+    second: np.ndarray | None = None,
+    tex: str = "plain",
+    period: int = 6,
+) -> None:
     canvas[mask] = colour
     if second is not None and tex != "plain":
         yy, xx = np.nonzero(mask)
@@ -72,7 +88,7 @@ def _paint(canvas: np.ndarray, mask: np.ndarray, colour: np.ndarray, second: Opt
         canvas[yy[alt], xx[alt]] = second
 
 
-def _draw_person(canvas: np.ndarray, who: Dict[str, Any], cx: float, top: float, scale: float) -> None:
+def _draw_person(canvas: np.ndarray, who: dict[str, Any], cx: float, top: float, scale: float) -> None:
     """A frontal person figure centred at column ``cx``, head top at row ``top``, ``scale`` × image height."""
     height, width = canvas.shape[:2]
     yy, xx = np.mgrid[0:height, 0:width]
@@ -100,9 +116,14 @@ def _draw_person(canvas: np.ndarray, who: Dict[str, Any], cx: float, top: float,
         _paint(canvas, bag, who["bag"])
 
 
-def _camera(rng: np.random.Generator) -> Dict[str, Any]:
-    return {"bg": rng.uniform(0.2, 0.8, 3), "bg2": rng.uniform(0.2, 0.8, 3), "gain": rng.uniform(0.75, 1.25, 3),
-            "light": rng.uniform(0.75, 1.2), "gradient": rng.uniform(-0.25, 0.25)}
+def _camera(rng: np.random.Generator) -> dict[str, Any]:
+    return {
+        "bg": rng.uniform(0.2, 0.8, 3),
+        "bg2": rng.uniform(0.2, 0.8, 3),
+        "gain": rng.uniform(0.75, 1.25, 3),
+        "light": rng.uniform(0.75, 1.2),
+        "gradient": rng.uniform(-0.25, 0.25),
+    }
 
 
 def _occlude(canvas: np.ndarray, rng: np.random.Generator) -> None:
@@ -119,16 +140,28 @@ def _occlude(canvas: np.ndarray, rng: np.random.Generator) -> None:
         _paint(canvas, (xx >= x0) & (xx < x0 + rng.uniform(0.15, 0.35) * width), colour)
     elif kind == 2:  # bush: a blob from a lower corner
         cy, cx = rng.uniform(0.75, 1.0) * height, rng.choice([0.0, width])
-        _paint(canvas, ((yy - cy) / (0.35 * height)) ** 2 + ((xx - cx) / (0.7 * width)) ** 2 < 1,
-               np.array([0.1, rng.uniform(0.3, 0.7), 0.1]), np.array([0.05, 0.3, 0.05]), "dots", 4)
+        _paint(
+            canvas,
+            ((yy - cy) / (0.35 * height)) ** 2 + ((xx - cx) / (0.7 * width)) ** 2 < 1,
+            np.array([0.1, rng.uniform(0.3, 0.7), 0.1]),
+            np.array([0.05, 0.3, 0.05]),
+            "dots",
+            4,
+        )
     else:  # another pedestrian passing in front
         side = rng.choice([-1.0, 1.0])
-        _draw_person(canvas, _identity(rng), width / 2 + side * rng.uniform(0.35, 0.6) * width,
-                     rng.uniform(0.0, 0.15) * height, rng.uniform(0.9, 1.1))
+        _draw_person(
+            canvas,
+            _identity(rng),
+            width / 2 + side * rng.uniform(0.35, 0.6) * width,
+            rng.uniform(0.0, 0.15) * height,
+            rng.uniform(0.9, 1.1),
+        )
 
 
-def render(who: Dict[str, Any], cam: Dict[str, Any], rng: np.random.Generator, *, height: int, width: int,
-           occluded: bool) -> np.ndarray:
+def render(
+    who: dict[str, Any], cam: dict[str, Any], rng: np.random.Generator, *, height: int, width: int, occluded: bool
+) -> np.ndarray:
     """One uint8 (H, W, 3) image of identity ``who`` seen by camera ``cam``."""
     yy = np.linspace(0.0, 1.0, height)[:, None, None]
     blocks = rng.random((height // 8 + 1, width // 8 + 1, 1)) < 0.5  # a coarse background pattern
@@ -151,7 +184,7 @@ def synth_samples(spec: SynthSpec = SynthSpec()) -> Iterator[Sample]:
     people = [_identity(rng) for _ in range(spec.num_ids + spec.num_test_ids)]
     for p, who in enumerate(people):
         pid = p + 1
-        plan: List[Tuple[str, int, bool]] = []
+        plan: list[tuple[str, int, bool]] = []
         if p < spec.num_ids:
             for i in range(spec.images_per_id):
                 cam = i % spec.num_cams if i < 2 else int(rng.integers(spec.num_cams))  # >= 2 cameras
@@ -160,8 +193,14 @@ def synth_samples(spec: SynthSpec = SynthSpec()) -> Iterator[Sample]:
             qcam = int(rng.integers(spec.num_cams))
             others = [c for c in range(spec.num_cams) if c != qcam]
             plan += [("query", qcam, True) for _ in range(spec.query_per_id)]
-            plan += [("gallery", int(rng.choice(others)) if i else int(rng.integers(spec.num_cams)),
-                      bool(rng.random() < spec.gallery_occluded)) for i in range(spec.gallery_per_id)]
+            plan += [
+                (
+                    "gallery",
+                    int(rng.choice(others)) if i else int(rng.integers(spec.num_cams)),
+                    bool(rng.random() < spec.gallery_occluded),
+                )
+                for i in range(spec.gallery_per_id)
+            ]
         for idx, (role, cam, occluded) in enumerate(plan):
             pixels = render(who, cams[cam], rng, height=spec.height, width=spec.width, occluded=occluded)
             buf = io.BytesIO()
@@ -180,14 +219,29 @@ def write_synthetic_folder(folder: str, spec: SynthSpec = SynthSpec()) -> str:
     return folder
 
 
-def write_synthetic_shards(out_dir: str, *, seed: int = 0, num_ids: int = 50, num_test_ids: int = 30,
-                           max_count: int = 64, max_bytes: int = 64 << 20, **spec: Any) -> str:
+def write_synthetic_shards(
+    out_dir: str,
+    *,
+    seed: int = 0,
+    num_ids: int = 50,
+    num_test_ids: int = 30,
+    max_count: int = 64,
+    max_bytes: int = 64 << 20,
+    **spec: Any,
+) -> str:
     """Generate the synthetic dataset straight into shards + ``index.json`` in ``out_dir``; returns ``out_dir``.
 
     The defaults (50 training ids × 12 images, 30 test ids × 2 occluded queries + 6 gallery images,
     4 cameras, 128×64) generate in a few seconds. Extra keywords are :class:`SynthSpec` fields.
     """
     full = SynthSpec(seed=seed, num_ids=num_ids, num_test_ids=num_test_ids, **spec)
-    write_dataset(synth_samples(full), out_dir, dataset="synthetic", max_count=max_count, max_bytes=max_bytes,
-                  seed=seed, extra={"synthetic": dict(vars(full))})
+    write_dataset(
+        synth_samples(full),
+        out_dir,
+        dataset="synthetic",
+        max_count=max_count,
+        max_bytes=max_bytes,
+        seed=seed,
+        extra={"synthetic": dict(vars(full))},
+    )
     return out_dir

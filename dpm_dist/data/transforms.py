@@ -7,7 +7,7 @@ only on the stream seed, not on the DataLoader's worker count or on global RNG s
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torchvision.transforms.functional as TF
@@ -31,8 +31,12 @@ def _randint(gen: torch.Generator, low: int, high: int) -> int:
 def color_jitter(img: Image.Image, gen: torch.Generator) -> Image.Image:
     """torchvision ColorJitter(0.3, 0.3, 0.2, 0.2): the four adjustments in random order."""
     brightness, contrast, saturation, hue = JITTER
-    factors = [_uniform(gen, 1 - brightness, 1 + brightness), _uniform(gen, 1 - contrast, 1 + contrast),
-               _uniform(gen, 1 - saturation, 1 + saturation), _uniform(gen, -hue, hue)]
+    factors = [
+        _uniform(gen, 1 - brightness, 1 + brightness),
+        _uniform(gen, 1 - contrast, 1 + contrast),
+        _uniform(gen, 1 - saturation, 1 + saturation),
+        _uniform(gen, -hue, hue),
+    ]
     ops = [TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue]
     for i in torch.randperm(4, generator=gen).tolist():
         img = ops[i](img, factors[i])
@@ -50,7 +54,7 @@ def random_erase(x: torch.Tensor, gen: torch.Generator, probability: float) -> t
         h, w = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
         if w < width and h < height:
             top, left = _randint(gen, 0, height - h), _randint(gen, 0, width - w)
-            x[:, top:top + h, left:left + w] = torch.randn((chans, h, w), generator=gen, dtype=x.dtype)
+            x[:, top : top + h, left : left + w] = torch.randn((chans, h, w), generator=gen, dtype=x.dtype)
             break
     return x
 
@@ -60,8 +64,16 @@ def to_normalised(img: Image.Image) -> torch.Tensor:
     return TF.to_tensor(img).sub_(0.5).div_(0.5)
 
 
-def train_transform(img: Image.Image, gen: torch.Generator, *, size: Sequence[int], flip_prob: float = 0.5,
-                    padding: int = 10, erase_prob: float = 0.5, jitter: bool = False) -> torch.Tensor:
+def train_transform(
+    img: Image.Image,
+    gen: torch.Generator,
+    *,
+    size: Sequence[int],
+    flip_prob: float = 0.5,
+    padding: int = 10,
+    erase_prob: float = 0.5,
+    jitter: bool = False,
+) -> torch.Tensor:
     """Bicubic resize, [ColorJitter], flip, zero pad + random crop, normalise, per-pixel random erasing."""
     height, width = int(size[0]), int(size[1])
     img = img.resize((width, height), Image.BICUBIC)
@@ -74,7 +86,7 @@ def train_transform(img: Image.Image, gen: torch.Generator, *, size: Sequence[in
         # pad in pixel space with black (0 -> -1 after normalisation), as Pad(10) before ToTensor does
         x = torch.nn.functional.pad(x, (padding, padding, padding, padding), value=-1.0)
         top, left = _randint(gen, 0, 2 * padding), _randint(gen, 0, 2 * padding)
-        x = x[:, top:top + height, left:left + width].contiguous()
+        x = x[:, top : top + height, left : left + width].contiguous()
     return random_erase(x, gen, erase_prob)
 
 

@@ -22,13 +22,13 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from types import SimpleNamespace
-from typing import Any, Iterable, Iterator, Optional, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
 
-from dpm_dist import dist
 from dpm_dist.data.layouts import IMAGE_EXTS, is_hidden, parse_market_name, parse_msmt_name
 from dpm_dist.deploy.loading import LoadedModel
 from dpm_dist.dist import DistEnv
@@ -68,7 +68,9 @@ def list_folder(root: str, *, names: str = "market") -> list[ImageItem]:
         for name in sorted(files):
             if name.lower().endswith(IMAGE_EXTS) and not is_hidden(name):
                 path = os.path.join(folder, name)
-                items.append(ImageItem(os.path.relpath(path, root).replace(os.sep, "/"), path, *parse_name(name, names)))
+                items.append(
+                    ImageItem(os.path.relpath(path, root).replace(os.sep, "/"), path, *parse_name(name, names))
+                )
     if not items:
         raise ValueError(f"{root}: no images ({', '.join(IMAGE_EXTS)}) in the folder or below it")
     return items
@@ -96,8 +98,9 @@ def list_file(path: str, *, names: str = "market") -> list[ImageItem]:
     return items
 
 
-def choose_dataset(loaded: LoadedModel, name: Optional[str], manifest: Optional[dict[str, Any]] = None,
-                   *, where: str = "INPUT") -> tuple[Optional[dict[str, Any]], Optional[str]]:
+def choose_dataset(
+    loaded: LoadedModel, name: str | None, manifest: dict[str, Any] | None = None, *, where: str = "INPUT"
+) -> tuple[dict[str, Any] | None, str | None]:
     """The ``meta["datasets"]`` entry whose cameras the images have, and a note for the user (or None).
 
     ``name`` (``--dataset``) picks it. Without it, a model trained on several datasets with SIE takes the one
@@ -107,8 +110,10 @@ def choose_dataset(loaded: LoadedModel, name: Optional[str], manifest: Optional[
     if name is not None:
         entry = loaded.dataset(name)
         if manifest is not None and loaded.meta["sie"] and int(manifest.get("num_cams", 0)) > int(entry["num_cams"]):
-            raise ValueError(f"{where}: index.json records {manifest['num_cams']} cameras, but dataset {name} of the model "
-                             f"has {entry['num_cams']} (cameras 0..{int(entry['num_cams']) - 1}); another --dataset?")
+            raise ValueError(
+                f"{where}: index.json records {manifest['num_cams']} cameras, but dataset {name} of the model "
+                f"has {entry['num_cams']} (cameras 0..{int(entry['num_cams']) - 1}); another --dataset?"
+            )
         return entry, None
     if not loaded.needs_dataset:
         return None, None
@@ -118,15 +123,20 @@ def choose_dataset(loaded: LoadedModel, name: Optional[str], manifest: Optional[
     facts = (manifest.get("dataset"), manifest.get("num_train_ids"), manifest.get("num_cams"))
     found = [d for d in loaded.datasets if (d.get("dataset"), d["num_train_ids"], d["num_cams"]) == facts]
     if len(found) != 1:
-        raise ValueError(f"{why}, and {where}/index.json ({facts[0]}, {facts[1]} ids, {facts[2]} cameras) matches "
-                         f"{len(found) or 'none'} of them: pass --dataset {loaded.dataset_names()}")
+        raise ValueError(
+            f"{why}, and {where}/index.json ({facts[0]}, {facts[1]} ids, {facts[2]} cameras) matches "
+            f"{len(found) or 'none'} of them: pass --dataset {loaded.dataset_names()}"
+        )
     entry = found[0]
-    return entry, (f"{where}: index.json ({facts[0]}, {facts[1]} ids, {facts[2]} cameras) is dataset {entry['name']} of "
-                   f"the model: cameras + {entry['cam_offset']} (--dataset overrides)")
+    return entry, (
+        f"{where}: index.json ({facts[0]}, {facts[1]} ids, {facts[2]} cameras) is dataset {entry['name']} of "
+        f"the model: cameras + {entry['cam_offset']} (--dataset overrides)"
+    )
 
 
-def assign_cameras(items: list[ImageItem], loaded: LoadedModel, camid: Optional[int],
-                   dataset: Optional[dict[str, Any]] = None) -> list[ImageItem]:
+def assign_cameras(
+    items: list[ImageItem], loaded: LoadedModel, camid: int | None, dataset: dict[str, Any] | None = None
+) -> list[ImageItem]:
     """Fill unknown cameras with ``camid``; a model with SIE cannot embed an image without a camera.
 
     With ``dataset`` (a ``meta["datasets"]`` entry) camera ids are that dataset's own, checked against its cameras.
@@ -139,11 +149,15 @@ def assign_cameras(items: list[ImageItem], loaded: LoadedModel, camid: Optional[
     if loaded.meta["sie"]:
         missing = next((it for it in out if it.camid == UNKNOWN), None)
         if missing is not None:
-            raise ValueError(f"{missing.path}: no camera id in the file name (Market-style `<pid>_c<cam>` or MSMT17) and "
-                             f"the model has an SIE camera embedding over {limit} cameras; pass --camid N")
+            raise ValueError(
+                f"{missing.path}: no camera id in the file name (Market-style `<pid>_c<cam>` or MSMT17) and "
+                f"the model has an SIE camera embedding over {limit} cameras; pass --camid N"
+            )
         bad = next((it for it in out if it.camid >= limit), None)
         if bad is not None:
-            raise ValueError(f"{bad.path}: camera {bad.camid + 1} (camid {bad.camid}) is outside {whose} {limit} cameras")
+            raise ValueError(
+                f"{bad.path}: camera {bad.camid + 1} (camid {bad.camid}) is outside {whose} {limit} cameras"
+            )
     return out
 
 
@@ -165,19 +179,35 @@ class _Images(torch.utils.data.Dataset):
             return item, f"{item.path}: cannot read the image ({exc})"
 
 
-def _collate(rows: list[tuple[ImageItem, Any]]) -> tuple[Optional[dict[str, Any]], list[str]]:
+def _collate(rows: list[tuple[ImageItem, Any]]) -> tuple[dict[str, Any] | None, list[str]]:
     good = [(it, x) for it, x in rows if isinstance(x, torch.Tensor)]
     errors = [x for _, x in rows if isinstance(x, str)]
     if not good:
         return None, errors
-    return {"images": torch.stack([x for _, x in good]), "keys": [it.key for it, _ in good], "roles": [""] * len(good),
-            "pids": torch.tensor([it.pid for it, _ in good]), "camids": torch.tensor([it.camid for it, _ in good])}, errors
+    return {
+        "images": torch.stack([x for _, x in good]),
+        "keys": [it.key for it, _ in good],
+        "roles": [""] * len(good),
+        "pids": torch.tensor([it.pid for it, _ in good]),
+        "camids": torch.tensor([it.camid for it, _ in good]),
+    }, errors
 
 
-def _folder_batches(items: Sequence[ImageItem], loaded: LoadedModel, *, batch_size: int, num_workers: int,
-                    skip_corrupt: bool, counter: list[int]) -> Iterator[dict[str, Any]]:
-    loader = torch.utils.data.DataLoader(_Images(items, loaded.transform), batch_size=batch_size,
-                                         num_workers=min(num_workers, max(len(items) // batch_size, 1)), collate_fn=_collate)
+def _folder_batches(
+    items: Sequence[ImageItem],
+    loaded: LoadedModel,
+    *,
+    batch_size: int,
+    num_workers: int,
+    skip_corrupt: bool,
+    counter: list[int],
+) -> Iterator[dict[str, Any]]:
+    loader = torch.utils.data.DataLoader(
+        _Images(items, loaded.transform),
+        batch_size=batch_size,
+        num_workers=min(num_workers, max(len(items) // batch_size, 1)),
+        collate_fn=_collate,
+    )
     for batch, errors in loader:
         for error in errors:
             if not skip_corrupt:
@@ -217,7 +247,7 @@ def _progress(batches: Iterable[dict[str, Any]], total: int, env: DistEnv) -> It
 @dataclasses.dataclass
 class EmbedResult:
     rows: Embeddings  # gathered and sorted by (role, key); feats hold [feat, feat_bn]
-    paths: Optional[dict[str, str]]  # key -> image file (folder and list inputs)
+    paths: dict[str, str] | None  # key -> image file (folder and list inputs)
     num_expected: int
     seconds: float
 
@@ -226,8 +256,16 @@ class EmbedResult:
         return self.num_expected - len(self.rows)
 
 
-def embed_items(loaded: LoadedModel, items: list[ImageItem], env: DistEnv, *, batch_size: int = 64, num_workers: int = 2,
-                skip_corrupt: bool = False, cam_offset: int = 0) -> EmbedResult:
+def embed_items(
+    loaded: LoadedModel,
+    items: list[ImageItem],
+    env: DistEnv,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    skip_corrupt: bool = False,
+    cam_offset: int = 0,
+) -> EmbedResult:
     """Embed ``items`` on every rank (a contiguous run of whole batches each) and gather the rows. Collective.
 
     ``cam_offset``: the images' dataset's (:func:`choose_dataset`), added to each known camera for the model.
@@ -238,8 +276,9 @@ def embed_items(loaded: LoadedModel, items: list[ImageItem], env: DistEnv, *, ba
     num_batches = -(-len(items) // batch_size)
     lo, hi = (batch_size * (num_batches * r // env.world_size) for r in (env.rank, env.rank + 1))
     mine = items[lo:hi]
-    batches = _folder_batches(mine, loaded, batch_size=batch_size, num_workers=num_workers, skip_corrupt=skip_corrupt,
-                              counter=[0])
+    batches = _folder_batches(
+        mine, loaded, batch_size=batch_size, num_workers=num_workers, skip_corrupt=skip_corrupt, counter=[0]
+    )
     local = extract(_BothFeatures(loaded.model, cam_offset), _progress(batches, len(mine), env), device=loaded.device)
     rows = gather_embeddings(local)
     return EmbedResult(rows, {it.key: it.path for it in items}, len(items), time.perf_counter() - start)
@@ -251,7 +290,7 @@ def _shard_config(loaded: LoadedModel, root: str, **fields: Any) -> Any:
     return DataConfig(root=root, img_size=list(loaded.meta["img_size"]), **fields)
 
 
-def read_shard_manifest(loaded: LoadedModel, root: str, *, s3_endpoint: Optional[str] = None) -> dict[str, Any]:
+def read_shard_manifest(loaded: LoadedModel, root: str, *, s3_endpoint: str | None = None) -> dict[str, Any]:
     """``index.json`` of a shard root (local, http(s)://, s3://), read as :func:`embed_shards` reads it."""
     from dpm_dist.data.loader import io_options
     from dpm_dist.data.shards import read_manifest
@@ -259,10 +298,19 @@ def read_shard_manifest(loaded: LoadedModel, root: str, *, s3_endpoint: Optional
     return read_manifest(root, io_options(_shard_config(loaded, root, s3_endpoint=s3_endpoint)))
 
 
-def embed_shards(loaded: LoadedModel, root: str, env: DistEnv, *, roles: Sequence[str] = ("query", "gallery"),
-                 batch_size: int = 64, num_workers: int = 2, skip_corrupt: bool = False,
-                 s3_endpoint: Optional[str] = None, cam_offset: int = 0,
-                 manifest: Optional[dict[str, Any]] = None) -> EmbedResult:
+def embed_shards(
+    loaded: LoadedModel,
+    root: str,
+    env: DistEnv,
+    *,
+    roles: Sequence[str] = ("query", "gallery"),
+    batch_size: int = 64,
+    num_workers: int = 2,
+    skip_corrupt: bool = False,
+    s3_endpoint: str | None = None,
+    cam_offset: int = 0,
+    manifest: dict[str, Any] | None = None,
+) -> EmbedResult:
     """Embed the ``roles`` splits of the shards under ``root`` as dpm-eval reads them. Collective.
 
     ``cam_offset`` as in :func:`embed_items`; ``manifest``: ``root``'s index.json when already read.
@@ -271,13 +319,21 @@ def embed_shards(loaded: LoadedModel, root: str, env: DistEnv, *, roles: Sequenc
     from dpm_dist.data.shards import shard_entries, split_contiguous
 
     start = time.perf_counter()
-    cfg = _shard_config(loaded, root, eval_batch_size=batch_size, num_workers=num_workers, skip_corrupt=skip_corrupt,
-                        s3_endpoint=s3_endpoint)
+    cfg = _shard_config(
+        loaded,
+        root,
+        eval_batch_size=batch_size,
+        num_workers=num_workers,
+        skip_corrupt=skip_corrupt,
+        s3_endpoint=s3_endpoint,
+    )
     manifest = manifest or read_shard_manifest(loaded, root, s3_endpoint=s3_endpoint)
     counts = {role: [int(e["num_samples"]) for e in shard_entries(manifest, role)] for role in roles}
     empty = [role for role in roles if not counts[role]]
     if empty:
-        raise ValueError(f"{root}: index.json has no {empty[0]} split (its splits: {', '.join(sorted(manifest['splits']))})")
+        raise ValueError(
+            f"{root}: index.json has no {empty[0]} split (its splits: {', '.join(sorted(manifest['splits']))})"
+        )
     share = sum(counts[r][i] for r in roles for i in split_contiguous(counts[r], env.rank, env.world_size))
 
     def batches() -> Iterator[dict[str, Any]]:
@@ -290,6 +346,7 @@ def embed_shards(loaded: LoadedModel, root: str, env: DistEnv, *, roles: Sequenc
 
 
 # ---- the file ---------------------------------------------------------------------------------------------------
+
 
 def write_embeddings(path: str, result: EmbedResult, loaded: LoadedModel, settings: dict[str, Any]) -> None:
     """Parquet: one row per image; feat/feat_bn/mask as fixed-size float32 lists; facts in the schema metadata."""
@@ -311,13 +368,19 @@ def write_embeddings(path: str, result: EmbedResult, loaded: LoadedModel, settin
         "role": pa.array([r or None for r in rows.roles], type=pa.string()),
         "pid": nullable(rows.pids),
         "camid": nullable(rows.camids),
-        "path": pa.array([result.paths.get(k) for k in rows.keys] if result.paths else [None] * len(rows), type=pa.string()),
+        "path": pa.array(
+            [result.paths.get(k) for k in rows.keys] if result.paths else [None] * len(rows), type=pa.string()
+        ),
         "feat": vectors(feats[:, :dim]),
         "feat_bn": vectors(feats[:, dim:]),
         "mask": vectors(masks),
     }
-    facts = {"model": {k: v for k, v in loaded.meta.items() if k != "config"}, "embedding": settings,
-             "num_rows": len(rows), "num_skipped": result.num_skipped}
+    facts = {
+        "model": {k: v for k, v in loaded.meta.items() if k != "config"},
+        "embedding": settings,
+        "num_rows": len(rows),
+        "num_skipped": result.num_skipped,
+    }
     table = pa.table(columns).replace_schema_metadata({SCHEMA_KEY: json.dumps(facts).encode()})
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -343,5 +406,7 @@ def read_metadata(path: str) -> dict[str, Any]:
     raw = (schema.metadata or {}).get(SCHEMA_KEY)
     missing = [c for c in ("key", "pid", "camid", "feat", "mask") if c not in schema.names]
     if raw is None or missing:
-        raise ValueError(f"{path}: not a dpm-embed file (no {'dpm metadata' if raw is None else repr(missing[0]) + ' column'})")
+        raise ValueError(
+            f"{path}: not a dpm-embed file (no {'dpm metadata' if raw is None else repr(missing[0]) + ' column'})"
+        )
     return json.loads(raw)

@@ -18,7 +18,8 @@ import json
 import os
 import tempfile
 import warnings
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -48,8 +49,10 @@ class ExportModule(torch.nn.Module):
 def format_of(path: str) -> str:
     suffix = os.path.splitext(path)[1].lower()
     if suffix not in FORMATS:
-        raise ValueError(f"{path}: unknown export format {suffix or '(no suffix)'!r}; the output's suffix picks it: "
-                         f".onnx (ONNX) or .pt (TorchScript)")
+        raise ValueError(
+            f"{path}: unknown export format {suffix or '(no suffix)'!r}; the output's suffix picks it: "
+            f".onnx (ONNX) or .pt (TorchScript)"
+        )
     return FORMATS[suffix]
 
 
@@ -62,7 +65,9 @@ def require_deploy_extra(purpose: str) -> None:
         except ImportError:
             missing.append(name)
     if missing:
-        raise ModuleNotFoundError(f"{purpose} needs {', '.join(missing)} (not installed): {DEPLOY_HINT}", name=missing[0])
+        raise ModuleNotFoundError(
+            f"{purpose} needs {', '.join(missing)} (not installed): {DEPLOY_HINT}", name=missing[0]
+        )
 
 
 def metadata(loaded: LoadedModel, **extra: Any) -> dict[str, Any]:
@@ -128,9 +133,16 @@ def export_onnx(loaded: LoadedModel, dst: str, *, opset: int = OPSET, dynamo: bo
 def _dynamo_proto(wrapper: torch.nn.Module, args: tuple[torch.Tensor, ...], opset: int) -> Any:
     batch = torch.export.Dim("batch")
     with _quiet(), contextlib.redirect_stdout(open(os.devnull, "w")):
-        program = torch.onnx.export(wrapper, args, dynamo=True, opset_version=opset, input_names=list(INPUTS),
-                                    output_names=list(OUTPUTS), dynamic_shapes={"images": {0: batch}, "camids": {0: batch}},
-                                    verbose=False)
+        program = torch.onnx.export(
+            wrapper,
+            args,
+            dynamo=True,
+            opset_version=opset,
+            input_names=list(INPUTS),
+            output_names=list(OUTPUTS),
+            dynamic_shapes={"images": {0: batch}, "camids": {0: batch}},
+            verbose=False,
+        )
     return program.model_proto
 
 
@@ -142,8 +154,16 @@ def _torchscript_proto(wrapper: torch.nn.Module, args: tuple[torch.Tensor, ...],
     buffer = io.BytesIO()
     axes = {name: {0: "batch"} for name in INPUTS + OUTPUTS}
     with _quiet():
-        torch.onnx.export(wrapper, args, buffer, dynamo=False, opset_version=opset, input_names=list(INPUTS),
-                          output_names=list(OUTPUTS), dynamic_axes=axes)
+        torch.onnx.export(
+            wrapper,
+            args,
+            buffer,
+            dynamo=False,
+            opset_version=opset,
+            input_names=list(INPUTS),
+            output_names=list(OUTPUTS),
+            dynamic_axes=axes,
+        )
     return onnx.load_from_string(buffer.getvalue())
 
 
@@ -159,6 +179,7 @@ def export_torchscript(loaded: LoadedModel, dst: str) -> dict[str, Any]:
 
 
 # ---- running an exported file (parity checks, the benchmark) ------------------------------------------------
+
 
 def onnx_session(path: str, providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> Any:
     require_deploy_extra("running an ONNX model")
@@ -177,7 +198,7 @@ def read_onnx_metadata(path: str) -> dict[str, Any]:
     import onnx
 
     proto = onnx.load(path, load_external_data=False)
-    return {p.key[len("dpm."):]: json.loads(p.value) for p in proto.metadata_props if p.key.startswith("dpm.")}
+    return {p.key[len("dpm.") :]: json.loads(p.value) for p in proto.metadata_props if p.key.startswith("dpm.")}
 
 
 def read_torchscript(path: str, device: str = "cpu") -> tuple[torch.jit.ScriptModule, dict[str, Any]]:

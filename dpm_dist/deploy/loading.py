@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -22,7 +23,7 @@ from dpm_dist.eval.retrieval import arccos_distance, cosine_similarity, masked_c
 
 PIXEL_MEAN = (0.5, 0.5, 0.5)  # dpm_dist.data.transforms.to_normalised (the official PIXEL_MEAN/STD)
 PIXEL_STD = (0.5, 0.5, 0.5)
-ImageInput = Union[str, os.PathLike, Image.Image, torch.Tensor]
+ImageInput = str | os.PathLike | Image.Image | torch.Tensor
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,8 +91,13 @@ class LoadedModel:
         return int(camid) + int(entry["cam_offset"])
 
     @torch.no_grad()
-    def embed(self, images: Union[Sequence[ImageInput], torch.Tensor], camids: Optional[Sequence[int]] = None, *,
-              dataset: Optional[str] = None) -> Embedding:
+    def embed(
+        self,
+        images: Sequence[ImageInput] | torch.Tensor,
+        camids: Sequence[int] | None = None,
+        *,
+        dataset: str | None = None,
+    ) -> Embedding:
         """Embed images (file paths, PIL images, transformed (3, H, W) tensors, or one (B, 3, H, W) batch).
 
         ``camids`` (0-based camera ids, one per image) are required when the model has an SIE camera
@@ -101,11 +107,15 @@ class LoadedModel:
         """
         batch = images if isinstance(images, torch.Tensor) else torch.stack([self._tensor(x) for x in images])
         if camids is None and self.meta["sie"]:
-            raise ValueError(f"camids are required: the model has an SIE camera embedding over {self.num_cams} cameras "
-                             f"(pass camids=[...], 0-based, one per image)")
+            raise ValueError(
+                f"camids are required: the model has an SIE camera embedding over {self.num_cams} cameras "
+                f"(pass camids=[...], 0-based, one per image)"
+            )
         if dataset is None and self.needs_dataset:
-            raise ValueError(f"dataset is required: the model was trained on {len(self.datasets)} datasets with an SIE "
-                             f"camera embedding (cameras shifted per dataset); pass dataset=NAME, one of {self.dataset_names()}")
+            raise ValueError(
+                f"dataset is required: the model was trained on {len(self.datasets)} datasets with an SIE "
+                f"camera embedding (cameras shifted per dataset); pass dataset=NAME, one of {self.dataset_names()}"
+            )
         cams = list(camids) if camids is not None else [0] * len(batch)
         if dataset is not None:
             self.dataset(dataset)  # a wrong name is an error with or without camids
@@ -138,15 +148,16 @@ class LoadedModel:
         raise ValueError(f"unknown metric {metric!r}; expected masked_cosine or cosine")
 
 
-def resolve_model_path(path: Union[str, os.PathLike], *, flag: str = "model") -> tuple[str, Optional[str]]:
+def resolve_model_path(path: str | os.PathLike, *, flag: str = "model") -> tuple[str, str | None]:
     """``(model file, note)`` for a file or a run folder (model_best.pt, else model_final.pt), as dpm-eval picks."""
     from dpm_dist.model.files import find_model_file
 
     return find_model_file(os.path.abspath(os.path.expanduser(os.fspath(path))), flag=flag, verb="using")
 
 
-def load_model(path: Union[str, os.PathLike], device: Union[str, torch.device] = "cpu", *,
-               model: Optional[ModelConfig] = None) -> LoadedModel:
+def load_model(
+    path: str | os.PathLike, device: str | torch.device = "cpu", *, model: ModelConfig | None = None
+) -> LoadedModel:
     """Load a DPM model for inference: our model file, a run folder, or an official DPM checkpoint.
 
     The architecture is the one the file records (our files carry their training config, the converter's
@@ -160,17 +171,22 @@ def load_model(path: Union[str, os.PathLike], device: Union[str, torch.device] =
         e = m.embed(["a.jpg", "b.jpg"], camids=[0, 1])
         print(m.distance(e, e))
     """
-    from dpm_dist.eval.run import ModelFile, load_model as build_and_load
+    from dpm_dist.eval.run import ModelFile
+    from dpm_dist.eval.run import load_model as build_and_load
 
     file_path, _ = resolve_model_path(path)
     file = ModelFile.read(file_path)
     fallback = model or ModelConfig()
     cfg = DPMConfig(model=fallback, data=DataConfig(img_size=list(fallback.img_size)))
-    net, model_cfg, meta = build_and_load(file, cfg)
+    net, model_cfg, _ = build_and_load(file, cfg)
     target = torch.device(device)
     net.to(target).eval()
-    return LoadedModel(model=net, transform=TestTransform(tuple(int(s) for s in model_cfg.img_size)),
-                       meta=describe(file, net, model_cfg), device=target)
+    return LoadedModel(
+        model=net,
+        transform=TestTransform(tuple(int(s) for s in model_cfg.img_size)),
+        meta=describe(file, net, model_cfg),
+        device=target,
+    )
 
 
 def describe(file: Any, net: torch.nn.Module, model_cfg: ModelConfig) -> dict[str, Any]:
@@ -197,5 +213,3 @@ def describe(file: Any, net: torch.nn.Module, model_cfg: ModelConfig) -> dict[st
         "datasets": list(file.meta.get("datasets") or []),  # training's data.roots: names and camera offsets
         "config": file.config or None,
     }
-
-

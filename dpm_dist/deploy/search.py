@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,19 +30,23 @@ READ_BATCH = 8192  # rows per Parquet record batch
 @dataclasses.dataclass
 class EmbeddingRows:
     rows: Embeddings
-    paths: list[Optional[str]]
+    paths: list[str | None]
     meta: dict[str, Any]
 
 
 def _vectors(column: Any, dim: int) -> torch.Tensor:
-    return torch.from_numpy(np.array(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim))
+    return torch.from_numpy(
+        np.array(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32).reshape(-1, dim)
+    )
 
 
 def _ids(column: Any) -> torch.Tensor:
     return torch.from_numpy(np.array(column.fill_null(-1).to_numpy(zero_copy_only=False), dtype=np.int64))
 
 
-def read_rows(path: str, *, feature: str, role: str, share: tuple[int, int] = (0, 1), masks: bool = True) -> EmbeddingRows:
+def read_rows(
+    path: str, *, feature: str, role: str, share: tuple[int, int] = (0, 1), masks: bool = True
+) -> EmbeddingRows:
     """Rows ``[r·N/W, (r+1)·N/W)`` of an embedding file (``share = (r, W)``), read in record batches."""
     import pyarrow.parquet as pq
 
@@ -66,40 +70,62 @@ def read_rows(path: str, *, feature: str, role: str, share: tuple[int, int] = (0
                 mask_parts.append(_vectors(batch.column("mask"), dim))
         start = end
     empty = torch.zeros(0, dim)
-    rows = Embeddings(keys, [role] * len(keys), torch.cat(pids) if pids else torch.zeros(0, dtype=torch.long),
-                      torch.cat(camids) if camids else torch.zeros(0, dtype=torch.long),
-                      torch.cat(feats) if feats else empty,
-                      torch.cat(mask_parts) if mask_parts else torch.zeros(len(keys), 0))
+    rows = Embeddings(
+        keys,
+        [role] * len(keys),
+        torch.cat(pids) if pids else torch.zeros(0, dtype=torch.long),
+        torch.cat(camids) if camids else torch.zeros(0, dtype=torch.long),
+        torch.cat(feats) if feats else empty,
+        torch.cat(mask_parts) if mask_parts else torch.zeros(len(keys), 0),
+    )
     return EmbeddingRows(rows, paths, meta)
 
 
-def check_same_model(query_path: str, query_meta: dict[str, Any], gallery_path: str, gallery_meta: dict[str, Any]) -> None:
+def check_same_model(
+    query_path: str, query_meta: dict[str, Any], gallery_path: str, gallery_meta: dict[str, Any]
+) -> None:
     q, g = query_meta["model"], gallery_meta["model"]
     if q["embed_dim"] != g["embed_dim"]:
         raise ValueError(f"{query_path} has {q['embed_dim']}-wide features, {gallery_path} {g['embed_dim']}-wide")
     if q.get("source_sha256") != g.get("source_sha256"):
-        raise ValueError(f"{query_path} and {gallery_path} were embedded with different models "
-                         f"({q.get('source')} and {g.get('source')}); their features are not comparable")
+        raise ValueError(
+            f"{query_path} and {gallery_path} were embedded with different models "
+            f"({q.get('source')} and {g.get('source')}); their features are not comparable"
+        )
 
 
-def check_same_dataset(query_path: str, query_meta: dict[str, Any], gallery_path: str, gallery_meta: dict[str, Any]) -> None:
+def check_same_dataset(
+    query_path: str, query_meta: dict[str, Any], gallery_path: str, gallery_meta: dict[str, Any]
+) -> None:
     """The same-camera exclusion compares pid and camid, which are each dataset's own: one dataset, or none recorded."""
     q, g = ((m.get("embedding") or {}).get("dataset") for m in (query_meta, gallery_meta))
     if q is not None and g is not None and q != g:
-        raise ValueError(f"--exclude-same-camera: {query_path} was embedded as dataset {q}, {gallery_path} as {g}; their "
-                         f"pids and camera ids are each dataset's own and never the same person or camera")
+        raise ValueError(
+            f"--exclude-same-camera: {query_path} was embedded as dataset {q}, {gallery_path} as {g}; their "
+            f"pids and camera ids are each dataset's own and never the same person or camera"
+        )
 
 
-def feature_column(meta: dict[str, Any], feature: Optional[str]) -> str:
+def feature_column(meta: dict[str, Any], feature: str | None) -> str:
     """The column to score: ``before``/``after`` the BNNeck, else the model's own test feature."""
     if feature is None:
         return meta["model"].get("test_feature", "feat")
     return {"before": "feat", "after": "feat_bn"}[feature]
 
 
-def search(query_path: str, gallery_path: str, out_dir: str, env: DistEnv, *, k: int = 10,
-           distance: str = "masked_cosine", feature: Optional[str] = None, exclude_junk: bool = False,
-           fmt: str = "parquet", query_chunk: int = 256) -> tuple[Optional[str], EmbeddingRows, Any]:
+def search(
+    query_path: str,
+    gallery_path: str,
+    out_dir: str,
+    env: DistEnv,
+    *,
+    k: int = 10,
+    distance: str = "masked_cosine",
+    feature: str | None = None,
+    exclude_junk: bool = False,
+    fmt: str = "parquet",
+    query_chunk: int = 256,
+) -> tuple[str | None, EmbeddingRows, Any]:
     """Write ``out_dir/topk.<fmt>`` on rank 0; returns (its path there, the queries, the gallery share). Collective."""
     from dpm_dist.config import EvalConfig
     from dpm_dist.eval.sharded import shard_gallery
@@ -125,10 +151,10 @@ def search(query_path: str, gallery_path: str, out_dir: str, env: DistEnv, *, k:
 def write_pictures(out_dir: str, topk_path: str, query: EmbeddingRows, gallery_path: str, num: int) -> list[str]:
     """Ranked lists of the first ``num`` queries from the written top-k file and the images the files name."""
     import pyarrow.parquet as pq
+    from PIL import Image
 
     from dpm_dist.deploy.loading import TestTransform
     from dpm_dist.eval import pictures
-    from PIL import Image
 
     lists = pq.read_table(topk_path).to_pylist() if topk_path.endswith(".parquet") else _read_jsonl(topk_path)
     wanted = {key for rec in lists[:num] for key in rec["gallery"]}
@@ -137,20 +163,27 @@ def write_pictures(out_dir: str, topk_path: str, query: EmbeddingRows, gallery_p
     q_paths = dict(zip(query.rows.keys, query.paths))
     transform = TestTransform(tuple(query.meta["model"]["img_size"]))
 
-    def image(path: Optional[str], key: str) -> torch.Tensor:
+    def image(path: str | None, key: str) -> torch.Tensor:
         if not path:
-            raise ValueError(f"pictures need image paths, but the embedding of {key!r} records none (shard inputs "
-                             f"record keys only)")
+            raise ValueError(
+                f"pictures need image paths, but the embedding of {key!r} records none (shard inputs record keys only)"
+            )
         with Image.open(path) as img:
             return transform(img)
 
     written = []
     for n, rec in enumerate(lists[:num]):
         titles = [f"d={d:.3f}\n{key[-18:]}" for d, key in zip(rec["distance"], rec["gallery"])]
-        written.append(pictures.save_ranked_list(
-            os.path.join(out_dir, "pictures", f"ranked_{n:02d}.png"), image(q_paths[rec["query"]], rec["query"]),
-            [image(g_paths[key], key) for key in rec["gallery"]], rec["match"],
-            query_title=f"query\n{rec['query'][-18:]}", gallery_titles=titles))
+        written.append(
+            pictures.save_ranked_list(
+                os.path.join(out_dir, "pictures", f"ranked_{n:02d}.png"),
+                image(q_paths[rec["query"]], rec["query"]),
+                [image(g_paths[key], key) for key in rec["gallery"]],
+                rec["match"],
+                query_title=f"query\n{rec['query'][-18:]}",
+                gallery_titles=titles,
+            )
+        )
     return written
 
 

@@ -16,14 +16,22 @@ by all ranks.
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable, Optional
+from typing import Any
 
 import torch
 
 from dpm_dist import dist
 from dpm_dist.dist import DistEnv
-from dpm_dist.eval.retrieval import RankingSums, RetrievalMetrics, chunk_distance_fn, finalize, query_chunks, score_queries
+from dpm_dist.eval.retrieval import (
+    RankingSums,
+    RetrievalMetrics,
+    chunk_distance_fn,
+    finalize,
+    query_chunks,
+    score_queries,
+)
 from dpm_dist.eval.sharded import GalleryShard, as_shard, evaluate_sharded, shard_gallery
 
 ROLES = ("query", "gallery")
@@ -43,15 +51,22 @@ class Embeddings:
     def __len__(self) -> int:
         return len(self.keys)
 
-    def select(self, index: list[int]) -> "Embeddings":
+    def select(self, index: list[int]) -> Embeddings:
         rows = torch.as_tensor(index, dtype=torch.long, device=self.feats.device)
-        return Embeddings([self.keys[i] for i in index], [self.roles[i] for i in index], self.pids[rows],
-                          self.camids[rows], self.feats[rows], self.masks[rows])
+        return Embeddings(
+            [self.keys[i] for i in index],
+            [self.roles[i] for i in index],
+            self.pids[rows],
+            self.camids[rows],
+            self.feats[rows],
+            self.masks[rows],
+        )
 
 
 @torch.no_grad()
-def extract(model: torch.nn.Module, batches: Iterable[dict[str, Any]], *, device: torch.device | str,
-            neck_feat: str = "before") -> Embeddings:
+def extract(
+    model: torch.nn.Module, batches: Iterable[dict[str, Any]], *, device: torch.device | str, neck_feat: str = "before"
+) -> Embeddings:
     """Embed this rank's batches with the model in eval mode, no autocast (its train/eval mode is restored).
 
     The feature is taken before the BNNeck (``neck_feat="before"``, the official ``TEST.NECK_FEAT``) or
@@ -84,7 +99,9 @@ def extract(model: torch.nn.Module, batches: Iterable[dict[str, Any]], *, device
 def _concat(keys, roles, pids, camids, feats, masks, *, device) -> Embeddings:
     if not feats:  # a rank may hold no samples; it still takes part in every collective
         empty = torch.zeros(0, dtype=torch.long, device=device)
-        return Embeddings([], [], empty, empty.clone(), torch.zeros(0, 0, device=device), torch.zeros(0, 0, device=device))
+        return Embeddings(
+            [], [], empty, empty.clone(), torch.zeros(0, 0, device=device), torch.zeros(0, 0, device=device)
+        )
     return Embeddings(keys, roles, torch.cat(pids).long(), torch.cat(camids).long(), torch.cat(feats), torch.cat(masks))
 
 
@@ -109,7 +126,9 @@ def gather_embeddings(local: Embeddings) -> Embeddings:
     for i, name in enumerate(names):
         j = first.setdefault(name, i)  # duplicates (padding) are the same sample: keep one
         if j != i and (everything.pids[i] != everything.pids[j] or everything.camids[i] != everything.camids[j]):
-            raise ValueError(f"sample {name[1]!r} ({name[0]}) appears twice with different pid/camera; keys must be unique")
+            raise ValueError(
+                f"sample {name[1]!r} ({name[0]}) appears twice with different pid/camera; keys must be unique"
+            )
     return everything.select([first[name] for name in sorted(first)])
 
 
@@ -125,7 +144,9 @@ def split_roles(embeddings: Embeddings) -> tuple[Embeddings, Embeddings]:
     return parts[0], parts[1]
 
 
-def evaluate_embeddings(query: Embeddings, gallery: "Embeddings | GalleryShard", eval_cfg: Any, env: DistEnv) -> RetrievalMetrics:
+def evaluate_embeddings(
+    query: Embeddings, gallery: Embeddings | GalleryShard, eval_cfg: Any, env: DistEnv
+) -> RetrievalMetrics:
     """Metrics of gathered query/gallery embeddings, query chunks spread over the ranks. Collective.
 
     ``eval_cfg`` is a :class:`dpm_dist.config.EvalConfig` (distance, max_rank, query_chunk, rerank*). A
@@ -143,8 +164,15 @@ def evaluate_embeddings(query: Embeddings, gallery: "Embeddings | GalleryShard",
         chunk_distance = _reranked_chunks(query, gallery, eval_cfg, chunks)
     else:
         chunk_distance = chunk_distance_fn(query.feats, gallery.feats, q_mask=query.masks, metric=eval_cfg.distance)
-    sums = score_queries(chunk_distance, query.pids, gallery.pids, query.camids, gallery.camids, chunks=chunks,
-                         max_rank=eval_cfg.max_rank)
+    sums = score_queries(
+        chunk_distance,
+        query.pids,
+        gallery.pids,
+        query.camids,
+        gallery.camids,
+        chunks=chunks,
+        max_rank=eval_cfg.max_rank,
+    )
     max_rank = sums.cmc_counts.numel()
     total = dist.all_reduce_sum(sums.flat())
     return finalize(RankingSums.from_flat(total, num_query, max_rank), num_gallery=len(gallery))
@@ -157,14 +185,28 @@ def _reranked_chunks(query: Embeddings, gallery: Embeddings, eval_cfg: Any, chun
     if not chunks:  # this rank scores no query (more ranks than chunks); it still joins the all-reduce
         return lambda start, end: query.feats.new_zeros(end - start, len(gallery))
     lo, hi = chunks[0][0], chunks[-1][1]
-    rows = k_reciprocal_distance(query.feats, gallery.feats, k1=eval_cfg.rerank_k1, k2=eval_cfg.rerank_k2,
-                                 lambda_value=eval_cfg.rerank_lambda, query_range=(lo, hi))
-    return lambda start, end: rows[start - lo:end - lo]
+    rows = k_reciprocal_distance(
+        query.feats,
+        gallery.feats,
+        k1=eval_cfg.rerank_k1,
+        k2=eval_cfg.rerank_k2,
+        lambda_value=eval_cfg.rerank_lambda,
+        query_range=(lo, hi),
+    )
+    return lambda start, end: rows[start - lo : end - lo]
 
 
-def extract_and_gather(model: torch.nn.Module, data_cfg: Any, env: DistEnv, *, device: torch.device | str,
-                       loaders: Optional[dict[str, Iterable[dict[str, Any]]]] = None, neck_feat: str = "before",
-                       shard_gallery: bool = False, dataset: Optional[str] = None) -> tuple[Embeddings, "Embeddings | GalleryShard"]:
+def extract_and_gather(
+    model: torch.nn.Module,
+    data_cfg: Any,
+    env: DistEnv,
+    *,
+    device: torch.device | str,
+    loaders: dict[str, Iterable[dict[str, Any]]] | None = None,
+    neck_feat: str = "before",
+    shard_gallery: bool = False,
+    dataset: str | None = None,
+) -> tuple[Embeddings, Embeddings | GalleryShard]:
     """(query, gallery) embeddings of the whole evaluation set, the same on every rank. Collective.
 
     With ``shard_gallery`` the gallery stays where it was extracted: this rank's deduplicated
@@ -229,10 +271,18 @@ def evaluate(model: torch.nn.Module, cfg: Any, env: DistEnv, *, device: torch.de
     return merge_datasets(per)
 
 
-def _evaluate_one(model: torch.nn.Module, cfg: Any, env: DistEnv, device: torch.device | str,
-                  dataset: Optional[str]) -> dict[str, float]:
-    query, gallery = extract_and_gather(model, cfg.data, env, device=device, neck_feat=cfg.eval.neck_feat,
-                                        shard_gallery=cfg.eval.shard_gallery, dataset=dataset)
+def _evaluate_one(
+    model: torch.nn.Module, cfg: Any, env: DistEnv, device: torch.device | str, dataset: str | None
+) -> dict[str, float]:
+    query, gallery = extract_and_gather(
+        model,
+        cfg.data,
+        env,
+        device=device,
+        neck_feat=cfg.eval.neck_feat,
+        shard_gallery=cfg.eval.shard_gallery,
+        dataset=dataset,
+    )
     return evaluate_embeddings(query, gallery, cfg.eval, env).as_dict()
 
 
@@ -257,15 +307,22 @@ def dataset_table(per: dict[str, dict[str, float]]) -> str:
     head = f"{'dataset':<{width}}  rank-1     mAP    mINP  #query  #gallery"
 
     def row(name: str, m: dict[str, float]) -> str:
-        return (f"{name:<{width}}  {m['rank1']:6.1%}  {m['mAP']:6.1%}  {m['mINP']:6.1%}  {int(m['num_query']):6d}  "
-                f"{int(m['num_gallery']):8d}")
+        return (
+            f"{name:<{width}}  {m['rank1']:6.1%}  {m['mAP']:6.1%}  {m['mINP']:6.1%}  {int(m['num_query']):6d}  "
+            f"{int(m['num_gallery']):8d}"
+        )
 
     return "\n".join([head, *(row(name, m) for name, m in per.items()), row("mean", merged)])
 
 
-def fetch_images(data_cfg: Any, env: DistEnv, wanted: set[tuple[str, str]], *,
-                 loaders: Optional[dict[str, Iterable[dict[str, Any]]]] = None,
-                 dataset: Optional[str] = None) -> dict[tuple[str, str], torch.Tensor]:
+def fetch_images(
+    data_cfg: Any,
+    env: DistEnv,
+    wanted: set[tuple[str, str]],
+    *,
+    loaders: dict[str, Iterable[dict[str, Any]]] | None = None,
+    dataset: str | None = None,
+) -> dict[tuple[str, str], torch.Tensor]:
     """The (normalised) images of the wanted (role, key) samples, on every rank. Collective.
 
     A second pass over this rank's share of the loaders (decoding only, no model): the pictures are

@@ -11,13 +11,13 @@
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import matplotlib.pyplot as plt
+import torch
 
 PIXEL_MEAN = PIXEL_STD = 0.5  # dpm_dist.data.transforms.to_normalised (the official PIXEL_MEAN/STD)
 MATCH, NON_MATCH = "#1a9850", "#d73027"
@@ -40,7 +40,7 @@ def head_correlation(attn_logits: torch.Tensor) -> torch.Tensor:
     return a_hat @ a_hat.transpose(-1, -2)
 
 
-def _frame(ax, colour: Optional[str], width: float = 4.0) -> None:
+def _frame(ax, colour: str | None, width: float = 4.0) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
     for spine in ax.spines.values():
@@ -50,8 +50,15 @@ def _frame(ax, colour: Optional[str], width: float = 4.0) -> None:
             spine.set_linewidth(width)
 
 
-def save_ranked_list(path: str, query_image: torch.Tensor, gallery_images: Sequence[torch.Tensor],
-                     is_match: Sequence[bool], *, query_title: str, gallery_titles: Sequence[str]) -> str:
+def save_ranked_list(
+    path: str,
+    query_image: torch.Tensor,
+    gallery_images: Sequence[torch.Tensor],
+    is_match: Sequence[bool],
+    *,
+    query_title: str,
+    gallery_titles: Sequence[str],
+) -> str:
     """Query, then the ranked gallery items (framed green for a true match, red otherwise)."""
     num = len(gallery_images)
     fig, axes = plt.subplots(1, num + 1, figsize=(1.25 * (num + 1), 2.6))
@@ -79,8 +86,10 @@ def save_head_correlation(path: str, correlation: torch.Tensor, *, title: str) -
     ax.set_xlabel("head")
     ax.set_ylabel("head")
     off = corr - torch.eye(heads)
-    ax.set_title(f"head cross-correlation Â Âᵀ\n{title}\nmean |off-diagonal| = {off.abs().sum() / max(heads * heads - heads, 1):.3f}",
-                 fontsize=7)
+    ax.set_title(
+        f"head cross-correlation Â Âᵀ\n{title}\nmean |off-diagonal| = {off.abs().sum() / max(heads * heads - heads, 1):.3f}",
+        fontsize=7,
+    )
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
     return _save(fig, path)

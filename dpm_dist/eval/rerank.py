@@ -12,8 +12,6 @@ matrix are built. Memory is O((Q+G)²): three dense (Q+G)² float32 matrices at 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from dpm_dist.eval.retrieval import l2_normalize, match_table
@@ -28,7 +26,7 @@ def _knn(dist: torch.Tensor, k: int) -> torch.Tensor:
     """
     out = []
     for start in range(0, dist.shape[0], ROW_CHUNK):
-        rows = dist[start:start + ROW_CHUNK]
+        rows = dist[start : start + ROW_CHUNK]
         kth = torch.topk(rows, k, dim=1, largest=False).values[:, -1:]
         r, c = (rows <= kth).nonzero(as_tuple=True)
         out.append(match_table(r, rows[r, c], c, rows.shape[0])[1][:, :k])
@@ -48,7 +46,7 @@ def _encodings(original: torch.Tensor, neighbours: torch.Tensor, k1: int) -> tor
     half = int(round(k1 / 2))  # numpy's np.around: round half to even, like Python's round
     recip = _reciprocal(neighbours, k1 + 1)  # (N, k1+1)
     recip_half = _reciprocal(neighbours, half + 1)  # (N, half+1)
-    top, top_half = neighbours[:, :k1 + 1], neighbours[:, :half + 1]
+    top, top_half = neighbours[:, : k1 + 1], neighbours[:, : half + 1]
     encodings = torch.zeros_like(original)
     for start in range(0, num, ROW_CHUNK):
         rows = slice(start, min(start + ROW_CHUNK, num))
@@ -65,13 +63,22 @@ def _encodings(original: torch.Tensor, neighbours: torch.Tensor, k1: int) -> tor
     return encodings
 
 
-def k_reciprocal_distance(q_feat: torch.Tensor, g_feat: torch.Tensor, *, k1: int = 20, k2: int = 6,
-                          lambda_value: float = 0.3, query_range: Optional[tuple[int, int]] = None) -> torch.Tensor:
+def k_reciprocal_distance(
+    q_feat: torch.Tensor,
+    g_feat: torch.Tensor,
+    *,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+    query_range: tuple[int, int] | None = None,
+) -> torch.Tensor:
     """Re-ranked (Q, G) distances, or only rows ``query_range = (start, end)``; smaller is better."""
     num_q = q_feat.shape[0]
     if num_q + g_feat.shape[0] <= max(k1, k2):
-        raise ValueError(f"re-ranking needs more than max(k1, k2) = {max(k1, k2)} samples, got {num_q + g_feat.shape[0]} "
-                         "(eval.rerank_k1 / eval.rerank_k2)")
+        raise ValueError(
+            f"re-ranking needs more than max(k1, k2) = {max(k1, k2)} samples, got {num_q + g_feat.shape[0]} "
+            "(eval.rerank_k1 / eval.rerank_k2)"
+        )
     feat = l2_normalize(torch.cat([q_feat, g_feat]).float())
     sq = (feat * feat).sum(1)
     original = (sq[:, None] + sq[None, :]).addmm_(feat, feat.T, alpha=-2.0).clamp_min_(0.0)

@@ -33,7 +33,6 @@ Memory per rank: its own feature block and one foreign block with its padded cop
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -82,22 +81,33 @@ def _padded(x: torch.Tensor, rows: int) -> torch.Tensor:
     return x if x.shape[0] == rows else torch.cat([x, x.new_zeros((rows - x.shape[0], *x.shape[1:]))])
 
 
-def _merge(best_val: torch.Tensor, best_id: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, ids: torch.Tensor,
-           k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _merge(
+    best_val: torch.Tensor, best_id: torch.Tensor, rows: torch.Tensor, values: torch.Tensor, ids: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The k best per row of (running lists, new candidates as flat (row, value, id) lists) by (value, id)."""
     num = best_val.shape[0]
     keep = torch.isfinite(best_val)
     old_rows = torch.arange(num, device=rows.device)[:, None].expand_as(best_val)[keep]
-    val, idx, _ = match_table(torch.cat([old_rows, rows]), torch.cat([best_val[keep], values]),
-                              torch.cat([best_id[keep], ids]), num)
+    val, idx, _ = match_table(
+        torch.cat([old_rows, rows]), torch.cat([best_val[keep], values]), torch.cat([best_id[keep], ids]), num
+    )
     if val.shape[1] < k:
         val = torch.cat([val, val.new_full((num, k - val.shape[1]), float("inf"))], 1)
         idx = torch.cat([idx, idx.new_full((num, k - idx.shape[1]), torch.iinfo(torch.int64).max)], 1)
     return val[:, :k], idx[:, :k]
 
 
-def _scan(rows: torch.Tensor, rows_sq: torch.Tensor, num: int, cols: Gallery, cols_sq: torch.Tensor,
-          col_ids: torch.Tensor, best_val: torch.Tensor, best_id: torch.Tensor, maxima: torch.Tensor) -> None:
+def _scan(
+    rows: torch.Tensor,
+    rows_sq: torch.Tensor,
+    num: int,
+    cols: Gallery,
+    cols_sq: torch.Tensor,
+    col_ids: torch.Tensor,
+    best_val: torch.Tensor,
+    best_id: torch.Tensor,
+    maxima: torch.Tensor,
+) -> None:
     """Update the ``num`` real rows' k best lists and maxima (in place) with one block's columns.
 
     Distances ``((‖b‖² - 2·a·b) + ‖a‖²)`` clamped at 0, in fixed-shape ``(ROW_CHUNK, D) @ (D, 512)``
@@ -107,9 +117,9 @@ def _scan(rows: torch.Tensor, rows_sq: torch.Tensor, num: int, cols: Gallery, co
     k = best_val.shape[1]
     buf = rows.new_empty((min(PIECE, cols.feat.shape[0]), rows.shape[0], GALLERY_BLOCK))
     for first in range(0, cols.feat.shape[0], PIECE):
-        blocks = cols.feat[first:first + PIECE]
-        d = buf[:blocks.shape[0]]
-        for block, sq, part in zip(blocks, cols_sq[first:first + PIECE], d):
+        blocks = cols.feat[first : first + PIECE]
+        d = buf[: blocks.shape[0]]
+        for block, sq, part in zip(blocks, cols_sq[first : first + PIECE], d):
             torch.addmm(sq, rows, block.T, alpha=-2.0, out=part)
         d = d.add_(rows_sq[None, :, None]).clamp_min_(0.0)[:, :num]
         real = min(cols.size - first * GALLERY_BLOCK, d.shape[0] * GALLERY_BLOCK)
@@ -123,7 +133,7 @@ def _scan(rows: torch.Tensor, rows_sq: torch.Tensor, num: int, cols: Gallery, co
         elif real == d.shape[0] * GALLERY_BLOCK:
             piece_max = d.amax((0, 2))
         else:  # the padding columns (+inf) of the last block left out
-            piece_max = d[-1, :, :real % GALLERY_BLOCK].amax(1)
+            piece_max = d[-1, :, : real % GALLERY_BLOCK].amax(1)
             piece_max = torch.maximum(d[:-1].amax((0, 2)), piece_max) if d.shape[0] > 1 else piece_max
         maxima.copy_(torch.maximum(maxima, piece_max))
         b, r, c = (d <= tau[None, :, None]).nonzero(as_tuple=True)
@@ -135,8 +145,9 @@ def _scan(rows: torch.Tensor, rows_sq: torch.Tensor, num: int, cols: Gallery, co
         best_id.copy_(idx)
 
 
-def _neighbours(ids: torch.Tensor, feat: torch.Tensor, sq: torch.Tensor, sizes: list[int], k: int,
-                peers: Peers) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _neighbours(
+    ids: torch.Tensor, feat: torch.Tensor, sq: torch.Tensor, sizes: list[int], k: int, peers: Peers
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(n, k) nearest row ids of each own row (nearest first), their distances and (n,) row maxima. Collective."""
     num = feat.shape[0]
     best_val = feat.new_full((num, k), float("inf"))
@@ -146,12 +157,21 @@ def _neighbours(ids: torch.Tensor, feat: torch.Tensor, sq: torch.Tensor, sizes: 
     for (_, block), (_, block_ids) in zip(peers.blocks(feat, sizes), id_blocks):
         cols = Gallery.build(block, normalize=False)
         cols_sq = cols.sq_norm.new_full((cols.feat.shape[0] * GALLERY_BLOCK,), float("inf"))
-        cols_sq[:cols.size] = cols.sq_norm
+        cols_sq[: cols.size] = cols.sq_norm
         cols_sq = cols_sq.view(-1, 1, GALLERY_BLOCK)
         for start in range(0, num, ROW_CHUNK):
             end = min(start + ROW_CHUNK, num)
-            _scan(_padded(feat[start:end], ROW_CHUNK), _padded(sq[start:end], ROW_CHUNK), end - start, cols, cols_sq,
-                  block_ids, best_val[start:end], best_id[start:end], maxima[start:end])
+            _scan(
+                _padded(feat[start:end], ROW_CHUNK),
+                _padded(sq[start:end], ROW_CHUNK),
+                end - start,
+                cols,
+                cols_sq,
+                block_ids,
+                best_val[start:end],
+                best_id[start:end],
+                maxima[start:end],
+            )
     return best_id, best_val, maxima.clamp_min_(torch.finfo(feat.dtype).tiny)
 
 
@@ -164,9 +184,9 @@ def _reciprocal(table: torch.Tensor, rows: torch.Tensor, k: int) -> torch.Tensor
 def _members(table: torch.Tensor, rows: torch.Tensor, recip_half: torch.Tensor, k1: int) -> torch.Tensor:
     """(len(rows), S) sorted row ids of each row's expanded k-reciprocal set, N (none) past its end."""
     num, half = table.shape[0], int(round(k1 / 2))  # numpy's np.around: round half to even, like Python's round
-    members = torch.where(_reciprocal(table, rows, k1 + 1), table[rows, :k1 + 1], num)
+    members = torch.where(_reciprocal(table, rows, k1 + 1), table[rows, : k1 + 1], num)
     safe = members.clamp_max(num - 1)
-    cand_sets = table[safe, :half + 1]
+    cand_sets = table[safe, : half + 1]
     cand_valid = recip_half[safe] & (members < num)[:, :, None]
     inside = (cand_sets[..., None] == members[:, None, None, :]).any(-1) & cand_valid
     accept = inside.sum(-1) * 3 > 2 * cand_valid.sum(-1)  # |H_c ∩ R(i)| > 2/3 |H_c|
@@ -186,18 +206,21 @@ class _Table:
     position: torch.Tensor  # (N,) row in the owner's block
 
 
-def _gather_table(ids: torch.Tensor, neighbours: torch.Tensor, maxima: torch.Tensor, sizes: list[int],
-                  peers: Peers) -> _Table:
+def _gather_table(
+    ids: torch.Tensor, neighbours: torch.Tensor, maxima: torch.Tensor, sizes: list[int], peers: Peers
+) -> _Table:
     """Collective: the neighbour lists and maxima of all rows (O(N·K), no features)."""
     all_ids = peers.gather(ids)
     num = all_ids.numel()
     device = ids.device
-    table = _Table(neighbours.new_empty((num, neighbours.shape[1])), maxima.new_empty(num), ids.new_empty(num),
-                   ids.new_empty(num))
+    table = _Table(
+        neighbours.new_empty((num, neighbours.shape[1])), maxima.new_empty(num), ids.new_empty(num), ids.new_empty(num)
+    )
     table.neighbours[all_ids] = peers.gather(neighbours)
     table.maxima[all_ids] = peers.gather(maxima)
-    table.owner[all_ids] = torch.repeat_interleave(torch.arange(len(sizes), device=device),
-                                                   torch.tensor(sizes, device=device))
+    table.owner[all_ids] = torch.repeat_interleave(
+        torch.arange(len(sizes), device=device), torch.tensor(sizes, device=device)
+    )
     table.position[all_ids] = torch.cat([torch.arange(n, device=device) for n in sizes])
     return table
 
@@ -213,8 +236,16 @@ def _scanned(cols: torch.Tensor, near: torch.Tensor, near_val: torch.Tensor) -> 
     return raw, found
 
 
-def _encodings(ids: torch.Tensor, feat: torch.Tensor, sq: torch.Tensor, near_val: torch.Tensor, table: _Table,
-               sizes: list[int], k1: int, peers: Peers) -> tuple[torch.Tensor, torch.Tensor]:
+def _encodings(
+    ids: torch.Tensor,
+    feat: torch.Tensor,
+    sq: torch.Tensor,
+    near_val: torch.Tensor,
+    table: _Table,
+    sizes: list[int],
+    k1: int,
+    peers: Peers,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """V of the own rows as padded rows: (n, S) sorted row ids (N = none) and weights (0 there). Collective.
 
     A member's distance is the neighbour scan's where the member is in the row's own list (most are), else
@@ -223,10 +254,19 @@ def _encodings(ids: torch.Tensor, feat: torch.Tensor, sq: torch.Tensor, near_val
     num = table.neighbours.shape[0]
     half = int(round(k1 / 2))
     everyone = torch.arange(num, device=ids.device)
-    recip_half = torch.cat([_reciprocal(table.neighbours, everyone[s:s + ROW_CHUNK], half + 1)
-                            for s in range(0, num, ROW_CHUNK)])
-    cols = torch.cat([_members(table.neighbours, ids[s:s + ROW_CHUNK], recip_half, k1)
-                      for s in range(0, ids.numel(), ROW_CHUNK)]) if ids.numel() else ids.new_zeros(0, (k1 + 1) * (half + 2))
+    recip_half = torch.cat(
+        [_reciprocal(table.neighbours, everyone[s : s + ROW_CHUNK], half + 1) for s in range(0, num, ROW_CHUNK)]
+    )
+    cols = (
+        torch.cat(
+            [
+                _members(table.neighbours, ids[s : s + ROW_CHUNK], recip_half, k1)
+                for s in range(0, ids.numel(), ROW_CHUNK)
+            ]
+        )
+        if ids.numel()
+        else ids.new_zeros(0, (k1 + 1) * (half + 2))
+    )
     distance, found = _scanned(cols, table.neighbours[ids], near_val)
     valid = cols < num
     owner = torch.where(valid & ~found, table.owner[cols.clamp_max(num - 1)], -1)
@@ -234,7 +274,7 @@ def _encodings(ids: torch.Tensor, feat: torch.Tensor, sq: torch.Tensor, near_val
         rows, slots = (owner == src).nonzero(as_tuple=True)
         block_sq = (block * block).sum(1)
         for p in range(0, rows.numel(), PAIR_PIECE):
-            r, s = rows[p:p + PAIR_PIECE], slots[p:p + PAIR_PIECE]
+            r, s = rows[p : p + PAIR_PIECE], slots[p : p + PAIR_PIECE]
             at = table.position[cols[r, s]]
             dot = (feat[r] * block[at]).sum(1)
             distance[r, s] = ((sq[r] + block_sq[at]) - 2.0 * dot).clamp_min_(0.0)
@@ -253,8 +293,9 @@ def _coalesce(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, num: i
     return uniq // (num + 1), uniq % (num + 1), summed
 
 
-def _expanded(ids: torch.Tensor, v_idx: torch.Tensor, v_val: torch.Tensor, table: _Table, sizes: list[int], k2: int,
-              peers: Peers) -> tuple[torch.Tensor, ...]:
+def _expanded(
+    ids: torch.Tensor, v_idx: torch.Tensor, v_val: torch.Tensor, table: _Table, sizes: list[int], k2: int, peers: Peers
+) -> tuple[torch.Tensor, ...]:
     """Query expansion of the own rows as COO (local row, row id, value): the mean of the k2 nearest rows of V. Collective."""
     num, local = table.neighbours.shape[0], torch.arange(ids.numel(), device=ids.device)
     if k2 == 1:  # the dense implementation uses V itself
@@ -270,9 +311,9 @@ def _expanded(ids: torch.Tensor, v_idx: torch.Tensor, v_val: torch.Tensor, table
         need_val[slot[mine]] = val[table.position[mine]]
     parts = [_coalesce(local[:0], local[:0], v_val.new_zeros(0), num)]
     for start in range(0, ids.numel(), ROW_CHUNK):
-        near = slot[table.neighbours[ids[start:start + ROW_CHUNK], :k2]]  # (c, k2)
+        near = slot[table.neighbours[ids[start : start + ROW_CHUNK], :k2]]  # (c, k2)
         cols, vals = need_idx[near].flatten(1), need_val[near].flatten(1) / k2
-        rows = local[start:start + near.shape[0], None].expand_as(cols)
+        rows = local[start : start + near.shape[0], None].expand_as(cols)
         parts.append(_coalesce(rows.flatten(), cols.flatten(), vals.flatten(), num))
     return tuple(torch.cat(p) for p in zip(*parts))
 
@@ -285,12 +326,24 @@ class SparseReRanking:
     :meth:`chunk` is then local (no collective).
     """
 
-    def __init__(self, q_feat: torch.Tensor, g_feat: torch.Tensor, g_index: torch.Tensor, num_gallery: int, *,
-                 k1: int = 20, k2: int = 6, lambda_value: float = 0.3, peers: Peers = Peers()) -> None:
+    def __init__(
+        self,
+        q_feat: torch.Tensor,
+        g_feat: torch.Tensor,
+        g_index: torch.Tensor,
+        num_gallery: int,
+        *,
+        k1: int = 20,
+        k2: int = 6,
+        lambda_value: float = 0.3,
+        peers: Peers = Peers(),
+    ) -> None:
         num_q = q_feat.shape[0]
         if num_q + num_gallery <= max(k1, k2):
-            raise ValueError(f"re-ranking needs more than max(k1, k2) = {max(k1, k2)} samples, got "
-                             f"{num_q + num_gallery} (eval.rerank_k1 / eval.rerank_k2)")
+            raise ValueError(
+                f"re-ranking needs more than max(k1, k2) = {max(k1, k2)} samples, got "
+                f"{num_q + num_gallery} (eval.rerank_k1 / eval.rerank_k2)"
+            )
         q_lo, q_hi = peers.rank * num_q // peers.world, (peers.rank + 1) * num_q // peers.world
         device = q_feat.device
         q_hat = l2_normalize(q_feat.float())
@@ -305,7 +358,9 @@ class SparseReRanking:
         rows, cols, vals = _expanded(ids, *encodings, table, sizes, k2, peers)
         own_q = q_hi - q_lo
         is_query = rows < own_q
-        self.q_rows, self.q_cols, self.q_vals = _gather_queries(rows[is_query] + q_lo, cols[is_query], vals[is_query], peers)
+        self.q_rows, self.q_cols, self.q_vals = _gather_queries(
+            rows[is_query] + q_lo, cols[is_query], vals[is_query], peers
+        )
         self.q_start = torch.searchsorted(self.q_rows, torch.arange(num_q + 1, device=device))  # rows are sorted
         g_rows, g_cols, g_vals = rows[~is_query] - own_q, cols[~is_query], vals[~is_query]
         order = torch.argsort(g_cols, stable=True)
@@ -315,11 +370,13 @@ class SparseReRanking:
         self.q_hat, self.q_sq, self.q_max = q_hat, (q_hat * q_hat).sum(1), table.maxima[:num_q]
         self.gallery = Gallery.build(g_hat, normalize=False)
         self.lambda_value = lambda_value
-        self._last: Optional[tuple[int, torch.Tensor]] = None
+        self._last: tuple[int, torch.Tensor] | None = None
 
     def chunk(self, start: int, end: int) -> torch.Tensor:
         """(end-start, n) re-ranked distances of queries start..end against this rank's gallery rows."""
-        out = [self._block(lo)[max(start - lo, 0):end - lo] for lo in range(start - start % ROW_CHUNK, end, ROW_CHUNK)]
+        out = [
+            self._block(lo)[max(start - lo, 0) : end - lo] for lo in range(start - start % ROW_CHUNK, end, ROW_CHUNK)
+        ]
         return torch.cat(out)
 
     def _block(self, lo: int) -> torch.Tensor:
@@ -327,17 +384,34 @@ class SparseReRanking:
         if self._last is not None and self._last[0] == lo:
             return self._last[1]
         hi = min(lo + ROW_CHUNK, self.q_hat.shape[0])
-        overlap = _overlap(self.q_rows, self.q_cols, self.q_vals, self.q_start, lo, hi, self.g_rows, self.g_vals,
-                           self.col_start, self.col_count, self.gallery.size)
-        original = _distances(_padded(self.q_hat[lo:hi], ROW_CHUNK), _padded(self.q_sq[lo:hi], ROW_CHUNK),
-                              self.gallery)[:hi - lo] / self.q_max[lo:hi, None]
+        overlap = _overlap(
+            self.q_rows,
+            self.q_cols,
+            self.q_vals,
+            self.q_start,
+            lo,
+            hi,
+            self.g_rows,
+            self.g_vals,
+            self.col_start,
+            self.col_count,
+            self.gallery.size,
+        )
+        original = (
+            _distances(_padded(self.q_hat[lo:hi], ROW_CHUNK), _padded(self.q_sq[lo:hi], ROW_CHUNK), self.gallery)[
+                : hi - lo
+            ]
+            / self.q_max[lo:hi, None]
+        )
         jaccard = 1.0 - overlap / (2.0 - overlap)
         final = jaccard.mul_(1.0 - self.lambda_value).add_(original.mul_(self.lambda_value))
         self._last = (lo, final)
         return final
 
 
-def _gather_queries(rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, peers: Peers) -> tuple[torch.Tensor, ...]:
+def _gather_queries(
+    rows: torch.Tensor, cols: torch.Tensor, vals: torch.Tensor, peers: Peers
+) -> tuple[torch.Tensor, ...]:
     """Every rank's expanded query rows, in row order (ranks own ascending query ranges). Collective.
 
     Packed in float64 (row ids below 2**53 and float32 values exactly); a leading dummy entry keeps every part non-empty.
@@ -356,7 +430,9 @@ def _overlap(rows, cols, vals, row_start, lo, hi, g_rows, g_vals, col_start, col
     cum = torch.cumsum(counts, 0)
     begin = first
     while begin < last:
-        stop = first + int(torch.searchsorted(cum, int(cum[begin - first] - counts[begin - first]) + PAIR_CHUNK, right=True))
+        stop = first + int(
+            torch.searchsorted(cum, int(cum[begin - first] - counts[begin - first]) + PAIR_CHUNK, right=True)
+        )
         stop = min(max(stop, begin + 1), last)
         q_rows, q_cols, q_vals = rows[begin:stop] - lo, cols[begin:stop], vals[begin:stop]
         num = col_count[q_cols]
@@ -369,11 +445,25 @@ def _overlap(rows, cols, vals, row_start, lo, hi, g_rows, g_vals, col_start, col
     return overlap
 
 
-def sparse_k_reciprocal_distance(q_feat: torch.Tensor, g_feat: torch.Tensor, *, k1: int = 20, k2: int = 6,
-                                 lambda_value: float = 0.3, query_range: Optional[tuple[int, int]] = None) -> torch.Tensor:
+def sparse_k_reciprocal_distance(
+    q_feat: torch.Tensor,
+    g_feat: torch.Tensor,
+    *,
+    k1: int = 20,
+    k2: int = 6,
+    lambda_value: float = 0.3,
+    query_range: tuple[int, int] | None = None,
+) -> torch.Tensor:
     """Re-ranked (Q, G) distances (or rows ``query_range``) in this process alone, equal to
     ``rerank.k_reciprocal_distance`` up to rounding."""
-    reranked = SparseReRanking(q_feat, g_feat, torch.arange(g_feat.shape[0], device=g_feat.device), g_feat.shape[0], k1=k1, k2=k2,
-                               lambda_value=lambda_value)
+    reranked = SparseReRanking(
+        q_feat,
+        g_feat,
+        torch.arange(g_feat.shape[0], device=g_feat.device),
+        g_feat.shape[0],
+        k1=k1,
+        k2=k2,
+        lambda_value=lambda_value,
+    )
     start, end = query_range if query_range is not None else (0, q_feat.shape[0])
     return reranked.chunk(start, end)

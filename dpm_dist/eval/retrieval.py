@@ -26,8 +26,8 @@ match keys only for the items that share a cell with a match (:class:`_Cells`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -61,7 +61,7 @@ class Gallery:
     size: int  # G, the real rows
 
     @classmethod
-    def build(cls, g_feat: torch.Tensor, *, normalize: bool = True) -> "Gallery":
+    def build(cls, g_feat: torch.Tensor, *, normalize: bool = True) -> Gallery:
         """From raw features (L2-normalised here) or, with ``normalize=False``, rows already normalised."""
         size, dim = g_feat.shape
         padded = g_feat.new_empty((-(-size // GALLERY_BLOCK) * GALLERY_BLOCK, dim))
@@ -69,9 +69,9 @@ class Gallery:
         sq_norm = g_feat.new_empty(size)
         step = 8 * GALLERY_BLOCK  # row by row anyway: small pieces, no full-size temporary
         for start in range(0, size, step):
-            part, out = g_feat[start:start + step], padded[start:min(start + step, size)]
+            part, out = g_feat[start : start + step], padded[start : min(start + step, size)]
             F.normalize(part, p=2, dim=1, eps=NORM_EPS, out=out) if normalize else out.copy_(part)
-            sq_norm[start:start + step] = (out * out).sum(1)
+            sq_norm[start : start + step] = (out * out).sum(1)
         return cls(feat=padded.view(-1, GALLERY_BLOCK, dim), sq_norm=sq_norm, size=size)
 
     def blockwise(self, like: torch.Tensor, score: Callable[[torch.Tensor, torch.Tensor, slice], None]) -> torch.Tensor:
@@ -83,7 +83,7 @@ class Gallery:
         for b, block in enumerate(self.feat):
             cols = slice(b * GALLERY_BLOCK, min((b + 1) * GALLERY_BLOCK, self.size))
             score(block, buf, cols)
-            out[:, cols] = buf[:, :cols.stop - cols.start]
+            out[:, cols] = buf[:, : cols.stop - cols.start]
         return out
 
     def product(self, q: torch.Tensor, *, squares: bool = False) -> torch.Tensor:
@@ -99,8 +99,9 @@ def _clip(x: torch.Tensor) -> torch.Tensor:
     return x.clamp_(-1.0 + CLIP_EPS, 1.0 - CLIP_EPS)
 
 
-def _masked_cosine(q_feat: torch.Tensor, q_mask: torch.Tensor, gallery: Gallery, *, negate: bool,
-                   clip: bool = False) -> torch.Tensor:
+def _masked_cosine(
+    q_feat: torch.Tensor, q_mask: torch.Tensor, gallery: Gallery, *, negate: bool, clip: bool = False
+) -> torch.Tensor:
     # Negating the small (C, D) operand negates the product exactly (rounding is sign-symmetric), so the
     # ranking distance -cos costs no pass over the (C, G) matrix.
     q = l2_normalize(q_feat) * q_mask
@@ -130,7 +131,9 @@ def _cosine(q_feat: torch.Tensor, gallery: Gallery, *, negate: bool, clip: bool 
     return gallery.blockwise(q, score)
 
 
-def masked_cosine_similarity(q_feat: torch.Tensor, q_mask: torch.Tensor, g_feat: torch.Tensor | Gallery) -> torch.Tensor:
+def masked_cosine_similarity(
+    q_feat: torch.Tensor, q_mask: torch.Tensor, g_feat: torch.Tensor | Gallery
+) -> torch.Tensor:
     """(Q, G) cosines ``<q̂_i, normalize(m_i ⊙ ĝ_j)>`` as two matrix products (features need not be normalised)."""
     return _masked_cosine(q_feat, q_mask, _as_gallery(g_feat), negate=False)
 
@@ -148,7 +151,7 @@ def euclidean_distance(q_feat: torch.Tensor, g_feat: torch.Tensor | Gallery) -> 
 
     def score(block: torch.Tensor, buf: torch.Tensor, cols: slice) -> None:
         torch.mm(q_hat, block.T, out=buf)
-        buf.mul_(-2.0).add_(q_sq)[:, :cols.stop - cols.start].add_(gallery.sq_norm[None, cols])
+        buf.mul_(-2.0).add_(q_sq)[:, : cols.stop - cols.start].add_(gallery.sq_norm[None, cols])
 
     return gallery.blockwise(q_hat, score)
 
@@ -163,8 +166,13 @@ def arccos_distance(cos: torch.Tensor) -> torch.Tensor:
     return cos.clamp(-1.0 + CLIP_EPS, 1.0 - CLIP_EPS).arccos_()
 
 
-def distance_matrix(q_feat: torch.Tensor, g_feat: torch.Tensor | Gallery, *, q_mask: Optional[torch.Tensor] = None,
-                    metric: str = "masked_cosine") -> torch.Tensor:
+def distance_matrix(
+    q_feat: torch.Tensor,
+    g_feat: torch.Tensor | Gallery,
+    *,
+    q_mask: torch.Tensor | None = None,
+    metric: str = "masked_cosine",
+) -> torch.Tensor:
     """(Q, G) ranking distances, smaller is better: what the evaluator sorts.
 
     ``masked_cosine`` (DPM, needs ``q_mask``) and ``cosine`` give :func:`ranking_distance` of the cosine
@@ -187,8 +195,9 @@ def distance_matrix(q_feat: torch.Tensor, g_feat: torch.Tensor | Gallery, *, q_m
 # Ranks of the true matches
 
 
-def same_pid_pairs(q_pids: torch.Tensor, g_pids: torch.Tensor,
-                   order: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def same_pid_pairs(
+    q_pids: torch.Tensor, g_pids: torch.Tensor, order: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(rows, cols) of all query/gallery pairs with the same pid, row-major with columns ascending.
 
     Found through the gallery sorted by pid (O(pairs)), not by comparing the whole (Q, G) grid; ``order``
@@ -203,16 +212,22 @@ def same_pid_pairs(q_pids: torch.Tensor, g_pids: torch.Tensor,
     return rows, order[lo[rows] + within]
 
 
-def true_matches(q_pids: torch.Tensor, g_pids: torch.Tensor, q_camids: torch.Tensor, g_camids: torch.Tensor,
-                 order: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def true_matches(
+    q_pids: torch.Tensor,
+    g_pids: torch.Tensor,
+    q_camids: torch.Tensor,
+    g_camids: torch.Tensor,
+    order: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(match rows, match cols, junk rows, junk cols): same pid other camera, and same pid same camera."""
     rows, cols = same_pid_pairs(q_pids, g_pids, order)
     junk = q_camids[rows] == g_camids[cols]
     return rows[~junk], cols[~junk], rows[junk], cols[junk]
 
 
-def match_table(rows: torch.Tensor, values: torch.Tensor, tie: torch.Tensor,
-                num_q: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def match_table(
+    rows: torch.Tensor, values: torch.Tensor, tie: torch.Tensor, num_q: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each query's true matches sorted by (distance, tie index), padded with (inf, int64 max).
 
     ``rows``/``values``/``tie`` list the matches in any order. Returns ``(match_val, match_tie, num_rel)``
@@ -234,8 +249,14 @@ def match_table(rows: torch.Tensor, values: torch.Tensor, tie: torch.Tensor,
     return match_val, match_tie, num_rel
 
 
-def count_at_or_before(dist: torch.Tensor, tie: torch.Tensor, match_val: torch.Tensor, match_tie: torch.Tensor,
-                       junk_rows: torch.Tensor, junk_cols: torch.Tensor) -> torch.Tensor:
+def count_at_or_before(
+    dist: torch.Tensor,
+    tie: torch.Tensor,
+    match_val: torch.Tensor,
+    match_tie: torch.Tensor,
+    junk_rows: torch.Tensor,
+    junk_cols: torch.Tensor,
+) -> torch.Tensor:
     """(Q, width-1) int64: kept columns of ``dist`` ranked at or before each sorted match (matches included).
 
     An item is ahead of another when its distance is smaller, or equal with a smaller tie index
@@ -246,10 +267,12 @@ def count_at_or_before(dist: torch.Tensor, tie: torch.Tensor, match_val: torch.T
     counts = torch.zeros((num_rows, width + 1), dtype=torch.int64, device=dist.device)
     if dist.numel():
         cells = _Cells.build(dist, match_val)
-        per_cell = torch.zeros((num_rows, CELLS), dtype=torch.int32, device=dist.device)  # items per cell (int32: faster)
+        per_cell = torch.zeros(
+            (num_rows, CELLS), dtype=torch.int32, device=dist.device
+        )  # items per cell (int32: faster)
         one = torch.ones((), dtype=torch.int32, device=dist.device)
         for start in range(0, dist.shape[1], RANK_PIECE):  # column pieces: small temporaries, reused memory
-            piece = dist[:, start:start + RANK_PIECE]
+            piece = dist[:, start : start + RANK_PIECE]
             item_cell = cells.of(piece)
             per_cell.scatter_add_(1, item_cell, one.expand_as(item_cell))
             rows, cols = cells.holds_match.gather(1, item_cell).nonzero(as_tuple=True)
@@ -259,13 +282,19 @@ def count_at_or_before(dist: torch.Tensor, tie: torch.Tensor, match_val: torch.T
         # holds the items of the cells from match t-1's cell to match t's (cells holding a match left out).
         before = torch.zeros((num_rows, CELLS + 1), dtype=torch.int64, device=dist.device)
         torch.cumsum(per_cell.masked_fill_(cells.holds_match, 0), 1, out=before[:, 1:])
-        edges = torch.cat([cells.match_cell.new_zeros(num_rows, 1), cells.match_cell,
-                           cells.match_cell.new_full((num_rows, 1), CELLS)], 1)
+        edges = torch.cat(
+            [
+                cells.match_cell.new_zeros(num_rows, 1),
+                cells.match_cell,
+                cells.match_cell.new_full((num_rows, 1), CELLS),
+            ],
+            1,
+        )
         within = before.gather(1, edges)
         counts += within[:, 1:] - within[:, :-1]
     bucket = _buckets(junk_rows, dist[junk_rows, junk_cols], tie[junk_cols], match_val, match_tie)
     counts.index_put_((junk_rows, bucket), torch.tensor(-1, device=dist.device), accumulate=True)
-    return counts.cumsum(1)[:, :width - 1]
+    return counts.cumsum(1)[:, : width - 1]
 
 
 RANK_PIECE = 8192  # gallery columns ranked at once in count_at_or_before
@@ -287,7 +316,7 @@ class _Cells:
     holds_match: torch.Tensor  # (Q, CELLS) bool
 
     @classmethod
-    def build(cls, dist: torch.Tensor, match_val: torch.Tensor) -> "_Cells":
+    def build(cls, dist: torch.Tensor, match_val: torch.Tensor) -> _Cells:
         lo, hi = dist.min(), dist.max()
         one = torch.ones((), dtype=dist.dtype, device=dist.device)
         cells = cls(lo, (CELLS / (hi - lo)).clamp_(max=1e30) if bool(hi > lo) else one, match_val.new_empty(0), one)
@@ -302,8 +331,9 @@ class _Cells:
         return (x - self.lo).mul_(self.scale).floor_().clamp_(0, CELLS - 1).long()
 
 
-def _buckets(rows: torch.Tensor, values: torch.Tensor, tie: torch.Tensor, match_val: torch.Tensor,
-             match_tie: torch.Tensor) -> torch.Tensor:
+def _buckets(
+    rows: torch.Tensor, values: torch.Tensor, tie: torch.Tensor, match_val: torch.Tensor, match_tie: torch.Tensor
+) -> torch.Tensor:
     """Per listed item (row, distance, tie index): the number of its row's matches strictly ahead of it.
 
     The matches with a smaller distance (a binary search of the row's sorted matches) and, for an item
@@ -330,8 +360,9 @@ def valid_ranks(at_or_before: torch.Tensor, num_rel: torch.Tensor) -> torch.Tens
     return at_or_before * (torch.arange(width, device=num_rel.device)[None, :] < num_rel[:, None])
 
 
-def match_ranks(dist: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, q_camids: torch.Tensor,
-                g_camids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def match_ranks(
+    dist: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, q_camids: torch.Tensor, g_camids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """1-based ranks of each query's true matches in its kept gallery list, ascending.
 
     Kept: every gallery item except those with the query's pid *and* camera. True match: same pid,
@@ -366,17 +397,24 @@ class RankingSums:
     first_rank: torch.Tensor  # (Q,) int64: rank of the first true match (0: skipped)
 
     @classmethod
-    def zeros(cls, num_query: int, max_rank: int, device: torch.device | str = "cpu") -> "RankingSums":
+    def zeros(cls, num_query: int, max_rank: int, device: torch.device | str = "cpu") -> RankingSums:
         f64, i64 = dict(dtype=torch.float64, device=device), dict(dtype=torch.int64, device=device)
-        return cls(torch.zeros(max_rank, **i64), torch.zeros(num_query, **f64), torch.zeros(num_query, **f64),
-                   torch.zeros(num_query, **i64), torch.zeros(num_query, **i64))
+        return cls(
+            torch.zeros(max_rank, **i64),
+            torch.zeros(num_query, **f64),
+            torch.zeros(num_query, **f64),
+            torch.zeros(num_query, **i64),
+            torch.zeros(num_query, **i64),
+        )
 
-    def add_(self, ranks: torch.Tensor, num_rel: torch.Tensor, start: int) -> "RankingSums":
+    def add_(self, ranks: torch.Tensor, num_rel: torch.Tensor, start: int) -> RankingSums:
         """Account queries ``start .. start+len(num_rel)`` from their :func:`match_ranks` output."""
         valid = num_rel > 0
         n = num_rel.clamp_min(1)
         first = ranks[:, 0]
-        hist = torch.bincount(first[valid].clamp_max(self.cmc_counts.numel() + 1), minlength=self.cmc_counts.numel() + 2)
+        hist = torch.bincount(
+            first[valid].clamp_max(self.cmc_counts.numel() + 1), minlength=self.cmc_counts.numel() + 2
+        )
         self.cmc_counts += hist[1:-1].cumsum(0)  # first rank r counts for every k >= r
         slot = torch.arange(ranks.shape[1], device=ranks.device, dtype=torch.float64)[None, :] + 1.0
         precision = torch.where(ranks > 0, slot / ranks.clamp_min(1).to(torch.float64), 0.0)
@@ -393,7 +431,7 @@ class RankingSums:
         return torch.cat([self.cmc_counts.double(), self.ap, self.inp, self.num_rel.double(), self.first_rank.double()])
 
     @classmethod
-    def from_flat(cls, flat: torch.Tensor, num_query: int, max_rank: int) -> "RankingSums":
+    def from_flat(cls, flat: torch.Tensor, num_query: int, max_rank: int) -> RankingSums:
         cmc, ap, inp, num_rel, first = flat.split([max_rank, num_query, num_query, num_query, num_query])
         return cls(cmc.round().long(), ap, inp, num_rel.round().long(), first.round().long())
 
@@ -412,8 +450,13 @@ class RetrievalMetrics:
     def as_dict(self, ranks: tuple[int, ...] = (1, 5, 10)) -> dict[str, float]:
         out = {"mAP": self.mAP, "mINP": self.mINP}
         out.update({f"rank{k}": float(self.cmc[min(k, self.cmc.numel()) - 1]) for k in ranks})
-        out.update({"num_query": float(self.num_query), "num_gallery": float(self.num_gallery),
-                    "num_valid_query": float(self.num_valid)})
+        out.update(
+            {
+                "num_query": float(self.num_query),
+                "num_gallery": float(self.num_gallery),
+                "num_valid_query": float(self.num_valid),
+            }
+        )
         return out
 
 
@@ -427,8 +470,10 @@ def finalize(sums: RankingSums, *, num_gallery: int) -> RetrievalMetrics:
     valid = sums.num_rel > 0
     num_valid = int(valid.sum())
     if num_valid == 0:
-        raise ValueError("no query has a true match in the gallery once same-pid-same-camera items are removed; "
-                         "check the query/gallery split and the camera ids")
+        raise ValueError(
+            "no query has a true match in the gallery once same-pid-same-camera items are removed; "
+            "check the query/gallery split and the camera ids"
+        )
     return RetrievalMetrics(
         cmc=sums.cmc_counts.double() / num_valid,
         mAP=float(sums.ap.sum() / num_valid),
@@ -449,40 +494,82 @@ def query_chunks(num_query: int, chunk: int, *, rank: int = 0, world_size: int =
     """
     bounds = [(s, min(s + chunk, num_query)) for s in range(0, num_query, chunk)]
     n = len(bounds)
-    return bounds[rank * n // world_size:(rank + 1) * n // world_size]
+    return bounds[rank * n // world_size : (rank + 1) * n // world_size]
 
 
-def score_queries(chunk_distance: Callable[[int, int], torch.Tensor], q_pids: torch.Tensor, g_pids: torch.Tensor,
-                  q_camids: torch.Tensor, g_camids: torch.Tensor, *, chunks: list[tuple[int, int]],
-                  max_rank: int = 50) -> RankingSums:
+def score_queries(
+    chunk_distance: Callable[[int, int], torch.Tensor],
+    q_pids: torch.Tensor,
+    g_pids: torch.Tensor,
+    q_camids: torch.Tensor,
+    g_camids: torch.Tensor,
+    *,
+    chunks: list[tuple[int, int]],
+    max_rank: int = 50,
+) -> RankingSums:
     """Rank the given query chunks against the whole gallery; ``chunk_distance(start, end)`` gives (end-start, G)."""
     num_gallery = g_pids.numel()
     sums = RankingSums.zeros(q_pids.numel(), effective_max_rank(max_rank, num_gallery), device=g_pids.device)
     for start, end in chunks:
-        ranks, num_rel = match_ranks(chunk_distance(start, end), q_pids[start:end], g_pids, q_camids[start:end], g_camids)
+        ranks, num_rel = match_ranks(
+            chunk_distance(start, end), q_pids[start:end], g_pids, q_camids[start:end], g_camids
+        )
         sums.add_(ranks, num_rel, start)
     return sums
 
 
-def cmc_map_minp(dist: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor, q_camids: torch.Tensor,
-                 g_camids: torch.Tensor, *, max_rank: int = 50, query_chunk: int = 1024) -> RetrievalMetrics:
+def cmc_map_minp(
+    dist: torch.Tensor,
+    q_pids: torch.Tensor,
+    g_pids: torch.Tensor,
+    q_camids: torch.Tensor,
+    g_camids: torch.Tensor,
+    *,
+    max_rank: int = 50,
+    query_chunk: int = 1024,
+) -> RetrievalMetrics:
     """CMC, mAP and mINP of a (Q, G) distance matrix (smaller is better) under the Market protocol."""
-    sums = score_queries(lambda s, e: dist[s:e], q_pids, g_pids, q_camids, g_camids,
-                         chunks=query_chunks(dist.shape[0], query_chunk), max_rank=max_rank)
+    sums = score_queries(
+        lambda s, e: dist[s:e],
+        q_pids,
+        g_pids,
+        q_camids,
+        g_camids,
+        chunks=query_chunks(dist.shape[0], query_chunk),
+        max_rank=max_rank,
+    )
     return finalize(sums, num_gallery=dist.shape[1])
 
 
-def evaluate_features(q_feat: torch.Tensor, g_feat: torch.Tensor, q_pids: torch.Tensor, g_pids: torch.Tensor,
-                      q_camids: torch.Tensor, g_camids: torch.Tensor, *, q_mask: Optional[torch.Tensor] = None,
-                      metric: str = "masked_cosine", max_rank: int = 50, query_chunk: int = 256) -> RetrievalMetrics:
+def evaluate_features(
+    q_feat: torch.Tensor,
+    g_feat: torch.Tensor,
+    q_pids: torch.Tensor,
+    g_pids: torch.Tensor,
+    q_camids: torch.Tensor,
+    g_camids: torch.Tensor,
+    *,
+    q_mask: torch.Tensor | None = None,
+    metric: str = "masked_cosine",
+    max_rank: int = 50,
+    query_chunk: int = 256,
+) -> RetrievalMetrics:
     """Single-process convenience: distances chunk by chunk, then :func:`finalize`. Never builds Q×G."""
-    sums = score_queries(chunk_distance_fn(q_feat, g_feat, q_mask=q_mask, metric=metric), q_pids, g_pids, q_camids,
-                         g_camids, chunks=query_chunks(q_feat.shape[0], query_chunk), max_rank=max_rank)
+    sums = score_queries(
+        chunk_distance_fn(q_feat, g_feat, q_mask=q_mask, metric=metric),
+        q_pids,
+        g_pids,
+        q_camids,
+        g_camids,
+        chunks=query_chunks(q_feat.shape[0], query_chunk),
+        max_rank=max_rank,
+    )
     return finalize(sums, num_gallery=g_feat.shape[0])
 
 
-def chunk_distance_fn(q_feat: torch.Tensor, g_feat: torch.Tensor, *, q_mask: Optional[torch.Tensor] = None,
-                      metric: str = "masked_cosine") -> Callable[[int, int], torch.Tensor]:
+def chunk_distance_fn(
+    q_feat: torch.Tensor, g_feat: torch.Tensor, *, q_mask: torch.Tensor | None = None, metric: str = "masked_cosine"
+) -> Callable[[int, int], torch.Tensor]:
     """``(start, end) -> distance_matrix`` of those queries against the (once-prepared) gallery."""
     if metric not in METRICS:
         raise ValueError(f"unknown metric {metric!r}; expected one of {', '.join(METRICS)}")
@@ -497,8 +584,9 @@ def chunk_distance_fn(q_feat: torch.Tensor, g_feat: torch.Tensor, *, q_mask: Opt
     return chunk
 
 
-def top_k_gallery(dist_row: torch.Tensor, q_pid: int, q_camid: int, g_pids: torch.Tensor, g_camids: torch.Tensor,
-                  k: int) -> torch.Tensor:
+def top_k_gallery(
+    dist_row: torch.Tensor, q_pid: int, q_camid: int, g_pids: torch.Tensor, g_camids: torch.Tensor, k: int
+) -> torch.Tensor:
     """Indices of the first ``k`` kept gallery items of one query, in (distance, index) order."""
     kept = (~((g_pids == q_pid) & (g_camids == q_camid))).nonzero().squeeze(1)
     order = torch.sort(dist_row[kept], stable=True).indices

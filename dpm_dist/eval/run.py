@@ -12,7 +12,7 @@ import json
 import os
 import re
 import time
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -30,7 +30,7 @@ class ModelFile:
     meta: dict[str, Any]
 
     @classmethod
-    def read(cls, path: str) -> "ModelFile":
+    def read(cls, path: str) -> ModelFile:
         from dpm_dist.model.weights import read_dpm_file
 
         state, meta = read_dpm_file(path)
@@ -49,12 +49,15 @@ def model_config_for(cfg: DPMConfig, meta: dict[str, Any]) -> ModelConfig:
     saved = (meta.get("config") or {}).get("model")
     if saved:
         return ModelConfig(**{k: v for k, v in saved.items() if k in fields})
-    known = {k: meta[k] for k in ("img_size", "stride", "backbone", "tap_blocks", "embed_dim", "depth", "patch_size")
-             if k in meta}
+    known = {
+        k: meta[k]
+        for k in ("img_size", "stride", "backbone", "tap_blocks", "embed_dim", "depth", "patch_size")
+        if k in meta
+    }
     return dataclasses.replace(cfg.model, **known)
 
 
-def load_model(source: "ModelFile | str", cfg: DPMConfig) -> tuple[torch.nn.Module, ModelConfig, dict[str, Any]]:
+def load_model(source: ModelFile | str, cfg: DPMConfig) -> tuple[torch.nn.Module, ModelConfig, dict[str, Any]]:
     """Build the DPM model for ``source`` (our export or an official state dict) and load it strictly."""
     from dpm_dist.model.dpm import build_model
     from dpm_dist.model.weights import describe_state_dict, load_state_dict_checked
@@ -71,20 +74,44 @@ def _safe(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)[-60:]
 
 
-def write_pictures(out_dir: str, model: torch.nn.Module, query, gallery, metrics, cfg: DPMConfig, env: DistEnv, *,
-                   device: torch.device, dataset: Optional[str] = None) -> list[str]:
+def write_pictures(
+    out_dir: str,
+    model: torch.nn.Module,
+    query,
+    gallery,
+    metrics,
+    cfg: DPMConfig,
+    env: DistEnv,
+    *,
+    device: torch.device,
+    dataset: str | None = None,
+) -> list[str]:
     """Ranked lists, head cross-correlations and masks of a few queries. Collective (image fetch); rank 0 draws."""
-    from dpm_dist.eval.evaluator import fetch_images
-    from dpm_dist.eval.retrieval import arccos_distance, distance_matrix, masked_cosine_similarity, pick_queries, top_k_gallery
     from dpm_dist.eval import pictures
+    from dpm_dist.eval.evaluator import fetch_images
+    from dpm_dist.eval.retrieval import (
+        arccos_distance,
+        distance_matrix,
+        masked_cosine_similarity,
+        pick_queries,
+        top_k_gallery,
+    )
 
     chosen = pick_queries(metrics.ap, metrics.num_rel, cfg.eval.num_pictures)
     tops = {}
     for i in chosen:
-        row = distance_matrix(query.feats[i:i + 1], gallery.feats, q_mask=query.masks[i:i + 1], metric=cfg.eval.distance)[0]
-        tops[i] = (top_k_gallery(row, int(query.pids[i]), int(query.camids[i]), gallery.pids, gallery.camids,
-                                 cfg.eval.picture_topk).tolist(), row)
-    wanted = {("query", query.keys[i]) for i in chosen} | {("gallery", gallery.keys[j]) for top, _ in tops.values() for j in top}
+        row = distance_matrix(
+            query.feats[i : i + 1], gallery.feats, q_mask=query.masks[i : i + 1], metric=cfg.eval.distance
+        )[0]
+        tops[i] = (
+            top_k_gallery(
+                row, int(query.pids[i]), int(query.camids[i]), gallery.pids, gallery.camids, cfg.eval.picture_topk
+            ).tolist(),
+            row,
+        )
+    wanted = {("query", query.keys[i]) for i in chosen} | {
+        ("gallery", gallery.keys[j]) for top, _ in tops.values() for j in top
+    }
     images = fetch_images(cfg.data, env, wanted, dataset=dataset)
     if not env.is_main or not chosen:
         return []
@@ -101,29 +128,53 @@ def write_pictures(out_dir: str, model: torch.nn.Module, query, gallery, metrics
         if cfg.eval.distance == "euclidean":
             shown = [f"d={float(row[j]):.3f}" for j in top]
         else:
-            cos = masked_cosine_similarity(query.feats[i:i + 1], query.masks[i:i + 1], gallery.feats[top]) \
-                if cfg.eval.distance == "masked_cosine" else -row[top][None, :]
+            cos = (
+                masked_cosine_similarity(query.feats[i : i + 1], query.masks[i : i + 1], gallery.feats[top])
+                if cfg.eval.distance == "masked_cosine"
+                else -row[top][None, :]
+            )
             shown = [f"d={float(d):.3f}" for d in arccos_distance(cos)[0]]
-        written.append(pictures.save_ranked_list(
-            os.path.join(folder, f"ranked_{name}.png"), images[("query", query.keys[i])],
-            [images[("gallery", gallery.keys[j])] for j in top], [bool(gallery.pids[j] == query.pids[i]) for j in top],
-            query_title=f"query\npid {int(query.pids[i])} {pictures.camera_label(query.camids[i])}\nAP {float(metrics.ap[i]):.3f}",
-            gallery_titles=[f"{s}\npid {int(gallery.pids[j])} {pictures.camera_label(gallery.camids[j])}"
-                            for s, j in zip(shown, top)]))
-        written.append(pictures.save_head_correlation(os.path.join(folder, f"head_correlation_{name}.png"), corr[n],
-                                                       title=f"last block, query {query.keys[i][:32]}"))
-        written.append(pictures.save_mask_plot(os.path.join(folder, f"mask_{name}.png"), query.masks[i],
-                                                title=f"HMG mask, query {query.keys[i][:32]}"))
-    written.append(pictures.save_head_correlation(os.path.join(folder, "head_correlation_mean.png"), corr.mean(0),
-                                                   title=f"last block, mean over {len(chosen)} queries"))
+        written.append(
+            pictures.save_ranked_list(
+                os.path.join(folder, f"ranked_{name}.png"),
+                images[("query", query.keys[i])],
+                [images[("gallery", gallery.keys[j])] for j in top],
+                [bool(gallery.pids[j] == query.pids[i]) for j in top],
+                query_title=f"query\npid {int(query.pids[i])} {pictures.camera_label(query.camids[i])}\nAP {float(metrics.ap[i]):.3f}",
+                gallery_titles=[
+                    f"{s}\npid {int(gallery.pids[j])} {pictures.camera_label(gallery.camids[j])}"
+                    for s, j in zip(shown, top)
+                ],
+            )
+        )
+        written.append(
+            pictures.save_head_correlation(
+                os.path.join(folder, f"head_correlation_{name}.png"),
+                corr[n],
+                title=f"last block, query {query.keys[i][:32]}",
+            )
+        )
+        written.append(
+            pictures.save_mask_plot(
+                os.path.join(folder, f"mask_{name}.png"), query.masks[i], title=f"HMG mask, query {query.keys[i][:32]}"
+            )
+        )
+    written.append(
+        pictures.save_head_correlation(
+            os.path.join(folder, "head_correlation_mean.png"),
+            corr.mean(0),
+            title=f"last block, mean over {len(chosen)} queries",
+        )
+    )
     return written
 
 
 COUNTS = ("num_query", "num_gallery", "num_valid_query")  # in results.json and the summary, not TensorBoard scalars
 
 
-def run_eval(cfg: DPMConfig, model_file: ModelFile, env: DistEnv, *, output_dir: str,
-             step: Optional[int] = None) -> dict[str, Any]:
+def run_eval(
+    cfg: DPMConfig, model_file: ModelFile, env: DistEnv, *, output_dir: str, step: int | None = None
+) -> dict[str, Any]:
     """Evaluate ``model_file`` on every rank; rank 0 writes results.json, TensorBoard and pictures.
 
     ``step`` is the training step the weights were saved at (training logs ``eval/*`` at its global step);
@@ -136,11 +187,15 @@ def run_eval(cfg: DPMConfig, model_file: ModelFile, env: DistEnv, *, output_dir:
 
     device = dist.device_for(env)
     model, model_cfg, meta = load_model(model_file, cfg)
-    cfg = dataclasses.replace(cfg, model=model_cfg, data=dataclasses.replace(cfg.data, img_size=list(model_cfg.img_size)))
+    cfg = dataclasses.replace(
+        cfg, model=model_cfg, data=dataclasses.replace(cfg.data, img_size=list(model_cfg.img_size))
+    )
     model.to(device)
     names = eval_datasets(cfg.data)
-    parts = [_evaluate_dataset(model, cfg, env, device, os.path.join(output_dir, name) if name else output_dir, name)
-             for name in names or [None]]
+    parts = [
+        _evaluate_dataset(model, cfg, env, device, os.path.join(output_dir, name) if name else output_dir, name)
+        for name in names or [None]
+    ]
     written = [p for part in parts for p in part.pop("written")]
     result = {
         "checkpoint": model_file.path,
@@ -153,14 +208,21 @@ def run_eval(cfg: DPMConfig, model_file: ModelFile, env: DistEnv, *, output_dir:
         "epoch": meta.get("epoch"),
         "step": step,
         "pictures": [os.path.relpath(p, output_dir) for p in written],
-        "topk_file": os.path.relpath(parts[0]["topk_file"], output_dir) if parts[0]["topk_file"] and not names else None,
+        "topk_file": os.path.relpath(parts[0]["topk_file"], output_dir)
+        if parts[0]["topk_file"] and not names
+        else None,
     }
     if names:  # the plain keys (and the CMC) are the means over the datasets
         shortest = min(len(part["cmc"]) for part in parts)
-        result.update(metrics=merge_datasets({part["name"]: part["metrics"] for part in parts}), data_roots=list(cfg.data.roots),
-                      cmc=[sum(part["cmc"][i] for part in parts) / len(parts) for i in range(shortest)],
-                      datasets=[dict(part, topk_file=os.path.relpath(part["topk_file"], output_dir) if part["topk_file"] else None)
-                                for part in parts])
+        result.update(
+            metrics=merge_datasets({part["name"]: part["metrics"] for part in parts}),
+            data_roots=list(cfg.data.roots),
+            cmc=[sum(part["cmc"][i] for part in parts) / len(parts) for i in range(shortest)],
+            datasets=[
+                dict(part, topk_file=os.path.relpath(part["topk_file"], output_dir) if part["topk_file"] else None)
+                for part in parts
+            ],
+        )
     if env.is_main:
         os.makedirs(output_dir, exist_ok=True)
         with open(os.path.join(output_dir, "results.json"), "w") as f:
@@ -170,24 +232,41 @@ def run_eval(cfg: DPMConfig, model_file: ModelFile, env: DistEnv, *, output_dir:
     return result
 
 
-def _evaluate_dataset(model: torch.nn.Module, cfg: DPMConfig, env: DistEnv, device: torch.device, output_dir: str,
-                      dataset: Optional[str]) -> dict[str, Any]:
+def _evaluate_dataset(
+    model: torch.nn.Module, cfg: DPMConfig, env: DistEnv, device: torch.device, output_dir: str, dataset: str | None
+) -> dict[str, Any]:
     """Metrics, top-k file and pictures of one evaluation set (one of several ``data.roots``, or the only one). Collective."""
     from dpm_dist.eval.evaluator import evaluate_embeddings, extract_and_gather
     from dpm_dist.eval.topk import picture_gallery, write_topk  # issue 14: top-k file; a shard's pictured items
 
     start = time.perf_counter()
-    query, gallery = extract_and_gather(model, cfg.data, env, device=device, neck_feat=cfg.eval.neck_feat,
-                                        shard_gallery=cfg.eval.shard_gallery, dataset=dataset)
+    query, gallery = extract_and_gather(
+        model,
+        cfg.data,
+        env,
+        device=device,
+        neck_feat=cfg.eval.neck_feat,
+        shard_gallery=cfg.eval.shard_gallery,
+        dataset=dataset,
+    )
     extracted = time.perf_counter()
     metrics = evaluate_embeddings(query, gallery, cfg.eval, env)
     scored = time.perf_counter()
     topk_file = write_topk(output_dir, query, gallery, cfg.eval, env)
     gallery = picture_gallery(query, gallery, metrics, cfg.eval, env)
-    written = write_pictures(output_dir, model, query, gallery, metrics, cfg, env, device=device,
-                             dataset=dataset) if cfg.eval.num_pictures else []
-    return {"name": dataset, "metrics": metrics.as_dict(), "cmc": metrics.cmc.tolist(), "topk_file": topk_file,
-            "written": written, "seconds": {"extract_and_gather": extracted - start, "retrieval": scored - extracted}}
+    written = (
+        write_pictures(output_dir, model, query, gallery, metrics, cfg, env, device=device, dataset=dataset)
+        if cfg.eval.num_pictures
+        else []
+    )
+    return {
+        "name": dataset,
+        "metrics": metrics.as_dict(),
+        "cmc": metrics.cmc.tolist(),
+        "topk_file": topk_file,
+        "written": written,
+        "seconds": {"extract_and_gather": extracted - start, "retrieval": scored - extracted},
+    }
 
 
 def _write_tensorboard(output_dir: str, metrics: dict[str, float], pictures: list[str], step: int) -> None:
@@ -198,5 +277,7 @@ def _write_tensorboard(output_dir: str, metrics: dict[str, float], pictures: lis
     logger.log({f"eval/{k}": v for k, v in metrics.items() if k.rsplit("/", 1)[-1] not in COUNTS}, step)
     for path in pictures:
         folder = os.path.dirname(os.path.dirname(os.path.relpath(path, output_dir)))  # "<dataset>" or ""
-        logger.log_image(f"pictures/{folder + '/' if folder else ''}{os.path.splitext(os.path.basename(path))[0]}", path, step)
+        logger.log_image(
+            f"pictures/{folder + '/' if folder else ''}{os.path.splitext(os.path.basename(path))[0]}", path, step
+        )
     logger.close()

@@ -21,16 +21,27 @@ is cut into contiguous shares for it (:func:`as_shard`). Every function that tal
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
 
 from dpm_dist import dist
 from dpm_dist.dist import DistEnv
-from dpm_dist.eval.retrieval import (RankingSums, RetrievalMetrics, chunk_distance_fn, count_at_or_before,
-                                     effective_max_rank, finalize, match_table, query_chunks, true_matches, valid_ranks)
+from dpm_dist.eval.retrieval import (
+    RankingSums,
+    RetrievalMetrics,
+    chunk_distance_fn,
+    count_at_or_before,
+    effective_max_rank,
+    finalize,
+    match_table,
+    query_chunks,
+    true_matches,
+    valid_ranks,
+)
 
 
 @dataclass
@@ -61,9 +72,11 @@ def shard_gallery(local: Any, env: DistEnv) -> GalleryShard:
     camids = dist.all_gather_varlen(local.camids.cpu()).numpy()
     clash = (pids != pids[owner]) | (camids != camids[owner])
     if clash.any():
-        raise ValueError(f"sample {keys[int(clash.nonzero()[0][0])]!r} (gallery) appears twice with different "
-                         "pid/camera; keys must be unique")
-    offset = sum(len(part) for part in parts[:env.rank])
+        raise ValueError(
+            f"sample {keys[int(clash.nonzero()[0][0])]!r} (gallery) appears twice with different "
+            "pid/camera; keys must be unique"
+        )
+    offset = sum(len(part) for part in parts[: env.rank])
     mine = np.arange(offset, offset + len(local))
     own = (owner[mine] == mine).nonzero()[0]
     index = torch.from_numpy(inverse[mine][own].astype(np.int64)).to(local.pids.device)
@@ -88,23 +101,36 @@ def as_shard(gallery: Any, env: DistEnv) -> GalleryShard:
     """A gathered gallery (sorted by key) cut into contiguous shares by index: rank r keeps r·G/R .. (r+1)·G/R."""
     size = len(gallery)
     lo, hi = env.rank * size // env.world_size, (env.rank + 1) * size // env.world_size
-    return GalleryShard(local=gallery.select(list(range(lo, hi))), index=torch.arange(lo, hi, device=gallery.pids.device),
-                        size=size)
+    return GalleryShard(
+        local=gallery.select(list(range(lo, hi))), index=torch.arange(lo, hi, device=gallery.pids.device), size=size
+    )
 
 
-def shard_distance_fn(query: Any, shard: GalleryShard, eval_cfg: Any, env: DistEnv) -> Callable[[int, int], torch.Tensor]:
+def shard_distance_fn(
+    query: Any, shard: GalleryShard, eval_cfg: Any, env: DistEnv
+) -> Callable[[int, int], torch.Tensor]:
     """``(start, end) -> (end-start, share)`` ranking distances; collective to build when re-ranking (sparse only)."""
     local = shard.local
     g_feat = local.feats if len(local) else query.feats.new_zeros(0, query.feats.shape[1])
     if not eval_cfg.rerank:
         return chunk_distance_fn(query.feats, g_feat, q_mask=query.masks, metric=eval_cfg.distance)
     if eval_cfg.rerank_method != "sparse":
-        raise ValueError("eval.rerank_method=dense needs the gathered gallery: set eval.rerank_method=sparse "
-                         "or eval.shard_gallery=false")
+        raise ValueError(
+            "eval.rerank_method=dense needs the gathered gallery: set eval.rerank_method=sparse "
+            "or eval.shard_gallery=false"
+        )
     from dpm_dist.eval.rerank_sparse import Peers, SparseReRanking
 
-    return SparseReRanking(query.feats, g_feat, shard.index, shard.size, k1=eval_cfg.rerank_k1, k2=eval_cfg.rerank_k2,
-                           lambda_value=eval_cfg.rerank_lambda, peers=Peers(env.rank, env.world_size)).chunk
+    return SparseReRanking(
+        query.feats,
+        g_feat,
+        shard.index,
+        shard.size,
+        k1=eval_cfg.rerank_k1,
+        k2=eval_cfg.rerank_k2,
+        lambda_value=eval_cfg.rerank_lambda,
+        peers=Peers(env.rank, env.world_size),
+    ).chunk
 
 
 def score_sharded(query: Any, shard: GalleryShard, eval_cfg: Any, env: DistEnv) -> RankingSums:
@@ -116,8 +142,9 @@ def score_sharded(query: Any, shard: GalleryShard, eval_cfg: Any, env: DistEnv) 
     order = torch.argsort(local.pids, stable=True)  # once, not per chunk
     for start, end in query_chunks(num_query, eval_cfg.query_chunk):
         distances = chunk_distance(start, end)
-        m_rows, m_cols, j_rows, j_cols = true_matches(query.pids[start:end], local.pids, query.camids[start:end],
-                                                      local.camids, order)
+        m_rows, m_cols, j_rows, j_cols = true_matches(
+            query.pids[start:end], local.pids, query.camids[start:end], local.camids, order
+        )
         rows, values, tie = _gather_matches(m_rows, distances[m_rows, m_cols], shard.index[m_cols])
         match_val, match_tie, num_rel = match_table(rows, values, tie, end - start)
         counts = count_at_or_before(distances, shard.index, match_val, match_tie, j_rows, j_cols)

@@ -21,8 +21,9 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
@@ -39,8 +40,9 @@ class TopK:
     distance: torch.Tensor
 
 
-def local_candidates(distances: torch.Tensor, tie: torch.Tensor, junk_rows: torch.Tensor, junk_cols: torch.Tensor,
-                     k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def local_candidates(
+    distances: torch.Tensor, tie: torch.Tensor, junk_rows: torch.Tensor, junk_cols: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """This part's k best kept items per row as flat (row, distance, tie) lists. Overwrites ``distances``."""
     empty = torch.zeros(0, dtype=torch.int64, device=distances.device)
     width = min(k, distances.shape[1])
@@ -54,8 +56,9 @@ def local_candidates(distances: torch.Tensor, tie: torch.Tensor, junk_rows: torc
     return _trim(rows, distances[rows, cols], tie[cols], distances.shape[0], k)
 
 
-def _trim(rows: torch.Tensor, values: torch.Tensor, tie: torch.Tensor, num_rows: int,
-          k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _trim(
+    rows: torch.Tensor, values: torch.Tensor, tie: torch.Tensor, num_rows: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The first k of each row by (distance, tie), as flat lists."""
     val, idx, _ = match_table(rows, values, tie, num_rows)
     val, idx = val[:, :k], idx[:, :k]
@@ -70,7 +73,9 @@ def merge(rows: torch.Tensor, values: torch.Tensor, tie: torch.Tensor, num_query
     packed = torch.cat([packed.new_full((1, 3), -1.0), packed])  # never an empty part
     everything = dist.all_gather_varlen(packed)
     everything = everything[everything[:, 0] >= 0]
-    val, idx, _ = match_table(everything[:, 0].long(), everything[:, 1].to(values.dtype), everything[:, 2].long(), num_query)
+    val, idx, _ = match_table(
+        everything[:, 0].long(), everything[:, 1].to(values.dtype), everything[:, 2].long(), num_query
+    )
     width = val.shape[1]
     if width < k:
         val = torch.cat([val, val.new_full((num_query, k - width), float("inf"))], 1)
@@ -91,8 +96,9 @@ def topk_lists(query: Any, gallery: Any, eval_cfg: Any, env: DistEnv, k: int, *,
     sharded = isinstance(gallery, GalleryShard)
     local = gallery.local if sharded else gallery
     tie = gallery.index if sharded else torch.arange(len(local), device=local.pids.device)
-    chunks = query_chunks(len(query), eval_cfg.query_chunk, rank=0 if sharded else env.rank,
-                          world_size=1 if sharded else env.world_size)
+    chunks = query_chunks(
+        len(query), eval_cfg.query_chunk, rank=0 if sharded else env.rank, world_size=1 if sharded else env.world_size
+    )
     chunk_distance = _chunk_distance(query, gallery, eval_cfg, env, chunks)
     found = []
     for start, end in chunks:
@@ -109,8 +115,9 @@ def topk_lists(query: Any, gallery: Any, eval_cfg: Any, env: DistEnv, k: int, *,
     return merge(rows, values, ties, len(query), k)
 
 
-def _chunk_distance(query: Any, gallery: Any, eval_cfg: Any, env: DistEnv,
-                    chunks: list[tuple[int, int]]) -> Callable[[int, int], torch.Tensor]:
+def _chunk_distance(
+    query: Any, gallery: Any, eval_cfg: Any, env: DistEnv, chunks: list[tuple[int, int]]
+) -> Callable[[int, int], torch.Tensor]:
     from dpm_dist.eval.sharded import GalleryShard, shard_distance_fn
 
     if isinstance(gallery, GalleryShard):
@@ -149,13 +156,14 @@ def official_distance(ranking: list[float], metric: str, reranked: bool) -> list
     return [math.acos(min(1.0, max(-1.0, -value))) for value in ranking]
 
 
-def _id(value: Any) -> Optional[int]:
+def _id(value: Any) -> int | None:
     """A pid or camid as written: None where unknown (negative; dpm-search's images without a parseable name)."""
     return int(value) if int(value) >= 0 else None
 
 
-def write_topk(out_dir: str, query: Any, gallery: Any, eval_cfg: Any, env: DistEnv, *,
-               exclude_junk: bool = True) -> Optional[str]:
+def write_topk(
+    out_dir: str, query: Any, gallery: Any, eval_cfg: Any, env: DistEnv, *, exclude_junk: bool = True
+) -> str | None:
     """Compute the lists (collective) and write them on rank 0; returns the file's path there."""
     if eval_cfg.topk <= 0:
         return None
@@ -167,11 +175,20 @@ def write_topk(out_dir: str, query: Any, gallery: Any, eval_cfg: Any, env: DistE
     records = []
     for q in range(len(query)):
         cols = [position[int(i)] for i in top.index[q].tolist() if i >= 0]
-        records.append({"query": query.keys[q], "pid": _id(query.pids[q]), "camid": _id(query.camids[q]),
-                        "gallery": [items.keys[c] for c in cols], "distance": official_distance(top.distance[q, :len(cols)].tolist(), eval_cfg.distance, eval_cfg.rerank),
-                        "gallery_pid": [_id(items.pids[c]) for c in cols],
-                        "gallery_camid": [_id(items.camids[c]) for c in cols],
-                        "match": [bool(items.pids[c] == query.pids[q] >= 0) for c in cols]})
+        records.append(
+            {
+                "query": query.keys[q],
+                "pid": _id(query.pids[q]),
+                "camid": _id(query.camids[q]),
+                "gallery": [items.keys[c] for c in cols],
+                "distance": official_distance(
+                    top.distance[q, : len(cols)].tolist(), eval_cfg.distance, eval_cfg.rerank
+                ),
+                "gallery_pid": [_id(items.pids[c]) for c in cols],
+                "gallery_camid": [_id(items.camids[c]) for c in cols],
+                "match": [bool(items.pids[c] == query.pids[q] >= 0) for c in cols],
+            }
+        )
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"topk.{eval_cfg.topk_format}")
     if eval_cfg.topk_format == "jsonl":

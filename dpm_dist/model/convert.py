@@ -7,7 +7,7 @@ The command is ``dpm-convert`` (:mod:`dpm_dist.cli.convert`). A written file hol
 from __future__ import annotations
 
 import os
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from dpm_dist.model.dpm import DPMNet, create_model
 from dpm_dist.model.files import save_model_file
@@ -22,13 +22,13 @@ from dpm_dist.model.weights import (
 
 def convert_official_checkpoint(
     src: str,
-    dst: Optional[str] = None,
+    dst: str | None = None,
     *,
     img_size: Sequence[int] = (256, 128),
     stride: Sequence[int] = (11, 11),
     backbone: str = "vit_base_patch16_224",
     tap_blocks: Sequence[int] = (2, 4, 10, 12),
-    num_heads: Optional[int] = None,
+    num_heads: int | None = None,
 ) -> DPMNet:
     """Convert ``src`` (official naming), load it strictly into a freshly built model, optionally save it.
 
@@ -62,6 +62,13 @@ def convert_official_checkpoint(
     )
     load_state_dict_checked(model, state, source=src)
     if dst is not None:
-        meta = dict(facts, img_size=list(img_size), stride=list(stride), backbone=backbone, tap_blocks=list(tap_blocks), source=os.path.abspath(src))
+        meta = dict(
+            facts,
+            img_size=list(img_size),
+            stride=list(stride),
+            backbone=backbone,
+            tap_blocks=list(tap_blocks),
+            source=os.path.abspath(src),
+        )
         save_model_file(model, dst, meta)
     return model

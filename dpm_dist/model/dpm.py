@@ -13,8 +13,9 @@ The backbone is any timm ViT built with ``pretrained=False``; weights come from 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -116,9 +117,11 @@ class ViTBackbone(nn.Module):
         self.blocks = vit.blocks
         self.norm = vit.norm
 
-    def _embed(self, images: torch.Tensor, camids: Optional[torch.Tensor]) -> torch.Tensor:
+    def _embed(self, images: torch.Tensor, camids: torch.Tensor | None) -> torch.Tensor:
         if tuple(images.shape[-2:]) != self.img_size:
-            raise ValueError(f"input images are {tuple(images.shape[-2:])}, the model was built for {self.img_size} (model.img_size)")
+            raise ValueError(
+                f"input images are {tuple(images.shape[-2:])}, the model was built for {self.img_size} (model.img_size)"
+            )
         x = self.patch_embed.proj(images).flatten(2).transpose(1, 2)  # (B, P, D), row-major grid
         x = self.patch_embed.norm(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
@@ -129,11 +132,13 @@ class ViTBackbone(nn.Module):
             exporting = torch.compiler.is_exporting() or torch.jit.is_tracing()
             if not exporting and camids.numel() and (int(camids.min()) < 0 or int(camids.max()) >= self.num_cams):
                 bad = sorted({int(c) for c in camids.tolist() if not 0 <= int(c) < self.num_cams})
-                raise ValueError(f"camera ids {bad} are outside the trained range 0..{self.num_cams - 1} (model.num_cams={self.num_cams})")
+                raise ValueError(
+                    f"camera ids {bad} are outside the trained range 0..{self.num_cams - 1} (model.num_cams={self.num_cams})"
+                )
             x = x + self.sie_coe * self.sie_embed[camids]  # (B, 1, D) broadcast to every token incl. CLS
         return x
 
-    def forward(self, images: torch.Tensor, camids: Optional[torch.Tensor] = None) -> BackboneOutput:
+    def forward(self, images: torch.Tensor, camids: torch.Tensor | None = None) -> BackboneOutput:
         x = self._embed(images, camids)
         taps: list[torch.Tensor] = []
         last = len(self.blocks) - 1
@@ -181,7 +186,9 @@ class DPMNet(nn.Module):
     @property
     def prototypes(self) -> torch.Tensor:
         if self.classifier is None:
-            raise ValueError("the prototypes were taken out of this model (take_prototype_rows): a sharded head holds them")
+            raise ValueError(
+                "the prototypes were taken out of this model (take_prototype_rows): a sharded head holds them"
+            )
         return self.classifier.weight  # (C, D)
 
     def take_prototype_rows(self, start: int, stop: int) -> nn.Parameter:
@@ -194,10 +201,10 @@ class DPMNet(nn.Module):
         self.classifier = None
         return rows
 
-    def encode(self, images: torch.Tensor, camids: Optional[torch.Tensor] = None) -> BackboneOutput:
+    def encode(self, images: torch.Tensor, camids: torch.Tensor | None = None) -> BackboneOutput:
         return self.backbone(images, camids)
 
-    def forward(self, images: torch.Tensor, camids: Optional[torch.Tensor] = None) -> DPMOutput:
+    def forward(self, images: torch.Tensor, camids: torch.Tensor | None = None) -> DPMOutput:
         return self.head(self.encode(images, camids))
 
     def head(self, enc: BackboneOutput) -> DPMOutput:
@@ -222,7 +229,9 @@ def prototype_rows(num_classes: int, rank: int, world_size: int) -> tuple[int, i
     """The rows ``[start, stop)`` of W that ``rank`` owns in a sharded head: contiguous, the first
     ``num_classes % world_size`` ranks one row more (``torch.tensor_split``'s split)."""
     if num_classes < world_size:
-        raise ValueError(f"{num_classes} classes cannot be sharded over {world_size} ranks: every rank needs a prototype")
+        raise ValueError(
+            f"{num_classes} classes cannot be sharded over {world_size} ranks: every rank needs a prototype"
+        )
     base, extra = divmod(num_classes, world_size)
     start = rank * base + min(rank, extra)
     return start, start + base + (rank < extra)
@@ -240,16 +249,18 @@ def create_model(
     sie: bool = True,
     sie_coe: float = 3.0,
     tap_blocks: Sequence[int] = (2, 4, 10, 12),
-    embed_dim: Optional[int] = None,
-    depth: Optional[int] = None,
-    num_heads: Optional[int] = None,
+    embed_dim: int | None = None,
+    depth: int | None = None,
+    num_heads: int | None = None,
 ) -> DPMNet:
     """Build DPM around ``timm.create_model(backbone, pretrained=False)`` (no network access)."""
     import timm
 
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    overrides: dict[str, Any] = {k: v for k, v in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads)) if v is not None}
+    overrides: dict[str, Any] = {
+        k: v for k, v in (("embed_dim", embed_dim), ("depth", depth), ("num_heads", num_heads)) if v is not None
+    }
     vit = timm.create_model(
         backbone,
         pretrained=False,
@@ -261,7 +272,9 @@ def create_model(
     )
     grid = [(int(img_size[i]) - patch_size) // int(stride[i]) + 1 for i in range(2)]
     if min(grid) < 4:
-        raise ValueError(f"token grid {grid[0]}x{grid[1]} is too small for the HMG's two 2x2 max-pools; need >= 4x4 (model.img_size / model.stride)")
+        raise ValueError(
+            f"token grid {grid[0]}x{grid[1]} is too small for the HMG's two 2x2 max-pools; need >= 4x4 (model.img_size / model.stride)"
+        )
     body = ViTBackbone(
         vit,
         img_size=img_size,

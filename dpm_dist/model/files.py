@@ -11,10 +11,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-from typing import Optional
 
 import torch
-
 
 MODEL_BEST, MODEL_FINAL = "model_best.pt", "model_final.pt"  # in a run folder, in the order dpm-eval prefers them
 
@@ -34,7 +32,9 @@ def save_model_file(model: torch.nn.Module | dict[str, torch.Tensor], dst: str, 
     except (OSError, RuntimeError) as err:
         if not is_write_failure(err):
             raise
-        raise OSError(f"writing the model file {dst} failed: {describe_write_failure(err, folder)}; no file was replaced") from err
+        raise OSError(
+            f"writing the model file {dst} failed: {describe_write_failure(err, folder)}; no file was replaced"
+        ) from err
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -42,8 +42,10 @@ def save_model_file(model: torch.nn.Module | dict[str, torch.Tensor], dst: str, 
 
 def is_write_failure(err: BaseException) -> bool:
     """OSError, or torch.save's RuntimeError from its zip writer (which does not raise OSError on a full disk)."""
-    return isinstance(err, OSError) or (isinstance(err, RuntimeError) and any(
-        s in str(err) for s in ("inline_container", "PytorchStreamWriter", "file write failed")))
+    return isinstance(err, OSError) or (
+        isinstance(err, RuntimeError)
+        and any(s in str(err) for s in ("inline_container", "PytorchStreamWriter", "file write failed"))
+    )
 
 
 def describe_write_failure(err: BaseException, folder: str) -> str:
@@ -66,7 +68,7 @@ def describe_write_failure(err: BaseException, folder: str) -> str:
     return f"{why} ({free})"
 
 
-def find_model_file(path: str, *, flag: str = "--checkpoint", verb: str = "evaluating") -> tuple[str, Optional[str]]:
+def find_model_file(path: str, *, flag: str = "--checkpoint", verb: str = "evaluating") -> tuple[str, str | None]:
     """``(model file, note)``: a file as given; a run folder's model_best.pt, else its model_final.pt.
 
     Training-state folders (``checkpoints/``, ``checkpoints/epoch_XXXX``) hold DeepSpeed shards, not a model:
@@ -84,17 +86,22 @@ def find_model_file(path: str, *, flag: str = "--checkpoint", verb: str = "evalu
     run = _run_of_training_state(path)
     if run is not None:
         files = [os.path.join(run, n) for n in (MODEL_BEST, MODEL_FINAL) if os.path.isfile(os.path.join(run, n))]
-        advice = (f"pass {' or '.join(files)}" if files else
-                  f"the run {run} has no model file yet (training writes {MODEL_BEST} at its best evaluation "
-                  f"and {MODEL_FINAL} at the end)")
-        raise ValueError(f"{flag} {path}: a training-state checkpoint folder (DeepSpeed shards), not a model file; "
-                         f"{advice}")
+        advice = (
+            f"pass {' or '.join(files)}"
+            if files
+            else f"the run {run} has no model file yet (training writes {MODEL_BEST} at its best evaluation "
+            f"and {MODEL_FINAL} at the end)"
+        )
+        raise ValueError(
+            f"{flag} {path}: a training-state checkpoint folder (DeepSpeed shards), not a model file; {advice}"
+        )
     what = "an empty folder" if not os.listdir(path) else "a folder"
-    raise FileNotFoundError(f"{flag} {path}: {what} without {MODEL_BEST} or {MODEL_FINAL} (not a run folder); "
-                            f"pass a model file")
+    raise FileNotFoundError(
+        f"{flag} {path}: {what} without {MODEL_BEST} or {MODEL_FINAL} (not a run folder); pass a model file"
+    )
 
 
-def _run_of_training_state(path: str) -> Optional[str]:
+def _run_of_training_state(path: str) -> str | None:
     """The run folder above a ``checkpoints/`` folder or one of its ``epoch_XXXX`` folders, else None."""
     names = set(os.listdir(path))
     if "meta.json" in names and os.path.basename(path).startswith("epoch_"):

@@ -27,13 +27,14 @@ import os
 import pickle
 import re
 import zipfile
-from typing import Any, Mapping, Optional
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-_OFFICIAL_RULES: tuple[tuple[str, Optional[str]], ...] = (
+_OFFICIAL_RULES: tuple[tuple[str, str | None], ...] = (
     (r"^base\.fc\.", None),
     (r"^base\.ConvLayer\.", "mask_gen.layers."),
     (r"^base\.attfc\.", "mask_gen.fc."),
@@ -44,7 +45,12 @@ _OFFICIAL_RULES: tuple[tuple[str, Optional[str]], ...] = (
 
 
 _LEGACY_MAGIC = bytes.fromhex("80028a0a6cfc9c46f9206aa85019")  # pickled magic number of pre-zip torch.save files
-_DPM_KEYS = ("backbone.pos_embed", "backbone.patch_embed.proj.weight", "classifier.weight", "mask_gen.layers.0.0.weight")
+_DPM_KEYS = (
+    "backbone.pos_embed",
+    "backbone.patch_embed.proj.weight",
+    "classifier.weight",
+    "mask_gen.layers.0.0.weight",
+)
 
 
 def load_torch_file(path: str) -> Any:
@@ -58,14 +64,18 @@ def load_torch_file(path: str) -> Any:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"weights file not found: {path}")
     if path.endswith(".npz"):
-        raise ValueError(f"{path}: Google .npz checkpoints are not supported; use the PyTorch jx_vit_base_p16_224 file or a timm state dict")
+        raise ValueError(
+            f"{path}: Google .npz checkpoints are not supported; use the PyTorch jx_vit_base_p16_224 file or a timm state dict"
+        )
     with open(path, "rb") as f:
         head = f.read(len(_LEGACY_MAGIC))
     size = os.path.getsize(path)
     is_zip = head.startswith(b"PK\x03\x04")
     if is_zip and not zipfile.is_zipfile(path):
-        raise ValueError(f"{path}: truncated or damaged torch file (a zip archive without its directory, {size} bytes; "
-                         f"was the copy complete?)")
+        raise ValueError(
+            f"{path}: truncated or damaged torch file (a zip archive without its directory, {size} bytes; "
+            f"was the copy complete?)"
+        )
     if not is_zip and not head.startswith(_LEGACY_MAGIC):
         what = "an empty file" if size == 0 else f"starts with bytes {head[:8].hex(' ')}"
         raise ValueError(f"{path}: not a torch file ({what}; torch.save writes a zip archive)")
@@ -74,12 +84,20 @@ def load_torch_file(path: str) -> Any:
     except pickle.UnpicklingError as err:
         found = re.search(r"GLOBAL (\S+) was not an allowed global", str(err.__context__ or err))
         if found:
-            raise ValueError(f"{path}: not a state dict: the torch file holds a pickled Python object ({found.group(1)}); "
-                             f"re-save its tensors with torch.save(model.state_dict(), ...)") from None
+            raise ValueError(
+                f"{path}: not a state dict: the torch file holds a pickled Python object ({found.group(1)}); "
+                f"re-save its tensors with torch.save(model.state_dict(), ...)"
+            ) from None
         raise ValueError(f"{path}: damaged torch file (its pickle does not load)") from None
     except (RuntimeError, EOFError) as err:
-        reason = re.sub(r"^\[enforce fail at [^\]]*\][ .]*", "", str(err).splitlines()[0])[:120]  # drop the C++ source location
-        kind = "truncated or damaged torch file" if head.startswith(_LEGACY_MAGIC) else "a zip archive but not a torch file"
+        reason = re.sub(r"^\[enforce fail at [^\]]*\][ .]*", "", str(err).splitlines()[0])[
+            :120
+        ]  # drop the C++ source location
+        kind = (
+            "truncated or damaged torch file"
+            if head.startswith(_LEGACY_MAGIC)
+            else "a zip archive but not a torch file"
+        )
         raise ValueError(f"{path}: {kind} ({reason})") from None
 
 
@@ -92,19 +110,25 @@ def _unwrap_state_dict(obj: Any, path: str) -> dict[str, torch.Tensor]:
         if isinstance(obj, Mapping) and wrapper in obj and isinstance(obj[wrapper], Mapping):
             obj = obj[wrapper]
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: not a state dict: the torch file holds a {type(obj).__name__}, not a dict of tensors")
+        raise ValueError(
+            f"{path}: not a state dict: the torch file holds a {type(obj).__name__}, not a dict of tensors"
+        )
     bad = next((k for k, v in obj.items() if not isinstance(v, torch.Tensor)), None)
     if bad is not None:
-        raise ValueError(f"{path}: not a state dict of tensors: key {bad!r} holds a {type(obj[bad]).__name__} "
-                         f"(keys: {_some(list(obj))})")
-    return {k[len("module."):] if k.startswith("module.") else k: v for k, v in obj.items()}
+        raise ValueError(
+            f"{path}: not a state dict of tensors: key {bad!r} holds a {type(obj[bad]).__name__} "
+            f"(keys: {_some(list(obj))})"
+        )
+    return {k[len("module.") :] if k.startswith("module.") else k: v for k, v in obj.items()}
 
 
 def _some(keys: list[str], n: int = 4) -> str:
     return ", ".join(repr(k) for k in keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
 
 
-def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], old_grid: Optional[tuple[int, int]] = None) -> torch.Tensor:
+def resize_pos_embed(
+    pos_embed: torch.Tensor, new_grid: tuple[int, int], old_grid: tuple[int, int] | None = None
+) -> torch.Tensor:
     """Resize a (1, 1+h·w, D) position embedding to ``new_grid`` exactly as docs/method.md §1.4 says.
 
     The class-token slot is kept as is; the grid is resized with bilinear interpolation,
@@ -112,7 +136,7 @@ def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], old_gri
     """
     cls_slot, grid = pos_embed[:, :1], pos_embed[:, 1:]
     if old_grid is None:
-        side = int(math.isqrt(grid.shape[1]))
+        side = math.isqrt(grid.shape[1])
         if side * side != grid.shape[1]:
             raise ValueError(f"pos_embed has {grid.shape[1]} patch slots, not a square grid; pass old_grid")
         old_grid = (side, side)
@@ -125,15 +149,21 @@ def resize_pos_embed(pos_embed: torch.Tensor, new_grid: tuple[int, int], old_gri
     return torch.cat([cls_slot, grid], dim=1)
 
 
-def load_state_dict_checked(module: nn.Module, state: Mapping[str, torch.Tensor], *, source: str, may_be_missing: frozenset[str] = frozenset()) -> None:
+def load_state_dict_checked(
+    module: nn.Module, state: Mapping[str, torch.Tensor], *, source: str, may_be_missing: frozenset[str] = frozenset()
+) -> None:
     """Load ``state`` into ``module``; unknown keys, missing keys and shape mismatches are errors naming the key."""
     own = module.state_dict()
     unknown = sorted(k for k in state if k not in own)
     if unknown:
-        raise ValueError(f"{source}: unknown key(s) {unknown[:8]}{' ...' if len(unknown) > 8 else ''} (not in the model)")
+        raise ValueError(
+            f"{source}: unknown key(s) {unknown[:8]}{' ...' if len(unknown) > 8 else ''} (not in the model)"
+        )
     for key, value in state.items():
         if tuple(value.shape) != tuple(own[key].shape):
-            raise ValueError(f"{source}: key {key!r} has shape {tuple(value.shape)} in the file but {tuple(own[key].shape)} in the model")
+            raise ValueError(
+                f"{source}: key {key!r} has shape {tuple(value.shape)} in the file but {tuple(own[key].shape)} in the model"
+            )
     missing = sorted(k for k in own if k not in state and k not in may_be_missing)
     if missing:
         raise ValueError(f"{source}: missing key(s) {missing[:8]}{' ...' if len(missing) > 8 else ''}")
@@ -161,7 +191,7 @@ def load_imagenet_vit(model: nn.Module, path: str) -> None:
     load_state_dict_checked(backbone, state, source=path, may_be_missing=frozenset({"sie_embed"}))
 
 
-def official_key(key: str) -> Optional[str]:
+def official_key(key: str) -> str | None:
     """dpm-dist name of an official DPM key, or None for keys that are dropped (``base.fc``)."""
     for pattern, replacement in _OFFICIAL_RULES:
         if re.match(pattern, key):
@@ -177,7 +207,7 @@ def convert_official_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, 
     """Rename an official DPM state dict (``base.*``, ``classifier.weight``, ``bottleneck.*``) to ours."""
     out: dict[str, torch.Tensor] = {}
     for key, value in state.items():
-        key = key[len("module."):] if key.startswith("module.") else key
+        key = key[len("module.") :] if key.startswith("module.") else key
         new = official_key(key)
         if new is not None:
             out[new] = value

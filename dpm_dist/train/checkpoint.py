@@ -28,15 +28,15 @@ import os
 import random
 import shutil
 import signal
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 
 from dpm_dist import dist
 from dpm_dist.data.shards import file_sha256
-from dpm_dist.model.files import describe_write_failure, is_write_failure
 from dpm_dist.dist import DistEnv
+from dpm_dist.model.files import describe_write_failure, is_write_failure
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +65,7 @@ def _write_atomic(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _read_pointer(root: str, name: str) -> Optional[str]:
+def _read_pointer(root: str, name: str) -> str | None:
     path = os.path.join(root, name)
     if not os.path.isfile(path):
         return None
@@ -79,7 +79,8 @@ def _has_manifest(folder: str) -> bool:
 
 # ---- manifests: written last, verified on resume; the hashing is shared out over the ranks ----------------
 
-def _share(sizes: dict[str, int], env: DistEnv, holders: Optional[dict[str, list[int]]] = None) -> list[str]:
+
+def _share(sizes: dict[str, int], env: DistEnv, holders: dict[str, list[int]] | None = None) -> list[str]:
     """This rank's files: the largest first, each to the least loaded rank that holds it (all by default);
     the same answer on every rank."""
     load, mine = [0] * env.world_size, []
@@ -115,8 +116,10 @@ def write_manifest(folder: str, env: DistEnv) -> dict[str, Any]:
         for name, size in seen.items():
             sizes.setdefault(name, size)
             holders.setdefault(name, []).append(rank)
-    mine = {name: {"size": sizes[name], "sha256": file_sha256(os.path.join(folder, name), sync=True)}
-            for name in _share(sizes, env, holders)}
+    mine = {
+        name: {"size": sizes[name], "sha256": file_sha256(os.path.join(folder, name), sync=True)}
+        for name in _share(sizes, env, holders)
+    }
     files = {k: v for part in dist.all_gather_objects(mine) for k, v in part.items()}
     manifest = {"format": 1, "algorithm": "sha256", "files": dict(sorted(files.items()))}
     if env.is_main:
@@ -124,7 +127,7 @@ def write_manifest(folder: str, env: DistEnv) -> dict[str, Any]:
     return manifest
 
 
-def _read_manifest(folder: str) -> tuple[Optional[dict[str, Any]], str]:
+def _read_manifest(folder: str) -> tuple[dict[str, Any] | None, str]:
     path = os.path.join(folder, MANIFEST)
     if not os.path.isfile(path):
         return None, _NO_MANIFEST
@@ -132,7 +135,9 @@ def _read_manifest(folder: str) -> tuple[Optional[dict[str, Any]], str]:
         with open(path) as f:
             manifest = json.load(f)
         files = manifest["files"]
-        if not isinstance(files, dict) or not all(isinstance(v, dict) and {"size", "sha256"} <= v.keys() for v in files.values()):
+        if not isinstance(files, dict) or not all(
+            isinstance(v, dict) and {"size", "sha256"} <= v.keys() for v in files.values()
+        ):
             raise ValueError("no list of files with sizes and hashes")
     except (OSError, ValueError, KeyError, TypeError) as err:
         return None, f"{MANIFEST} is unreadable ({err})"
@@ -158,17 +163,23 @@ def verify(folder: str, env: DistEnv) -> list[str]:
     if manifest is None:
         return [problem]
     files = manifest["files"]
-    mine = [p for p in (_check_file(folder, n, files[n]) for n in _share({n: v["size"] for n, v in files.items()}, env)) if p]
+    mine = [
+        p
+        for p in (_check_file(folder, n, files[n]) for n in _share({n: v["size"] for n, v in files.items()}, env))
+        if p
+    ]
     return sorted(p for part in dist.all_gather_objects(mine) for p in part)
 
 
 def _epoch_folders(root: str) -> list[str]:
     if not os.path.isdir(root):
         return []
-    return sorted((t for t in os.listdir(root) if t.startswith("epoch_") and os.path.isdir(os.path.join(root, t))), reverse=True)
+    return sorted(
+        (t for t in os.listdir(root) if t.startswith("epoch_") and os.path.isdir(os.path.join(root, t))), reverse=True
+    )
 
 
-def find_resumable(root: str, env: DistEnv) -> Optional[dict[str, Any]]:
+def find_resumable(root: str, env: DistEnv) -> dict[str, Any] | None:
     """Meta of the newest checkpoint under ``root`` whose manifest verifies, or None when there is none yet.
 
     A newer folder that fails verification (a truncated, damaged or missing file, or no manifest: a save
@@ -184,14 +195,18 @@ def find_resumable(root: str, env: DistEnv) -> Optional[dict[str, Any]]:
             with open(os.path.join(folder, "meta.json")) as f:
                 meta = json.load(f)
             if failed and env.is_main:
-                log.warning("skipping %s; resuming from %s, the newest checkpoint that verifies", "; ".join(failed), tag)
+                log.warning(
+                    "skipping %s; resuming from %s, the newest checkpoint that verifies", "; ".join(failed), tag
+                )
             if legacy and env.is_main:
                 log.warning("%s was written before checkpoints had manifests: resuming from it unverified", tag)
             return meta
         failed.append(f"{tag}: {', '.join(problems[:3])}{f' (+{len(problems) - 3} more)' if len(problems) > 3 else ''}")
     if failed:
-        raise ValueError(f"no checkpoint in {root} verifies ({'; '.join(failed)}); move the folder away (or set a new "
-                         "log.output_dir) to start over")
+        raise ValueError(
+            f"no checkpoint in {root} verifies ({'; '.join(failed)}); move the folder away (or set a new "
+            "log.output_dir) to start over"
+        )
     return None
 
 
@@ -227,8 +242,9 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(engine: Any, root: str, *, epoch: int, step: int, env: DistEnv, meta: dict[str, Any], keep_last: int,
-         is_best: bool) -> str:
+def save(
+    engine: Any, root: str, *, epoch: int, step: int, env: DistEnv, meta: dict[str, Any], keep_last: int, is_best: bool
+) -> str:
     """Save both engines, RNG and ``meta`` as ``epoch_XXXX``; then move ``latest`` (and ``best``). Collective."""
     tag = tag_for(epoch)
     folder = os.path.join(root, tag)
@@ -243,7 +259,9 @@ def save(engine: Any, root: str, *, epoch: int, step: int, env: DistEnv, meta: d
         if getattr(engine, "head", None) is not None:  # model.classifier=sharded: every rank its own rows
             engine.head.save(folder)
         os.makedirs(os.path.join(folder, "rng"), exist_ok=True)
-        torch.save({"rng": rng_state(), "scalers": engine.scaler_state()}, os.path.join(folder, "rng", f"rank_{env.rank}.pt"))
+        torch.save(
+            {"rng": rng_state(), "scalers": engine.scaler_state()}, os.path.join(folder, "rng", f"rank_{env.rank}.pt")
+        )
         dist.barrier()  # every rank's shards are on disk before the checkpoint is declared complete
         if env.is_main:
             full_meta = dict(meta, epoch=epoch, step=step, world_size=env.world_size, tag=tag, checkpoint_format=FORMAT)
@@ -256,8 +274,9 @@ def save(engine: Any, root: str, *, epoch: int, step: int, env: DistEnv, meta: d
         if env.is_main:
             shutil.rmtree(folder, ignore_errors=True)  # never half a checkpoint, and its space back
         kept = f"{previous} is intact and still the latest" if previous else "there is no earlier checkpoint"
-        raise CheckpointSaveError(f"saving checkpoint {folder} failed: {why}; {kept}; free space and re-run the same command "
-                                  "to resume") from err
+        raise CheckpointSaveError(
+            f"saving checkpoint {folder} failed: {why}; {kept}; free space and re-run the same command to resume"
+        ) from err
     if env.is_main:
         _write_atomic(os.path.join(root, "latest"), tag)
         if is_best:
@@ -276,7 +295,7 @@ def _prune(root: str, keep_last: int) -> None:
             shutil.rmtree(os.path.join(root, tag), ignore_errors=True)
 
 
-def latest_meta(root: str) -> Optional[dict[str, Any]]:
+def latest_meta(root: str) -> dict[str, Any] | None:
     """Meta of the checkpoint ``latest`` names, or None; not verified (for messages: :func:`find_resumable` resumes)."""
     tag = _read_pointer(root, "latest")
     if tag is None:
@@ -292,12 +311,34 @@ def latest_meta(root: str) -> Optional[dict[str, Any]]:
 # execution knobs that keep the update, evaluation, logging and the search. Anything else changes what
 # the weights were trained with, and needs `log.allow_config_change=[field, ...]` (recorded in the run).
 RESUME_MAY_CHANGE = (
-    "name", "optim.epochs", "optim.fused",
-    "data.root", "data.roots", "data.eval_root", "data.train_urls", "data.query_urls", "data.gallery_urls", "data.cache_dir",
-    "data.s3_endpoint", "data.num_workers", "data.pin_memory", "data.persistent_workers", "data.eval_batch_size", "data.verify_sha",
-    "data.skip_corrupt", "data.io_retries", "data.io_backoff_s", "data.io_timeout_s",
-    "engine.deterministic", "engine.compile", "engine.compile_backend", "engine.collective_timeout_s", "engine.max_nonfinite_steps",
-    "eval", "log", "search",
+    "name",
+    "optim.epochs",
+    "optim.fused",
+    "data.root",
+    "data.roots",
+    "data.eval_root",
+    "data.train_urls",
+    "data.query_urls",
+    "data.gallery_urls",
+    "data.cache_dir",
+    "data.s3_endpoint",
+    "data.num_workers",
+    "data.pin_memory",
+    "data.persistent_workers",
+    "data.eval_batch_size",
+    "data.verify_sha",
+    "data.skip_corrupt",
+    "data.io_retries",
+    "data.io_backoff_s",
+    "data.io_timeout_s",
+    "engine.deterministic",
+    "engine.compile",
+    "engine.compile_backend",
+    "engine.collective_timeout_s",
+    "engine.max_nonfinite_steps",
+    "eval",
+    "log",
+    "search",
 )
 _ABSENT = "(absent)"
 
@@ -336,20 +377,27 @@ def config_changes(saved: dict[str, Any], current: dict[str, Any], allow: Any = 
     old.update({k: v for k, v in new.items() if k not in old and k in defaults and defaults[k] == v})
     unknown = [f for f in allow if not any(_covered(k, [f]) for k in new)]
     if unknown:
-        raise ValueError(f"config field `log.allow_config_change`: not a config field: {', '.join(map(repr, unknown))} "
-                         "(expected dotted keys such as loss.alpha)")
-    diff = {k: [old.get(k, _ABSENT), new.get(k, _ABSENT)] for k in sorted(set(old) | set(new))
-            if old.get(k, _ABSENT) != new.get(k, _ABSENT)}
+        raise ValueError(
+            f"config field `log.allow_config_change`: not a config field: {', '.join(map(repr, unknown))} "
+            "(expected dotted keys such as loss.alpha)"
+        )
+    diff = {
+        k: [old.get(k, _ABSENT), new.get(k, _ABSENT)]
+        for k in sorted(set(old) | set(new))
+        if old.get(k, _ABSENT) != new.get(k, _ABSENT)
+    }
     refused = [k for k in diff if not _covered(k, RESUME_MAY_CHANGE) and not _covered(k, allow)]
     if refused:
         listed = "; ".join(f"{k}: {diff[k][0]!r} in the checkpoint, {diff[k][1]!r} now" for k in refused)
-        raise ValueError(f"log.output_dir {current['log']['output_dir']} holds a run trained with another configuration "
-                         f"({listed}); use a new log.output_dir for a new run, or resume with exactly this change "
-                         f"recorded: log.allow_config_change=[{','.join(refused)}]")
+        raise ValueError(
+            f"log.output_dir {current['log']['output_dir']} holds a run trained with another configuration "
+            f"({listed}); use a new log.output_dir for a new run, or resume with exactly this change "
+            f"recorded: log.allow_config_change=[{','.join(refused)}]"
+        )
     return {k: v for k, v in diff.items() if not _covered(k, ("log",))}
 
 
-def resume(engine: Any, root: str, env: DistEnv, meta: Optional[dict[str, Any]] = None) -> Optional[dict[str, Any]]:
+def resume(engine: Any, root: str, env: DistEnv, meta: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Load the checkpoint ``meta`` describes (default: :func:`find_resumable`) into ``engine``; returns its meta
     or None. Collective.
 
@@ -364,15 +412,26 @@ def resume(engine: Any, root: str, env: DistEnv, meta: Optional[dict[str, Any]] 
     folder = os.path.join(root, meta["tag"])
     reshard = meta["world_size"] != env.world_size and engine.cfg.engine.zero_stage > 0
     if reshard and env.is_main:
-        print(f"resharding the ZeRO-{engine.cfg.engine.zero_stage} optimiser state of {meta['tag']} from "
-              f"{meta['world_size']} to {env.world_size} ranks", flush=True)
+        print(
+            f"resharding the ZeRO-{engine.cfg.engine.zero_stage} optimiser state of {meta['tag']} from "
+            f"{meta['world_size']} to {env.world_size} ranks",
+            flush=True,
+        )
     head = getattr(engine, "head", None)
     if head is not None and meta["world_size"] != env.world_size and env.is_main:
-        print(f"resharding the prototype head of {meta['tag']} from {meta['world_size']} to {env.world_size} ranks", flush=True)
+        print(
+            f"resharding the prototype head of {meta['tag']} from {meta['world_size']} to {env.world_size} ranks",
+            flush=True,
+        )
     for name, ds_engine in engine.modules():
         # Another world size: the module weights as saved, then each rank's slice of the whole state.
-        path, _ = ds_engine.load_checkpoint(folder, tag=name, load_module_only=reshard, load_optimizer_states=not reshard,
-                                            load_lr_scheduler_states=False)
+        path, _ = ds_engine.load_checkpoint(
+            folder,
+            tag=name,
+            load_module_only=reshard,
+            load_optimizer_states=not reshard,
+            load_lr_scheduler_states=False,
+        )
         if path is None:
             raise RuntimeError(f"checkpoint {folder}/{name} could not be loaded")
         if reshard:

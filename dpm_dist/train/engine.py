@@ -29,7 +29,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, Iterator, Optional
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -37,8 +38,8 @@ import torch.nn as nn
 from dpm_dist import dist
 from dpm_dist.config import DPMConfig
 from dpm_dist.dist import DistEnv, device_for
-from dpm_dist.train.losses import dpm_loss, masked_arcface_ce
 from dpm_dist.model.dpm import DPMNet
+from dpm_dist.train.losses import dpm_loss, masked_arcface_ce
 from dpm_dist.train.optim import build_optimizers, build_scheduler
 from dpm_dist.train.sharded_head import ShardedHead, gather_rows
 
@@ -115,8 +116,10 @@ class DPMEngine:
         import deepspeed
 
         if cfg.engine.update_mode == "reference" and cfg.engine.zero_stage != 0:
-            raise ValueError("config field `engine.update_mode`: 'reference' computes every gradient in both steps, "
-                             "which ZeRO cannot reduce twice; use engine.zero_stage=0 (or update_mode=exact)")
+            raise ValueError(
+                "config field `engine.update_mode`: 'reference' computes every gradient in both steps, "
+                "which ZeRO cannot reduce twice; use engine.zero_stage=0 (or update_mode=exact)"
+            )
         if cfg.engine.sync_bn:
             if not torch.cuda.is_available():
                 raise ValueError("config field `engine.sync_bn`: SyncBatchNorm needs CUDA devices")
@@ -136,16 +139,32 @@ class DPMEngine:
         ds_cfg = deepspeed_config(cfg, env)
         if cfg.engine.precision not in _AUTOCAST:
             _forget_fp16_autocast()
-        self.main, _, _, _ = deepspeed.initialize(model=model, optimizer=opt_main, model_parameters=self._main_params,
-                                                  config=dict(ds_cfg), dist_init_required=env.distributed)
-        self.mask, _, _, _ = deepspeed.initialize(model=model.mask_gen, optimizer=opt_mask, model_parameters=self._mask_params,
-                                                  config=dict(ds_cfg), dist_init_required=env.distributed)
+        self.main, _, _, _ = deepspeed.initialize(
+            model=model,
+            optimizer=opt_main,
+            model_parameters=self._main_params,
+            config=dict(ds_cfg),
+            dist_init_required=env.distributed,
+        )
+        self.mask, _, _, _ = deepspeed.initialize(
+            model=model.mask_gen,
+            optimizer=opt_mask,
+            model_parameters=self._mask_params,
+            config=dict(ds_cfg),
+            dist_init_required=env.distributed,
+        )
         self.opt_main, self.opt_mask = opt_main, opt_mask
         self.sched_main = build_scheduler(opt_main, cfg.optim)
         self.sched_mask = build_scheduler(opt_mask, cfg.optim) if cfg.optim.schedule_mask_generator else None
         lc = cfg.loss
-        self._loss_args = dict(alpha=lc.alpha, beta=lc.beta, margin=lc.margin, scale=lc.scale, triplet_weight=lc.triplet_weight,
-                               hem_ref_batch=lc.hem_ref_batch if cfg.engine.hem_global_batch else None)
+        self._loss_args = dict(
+            alpha=lc.alpha,
+            beta=lc.beta,
+            margin=lc.margin,
+            scale=lc.scale,
+            triplet_weight=lc.triplet_weight,
+            hem_ref_batch=lc.hem_ref_batch if cfg.engine.hem_global_batch else None,
+        )
         self._buffers = list(self.model.buffers())  # the BN running statistics
         # Skipped (non-finite) iterations: in all (the loop restores it on resume), in a row, why the last one
         # skipped (() when it was applied), and every cause seen in the current streak, in order.
@@ -177,7 +196,7 @@ class DPMEngine:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=dtype)
 
-    def _triplet_inputs(self, feat: torch.Tensor, pids: torch.Tensor) -> dict[str, Optional[torch.Tensor]]:
+    def _triplet_inputs(self, feat: torch.Tensor, pids: torch.Tensor) -> dict[str, torch.Tensor | None]:
         if not (self.cfg.engine.gather_triplet and self.env.distributed):
             return {}
         # Gradient-carrying gather: each rank's features receive the gradient of the global mining.
@@ -189,15 +208,24 @@ class DPMEngine:
             sharded = dict(prototypes=None, id_terms=self.head.classification_terms(out.feat_bn, out.mask, pids))
         else:
             sharded = dict(prototypes=self.model.prototypes)
-        return dpm_loss(feat=out.feat, feat_bn=out.feat_bn, mask=out.mask, attn_logits=out.attn_logits, labels=pids,
-                        **sharded, **self._triplet_inputs(out.feat, pids), **self._loss_args)
+        return dpm_loss(
+            feat=out.feat,
+            feat_bn=out.feat_bn,
+            mask=out.mask,
+            attn_logits=out.attn_logits,
+            labels=pids,
+            **sharded,
+            **self._triplet_inputs(out.feat, pids),
+            **self._loss_args,
+        )
 
     def _step2_masked_ce(self, feat_bn: torch.Tensor, mask: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
         """Step 2's masked ArcFace CE against fixed prototypes (the sharded head's when there is one)."""
         if self.head is not None:
             return self.head.masked_arcface_ce(feat_bn, mask, pids)
-        return masked_arcface_ce(feat_bn, mask, self.model.prototypes.detach(), pids, margin=self.cfg.loss.margin,
-                                 scale=self.cfg.loss.scale)
+        return masked_arcface_ce(
+            feat_bn, mask, self.model.prototypes.detach(), pids, margin=self.cfg.loss.margin, scale=self.cfg.loss.scale
+        )
 
     def step(self, batch: dict[str, Any]) -> dict[str, float]:
         """One DPM iteration: step 1 (everything but the HMG), then step 2 (the HMG only).
@@ -225,8 +253,13 @@ class DPMEngine:
             enc = self.model.encode(images, camids)
             out = self.model.head(enc)
             losses = self._loss(out, pids)
-        main_causes, stop = self._update("main", self.main, self._main_params, losses["loss"],
-                                         {k: v for k, v in losses.items() if k.startswith("loss")})
+        main_causes, stop = self._update(
+            "main",
+            self.main,
+            self._main_params,
+            losses["loss"],
+            {k: v for k, v in losses.items() if k.startswith("loss")},
+        )
         if stop:
             return self._skipped(main_causes, stats, self._metrics(losses, out))
         if self.head is not None:  # fp16 (the only non-stopping cause) is refused with a sharded head
@@ -262,7 +295,9 @@ class DPMEngine:
         self._count(main_causes + mask_causes)  # fp16: GradScaler may have skipped an engine's update
         return self._metrics(losses, out, loss2)
 
-    def _metrics(self, losses: dict[str, torch.Tensor], out: Any, loss2: Optional[torch.Tensor] = None) -> dict[str, float]:
+    def _metrics(
+        self, losses: dict[str, torch.Tensor], out: Any, loss2: torch.Tensor | None = None
+    ) -> dict[str, float]:
         metrics = {k: float(v.detach()) for k, v in losses.items()}
         if loss2 is not None:
             metrics["loss_step2"] = float(loss2.detach())
@@ -272,8 +307,9 @@ class DPMEngine:
             metrics["loss_scale"] = scale
         return metrics
 
-    def _update(self, name: str, ds_engine: Any, params: list[nn.Parameter], loss: torch.Tensor,
-                terms: dict[str, torch.Tensor]) -> tuple[tuple[str, ...], bool]:
+    def _update(
+        self, name: str, ds_engine: Any, params: list[nn.Parameter], loss: torch.Tensor, terms: dict[str, torch.Tensor]
+    ) -> tuple[tuple[str, ...], bool]:
         """Backward + step of one engine, skipped on every rank when one of ``terms`` (on any rank) or the
         gradient norm is non-finite. Returns what was non-finite (``()``: applied) and whether the rest of
         the iteration must be skipped too (not after GradScaler's own skip). Every rank returns the same."""
@@ -309,7 +345,9 @@ class DPMEngine:
             return f"fp16 gradient overflow ({name}: loss scale {scale:g} -> {float(scaler.get_scale()):g})"
         return ""
 
-    def _skipped(self, causes: tuple[str, ...], stats: list[torch.Tensor], metrics: dict[str, float]) -> dict[str, float]:
+    def _skipped(
+        self, causes: tuple[str, ...], stats: list[torch.Tensor], metrics: dict[str, float]
+    ) -> dict[str, float]:
         """A skipped iteration: the BN statistics of its forward put back, then counted."""
         with torch.no_grad():
             for buf, saved in zip(self._buffers, stats):
@@ -331,15 +369,17 @@ class DPMEngine:
     def _scalers(self) -> Iterator[tuple[str, Any]]:
         """The fp16 GradScaler of each engine (DeepSpeed's torch_autocast keeps it out of its checkpoints)."""
         for name, engine in self.modules():
-            scaler = getattr(engine, "torch_autocast_z0_gradscaler", None) or getattr(engine.optimizer, "torch_autocast_gradscaler", None)
+            scaler = getattr(engine, "torch_autocast_z0_gradscaler", None) or getattr(
+                engine.optimizer, "torch_autocast_gradscaler", None
+            )
             if scaler is not None:
                 yield name, scaler
 
-    def loss_scale(self) -> Optional[float]:
+    def loss_scale(self) -> float | None:
         return next((float(scaler.get_scale()) for name, scaler in self._scalers() if name == "main"), None)
 
     # ------------------------------------------------------------------ state
-    def model_state(self) -> Optional[dict[str, torch.Tensor]]:
+    def model_state(self) -> dict[str, torch.Tensor] | None:
         """The whole model's state dict on rank 0 (a sharded head's W gathered into ``classifier.weight``), None
         elsewhere. Collective."""
         weight = self.head.full_weight() if self.head is not None else None
@@ -365,6 +405,7 @@ class DPMEngine:
 
 # ZeRO state on another world size (DeepSpeed internals, so it lives in the one module that imports it).
 
+
 def _zero_rank_files(folder: str) -> list[str]:
     files = [f for f in os.listdir(folder) if f.startswith("zero_pp_rank_") and f.endswith("_optim_states.pt")]
     return [os.path.join(folder, f) for f in sorted(files, key=lambda f: int(f.split("_")[3]))]
@@ -382,8 +423,12 @@ def consolidate_zero_state(folder: str) -> dict[str, dict[str, torch.Tensor]]:
     slice it owns (``param_slice_mappings``); concatenating the slices in rank order gives the whole
     tensor. (DeepSpeed's universal-checkpoint converter does the same but only knows Adam's state.)
     """
-    from deepspeed.checkpoint.constants import (BASE_OPTIMIZER_STATE, OPTIMIZER_STATE_DICT, PARAM_SLICE_MAPPINGS,
-                                                SINGLE_PARTITION_OF_FP32_GROUPS)
+    from deepspeed.checkpoint.constants import (
+        BASE_OPTIMIZER_STATE,
+        OPTIMIZER_STATE_DICT,
+        PARAM_SLICE_MAPPINGS,
+        SINGLE_PARTITION_OF_FP32_GROUPS,
+    )
 
     files = _zero_rank_files(folder)
     if not files:
@@ -406,8 +451,10 @@ def consolidate_zero_state(folder: str) -> dict[str, dict[str, torch.Tensor]]:
                 group_of[name] = group
                 for key, tensor in flat.items():
                     pieces.setdefault(name, {}).setdefault(key, []).append(tensor.narrow(0, frag.start, frag.numel))
-    return {name: {**{key: torch.cat(parts) for key, parts in by_key.items()}, **scalars.get(group_of[name], {})}
-            for name, by_key in pieces.items()}
+    return {
+        name: {**{key: torch.cat(parts) for key, parts in by_key.items()}, **scalars.get(group_of[name], {})}
+        for name, by_key in pieces.items()
+    }
 
 
 def load_resharded_zero_state(ds_engine: Any, folder: str) -> None:
@@ -427,7 +474,9 @@ def load_resharded_zero_state(ds_engine: Any, folder: str) -> None:
             saved.append((p, full[name]))
         flat_keys = sorted({k for _, state in saved for k, v in state.items() if k != "fp32" and _is_flat(v)})
         states = {k: torch.zeros_like(flat) for k in flat_keys}
-        scalars = {k: v.clone() if torch.is_tensor(v) else v for _, state in saved for k, v in state.items() if not _is_flat(v)}
+        scalars = {
+            k: v.clone() if torch.is_tensor(v) else v for _, state in saved for k, v in state.items() if not _is_flat(v)
+        }
         for p, state in saved:
             if p._hp_mapping is None:  # no slice of this parameter lives on this rank
                 continue

@@ -14,7 +14,8 @@ import os
 import random
 import sys
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ from dpm_dist.train import checkpoint
 log = logging.getLogger(__name__)
 
 # report(metrics, epoch, checkpoint_folder): the Ray Tune hook; called on every rank after each eval.
-Reporter = Callable[[dict[str, float], int, Optional[str]], None]
+Reporter = Callable[[dict[str, float], int, str | None], None]
 
 
 def seed_everything(seed: int) -> None:
@@ -37,7 +38,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def check_dataset(cfg: DPMConfig, manifest: dict[str, Any], saved: Optional[dict[str, Any]] = None) -> None:
+def check_dataset(cfg: DPMConfig, manifest: dict[str, Any], saved: dict[str, Any] | None = None) -> None:
     """``data.dataset`` must name the layout the training shards (of every root) were written with (``generic``
     takes any); a resumed run trains on the datasets its checkpoint recorded, in order (their location may change)."""
     from dpm_dist.data.union import same_datasets
@@ -46,12 +47,16 @@ def check_dataset(cfg: DPMConfig, manifest: dict[str, Any], saved: Optional[dict
         written = entry.get("dataset")
         if cfg.data.dataset != "generic" and written and written != cfg.data.dataset:
             where = entry["root"] if cfg.data.roots else cfg.data.root or "data.train_urls"
-            raise ValueError(f"config field `data.dataset`: {cfg.data.dataset!r}, but the shards in {where} were written as "
-                             f"{written!r} (index.json); set data.dataset={written}, or data.dataset=generic for any shards")
+            raise ValueError(
+                f"config field `data.dataset`: {cfg.data.dataset!r}, but the shards in {where} were written as "
+                f"{written!r} (index.json); set data.dataset={written}, or data.dataset=generic for any shards"
+            )
     differ = same_datasets((saved or {}).get("datasets"), manifest["datasets"])
     if differ:
-        raise ValueError(f"config field `data.root{'s' if cfg.data.roots else ''}`: {cfg.log.output_dir} was trained on {differ}; "
-                         "a run resumes on the same datasets in the same order (another location is fine): use a new log.output_dir")
+        raise ValueError(
+            f"config field `data.root{'s' if cfg.data.roots else ''}`: {cfg.log.output_dir} was trained on {differ}; "
+            "a run resumes on the same datasets in the same order (another location is fine): use a new log.output_dir"
+        )
 
 
 def build_engine(cfg: DPMConfig, env: DistEnv, manifest: dict[str, Any]):
@@ -71,8 +76,14 @@ def _progress_bar(cfg: DPMConfig, env: DistEnv, total: int):
     """A tqdm bar with ETA on rank 0 (``log.progress``); a disabled, silent one elsewhere."""
     from tqdm import tqdm
 
-    return tqdm(total=total, disable=not (env.is_main and cfg.log.progress and total), unit="it", file=sys.stderr,
-                mininterval=2.0, dynamic_ncols=True)
+    return tqdm(
+        total=total,
+        disable=not (env.is_main and cfg.log.progress and total),
+        unit="it",
+        file=sys.stderr,
+        mininterval=2.0,
+        dynamic_ncols=True,
+    )
 
 
 def _epoch_steps(cfg: DPMConfig, loader: Any) -> int:
@@ -89,75 +100,122 @@ def _is_count(key: str) -> bool:
     return key.rsplit("/", 1)[-1].startswith("num_")  # <dataset>/num_query too
 
 
-def resume_plan(cfg: DPMConfig, resolved: dict[str, Any], saved: Optional[dict[str, Any]]) -> list[dict[str, Any]]:
+def resume_plan(cfg: DPMConfig, resolved: dict[str, Any], saved: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The run's record of configuration changes, extended by this resume's; raises ``ValueError`` when the
     checkpoint was trained with another configuration (:func:`checkpoint.config_changes`) or past ``optim.epochs``."""
     if saved is None:
         return []
     changes = checkpoint.config_changes(saved.get("config", {}), resolved, cfg.log.allow_config_change)
     if "model.classifier" in changes:
-        raise ValueError(f"config field `model.classifier`: {cfg.log.output_dir} was trained with "
-                         f"{changes['model.classifier'][0]!r}; a run cannot switch between a replicated and a sharded head "
-                         "on resume: use a new log.output_dir")
+        raise ValueError(
+            f"config field `model.classifier`: {cfg.log.output_dir} was trained with "
+            f"{changes['model.classifier'][0]!r}; a run cannot switch between a replicated and a sharded head "
+            "on resume: use a new log.output_dir"
+        )
     if saved["epoch"] > cfg.optim.epochs:
-        raise ValueError(f"config field `optim.epochs`: {cfg.optim.epochs}, but {cfg.log.output_dir} already holds "
-                         f"{saved['tag']} (epoch {saved['epoch']}); set optim.epochs >= {saved['epoch']} or use a new log.output_dir")
+        raise ValueError(
+            f"config field `optim.epochs`: {cfg.optim.epochs}, but {cfg.log.output_dir} already holds "
+            f"{saved['tag']} (epoch {saved['epoch']}); set optim.epochs >= {saved['epoch']} or use a new log.output_dir"
+        )
     history = list(saved.get("config_changes", []))
     return history + [{"after_epoch": saved["epoch"], "changes": changes}] if changes else history
 
 
-def is_finished(cfg: DPMConfig, saved: Optional[dict[str, Any]]) -> bool:
+def is_finished(cfg: DPMConfig, saved: dict[str, Any] | None) -> bool:
     """The last epoch is checkpointed and the run's files were written: re-running changes nothing."""
-    return bool(saved) and saved["epoch"] == cfg.optim.epochs and os.path.isfile(os.path.join(cfg.log.output_dir, "results.json"))
+    return (
+        bool(saved)
+        and saved["epoch"] == cfg.optim.epochs
+        and os.path.isfile(os.path.join(cfg.log.output_dir, "results.json"))
+    )
 
 
 def write_config(out_dir: str, resolved: dict[str, Any], history: list[dict[str, Any]]) -> None:
     """``config.yaml``: the resolved config, headed by the changes made on resume, if any."""
-    lines = [f"# from epoch {h['after_epoch'] + 1}: {k} {old!r} -> {new!r}" for h in history for k, (old, new) in h["changes"].items()]
-    head = "# This run's configuration changed when it was resumed (values below are the latest):\n" + "\n".join(lines) + "\n" if lines else ""
+    lines = [
+        f"# from epoch {h['after_epoch'] + 1}: {k} {old!r} -> {new!r}"
+        for h in history
+        for k, (old, new) in h["changes"].items()
+    ]
+    head = (
+        "# This run's configuration changed when it was resumed (values below are the latest):\n"
+        + "\n".join(lines)
+        + "\n"
+        if lines
+        else ""
+    )
     with open(os.path.join(out_dir, "config.yaml"), "w") as f:
         f.write(head + OmegaConf.to_yaml(OmegaConf.create(resolved)))
 
 
-_HPARAMS = {"alpha": "loss.alpha", "beta": "loss.beta", "margin": "loss.margin", "scale": "loss.scale", "lr": "optim.base_lr",
-            "update_mode": "engine.update_mode"}
+_HPARAMS = {
+    "alpha": "loss.alpha",
+    "beta": "loss.beta",
+    "margin": "loss.margin",
+    "scale": "loss.scale",
+    "lr": "optim.base_lr",
+    "update_mode": "engine.update_mode",
+}
 
 
-def hparams_of(cfg: DPMConfig, resolved: dict[str, Any], history: list[dict[str, Any]], world_size: int) -> dict[str, Any]:
+def hparams_of(
+    cfg: DPMConfig, resolved: dict[str, Any], history: list[dict[str, Any]], world_size: int
+) -> dict[str, Any]:
     """TensorBoard hparams; a value changed on resume reads as its history (``"0.5 -> 0.3 @ epoch 4"``)."""
     flat = checkpoint.flatten(resolved)
     out: dict[str, Any] = {"world_size": world_size}
     for name, key in _HPARAMS.items():
         steps = [(h["after_epoch"] + 1, h["changes"][key]) for h in history if key in h["changes"]]
-        out[name] = flat[key] if not steps else f"{steps[0][1][0]} -> " + " -> ".join(f"{new} @ epoch {e}" for e, (_, new) in steps)
+        out[name] = (
+            flat[key]
+            if not steps
+            else f"{steps[0][1][0]} -> " + " -> ".join(f"{new} @ epoch {e}" for e, (_, new) in steps)
+        )
     return out
 
 
-def print_summary(cfg: DPMConfig, env: DistEnv, manifest: dict[str, Any], steps: int, meta: Optional[dict[str, Any]]) -> None:
+def print_summary(
+    cfg: DPMConfig, env: DistEnv, manifest: dict[str, Any], steps: int, meta: dict[str, Any] | None
+) -> None:
     """The start-up block on rank 0: data, batch, schedule, engine, output folder, fresh or resumed."""
     from dpm_dist.data.union import describe_datasets
 
     if not env.is_main:
         return
     d, e, train_split = cfg.data, cfg.engine, manifest["splits"]["train"]
-    source = d.root or (f"{len(d.roots)} datasets" if len(d.roots) > 1 else d.roots[0] if d.roots else f"{len(d.train_urls)} shard URLs")
-    start = "new run" if not meta else (f"resumed from {meta['tag']} (epoch {meta['epoch']}, step {meta['step']}, "
-                                        f"world size {meta['world_size']})")
-    lines = [f"dpm-train {cfg.name}",
-             f"  data      {d.dataset}: {source} ({train_split['num_samples']} images, {manifest['num_train_ids']} identities, "
-             f"{manifest['num_cams']} cameras; sampler {d.sampler})",
-             *(f"            {line}" for line in describe_datasets(manifest["datasets"])),
-             f"  batch     {d.num_ids} ids x {d.num_instances} images x {env.world_size} rank{'s' if env.distributed else ''} = "
-             f"{d.batch_size * env.world_size} images per step",
-             f"  schedule  {cfg.optim.epochs} epochs x {steps} steps, evaluated every {cfg.eval.period} epochs and at the end",
-             f"  engine    {e.precision}, ZeRO-{e.zero_stage}, update mode {e.update_mode}",
-             f"  output    {cfg.log.output_dir}",
-             f"  start     {start}"]
+    source = d.root or (
+        f"{len(d.roots)} datasets" if len(d.roots) > 1 else d.roots[0] if d.roots else f"{len(d.train_urls)} shard URLs"
+    )
+    start = (
+        "new run"
+        if not meta
+        else (
+            f"resumed from {meta['tag']} (epoch {meta['epoch']}, step {meta['step']}, world size {meta['world_size']})"
+        )
+    )
+    lines = [
+        f"dpm-train {cfg.name}",
+        f"  data      {d.dataset}: {source} ({train_split['num_samples']} images, {manifest['num_train_ids']} identities, "
+        f"{manifest['num_cams']} cameras; sampler {d.sampler})",
+        *(f"            {line}" for line in describe_datasets(manifest["datasets"])),
+        f"  batch     {d.num_ids} ids x {d.num_instances} images x {env.world_size} rank{'s' if env.distributed else ''} = "
+        f"{d.batch_size * env.world_size} images per step",
+        f"  schedule  {cfg.optim.epochs} epochs x {steps} steps, evaluated every {cfg.eval.period} epochs and at the end",
+        f"  engine    {e.precision}, ZeRO-{e.zero_stage}, update mode {e.update_mode}",
+        f"  output    {cfg.log.output_dir}",
+        f"  start     {start}",
+    ]
     print("\n".join(lines), flush=True)
 
 
-def _file_meta(epoch: int, step: int, results: dict[str, float], resolved: dict[str, Any],
-               history: list[dict[str, Any]], datasets: list[dict[str, Any]]) -> dict[str, Any]:
+def _file_meta(
+    epoch: int,
+    step: int,
+    results: dict[str, float],
+    resolved: dict[str, Any],
+    history: list[dict[str, Any]],
+    datasets: list[dict[str, Any]],
+) -> dict[str, Any]:
     meta = {"epoch": epoch, "step": step, "results": results, "config": resolved, "datasets": datasets}
     return dict(meta, config_changes=history) if history else meta
 
@@ -180,14 +238,25 @@ def check_nonfinite(cfg: DPMConfig, env: DistEnv, engine: Any, step: int, ckpt_r
     """Log a skipped step; ``engine.max_nonfinite_steps`` in a row stop the run (on every rank: they agree)."""
     streak, limit = engine.nonfinite_streak, cfg.engine.max_nonfinite_steps
     if env.is_main:
-        log.warning("step %d: update skipped for non-finite %s (%d in a row; engine.max_nonfinite_steps=%d)",
-                    step, ", ".join(engine.last_skip), streak, limit)
+        log.warning(
+            "step %d: update skipped for non-finite %s (%d in a row; engine.max_nonfinite_steps=%d)",
+            step,
+            ", ".join(engine.last_skip),
+            streak,
+            limit,
+        )
     if streak < limit:
         return
     last = checkpoint.latest_meta(ckpt_root)
-    good = f"{last['tag']} (epoch {last['epoch']}, step {last['step']}) in {ckpt_root}" if last else f"none yet ({ckpt_root})"
-    raise ValueError(f"step {step}: {streak} steps in a row skipped for non-finite values ({', '.join(engine.streak_causes)}; "
-                     f"engine.max_nonfinite_steps={limit}); last good checkpoint: {good}")
+    good = (
+        f"{last['tag']} (epoch {last['epoch']}, step {last['step']}) in {ckpt_root}"
+        if last
+        else f"none yet ({ckpt_root})"
+    )
+    raise ValueError(
+        f"step {step}: {streak} steps in a row skipped for non-finite values ({', '.join(engine.streak_causes)}; "
+        f"engine.max_nonfinite_steps={limit}); last good checkpoint: {good}"
+    )
 
 
 def preflight(cfg: DPMConfig) -> None:
@@ -202,7 +271,7 @@ def preflight(cfg: DPMConfig) -> None:
         check_dataset(cfg, load_manifest(cfg.data), saved)
 
 
-def train(cfg: DPMConfig, env: DistEnv, report: Optional[Reporter] = None) -> dict[str, float]:
+def train(cfg: DPMConfig, env: DistEnv, report: Reporter | None = None) -> dict[str, float]:
     """Train (or resume) the run in ``cfg.log.output_dir``; returns the last evaluation's metrics."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -214,8 +283,11 @@ def train(cfg: DPMConfig, env: DistEnv, report: Optional[Reporter] = None) -> di
     history = resume_plan(cfg, resolved, saved)  # before anything is written
     if is_finished(cfg, saved):
         if env.is_main:
-            print(f"{out_dir} is finished ({saved['tag']}, epoch {saved['epoch']} of {cfg.optim.epochs}): nothing to train, "
-                  f"no file changed; a larger optim.epochs extends it", flush=True)
+            print(
+                f"{out_dir} is finished ({saved['tag']}, epoch {saved['epoch']} of {cfg.optim.epochs}): nothing to train, "
+                f"no file changed; a larger optim.epochs extends it",
+                flush=True,
+            )
         return dict(saved.get("results", {}))
     manifest = load_manifest(cfg.data)
     check_dataset(cfg, manifest, saved)
@@ -229,8 +301,15 @@ def train(cfg: DPMConfig, env: DistEnv, report: Optional[Reporter] = None) -> di
         return _run(cfg, env, report, manifest, resolved, history, saved)
 
 
-def _run(cfg: DPMConfig, env: DistEnv, report: Optional[Reporter], manifest: dict[str, Any], resolved: dict[str, Any],
-         history: list[dict[str, Any]], saved: Optional[dict[str, Any]]) -> dict[str, float]:
+def _run(
+    cfg: DPMConfig,
+    env: DistEnv,
+    report: Reporter | None,
+    manifest: dict[str, Any],
+    resolved: dict[str, Any],
+    history: list[dict[str, Any]],
+    saved: dict[str, Any] | None,
+) -> dict[str, float]:
     from dpm_dist.data.loader import TrainLoader
     from dpm_dist.eval.evaluator import evaluate
     from dpm_dist.loggers import build_logger
@@ -279,7 +358,13 @@ def _run(cfg: DPMConfig, env: DistEnv, report: Optional[Reporter], manifest: dic
                     elapsed = max(time.time() - t_epoch, 1e-9)
                     logs = {f"train/{k}": v for k, v in metrics.items()}
                     logs.update({f"lr/{k}": v for k, v in engine.learning_rates().items()})
-                    logs.update({"perf/samples_per_sec": seen / elapsed, "perf/data_time": t_data / (i + 1), "train/epoch": epoch})
+                    logs.update(
+                        {
+                            "perf/samples_per_sec": seen / elapsed,
+                            "perf/data_time": t_data / (i + 1),
+                            "train/epoch": epoch,
+                        }
+                    )
                     logs["train/skipped_steps"] = engine.skipped_steps
                     logger.log(logs, step)
                 if engine.last_skip:
@@ -294,30 +379,61 @@ def _run(cfg: DPMConfig, env: DistEnv, report: Optional[Reporter], manifest: dic
             folder = None
             if epoch % cfg.log.checkpoint_every == 0 or epoch == cfg.optim.epochs or _eval_due(cfg, epoch):
                 skipped = skipped_before + int(dist.all_reduce_sum(torch.tensor([skipped_here])).item())  # collective
-                meta_out = {"best": best, "results": results, "config": resolved, "config_changes": history, "datasets": manifest["datasets"],
-                            "num_skipped_corrupt": skipped, "num_skipped_steps": engine.skipped_steps}
-                folder = checkpoint.save(engine, ckpt_root, epoch=epoch, step=step, env=env, meta=meta_out,
-                                         keep_last=cfg.log.keep_last, is_best=improved and cfg.log.keep_best)
+                meta_out = {
+                    "best": best,
+                    "results": results,
+                    "config": resolved,
+                    "config_changes": history,
+                    "datasets": manifest["datasets"],
+                    "num_skipped_corrupt": skipped,
+                    "num_skipped_steps": engine.skipped_steps,
+                }
+                folder = checkpoint.save(
+                    engine,
+                    ckpt_root,
+                    epoch=epoch,
+                    step=step,
+                    env=env,
+                    meta=meta_out,
+                    keep_last=cfg.log.keep_last,
+                    is_best=improved and cfg.log.keep_best,
+                )
                 if env.is_main and not config_written:  # only now do weights trained with this configuration exist
                     write_config(out_dir, resolved, history)
                     config_written = True
                 if improved and cfg.log.keep_best:
                     state = engine.model_state()  # collective: a sharded head's W is gathered onto rank 0
                     if env.is_main:
-                        save_model_file(state, os.path.join(out_dir, "model_best.pt"), _file_meta(epoch, step, results, resolved, history, manifest["datasets"]))
+                        save_model_file(
+                            state,
+                            os.path.join(out_dir, "model_best.pt"),
+                            _file_meta(epoch, step, results, resolved, history, manifest["datasets"]),
+                        )
             if report is not None and _eval_due(cfg, epoch):
                 report(dict(results, epoch=epoch), epoch, folder)
 
     skipped = skipped_before + int(dist.all_reduce_sum(torch.tensor([skipped_here])).item())  # collective
     state = engine.model_state()  # collective
     if env.is_main:
-        save_model_file(state, os.path.join(out_dir, "model_final.pt"), _file_meta(cfg.optim.epochs, step, results, resolved, history, manifest["datasets"]))
-        summary = {"results": results, "best": best, "epochs": cfg.optim.epochs, "steps": step, "num_skipped_corrupt": skipped,
-                   "datasets": manifest["datasets"],
-                   "num_skipped_steps": engine.skipped_steps}
+        save_model_file(
+            state,
+            os.path.join(out_dir, "model_final.pt"),
+            _file_meta(cfg.optim.epochs, step, results, resolved, history, manifest["datasets"]),
+        )
+        summary = {
+            "results": results,
+            "best": best,
+            "epochs": cfg.optim.epochs,
+            "steps": step,
+            "num_skipped_corrupt": skipped,
+            "datasets": manifest["datasets"],
+            "num_skipped_steps": engine.skipped_steps,
+        }
         with open(os.path.join(out_dir, "results.json"), "w") as f:
             json.dump(dict(summary, config_changes=history) if history else summary, f, indent=2)
-    logger.close(hparams_of(cfg, resolved, history, env.world_size),
-                 {k: v for k, v in results.items() if isinstance(v, float) and not _is_count(k)})
+    logger.close(
+        hparams_of(cfg, resolved, history, env.world_size),
+        {k: v for k, v in results.items() if isinstance(v, float) and not _is_count(k)},
+    )
     dist.barrier()
     return results

@@ -14,7 +14,7 @@ let the engine pass features all-gathered from every rank for the mining.
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -97,8 +97,15 @@ def arcface_target(cos_t: torch.Tensor, *, margin: float) -> torch.Tensor:
     return torch.where(cos_t > th, phi, cos_t - mm)
 
 
-def masked_arcface_ce(feat_bn: torch.Tensor, mask: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor, *,
-                      margin: float, scale: float) -> torch.Tensor:
+def masked_arcface_ce(
+    feat_bn: torch.Tensor,
+    mask: torch.Tensor,
+    prototypes: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    margin: float,
+    scale: float,
+) -> torch.Tensor:
     """CE of the masked ArcFace logits ("L_M-cls"), mean over the batch: the only mask-dependent term.
 
     Args:
@@ -116,7 +123,7 @@ def masked_arcface_ce(feat_bn: torch.Tensor, mask: torch.Tensor, prototypes: tor
     return F.cross_entropy(logits, labels)
 
 
-def hem_loss(attn_logits: torch.Tensor, *, ref_batch: Optional[int] = 64) -> torch.Tensor:
+def hem_loss(attn_logits: torch.Tensor, *, ref_batch: int | None = 64) -> torch.Tensor:
     """Head Enrich Module loss (docs/method.md §3.2): heads pushed towards orthogonal CLS→patch attention.
 
     Rows are normalised as ``A / √(Σ_p A² + 1e-6)``, ``G_b = Â_b Â_bᵀ`` and the per-sample term is
@@ -182,21 +189,42 @@ def soft_margin_triplet(feat: torch.Tensor, labels: torch.Tensor) -> torch.Tenso
     return F.softplus(d_ap - d_an).mean()
 
 
-def classification_terms(feat_bn: torch.Tensor, mask: torch.Tensor, prototypes: torch.Tensor, labels: torch.Tensor, *,
-                         margin: float, scale: float) -> dict[str, torch.Tensor]:
+def classification_terms(
+    feat_bn: torch.Tensor,
+    mask: torch.Tensor,
+    prototypes: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    margin: float,
+    scale: float,
+) -> dict[str, torch.Tensor]:
     """``loss_id`` (plain CE of f_bn·Wᵀ), ``loss_mask_id`` (masked ArcFace CE) and the detached plain ``acc``."""
     logits = _fp32(F.linear(feat_bn, prototypes))  # (B, C) raw dot products: no norm, no scale
-    return {"loss_id": F.cross_entropy(logits, labels),
-            "loss_mask_id": masked_arcface_ce(feat_bn, mask, prototypes, labels, margin=margin, scale=scale),
-            "acc": (logits.detach().argmax(1) == labels).float().mean()}
+    return {
+        "loss_id": F.cross_entropy(logits, labels),
+        "loss_mask_id": masked_arcface_ce(feat_bn, mask, prototypes, labels, margin=margin, scale=scale),
+        "acc": (logits.detach().argmax(1) == labels).float().mean(),
+    }
 
 
-def dpm_loss(*, feat: torch.Tensor, feat_bn: torch.Tensor, mask: torch.Tensor, attn_logits: torch.Tensor,
-             prototypes: Optional[torch.Tensor], labels: torch.Tensor, alpha: float, beta: float, margin: float, scale: float,
-             triplet_weight: float = 1.0, hem_ref_batch: Optional[int] = 64,
-             triplet_feat: Optional[torch.Tensor] = None,
-             triplet_labels: Optional[torch.Tensor] = None,
-             id_terms: Optional[dict[str, torch.Tensor]] = None) -> dict[str, torch.Tensor]:
+def dpm_loss(
+    *,
+    feat: torch.Tensor,
+    feat_bn: torch.Tensor,
+    mask: torch.Tensor,
+    attn_logits: torch.Tensor,
+    prototypes: torch.Tensor | None,
+    labels: torch.Tensor,
+    alpha: float,
+    beta: float,
+    margin: float,
+    scale: float,
+    triplet_weight: float = 1.0,
+    hem_ref_batch: int | None = 64,
+    triplet_feat: torch.Tensor | None = None,
+    triplet_labels: torch.Tensor | None = None,
+    id_terms: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """The full DPM objective (docs/method.md §4.6) and its named terms.
 
     Args:

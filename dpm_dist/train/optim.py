@@ -12,14 +12,22 @@ scheduled by default: the official HMG optimiser runs at a constant lr (``optim.
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn as nn
 
 
-def param_groups(named: Iterable[tuple[str, nn.Parameter]], *, base_lr: float, bias_lr_factor: float, weight_decay: float,
-                 weight_decay_bias: float, all_bias_decay: bool = False) -> list[dict[str, Any]]:
+def param_groups(
+    named: Iterable[tuple[str, nn.Parameter]],
+    *,
+    base_lr: float,
+    bias_lr_factor: float,
+    weight_decay: float,
+    weight_decay_bias: float,
+    all_bias_decay: bool = False,
+) -> list[dict[str, Any]]:
     """SGD groups: weights at ``base_lr``/``weight_decay``; names containing 'bias' at the bias settings.
 
     ``all_bias_decay`` gives every parameter ``weight_decay_bias`` (the official HMG optimiser).
@@ -45,8 +53,12 @@ def build_optimizers(model: nn.Module, optim_cfg: Any) -> tuple[torch.optim.Opti
     """
     mask_ids = {id(p) for p in model.mask_parameters()}
     named = list(model.named_parameters())
-    common = dict(base_lr=optim_cfg.base_lr, bias_lr_factor=optim_cfg.bias_lr_factor, weight_decay=optim_cfg.weight_decay,
-                  weight_decay_bias=optim_cfg.weight_decay_bias)
+    common = dict(
+        base_lr=optim_cfg.base_lr,
+        bias_lr_factor=optim_cfg.bias_lr_factor,
+        weight_decay=optim_cfg.weight_decay,
+        weight_decay_bias=optim_cfg.weight_decay_bias,
+    )
     main = param_groups([(n, p) for n, p in named if id(p) not in mask_ids], **common)
     mask = param_groups([(n, p) for n, p in named if id(p) in mask_ids], all_bias_decay=True, **common)
     return make_optimizer(main, optim_cfg), make_optimizer(mask, optim_cfg)
@@ -59,7 +71,9 @@ def make_optimizer(groups: list[dict[str, Any]], optim_cfg: Any) -> torch.optim.
     fused = {"fused": True} if optim_cfg.fused else {}
     if optim_cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=optim_cfg.base_lr, **fused)
-    return torch.optim.SGD(groups, lr=optim_cfg.base_lr, momentum=optim_cfg.momentum, dampening=0.0, nesterov=False, **fused)
+    return torch.optim.SGD(
+        groups, lr=optim_cfg.base_lr, momentum=optim_cfg.momentum, dampening=0.0, nesterov=False, **fused
+    )
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg: Any):

@@ -37,10 +37,9 @@ the whole W, gathered onto rank 0 (:meth:`ShardedHead.full_weight`).
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
-
 import torch
 import torch.distributed as tdist
 import torch.nn.functional as F
@@ -72,7 +71,7 @@ class _GatherRows(torch.autograd.Function):
         return grad.narrow(0, tdist.get_rank() * ctx.rows, ctx.rows) * ctx.grad_scale, None, None
 
 
-def gather_rows(x: torch.Tensor, world_size: int, *, grad_scale: Optional[float] = None) -> torch.Tensor:
+def gather_rows(x: torch.Tensor, world_size: int, *, grad_scale: float | None = None) -> torch.Tensor:
     """Every rank's ``x`` (the same shape on every rank) concatenated in rank order. Collective.
 
     With autograd, the backward returns to each rank the sum over ranks of its rows' gradient times ``grad_scale``
@@ -91,7 +90,9 @@ def _all_reduce(t: torch.Tensor, op: Any) -> torch.Tensor:
     return t
 
 
-def _targets(labels: torch.Tensor, start: int, width: int, rows: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _targets(
+    labels: torch.Tensor, start: int, width: int, rows: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(N,) "this rank owns the label" and (N, 1) its column among the shard's ``width`` rows, or among ``rows``
     (Partial FC's sorted selection, which holds every owned label); clamped where not owned."""
     mine = (labels >= start) & (labels < start + width)
@@ -108,7 +109,9 @@ class _ShardCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx: Any, logits: torch.Tensor, mine: torch.Tensor, col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        ctx: Any, logits: torch.Tensor, mine: torch.Tensor, col: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         top = _all_reduce(logits.amax(1), tdist.ReduceOp.MAX)
         exp = (logits - top[:, None]).exp()
         total = _all_reduce(exp.sum(1), tdist.ReduceOp.SUM)
@@ -127,8 +130,14 @@ class _ShardCrossEntropy(torch.autograd.Function):
         return grad, None, None
 
 
-def shard_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, start: int, *, width: Optional[int] = None,
-                        rows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def shard_cross_entropy(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    start: int,
+    *,
+    width: int | None = None,
+    rows: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Mean CE over the N rows and their accuracy. The logits' columns are this rank's classes ``start..start+width``,
     or the sampled ``rows`` of them (Partial FC; ``width`` is then the shard's size)."""
     mine, col = _targets(labels, start, logits.shape[1] if width is None else width, rows)
@@ -136,8 +145,17 @@ def shard_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, start: int, 
     return ce.mean(), correct.float().mean()
 
 
-def shard_masked_arcface_ce(feats: torch.Tensor, masks: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, start: int,
-                            *, margin: float, scale: float, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+def shard_masked_arcface_ce(
+    feats: torch.Tensor,
+    masks: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    start: int,
+    *,
+    margin: float,
+    scale: float,
+    rows: torch.Tensor | None = None,
+) -> torch.Tensor:
     """:func:`losses.masked_arcface_ce` of all N gathered rows against this rank's prototype rows (or the sampled ``rows``)."""
     width = weight.shape[0]
     cos = masked_cosine(feats, masks, weight if rows is None else weight.index_select(0, rows))  # (N, C_r) fp32
@@ -182,14 +200,19 @@ class ShardedHead:
         self.start, self.stop = prototype_rows(self.num_classes, env.rank, env.world_size)
         self.weight = model.take_prototype_rows(self.start, self.stop)
         oc = cfg.optim
-        groups = param_groups([("classifier.weight", self.weight)], base_lr=oc.base_lr, bias_lr_factor=oc.bias_lr_factor,
-                              weight_decay=oc.weight_decay, weight_decay_bias=oc.weight_decay_bias)
+        groups = param_groups(
+            [("classifier.weight", self.weight)],
+            base_lr=oc.base_lr,
+            bias_lr_factor=oc.bias_lr_factor,
+            weight_decay=oc.weight_decay,
+            weight_decay_bias=oc.weight_decay_bias,
+        )
         self.optimizer = make_optimizer(groups, oc)
         self.scheduler = build_scheduler(self.optimizer, oc)
         self.margin, self.scale = cfg.loss.margin, cfg.loss.scale
         self.sample_rate, self.seed = cfg.loss.sample_rate, cfg.engine.seed
         self.iteration = 0  # iterations begun (seeds Partial FC's negatives; saved with the shard)
-        self._rows: Optional[torch.Tensor] = None  # this iteration's sampled rows
+        self._rows: torch.Tensor | None = None  # this iteration's sampled rows
 
     # ------------------------------------------------------------------ the two classification terms
     def begin_iteration(self) -> None:
@@ -197,33 +220,46 @@ class ShardedHead:
         self.iteration += 1
         self._rows = None
 
-    def sampled_rows(self, labels: torch.Tensor) -> Optional[torch.Tensor]:
+    def sampled_rows(self, labels: torch.Tensor) -> torch.Tensor | None:
         """This iteration's rows of the shard (None: all of them, ``loss.sample_rate=1``); ``labels`` are global."""
         if self.sample_rate >= 1.0:
             return None
         if self._rows is None:
             gen = torch.Generator().manual_seed(sample_seed(self.seed, self.iteration, self.rank))
-            self._rows = sample_rows(labels, self.start, self.stop - self.start, self.sample_rate, gen).to(self.weight.device)
+            self._rows = sample_rows(labels, self.start, self.stop - self.start, self.sample_rate, gen).to(
+                self.weight.device
+            )
         return self._rows
 
-    def classification_terms(self, feat_bn: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
+    def classification_terms(
+        self, feat_bn: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
         """``loss_id``, ``loss_mask_id`` and ``acc`` over the global batch (the same on every rank). Collective."""
         feats, masks = gather_rows(feat_bn, self.world_size), gather_rows(mask, self.world_size)
         labels = gather_rows(labels, self.world_size)
         rows = self.sampled_rows(labels)
         weight = self.weight if rows is None else self.weight.index_select(0, rows)  # unsampled rows: zero gradient
-        loss_id, acc = shard_cross_entropy(_fp32(F.linear(feats, weight)), labels, self.start, width=self.stop - self.start,
-                                           rows=rows)
-        loss_mask_id = shard_masked_arcface_ce(feats, masks, self.weight, labels, self.start, margin=self.margin,
-                                               scale=self.scale, rows=rows)
+        loss_id, acc = shard_cross_entropy(
+            _fp32(F.linear(feats, weight)), labels, self.start, width=self.stop - self.start, rows=rows
+        )
+        loss_mask_id = shard_masked_arcface_ce(
+            feats, masks, self.weight, labels, self.start, margin=self.margin, scale=self.scale, rows=rows
+        )
         return {"loss_id": loss_id, "loss_mask_id": loss_mask_id, "acc": acc.detach()}
 
     def masked_arcface_ce(self, feat_bn: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Step 2's masked ArcFace CE with W held fixed: only the mask receives a gradient. Collective."""
         labels = gather_rows(labels, self.world_size)
-        return shard_masked_arcface_ce(gather_rows(feat_bn, self.world_size), gather_rows(mask, self.world_size),
-                                       self.weight.detach(), labels, self.start, margin=self.margin, scale=self.scale,
-                                       rows=self.sampled_rows(labels))
+        return shard_masked_arcface_ce(
+            gather_rows(feat_bn, self.world_size),
+            gather_rows(mask, self.world_size),
+            self.weight.detach(),
+            labels,
+            self.start,
+            margin=self.margin,
+            scale=self.scale,
+            rows=self.sampled_rows(labels),
+        )
 
     def step(self) -> None:
         self.optimizer.step()
@@ -239,9 +275,16 @@ class ShardedHead:
     def save(self, folder: str) -> None:
         """This rank's rows, their optimiser state and the iteration count into ``folder/head/rank_<r>.pt``."""
         os.makedirs(os.path.join(folder, HEAD_DIR), exist_ok=True)
-        torch.save({"rows": [self.start, self.stop], "num_classes": self.num_classes, "iteration": self.iteration,
-                    "weight": self.weight.detach().cpu(), "optimizer": self.optimizer.state_dict()},
-                   os.path.join(folder, HEAD_DIR, f"rank_{self.rank}.pt"))
+        torch.save(
+            {
+                "rows": [self.start, self.stop],
+                "num_classes": self.num_classes,
+                "iteration": self.iteration,
+                "weight": self.weight.detach().cpu(),
+                "optimizer": self.optimizer.state_dict(),
+            },
+            os.path.join(folder, HEAD_DIR, f"rank_{self.rank}.pt"),
+        )
 
     def load(self, folder: str, saved_world_size: int) -> None:
         """Rows ``[start, stop)`` and their optimiser state from the shards that ``saved_world_size`` ranks wrote:
@@ -255,8 +298,10 @@ class ShardedHead:
             path = os.path.join(folder, HEAD_DIR, f"rank_{rank}.pt")
             state = torch.load(path, map_location="cpu", mmap=True, weights_only=False)  # mmap: only the slice is read
             if state["num_classes"] != self.num_classes or list(state["rows"]) != [start, stop]:
-                raise ValueError(f"{path}: rows {state['rows']} of {state['num_classes']} classes, expected [{start}, {stop}) "
-                                 f"of {self.num_classes}")
+                raise ValueError(
+                    f"{path}: rows {state['rows']} of {state['num_classes']} classes, expected [{start}, {stop}) "
+                    f"of {self.num_classes}"
+                )
             pieces.append((state, lo - start, hi - lo))
         first = pieces[0][0]
         optim = first["optimizer"]
@@ -268,15 +313,19 @@ class ShardedHead:
         weight = torch.cat([s["weight"].narrow(0, at, n) for s, at, n in pieces])
         with torch.no_grad():
             self.weight.copy_(weight)
-        self.optimizer.load_state_dict({"state": {0: param_state} if param_state else {}, "param_groups": optim["param_groups"]})
+        self.optimizer.load_state_dict(
+            {"state": {0: param_state} if param_state else {}, "param_groups": optim["param_groups"]}
+        )
         self.iteration, self._rows = int(first["iteration"]), None
 
-    def full_weight(self) -> Optional[torch.Tensor]:
+    def full_weight(self) -> torch.Tensor | None:
         """All of W (C × D, on CPU) on rank 0, None elsewhere. Collective."""
         local = self.weight.detach()
         if self.world_size == 1:
             return local.cpu()
-        widths = [b - a for a, b in (prototype_rows(self.num_classes, r, self.world_size) for r in range(self.world_size))]
+        widths = [
+            b - a for a, b in (prototype_rows(self.num_classes, r, self.world_size) for r in range(self.world_size))
+        ]
         padded = torch.zeros(max(widths), local.shape[1], dtype=local.dtype, device=local.device)
         padded[: local.shape[0]] = local
         parts = [torch.empty_like(padded) for _ in widths] if self.rank == 0 else None

@@ -11,7 +11,8 @@ import csv
 import os
 import posixpath
 import re
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -66,9 +67,11 @@ def write_best(best: dict[str, Any], trial: dict[str, Any], out_dir: str, search
     config["search"] = {"metric": best["search"]["metric"], "mode": best["search"]["mode"]}
     config["log"] = dict(best["log"], output_dir=f"runs/{search_name}_best")
     searched = ", ".join(f"{k}={v}" for k, v in trial["overrides"].items())
-    header = (f"# @package _global_\n"
-              f"# dpm-train --config-dir {folder} experiment={BEST_EXPERIMENT}\n"
-              f"# Best trial {trial['trial']} of search {search_name}: {trial['summary']}; {searched}\n")
+    header = (
+        f"# @package _global_\n"
+        f"# dpm-train --config-dir {folder} experiment={BEST_EXPERIMENT}\n"
+        f"# Best trial {trial['trial']} of search {search_name}: {trial['summary']}; {searched}\n"
+    )
     path = os.path.join(folder, "experiment", f"{BEST_EXPERIMENT}.yaml")
     with open(path, "w") as f:
         f.write(header + OmegaConf.to_yaml(OmegaConf.create(config)))
@@ -90,11 +93,15 @@ def failed_trials(grid: Iterable[Any]) -> list[tuple[str, str, str]]:
 def error_line(error: BaseException) -> str:
     """The line of a trial's error a person acts on: the innermost ``SomeError: message`` of its traceback(s)."""
     lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
-    raised = [i for i, ln in enumerate(lines) if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)(\(.*\))?:", ln)]
+    raised = [
+        i for i, ln in enumerate(lines) if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Exit|Interrupt)(\(.*\))?:", ln)
+    ]
     if not raised:
         return lines[0][:300] if lines else type(error).__name__
     line = lines[raised[-1]]
-    if line.endswith(":") and raised[-1] + 1 < len(lines):  # "ControllerError: Training failed due to controller error:"
+    if line.endswith(":") and raised[-1] + 1 < len(
+        lines
+    ):  # "ControllerError: Training failed due to controller error:"
         line = f"{line} {lines[raised[-1] + 1]}"
     return line if len(line) <= 300 else line[:297] + "..."
 
@@ -129,8 +136,14 @@ def results_rows(grid: Iterable[Any], base: dict[str, Any], saved: dict[str, dic
             epochs = int(frame["epoch"].max())
             if status == "TERMINATED":
                 status = "done" if epochs >= max_t else "stopped"
-            row.update(status=status, epochs=epochs, best_epoch=int(best["epoch"]),
-                       mAP=float(best["mAP"]), rank1=float(best["rank1"]), mINP=float(best["mINP"]),
-                       restored_from=int(frame["restored_epoch"].max()))
+            row.update(
+                status=status,
+                epochs=epochs,
+                best_epoch=int(best["epoch"]),
+                mAP=float(best["mAP"]),
+                rank1=float(best["rank1"]),
+                mINP=float(best["mINP"]),
+                restored_from=int(frame["restored_epoch"].max()),
+            )
         rows.append(row)
     return sorted(rows, key=lambda r: -sign * r[metric] if r[metric] is not None else float("inf"))

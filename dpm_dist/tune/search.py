@@ -23,7 +23,7 @@ import posixpath
 import shutil
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any
 
 import ray
 import ray.train
@@ -44,6 +44,7 @@ WORKER_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 
 
 # ---- search space ---------------------------------------------------------------------------------
+
 
 def param_space(space: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Tune domains keyed by dotted config key, from validated ``search.space`` entries."""
@@ -81,10 +82,12 @@ def check_space(base: dict[str, Any]) -> None:
             try:
                 trial_config(base, {key: value})
             except Exception as err:  # schema type errors (OmegaConf) and range checks (ValueError)
-                raise ValueError(f"config field `search.space.{key}`: value {value!r} gives an invalid config: {err}") from err
+                raise ValueError(
+                    f"config field `search.space.{key}`: value {value!r} gives an invalid config: {err}"
+                ) from err
 
 
-def trial_config(base: dict[str, Any], overrides: dict[str, Any], output_dir: Optional[str] = None) -> DPMConfig:
+def trial_config(base: dict[str, Any], overrides: dict[str, Any], output_dir: str | None = None) -> DPMConfig:
     """The validated config of one trial: the resolved base config with the sampled dotted overrides."""
     node = OmegaConf.create(base)
     for key, value in overrides.items():
@@ -96,7 +99,8 @@ def trial_config(base: dict[str, Any], overrides: dict[str, Any], output_dir: Op
 
 # ---- per-worker training function ---------------------------------------------------------------
 
-def _materialize(checkpoint: Optional["ray.train.Checkpoint"], run_dir: str) -> int:
+
+def _materialize(checkpoint: ray.train.Checkpoint | None, run_dir: str) -> int:
     """Rebuild ``run_dir/checkpoints`` from the Ray checkpoint (an ``epoch_XXXX`` folder); its epoch or 0."""
     shutil.rmtree(run_dir, ignore_errors=True)  # stale local state of an earlier attempt on this node
     ckpt_root = os.path.join(run_dir, "checkpoints")
@@ -160,27 +164,35 @@ def train_worker(loop: dict[str, Any]) -> None:
     # Ray made the process group (TorchConfig.timeout_s); DeepSpeed's own groups get the same bound.
     dist.bound_new_groups(datetime.timedelta(seconds=loop["base"]["engine"]["collective_timeout_s"]))
     ctx = ray.train.get_context()
-    env = DistEnv(rank=ctx.get_world_rank(), local_rank=ctx.get_local_rank(), world_size=ctx.get_world_size(),
-                  local_world_size=ctx.get_local_world_size())
+    env = DistEnv(
+        rank=ctx.get_world_rank(),
+        local_rank=ctx.get_local_rank(),
+        world_size=ctx.get_world_size(),
+        local_world_size=ctx.get_local_world_size(),
+    )
     run_dir = os.path.join(loop["local_dir"], f"rank_{env.rank}")
     restored_epoch = _materialize(ray.train.get_checkpoint(), run_dir)
     cfg = trial_config(loop["base"], loop["overrides"], output_dir=run_dir)
 
-    def report(metrics: dict[str, float], epoch: int, folder: Optional[str]) -> None:
+    def report(metrics: dict[str, float], epoch: int, folder: str | None) -> None:
         _maybe_crash(loop, env.rank, epoch)
         checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
         if env.is_main:
             _upload_tensorboard(run_dir)
         extra = {"epoch": epoch, "restored_epoch": restored_epoch, PG_KEY: _placement_group_id()}
-        ray.train.report(dict(metrics, **extra), checkpoint=checkpoint,
-                         checkpoint_dir_name=os.path.basename(folder) if folder else None,
-                         delete_local_checkpoint_after_upload=not env.is_main)
+        ray.train.report(
+            dict(metrics, **extra),
+            checkpoint=checkpoint,
+            checkpoint_dir_name=os.path.basename(folder) if folder else None,
+            delete_local_checkpoint_after_upload=not env.is_main,
+        )
 
     train(cfg, env, report=report)
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
 # ---- per-trial driver (the Tune function) ---------------------------------------------------------
+
 
 def trial_driver(config: dict[str, Any], *, base: dict[str, Any]) -> None:
     """One Tune trial: a Ray Train run whose name and storage stay fixed, so a re-run resumes it."""
@@ -203,18 +215,25 @@ def trial_driver(config: dict[str, Any], *, base: dict[str, Any]) -> None:
         train_loop_config=loop,
         torch_config=TorchConfig(timeout_s=int(base["engine"]["collective_timeout_s"])),  # a lost worker fails fast
         scaling_config=ray.train.ScalingConfig(
-            num_workers=search["workers_per_trial"], use_gpu=search["gpus_per_worker"] > 0,
-            resources_per_worker=_worker_resources(search)),
+            num_workers=search["workers_per_trial"],
+            use_gpu=search["gpus_per_worker"] > 0,
+            resources_per_worker=_worker_resources(search),
+        ),
         run_config=ray.train.RunConfig(
-            name="train", storage_path=storage.trial_fs_path, storage_filesystem=storage.storage_filesystem,
+            name="train",
+            storage_path=storage.trial_fs_path,
+            storage_filesystem=storage.storage_filesystem,
             # A worker group that cannot get its resources fails the trial after a few timed-out starts
             # (Ray's default, -1, retries forever: the hang of an over-committed cluster).
-            failure_config=ray.train.FailureConfig(max_failures=search["max_failures"],
-                                                   controller_failure_limit=search["worker_start_retries"]),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute=search["metric"],
-                                                         checkpoint_score_order=search["mode"]),
+            failure_config=ray.train.FailureConfig(
+                max_failures=search["max_failures"], controller_failure_limit=search["worker_start_retries"]
+            ),
+            checkpoint_config=ray.train.CheckpointConfig(
+                num_to_keep=2, checkpoint_score_attribute=search["metric"], checkpoint_score_order=search["mode"]
+            ),
             callbacks=[TuneReportCallback()],
-            worker_runtime_env={"env_vars": env_vars}),
+            worker_runtime_env={"env_vars": env_vars},
+        ),
     )
     trainer.fit()
 
@@ -235,17 +254,22 @@ def concurrent_trials(search: dict[str, Any], cluster: dict[str, float]) -> int:
     if search["max_concurrent_trials"] > 0:
         return int(search["max_concurrent_trials"])
     workers = search["workers_per_trial"]
-    need = {"CPU": search["driver_cpus"] + workers * search["cpus_per_worker"],
-            "GPU": workers * search["gpus_per_worker"]}
+    need = {
+        "CPU": search["driver_cpus"] + workers * search["cpus_per_worker"],
+        "GPU": workers * search["gpus_per_worker"],
+    }
     fits = [int(cluster.get(kind, 0) // amount) for kind, amount in need.items() if amount > 0]
     if fits and min(fits) < 1:
-        raise ValueError(f"config field `search.workers_per_trial`: one trial needs {need['CPU']:g} CPUs and "
-                         f"{need['GPU']:g} GPUs (driver_cpus + workers_per_trial × cpus/gpus_per_worker) but the Ray "
-                         f"cluster has {cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs")
+        raise ValueError(
+            f"config field `search.workers_per_trial`: one trial needs {need['CPU']:g} CPUs and "
+            f"{need['GPU']:g} GPUs (driver_cpus + workers_per_trial × cpus/gpus_per_worker) but the Ray "
+            f"cluster has {cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs"
+        )
     return max(1, min(fits)) if fits else 1
 
 
 # ---- the search ------------------------------------------------------------------------------------
+
 
 def storage_of(search: dict[str, Any]) -> tuple[str, Any]:
     """(storage path, pyarrow filesystem or None) for ``search.storage_path`` (local path or s3://)."""
@@ -258,7 +282,7 @@ def storage_of(search: dict[str, Any]) -> tuple[str, Any]:
     import s3fs
 
     fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": search["s3_endpoint"]})
-    return path[len("s3://"):], pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
+    return path[len("s3://") :], pyarrow.fs.PyFileSystem(pyarrow.fs.FSSpecHandler(fs))
 
 
 class ReleaseStoppedTrials(ray.tune.Callback):
@@ -330,14 +354,14 @@ class TrialCap(ray.tune.schedulers.TrialScheduler):
         return TrialCap.current_limit
 
     @property
-    def metric(self) -> Optional[str]:
+    def metric(self) -> str | None:
         return self.base.metric
 
     @property
     def supports_buffered_results(self) -> bool:
         return self.base.supports_buffered_results
 
-    def set_search_properties(self, metric: Optional[str], mode: Optional[str], **spec: Any) -> bool:
+    def set_search_properties(self, metric: str | None, mode: str | None, **spec: Any) -> bool:
         return self.base.set_search_properties(metric, mode, **spec)
 
     def _active(self, controller: Any, other_than: Any = None) -> int:
@@ -380,7 +404,7 @@ def experiment_path(search: dict[str, Any]) -> tuple[str, Any]:
     return posixpath.join(storage_path, search["name"]), fs
 
 
-def build_tuner(base: dict[str, Any]) -> "ray.tune.Tuner":
+def build_tuner(base: dict[str, Any]) -> ray.tune.Tuner:
     """A new Tuner, or the interrupted one restored from storage (finished trials are not redone).
 
     A restored Tuner keeps the TuneConfig pickled by the first run (searcher, scheduler with its
@@ -390,26 +414,45 @@ def build_tuner(base: dict[str, Any]) -> "ray.tune.Tuner":
     search = base["search"]
     limit = concurrent_trials(search, ray.cluster_resources())  # a ValueError before any trial starts
     TrialCap.current_limit = limit
-    print(f"dpm-tune: at most {limit} trial(s) at once ({'search.max_concurrent_trials' if search['max_concurrent_trials'] else 'what the cluster holds'})",
-          flush=True)
+    print(
+        f"dpm-tune: at most {limit} trial(s) at once ({'search.max_concurrent_trials' if search['max_concurrent_trials'] else 'what the cluster holds'})",
+        flush=True,
+    )
     storage_path, fs = storage_of(search)
-    trainable = ray.tune.with_resources(ray.tune.with_parameters(trial_driver, base=base), {"cpu": search["driver_cpus"]})
+    trainable = ray.tune.with_resources(
+        ray.tune.with_parameters(trial_driver, base=base), {"cpu": search["driver_cpus"]}
+    )
     experiment, _ = experiment_path(search)
     if ray.tune.Tuner.can_restore(experiment, storage_filesystem=fs):
         print(f"dpm-tune: resuming {experiment}", flush=True)
-        return ray.tune.Tuner.restore(experiment, trainable, resume_unfinished=True, resume_errored=True,
-                                      restart_errored=False, storage_filesystem=fs)
+        return ray.tune.Tuner.restore(
+            experiment,
+            trainable,
+            resume_unfinished=True,
+            resume_errored=True,
+            restart_errored=False,
+            storage_filesystem=fs,
+        )
     return ray.tune.Tuner(
         trainable,
         param_space=param_space(search["space"]),
         tune_config=ray.tune.TuneConfig(
-            metric=search["metric"], mode=search["mode"], num_samples=search["num_samples"],
+            metric=search["metric"],
+            mode=search["mode"],
+            num_samples=search["num_samples"],
             search_alg=_searcher(search, limit),
             scheduler=TrialCap(_scheduler(search, base["optim"]["epochs"])),
-            trial_dirname_creator=_trial_dirname, trial_name_creator=_trial_dirname),
-        run_config=ray.tune.RunConfig(name=search["name"], storage_path=storage_path, storage_filesystem=fs,
-                                      failure_config=ray.tune.FailureConfig(max_failures=0), verbose=2,
-                                      callbacks=[ReleaseStoppedTrials(), ShowTrialStarts()]),
+            trial_dirname_creator=_trial_dirname,
+            trial_name_creator=_trial_dirname,
+        ),
+        run_config=ray.tune.RunConfig(
+            name=search["name"],
+            storage_path=storage_path,
+            storage_filesystem=fs,
+            failure_config=ray.tune.FailureConfig(max_failures=0),
+            verbose=2,
+            callbacks=[ReleaseStoppedTrials(), ShowTrialStarts()],
+        ),
     )
 
 
@@ -428,9 +471,12 @@ def _searcher(search: dict[str, Any], max_concurrent: int) -> Any:
 def _scheduler(search: dict[str, Any], epochs: int) -> Any:
     if search["scheduler"] == "fifo":
         return ray.tune.schedulers.FIFOScheduler()
-    return ray.tune.schedulers.ASHAScheduler(time_attr="epoch", max_t=search["max_t"] or epochs,
-                                             grace_period=search["grace_period"],
-                                             reduction_factor=search["reduction_factor"])
+    return ray.tune.schedulers.ASHAScheduler(
+        time_attr="epoch",
+        max_t=search["max_t"] or epochs,
+        grace_period=search["grace_period"],
+        reduction_factor=search["reduction_factor"],
+    )
 
 
 def connect(search: dict[str, Any]) -> None:
@@ -445,7 +491,7 @@ def connect(search: dict[str, Any]) -> None:
         ray.init(num_cpus=search["num_cpus"] or None, include_dashboard=False)
 
 
-def run_search(base: dict[str, Any]) -> "ray.tune.ResultGrid":
+def run_search(base: dict[str, Any]) -> ray.tune.ResultGrid:
     """Validate the space, run (or resume) the search, and return Tune's results.
 
     The workers' scratch folders on this node are removed at the end, whatever the outcome: a resumed
@@ -488,7 +534,8 @@ def saved_trials(search: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 # ---- results ---------------------------------------------------------------------------------------
 
-def best_trial(rows: list[dict[str, Any]], base: dict[str, Any]) -> Optional[tuple[dict[str, Any], dict[str, Any]]]:
+
+def best_trial(rows: list[dict[str, Any]], base: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """(full resolved config, trial summary) of the first row of :func:`dpm_dist.tune.results.results_rows`, or None."""
     search = base["search"]
     if not rows or rows[0][search["metric"]] is None:
@@ -500,7 +547,7 @@ def best_trial(rows: list[dict[str, Any]], base: dict[str, Any]) -> Optional[tup
     return config, {"trial": row["trial"], "overrides": overrides, "summary": summary}
 
 
-def publish_results(local_dir: str, search: dict[str, Any]) -> Optional[str]:
+def publish_results(local_dir: str, search: dict[str, Any]) -> str | None:
     """Copy results.csv and best/ into ``<storage>/<name>/results`` when the storage is remote; its URI."""
     import pyarrow.fs
 
