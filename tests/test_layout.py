@@ -20,7 +20,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dpm_dist"
 SUBPACKAGES = {"cli", "data", "deploy", "eval", "model", "train", "tune"}
-TOP_LEVEL = {"__init__", "config", "dist", "loggers"}
+TOP_LEVEL = {"__init__", "config", "dist", "fsio", "loggers"}
 
 
 def _module_name(path: Path) -> str:
@@ -49,9 +49,13 @@ MODULES = {_module_name(p): _imports(p) for p in sorted(PACKAGE.rglob("*.py"))}
 
 
 def _offenders(importers: str, forbidden: tuple[str, ...]) -> list[str]:
-    return [f"{mod} imports {name}" for mod, names in MODULES.items()
-            if mod == importers or mod.startswith(importers + ".")
-            for name in sorted(names) if any(name == f or name.startswith(f + ".") for f in forbidden)]
+    return [
+        f"{mod} imports {name}"
+        for mod, names in MODULES.items()
+        if mod == importers or mod.startswith(importers + ".")
+        for name in sorted(names)
+        if any(name == f or name.startswith(f + ".") for f in forbidden)
+    ]
 
 
 def test_the_rule_checker_sees_lazy_and_relative_imports(tmp_path):
@@ -67,18 +71,36 @@ def test_layout_is_one_subpackage_per_stage_each_with_a_docstring():
     assert found == SUBPACKAGES
     for name in SUBPACKAGES:
         doc = ast.get_docstring(ast.parse((PACKAGE / name / "__init__.py").read_text()))
-        assert doc and ("Must not" in doc or "Nothing outside" in doc), f"dpm_dist/{name}/__init__.py: say what it owns and must not import"
+        assert doc and ("Must not" in doc or "Nothing outside" in doc), (
+            f"dpm_dist/{name}/__init__.py: say what it owns and must not import"
+        )
 
 
 def test_model_is_pure_torch():
-    assert not _offenders("dpm_dist.model", ("torch.distributed", "deepspeed", "ray", "hydra", "omegaconf", "dpm_dist.config",
-                                             "dpm_dist.dist", "dpm_dist.data", "dpm_dist.train", "dpm_dist.eval",
-                                             "dpm_dist.tune", "dpm_dist.cli"))
+    assert not _offenders(
+        "dpm_dist.model",
+        (
+            "torch.distributed",
+            "deepspeed",
+            "ray",
+            "hydra",
+            "omegaconf",
+            "dpm_dist.config",
+            "dpm_dist.dist",
+            "dpm_dist.data",
+            "dpm_dist.train",
+            "dpm_dist.eval",
+            "dpm_dist.tune",
+            "dpm_dist.cli",
+        ),
+    )
 
 
 def test_data_imports_no_model_training_or_evaluation_code():
-    assert not _offenders("dpm_dist.data", ("dpm_dist.model", "dpm_dist.train", "dpm_dist.eval", "dpm_dist.tune",
-                                            "dpm_dist.cli", "deepspeed", "ray"))
+    assert not _offenders(
+        "dpm_dist.data",
+        ("dpm_dist.model", "dpm_dist.train", "dpm_dist.eval", "dpm_dist.tune", "dpm_dist.cli", "deepspeed", "ray"),
+    )
 
 
 def test_eval_and_train_stay_out_of_each_other_and_of_ray():
@@ -86,21 +108,28 @@ def test_eval_and_train_stay_out_of_each_other_and_of_ray():
     assert not _offenders("dpm_dist.train", ("dpm_dist.tune", "dpm_dist.cli", "ray"))
 
 
-@pytest.mark.parametrize("framework, allowed", [
-    ("deepspeed", ("dpm_dist.train.engine",)),
-    ("ray", ("dpm_dist.tune",)),
-    ("hydra", ("dpm_dist.cli", "dpm_dist.config")),
-    ("torch.utils.tensorboard", ("dpm_dist.loggers",)),
-])
+@pytest.mark.parametrize(
+    "framework, allowed",
+    [
+        ("deepspeed", ("dpm_dist.train.engine",)),
+        ("ray", ("dpm_dist.tune",)),
+        ("hydra", ("dpm_dist.cli", "dpm_dist.config")),
+        ("torch.utils.tensorboard", ("dpm_dist.loggers",)),
+    ],
+)
 def test_each_heavy_framework_is_imported_in_one_place(framework, allowed):
-    users = [line for line in _offenders("dpm_dist", (framework,))
-             if not any(line.split()[0] == a or line.split()[0].startswith(a + ".") for a in allowed)]
+    users = [
+        line
+        for line in _offenders("dpm_dist", (framework,))
+        if not any(line.split()[0] == a or line.split()[0].startswith(a + ".") for a in allowed)
+    ]
     assert not users
 
 
 def test_deploy_imports_no_training_search_or_command_line_code():
-    assert not _offenders("dpm_dist.deploy", ("dpm_dist.train", "dpm_dist.tune", "dpm_dist.cli", "deepspeed", "ray",
-                                              "hydra", "omegaconf"))
+    assert not _offenders(
+        "dpm_dist.deploy", ("dpm_dist.train", "dpm_dist.tune", "dpm_dist.cli", "deepspeed", "ray", "hydra", "omegaconf")
+    )
 
 
 LAZY_TOP_LEVEL = {"dpm_dist": {"dpm_dist.deploy.loading", "dpm_dist.deploy.loading.load_model"}}  # __getattr__
@@ -118,13 +147,32 @@ def test_load_model_is_public_and_lazy():
     import subprocess
     import sys
 
-    code = ("import sys, dpm_dist; heavy = [m for m in ('torch', 'dpm_dist.deploy') if m in sys.modules]; "
-            "assert not heavy, heavy; from dpm_dist import load_model; assert load_model.__module__ == 'dpm_dist.deploy.loading'")
+    code = (
+        "import sys, dpm_dist; heavy = [m for m in ('torch', 'dpm_dist.deploy') if m in sys.modules]; "
+        "assert not heavy, heavy; from dpm_dist import load_model; assert load_model.__module__ == 'dpm_dist.deploy.loading'"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
 
 
-@pytest.mark.parametrize("old", ["cli.main", "eval_cli", "tune_cli", "shards_cli", "evaluator", "retrieval", "engine",
-                                 "losses", "loader", "weights", "convert", "visualize", "checkpoint", "model.create_model"])
+@pytest.mark.parametrize(
+    "old",
+    [
+        "cli.main",
+        "eval_cli",
+        "tune_cli",
+        "shards_cli",
+        "evaluator",
+        "retrieval",
+        "engine",
+        "losses",
+        "loader",
+        "weights",
+        "convert",
+        "visualize",
+        "checkpoint",
+        "model.create_model",
+    ],
+)
 def test_the_old_flat_module_paths_are_gone(old):
     name = "dpm_dist." + old
     if "." in old:  # a former module that is now a package must not re-export the old names
@@ -132,4 +180,3 @@ def test_the_old_flat_module_paths_are_gone(old):
         assert not hasattr(importlib.import_module(pkg), attr)
     else:
         assert importlib.util.find_spec(name) is None
-
