@@ -184,6 +184,18 @@ def train_env() -> dict[str, str]:
     return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
+FAULTS_DIR = Path(__file__).parent / "faults"
+
+
+def fault_env(faults: str, **extra: str) -> dict[str, str]:
+    """``train_env()`` plus test-side faults (``tests/faults/sitecustomize.py``): ``faults`` names modules
+    ``tests/faults/fault_<name>.py`` (comma-separated) that patch the product from outside in every Python
+    process of the command (ranks and Ray workers too); ``extra`` are their parameters."""
+    env = train_env()
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(FAULTS_DIR), env.get("PYTHONPATH", "")]))
+    return dict(env, DPM_TEST_FAULTS=faults, **extra)
+
+
 def relative_workdir(folder: Path, shards: Path) -> Path:
     """A working folder outside the repository where ``shards`` is a relative path to the tiny shards."""
     folder.mkdir(parents=True, exist_ok=True)
