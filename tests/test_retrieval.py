@@ -277,3 +277,45 @@ def test_benchmark_reference_way_gives_identical_metrics_in_float64():
     assert ours.keys() == ref.keys()
     assert all(ours[k] == pytest.approx(ref[k], rel=1e-12, abs=1e-15) for k in ref), (ours, ref)
     assert 0.0 < ours["mAP"] < 1.0
+
+
+# --- non-finite and extreme distances (torchreid / fast-reid rank an inf distance last) ---------------------
+
+
+def _with_extremes(dist: torch.Tensor, seed: int) -> torch.Tensor:
+    """``dist`` with some +inf (masked pairs), some -inf, and a few values at float32's extremes."""
+    g = torch.Generator().manual_seed(seed)
+    out = dist.clone()
+    pick = torch.rand(out.shape, generator=g)
+    out[pick < 0.1] = float("inf")
+    out[(pick >= 0.1) & (pick < 0.13)] = float("-inf")
+    out[(pick >= 0.13) & (pick < 0.15)] = 3e38
+    out[(pick >= 0.15) & (pick < 0.17)] = -3e38
+    return out
+
+
+@pytest.mark.parametrize("levels", [None, 3])
+def test_inf_and_float32_extremes_rank_like_a_stable_sort(levels):
+    for seed in range(3):
+        dist, *ids = random_case(seed, levels=levels)
+        dist = _with_extremes(dist, seed)
+        ref = per_query_reference(dist.numpy(), *(a.numpy() for a in ids))
+        assert_same_as_reference(cmc_map_minp(dist, *ids, query_chunk=5), ref)
+        assert_same_as_reference(cmc_map_minp(dist.double(), *ids), ref)
+
+
+def test_one_inf_distance_is_simply_last():
+    dist = torch.tensor([[0.1, float("inf"), 0.3, 0.2]])
+    q_pids, g_pids = torch.tensor([7]), torch.tensor([7, 7, 1, 2])
+    metrics = cmc_map_minp(dist, q_pids, g_pids, torch.tensor([0]), torch.tensor([1, 1, 1, 1]))
+    # matches at ranks 1 and 4 (the inf one last): AP = (1/1 + 2/4) / 2, mINP = 2/4
+    assert metrics.mAP == pytest.approx(0.75) and metrics.mINP == pytest.approx(0.5)
+    assert metrics.cmc[0] == 1.0
+
+
+def test_nan_distances_are_refused_naming_how_many_queries():
+    dist, *ids = random_case(0)
+    dist[[2, 5, 9], [0, 3, 1]] = float("nan")
+    dist[5, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"^3 of 37 queries have NaN distances"):
+        cmc_map_minp(dist, *ids, query_chunk=4)  # the count is over every chunk

@@ -22,6 +22,11 @@ in fast-reid/AGW (#matches / rank of the hardest match). It never sorts a whole 
 function of the ranks of the true matches, and the rank of match t is the number of kept items that
 precede it: a histogram of the items over distance cells, and a binary search of the query's few sorted
 match keys only for the items that share a cell with a match (:class:`_Cells`).
+
+Non-finite distances. ``+inf`` ranks last and ``-inf`` first (callers mask pairs with them), ties broken by the
+gallery index as for finite values, and any finite range (float32 rows spanning -3e38..3e38 included) is ranked
+exactly; a NaN distance has no place in a ranking and is refused (:class:`NonFiniteDistanceError`, naming how
+many queries have one: a diverged model produces NaN features).
 """
 
 from __future__ import annotations
@@ -249,6 +254,24 @@ def match_table(
     return match_val, match_tie, num_rel
 
 
+class NonFiniteDistanceError(ValueError):
+    """Distances with NaN cannot be ranked; ``num_queries`` query rows hold at least one."""
+
+    def __init__(self, num_queries: int, of: int) -> None:
+        self.num_queries, self.of = num_queries, of
+        super().__init__(
+            f"{num_queries} of {of} queries have NaN distances (non-finite features: a diverged model?); "
+            "nothing was ranked"
+        )
+
+
+def refuse_nan(dist: torch.Tensor) -> None:
+    """Raise :class:`NonFiniteDistanceError` when a row of ``dist`` holds a NaN."""
+    bad = int(torch.isnan(dist).any(1).sum()) if dist.numel() else 0
+    if bad:
+        raise NonFiniteDistanceError(bad, dist.shape[0])
+
+
 def count_at_or_before(
     dist: torch.Tensor,
     tie: torch.Tensor,
@@ -263,10 +286,11 @@ def count_at_or_before(
     (``tie``, one per column). The columns may be any part of the gallery as long as the table lists
     all of each query's matches: counts over disjoint parts add up to the matches' ranks.
     """
+    refuse_nan(dist)
     num_rows, width = match_val.shape
     counts = torch.zeros((num_rows, width + 1), dtype=torch.int64, device=dist.device)
     if dist.numel():
-        cells = _Cells.build(dist, match_val)
+        cells = _Cells.build(dist, match_val, match_tie)
         per_cell = torch.zeros(
             (num_rows, CELLS), dtype=torch.int32, device=dist.device
         )  # items per cell (int32: faster)
@@ -307,27 +331,40 @@ class _Cells:
 
     The chunk's distances are cut into CELLS cells by one non-decreasing map. An item in a cell holding no
     match has exactly the matches of the lower cells ahead of it; only the items of cells
-    holding a match (a few per cent) need a search. The same integers as searching every item.
+    holding a match (a few per cent) need a search. The same integers as searching every item, for any
+    non-decreasing map: when the distances are not all finite or their range overflows their dtype, the map is
+    taken over the finite values in float64 halves (so it cannot overflow or produce NaN) and ``±inf`` fall
+    into the first and last cells, where the exact search orders them.
     """
 
     lo: torch.Tensor
     scale: torch.Tensor
     match_cell: torch.Tensor  # (Q, W) int64: each sorted match's cell (CELLS for padding), non-decreasing
     holds_match: torch.Tensor  # (Q, CELLS) bool
+    wide: bool = False  # the float64-halves map (non-finite values or an overflowing range)
 
     @classmethod
-    def build(cls, dist: torch.Tensor, match_val: torch.Tensor) -> _Cells:
+    def build(cls, dist: torch.Tensor, match_val: torch.Tensor, match_tie: torch.Tensor) -> _Cells:
         lo, hi = dist.min(), dist.max()
         one = torch.ones((), dtype=dist.dtype, device=dist.device)
-        cells = cls(lo, (CELLS / (hi - lo)).clamp_(max=1e30) if bool(hi > lo) else one, match_val.new_empty(0), one)
-        m_cell = cells.of(match_val).masked_fill_(torch.isinf(match_val), CELLS)  # padding (+inf): past every item
+        if bool(torch.isfinite(hi - lo)):
+            cells = cls(lo, (CELLS / (hi - lo)).clamp_(max=1e30) if bool(hi > lo) else one, one, one)
+        else:
+            finite = torch.isfinite(dist)
+            lo = dist.masked_fill(~finite, float("inf")).min().double() / 2 if bool(finite.any()) else one.double()
+            hi = dist.masked_fill(~finite, float("-inf")).max().double() / 2 if bool(finite.any()) else one.double()
+            cells = cls(lo, (CELLS / (hi - lo)).clamp_(max=1e30) if bool(hi > lo) else one.double(), one, one, True)
+        padding = match_tie == torch.iinfo(torch.int64).max  # match_table's padding (+inf): past every item
+        m_cell = cells.of(match_val).masked_fill_(padding, CELLS)
         per_cell = torch.zeros((dist.shape[0], CELLS + 1), dtype=torch.int64, device=dist.device)
         per_cell.scatter_add_(1, m_cell, torch.ones_like(m_cell))
         cells.match_cell, cells.holds_match = m_cell, per_cell[:, :CELLS] > 0
         return cells
 
     def of(self, x: torch.Tensor) -> torch.Tensor:
-        """floor((x - lo)·scale) clamped to the cells: non-decreasing in x."""
+        """floor((x - lo)·scale) clamped to the cells: non-decreasing in x (``±inf`` to the end cells)."""
+        if self.wide:
+            return (x.double() / 2 - self.lo).mul_(self.scale).floor_().clamp_(0, CELLS - 1).long()
         return (x - self.lo).mul_(self.scale).floor_().clamp_(0, CELLS - 1).long()
 
 
@@ -510,11 +547,15 @@ def score_queries(
     """Rank the given query chunks against the whole gallery; ``chunk_distance(start, end)`` gives (end-start, G)."""
     num_gallery = g_pids.numel()
     sums = RankingSums.zeros(q_pids.numel(), effective_max_rank(max_rank, num_gallery), device=g_pids.device)
-    for start, end in chunks:
-        ranks, num_rel = match_ranks(
-            chunk_distance(start, end), q_pids[start:end], g_pids, q_camids[start:end], g_camids
-        )
-        sums.add_(ranks, num_rel, start)
+    try:
+        for start, end in chunks:
+            ranks, num_rel = match_ranks(
+                chunk_distance(start, end), q_pids[start:end], g_pids, q_camids[start:end], g_camids
+            )
+            sums.add_(ranks, num_rel, start)
+    except NonFiniteDistanceError:  # name the count over every chunk, not just the first bad one
+        bad = sum(int(torch.isnan(chunk_distance(s, e)).any(1).sum()) for s, e in chunks)
+        raise NonFiniteDistanceError(bad, sum(e - s for s, e in chunks)) from None
     return sums
 
 
