@@ -10,6 +10,9 @@ Defaults are the paper's recipe for Occluded-Duke as the official code runs it (
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -573,11 +576,60 @@ def register_configs() -> None:
     ConfigStore.instance().store(name="dpm_schema", node=DPMConfig)
 
 
+def _section_types(schema: type) -> dict[str, type]:
+    """The fields of dataclass ``schema`` whose type is itself a dataclass (the config sections)."""
+    hints = typing.get_type_hints(schema)
+    return {f.name: hints[f.name] for f in dataclasses.fields(schema) if dataclasses.is_dataclass(hints[f.name])}
+
+
+def schema_fields(schema: type | None = None, prefix: str = "") -> list[str]:
+    """Every dotted field name of the schema (``DPMConfig`` by default), sections and leaves."""
+    schema = schema or DPMConfig
+    sections = _section_types(schema)
+    out = []
+    for f in dataclasses.fields(schema):
+        out.append(prefix + f.name)
+        if f.name in sections:
+            out += schema_fields(sections[f.name], f"{prefix}{f.name}.")
+    return out
+
+
+def unknown_fields(tree: Any, schema: type | None = None, prefix: str = "") -> list[str]:
+    """Dotted keys of the mapping ``tree`` that are not fields of the schema (``+key=...`` typos, stray YAML keys)."""
+    schema = schema or DPMConfig
+    names, sections = {f.name for f in dataclasses.fields(schema)}, _section_types(schema)
+    out = []
+    for key, value in tree.items():
+        if key not in names:
+            out.append(f"{prefix}{key}")
+        elif key in sections and isinstance(value, dict):
+            out += unknown_fields(value, sections[key], f"{prefix}{key}.")
+    return out
+
+
+def did_you_mean(key: str) -> str:
+    """`` (did you mean `x.y`?)`` for the schema field nearest to ``key``, or an empty string."""
+    close = difflib.get_close_matches(key, schema_fields(), n=1, cutoff=0.6)
+    return f" (did you mean `{close[0]}`?)" if close else ""
+
+
+def refuse_unknown_fields(tree: Any) -> None:
+    """ValueError naming each key of ``tree`` that is not a config field, with the nearest valid field."""
+    unknown = unknown_fields(tree)
+    if unknown:
+        named = "; ".join(f"`{key}`{did_you_mean(key)}" for key in unknown)
+        raise ValueError(f"unknown config field {named}: not a field of the typed config (`--cfg job` lists them)")
+
+
 def to_config(cfg: Any) -> DPMConfig:
-    """Validated :class:`DPMConfig` from a composed DictConfig, a plain dict, or a DPMConfig."""
+    """Validated :class:`DPMConfig` from a composed DictConfig, a plain dict, or a DPMConfig.
+
+    A key that is not a field of the schema (e.g. ``+optim.base_lrr=0.1``) is refused, never silently dropped."""
     from omegaconf import OmegaConf
 
     if isinstance(cfg, DPMConfig):
         cfg = OmegaConf.structured(cfg)
+    tree = OmegaConf.to_container(cfg, resolve=False) if OmegaConf.is_config(cfg) else cfg
+    refuse_unknown_fields({k: v for k, v in tree.items() if k != "hydra"})
     merged = OmegaConf.merge(OmegaConf.structured(DPMConfig), cfg)
     return OmegaConf.to_object(merged)  # type: ignore[return-value]

@@ -30,15 +30,83 @@ def insert_override(argv: Sequence[str], override: str) -> list[str]:
     return out
 
 
-def compose_config(overrides: Sequence[str]) -> Any:
-    """``train.yaml`` + overrides, validated into a :class:`~dpm_dist.config.DPMConfig` (works under any launcher)."""
+def compose_config(overrides: Sequence[str], *, config_dir: str | None = None) -> Any:
+    """``train.yaml`` + overrides, validated into a :class:`~dpm_dist.config.DPMConfig` (works under any launcher).
+
+    A mistake in the overrides (an unknown field, with or without ``+``; a value of the wrong type; a preset that
+    does not exist; bad syntax) is a one-line ValueError naming the field (:func:`config_error`)."""
     from hydra import compose, initialize_config_module
 
     from dpm_dist.config import register_configs, to_config
 
     register_configs()
+    extra = [f"hydra.searchpath=[file://{os.path.abspath(config_dir)}]"] if config_dir else []
     with initialize_config_module(config_module=CONFIG_MODULE, version_base="1.3"):
-        return to_config(compose(config_name=CONFIG_NAME, overrides=list(overrides)))
+        try:
+            node = compose(config_name=CONFIG_NAME, overrides=[*overrides, *extra])
+        except Exception as err:
+            raise config_error(err) from err
+    return to_config(node)
+
+
+def check_overrides(argv: Sequence[str]) -> None:
+    """Compose the config a Hydra command line (``dpm-train``/``dpm-tune``) asks for, so that a mistake in it is
+    one line naming the field before ``hydra.main`` prints its own several lines (or its "use +key" advice).
+    Command lines that only ask for help are left to Hydra."""
+    words = list(argv)
+    if any(w in ("--help", "-h", "--hydra-help", "--info", "-i") or w.startswith("--info") for w in words):
+        return
+    config_dir, overrides, skip = None, [], False
+    for i, word in enumerate(words):
+        if skip:
+            skip = False
+        elif word in ("--config-dir", "-cd", "--cfg", "-c", "--package", "-p", "--config-name", "-cn"):
+            skip = True
+            if word in ("--config-dir", "-cd") and i + 1 < len(words):
+                config_dir = words[i + 1]
+        elif word.startswith("--config-dir="):
+            config_dir = word.split("=", 1)[1]
+        elif "=" in word and not word.startswith("-"):
+            overrides.append(word)
+    compose_config(overrides, config_dir=config_dir)
+
+
+def _type_name(key: str) -> str:
+    """The schema's type of the dotted field ``key`` (e.g. ``int``, ``list[int]``), or "" when unknown."""
+    import typing
+
+    from dpm_dist.config import DPMConfig
+
+    node: Any = DPMConfig
+    for part in key.split("."):
+        hints = typing.get_type_hints(node) if dataclasses.is_dataclass(node) else {}
+        if part not in hints:
+            return ""
+        node = hints[part]
+    return getattr(node, "__name__", None) if isinstance(node, type) else str(node).replace("typing.", "")
+
+
+def config_error(err: BaseException) -> ValueError:
+    """One line, naming the field, for an error Hydra or OmegaConf raised while composing the config."""
+    from dpm_dist.config import did_you_mean
+
+    cause = err.__cause__ or err
+    key = getattr(cause, "full_key", None)
+    name = type(cause).__name__
+    first = (getattr(cause, "msg", None) or str(cause) or name).strip().splitlines()[0]
+    if key and name in ("ConfigAttributeError", "ConfigKeyError"):
+        return ValueError(
+            f"unknown config field `{key}`{did_you_mean(key)}: not a field of the typed config (`--cfg job` lists them)"
+        )
+    if key:
+        expected = _type_name(key)
+        return ValueError(f"config field `{key}`{f' (expects {expected})' if expected else ''}: {first}")
+    if name == "MissingConfigException":
+        options = [ln.strip() for ln in str(cause).split("Available options", 1)[-1].splitlines()[1:]]
+        options = [o for o in options if o and not o.startswith(("Config search path", "provider="))]
+        where = first.replace("In 'train': ", "")
+        return ValueError(f"{where} (available: {', '.join(options)})" if options else where)
+    return ValueError(f"config overrides: {first}")
 
 
 # ---- user paths: made absolute where the user typed them, before any launcher, process group or Ray --------
