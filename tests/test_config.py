@@ -123,3 +123,43 @@ def test_every_config_field_is_documented():
         if f"`{f.name}`" not in text
     ]
     assert not missing, f"docs/configuration.md does not name: {', '.join(missing)}"
+
+
+# ---- mistakes in the overrides: one line naming the field, never a silently ignored key ------------------------
+
+
+def test_a_key_added_with_plus_that_is_not_a_field_is_refused_naming_the_nearest_field():
+    with pytest.raises(ValueError) as info:
+        _compose(["+optim.base_lrr=0.1", "+loss.alpah=0.9"])
+    message = str(info.value)
+    assert "`optim.base_lrr` (did you mean `optim.base_lr`?)" in message
+    assert "`loss.alpah` (did you mean `loss.alpha`?)" in message
+    assert "\n" not in message and "+optim" not in message
+
+
+def test_a_plain_dict_with_a_stray_key_is_refused_too():
+    with pytest.raises(ValueError, match=r"unknown config field `data\.rooot` \(did you mean `data\.root`\?\)"):
+        to_config({"data": {"rooot": "x"}})
+    with pytest.raises(ValueError, match=r"unknown config field `nonsense`:"):
+        to_config({"nonsense": 1})
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("optim.base_lrr=0.1", "unknown config field `optim.base_lrr` (did you mean `optim.base_lr`?)"),
+        ("eval.distanse=cosine", "unknown config field `eval.distanse` (did you mean `eval.distance`?)"),
+        ("eval.max_rank=abc", "config field `eval.max_rank` (expects int): Value 'abc'"),
+        ("model.img_size=3", "config field `model.img_size` (expects list[int])"),
+        ("loss.alpha=null", "config field `loss.alpha` (expects float)"),
+        ("experiment=nope", "Could not find 'experiment/nope' (available: dukemtmc, "),
+        ("optim.base_lr=[1", "config overrides: "),
+    ],
+)
+def test_composition_errors_are_one_line_naming_the_field(override, expected):
+    from dpm_dist.cli.common import check_overrides
+
+    with pytest.raises(ValueError) as info:
+        check_overrides(["--cfg", "job", override])
+    assert expected in str(info.value) and "\n" not in str(info.value)
+    assert "To append to your config use" not in str(info.value)
