@@ -55,7 +55,7 @@ class ModelConfig:
     num_cams: int = 0  # 0: taken from the training shards' manifest
     num_classes: int = 0  # 0: taken from the training shards' manifest
     tap_blocks: list[int] = field(default_factory=lambda: [2, 4, 10, 12])  # 1-based
-    pretrained: str | None = None  # local ImageNet ViT file (jx_vit_base_p16_224 or timm state dict)
+    pretrained: str | None = None  # local ImageNet ViT file: jx_vit_base_p16_224 .pth, timm state dict, .safetensors
     classifier: str = (
         "replicated"  # replicated: W on every rank (the paper) | sharded: C/R rows per rank (docs/training.md)
     )

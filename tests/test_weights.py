@@ -252,3 +252,30 @@ def test_convert_command_relative_paths_and_one_line_errors_naming_the_file(tmp_
         )
         assert "Traceback" not in proc.stderr and "weights_only" not in proc.stderr and "mmap" not in proc.stderr
     assert not (tmp_path / "out.pt").exists()
+
+
+def test_load_imagenet_vit_reads_safetensors_like_a_torch_file(tmp_path):
+    """Current timm / Hugging Face ViT weights come as .safetensors: read with the same checks as a .pth."""
+    from safetensors.torch import save_file
+
+    torch_model = create_model(num_classes=5, num_cams=2, img_size=(256, 128), stride=(11, 11), **TINY)
+    safe_model = create_model(num_classes=5, num_cams=2, img_size=(256, 128), stride=(11, 11), **TINY)
+    safe_model.load_state_dict(torch_model.state_dict())
+    state = _imagenet_state(torch_model)
+    torch.save(state, tmp_path / "vit.pth")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    load_imagenet_vit(torch_model, str(tmp_path / "vit.pth"))
+    load_imagenet_vit(safe_model, str(tmp_path / "model.safetensors"))
+    for (name, a), b in zip(torch_model.state_dict().items(), safe_model.state_dict().values()):
+        assert torch.equal(a, b), name
+    bad = {**state, "blocks.1.mlp.fc1.weight": torch.randn(7, 32)}
+    save_file(bad, str(tmp_path / "bad.safetensors"))
+    with pytest.raises(ValueError, match=r"'blocks.1.mlp.fc1.weight' has shape \(7, 32\) in the file"):
+        load_imagenet_vit(safe_model, str(tmp_path / "bad.safetensors"))
+    data = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match=r"cut\.safetensors: truncated or damaged safetensors file"):
+        load_imagenet_vit(safe_model, str(tmp_path / "cut.safetensors"))
+    (tmp_path / "empty.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"empty\.safetensors: not a safetensors file \(an empty file\)"):
+        load_imagenet_vit(safe_model, str(tmp_path / "empty.safetensors"))

@@ -101,7 +101,37 @@ def load_torch_file(path: str) -> Any:
         raise ValueError(f"{path}: {kind} ({reason})") from None
 
 
+def is_safetensors(path: str) -> bool:
+    """``path`` is laid out as a safetensors file: a little-endian u64 header length, then a JSON header."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(9)
+    except OSError:
+        return False
+    return len(head) == 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8
+
+
+def load_safetensors_file(path: str) -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` file (the format current timm / Hugging Face ViT weights come in), errors naming it."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if not is_safetensors(path):
+        size = os.path.getsize(path)
+        raise ValueError(f"{path}: not a safetensors file ({'an empty file' if size == 0 else 'no JSON header'})")
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path, device="cpu")
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ValueError(f"{path}: truncated or damaged safetensors file ({str(err).splitlines()[0][:120]})") from None
+
+
 def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A state dict from a torch file (``torch.save``) or a safetensors file, by content; errors name the file."""
+    if path.endswith(".safetensors") or is_safetensors(path):
+        return _unwrap_state_dict(load_safetensors_file(path), path)
     return _unwrap_state_dict(load_torch_file(path), path)
 
 
@@ -171,7 +201,8 @@ def load_state_dict_checked(
 
 
 def load_imagenet_vit(model: nn.Module, path: str) -> None:
-    """Load ImageNet ViT weights (``jx_vit_base_p16_224-80ecf9dd.pth`` or a timm state dict) into ``model.backbone``.
+    """Load ImageNet ViT weights (``jx_vit_base_p16_224-80ecf9dd.pth``, or a timm state dict as a torch or a
+    ``.safetensors`` file) into ``model.backbone``.
 
     Keys containing ``head`` or ``dist`` are dropped; a 2-D patch weight is reshaped; ``pos_embed``
     is resized to the model's grid. The HMG, SIE, BNNeck and prototypes keep their initialisation.
