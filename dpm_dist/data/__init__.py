@@ -2,7 +2,8 @@
 
 Owns the dataset layouts (``layouts``), reading from local disk, HTTP(S) and S3 (``storage``), the shard
 format and its manifest (``shards``), the synthetic occluded-person set (``synth``), P×K batch formation
-(``sampling``), the image transforms (``transforms``) and the webdataset pipelines (``loader``).
+(``sampling``), the image transforms (``transforms``), the webdataset pipelines (``loader``) and several
+datasets trained as one (``union``: label and camera offsets, the union's manifest).
 
 Must not import model code (``dpm_dist.model``), the engine, the evaluator, Ray or DeepSpeed.
 """
