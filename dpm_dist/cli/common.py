@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
@@ -199,8 +200,21 @@ def run_guarded(prog: str, fn: Callable[[], T], *, on_interrupt: Callable[[], st
         raise SystemExit(2) from None
 
 
+_WORKER = re.compile(r"^Caught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback")
+
+
+def worker_message(text: str) -> str:
+    """The original message of an exception a DataLoader worker raised (torch re-raises it in the main process as
+    "Caught X in DataLoader worker process N." plus the worker's traceback); other text unchanged."""
+    caught = _WORKER.match(text)
+    if not caught:
+        return text
+    last = list(re.finditer(rf"^(?:[\w.]+\.)?{caught.group(1)}: ", text, re.MULTILINE))
+    return text[last[-1].end() :].rstrip("\n") if last else text
+
+
 def _one_line(err: BaseException) -> str:
-    text = str(err) or type(err).__name__
+    text = worker_message(str(err)) or type(err).__name__
     if isinstance(err, OSError) and err.filename and str(err.filename) not in text:
         text = f"{err.filename}: {err.strerror or text}"
     lines = [ln for ln in text.splitlines() if ln.strip()]

@@ -1,0 +1,72 @@
+"""Mistakes a user makes on the command line, and failures inside DataLoader workers: one line naming the culprit
+(field, shard), exit 2, no traceback and none of Hydra's advice. Real commands, run from a folder outside the
+repository with relative paths."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dpm_dist.cli.common import run_guarded, worker_message
+from dpm_dist.data.loader import build_eval_loader
+from dpm_dist.data.shards import read_manifest
+from dpm_dist.data.storage import StorageError
+from dpm_dist.dist import DistEnv
+from tests.test_cli_eval import OVERRIDES, _save_tiny_model, dpm
+from tests.test_loader import data_cfg
+
+
+@pytest.fixture
+def shards_copy(tiny_shards: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "work" / "shards"
+    shutil.copytree(tiny_shards, root)
+    return root
+
+
+def test_an_error_in_a_dataloader_worker_is_reported_by_its_own_message(shards_copy: Path, capsys) -> None:
+    name = read_manifest(str(shards_copy))["splits"]["gallery"]["shards"][0]["name"]
+    (shards_copy / name).unlink()
+    loader = build_eval_loader(data_cfg(str(shards_copy), num_workers=2), DistEnv(), "gallery")
+    with pytest.raises(SystemExit) as info:
+        run_guarded("dpm-eval", lambda: list(loader))
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert err.startswith("dpm-eval: error: ") and f"{name} does not exist" in err, err
+    assert "DataLoader worker" not in err and "Traceback" not in err and len(err.strip().splitlines()) <= 2, err
+    with pytest.raises(StorageError) as raised:  # the exception torch re-raises still carries the traceback
+        list(build_eval_loader(data_cfg(str(shards_copy), num_workers=2), DistEnv(), "gallery"))
+    assert "in DataLoader worker process" in str(raised.value)
+    assert f"{name} does not exist" in worker_message(str(raised.value))
+    assert "Traceback" not in worker_message(str(raised.value))
+
+
+@pytest.mark.slow
+def test_dpm_eval_names_a_missing_gallery_shard_read_by_a_worker(shards_copy: Path) -> None:
+    work = shards_copy.parent
+    _save_tiny_model(work / "model.pt", [*OVERRIDES, "data.root=shards"], {"epoch": 1})
+    name = read_manifest(str(shards_copy))["splits"]["gallery"]["shards"][0]["name"]
+    (shards_copy / name).unlink()
+    proc = dpm("dpm-eval", "--checkpoint", "model.pt", "data.root=shards", "data.num_workers=2", cwd=work)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert lines[-1].startswith("dpm-eval: error: ") and f"{name} does not exist" in lines[-1], proc.stderr[-2000:]
+    assert "DataLoader worker" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("eval.distanse=cosine", "unknown config field `eval.distanse` (did you mean `eval.distance`?)"),
+        ("eval.max_rank=abc", "config field `eval.max_rank` (expects int): Value 'abc'"),
+    ],
+)
+def test_dpm_eval_bad_overrides_are_one_line_naming_the_field(shards_copy: Path, override: str, expected: str) -> None:
+    work = shards_copy.parent
+    _save_tiny_model(work / "model.pt", [*OVERRIDES, "data.root=shards"], {"epoch": 1})
+    proc = dpm("dpm-eval", "--checkpoint", "model.pt", "data.root=shards", override, cwd=work)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"dpm-eval: error: {expected}"), proc.stderr[-2000:]
