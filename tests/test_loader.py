@@ -77,9 +77,10 @@ def test_exact_mode_is_the_official_sampler_over_the_shards(tiny_shards: Path) -
     assert interleaved == keys[: len(interleaved)]
     assert len(keys) == len(set(keys))  # every id has >= K images: no image twice in an epoch
     # recompute the official list from the shard labels in shard order
-    from dpm_dist.data.loader import _index_shards, _shards
+    from dpm_dist.data.manifest import io_options, shard_list
+    from dpm_dist.data.shard_cache import index_shards
 
-    index = _index_shards(cfg, _shards(cfg, "train", str(tiny_shards), load_manifest(cfg)))
+    index = index_shards(shard_list(cfg, "train", str(tiny_shards), load_manifest(cfg)), None, io_options(cfg))
     shared = stream_seed(5, 2)
     flat = official_pk_indices(
         [m["label"] for *_, m in index], 3, 2, random.Random(shared), np.random.RandomState(shared % 2**32)
@@ -215,3 +216,54 @@ def test_persistent_workers_give_the_same_epochs_and_rng_with_the_same_processes
     assert [b["keys"] for b in runs[True][0][0]] != [
         b["keys"] for b in runs[True][1][0]
     ]  # the epoch reached the workers
+
+
+def test_the_shard_index_cache_is_bounded(tiny_shards: Path, tmp_path: Path) -> None:
+    """The in-memory index of exact mode keeps the MAX_INDEXES latest shard lists, dropping the least recently used."""
+    from dpm_dist.data import shard_cache
+    from dpm_dist.data.manifest import io_options, train_shards
+
+    lru = shard_cache.LRU[int](2)
+    lru.put("a", 1)
+    lru.put("b", 2)
+    assert lru.get("a") == 1  # "a" is now the most recently used
+    lru.put("c", 3)
+    assert len(lru) == 2 and lru.get("b") is None and lru.get("a") == 1 and lru.get("c") == 3
+    with pytest.raises(ValueError, match="at least one"):
+        shard_cache.LRU(0)
+
+    cfg = data_cfg(str(tiny_shards), sampler="exact")
+    shards, _ = train_shards(cfg)
+    lists = [shards[i:] for i in range(shard_cache.MAX_INDEXES + 2)]  # more distinct shard lists than the bound
+    for mine in lists:
+        index = shard_cache.index_shards(mine, str(tmp_path), io_options(cfg))
+        assert index is shard_cache.index_shards(mine, str(tmp_path), io_options(cfg))  # remembered
+        assert len(shard_cache._INDEXES) <= shard_cache.MAX_INDEXES
+    assert len(shard_cache._INDEXES) == shard_cache.MAX_INDEXES
+    assert shard_cache.index_shards(lists[0], None, io_options(cfg)) == index_shards_uncached(lists[0], cfg)
+
+
+def index_shards_uncached(shards: list[Any], cfg: DataConfig) -> list[Any]:
+    from dpm_dist.data import shard_cache
+    from dpm_dist.data.manifest import io_options
+
+    return [s for shard in shards for s in shard_cache._index_shard(shard, None, io_options(cfg))]
+
+
+def test_a_remote_shard_is_cached_atomically(tiny_shards: Path, http_root: str, tmp_path: Path, monkeypatch) -> None:
+    """A download whose write fails leaves nothing in the cache (no torn shard, no temporary file); the next read
+    completes it, named by its sha256."""
+    from dpm_dist.data import shard_cache
+    from dpm_dist.data.manifest import io_options, train_shards
+
+    cfg = data_cfg(f"{http_root}/{tiny_shards.name}", sampler="exact", cache_dir=str(tmp_path))
+    url, entry, _ = train_shards(cfg)[0][0]
+    fetch = shard_cache.fetch_shard
+    monkeypatch.setattr(shard_cache, "fetch_shard", lambda *a, **k: object())  # not bytes: the write fails
+    with pytest.raises(TypeError):
+        shard_cache.local_copy(url, entry, str(tmp_path), io_options(cfg))
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(shard_cache, "fetch_shard", fetch)
+    path = shard_cache.local_copy(url, entry, str(tmp_path), io_options(cfg))
+    assert [p.name for p in tmp_path.iterdir()] == [f"{entry['sha256']}.tar"] and Path(path).parent == tmp_path
+    assert Path(path).read_bytes() == (tiny_shards / entry["name"]).read_bytes()

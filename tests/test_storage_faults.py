@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import pytest
 import torch
 
-from dpm_dist.data import loader
+from dpm_dist.data import shard_cache
 from dpm_dist.data.loader import build_train_loader
 from dpm_dist.dist import DistEnv
 from tests.test_loader import data_cfg
@@ -169,7 +169,8 @@ def test_a_burst_of_storage_errors_is_retried_to_the_same_batches(
         proxy, seen = faulty_proxy(s3_endpoint)
         faulty_root, faulty_kw = s3_shards, {"s3_endpoint": proxy}
     clean = _epoch(root, sampler, tmp_path / "clean", **clean_kw)
-    monkeypatch.setattr(loader, "_INDEX_CACHE", {})  # exact mode indexes shards once per URL list (same s3:// URLs)
+    # exact mode indexes shards once per URL list (same s3:// URLs): start the faulty read from an empty index cache
+    monkeypatch.setattr(shard_cache, "_INDEXES", shard_cache.LRU(shard_cache.MAX_INDEXES))
     with caplog.at_level(logging.WARNING, logger="dpm_dist.data.storage"):
         faulty = _epoch(faulty_root, sampler, tmp_path / "faulty", **faulty_kw)
 

@@ -7,24 +7,26 @@ count on every rank. Decoding and augmentation run in the DataLoader workers.
 
 Train, ``data.sampler=exact``: the official per-epoch sampler (docs/method.md §5.5) over every training sample,
 seeded by (seed, epoch) identically on all ranks, dealt to ranks as in docs/method.md §5.6; shards are read
-through a local copy (remote shards are cached under ``data.cache_dir``) with random access.
+through a local copy with random access (:mod:`dpm_dist.data.shard_cache`).
+
+Each sampler has one build path (:class:`_StreamLoader`, :class:`_ExactLoader`): a DataLoader plus the one
+place the epoch enters (the seed its pipeline stages read, the batch sampler's list). :class:`TrainLoader`
+builds it once per epoch, or once per run with ``data.persistent_workers``.
 
 Eval: query/gallery shards split contiguously over ranks by sample count, then over workers; each
 sample is read exactly once, with no padding.
 
-Many datasets (``data.roots``): the training set is their union, labels and cameras shifted per dataset
-(:class:`Part`) so they never collide, keys prefixed ``<dataset>/``; ``data.root_weights`` shares the P×K
-chunks between them. Each dataset is evaluated on its own query/gallery (``build_eval_loader(..., dataset=)``).
+Many datasets (``data.roots``): the training set is their union (:mod:`dpm_dist.data.manifest`), labels and
+cameras shifted per dataset (:class:`~dpm_dist.data.union.Part`) so they never collide, keys prefixed
+``<dataset>/``; ``data.root_weights`` shares the P×K chunks between them. Each dataset is evaluated on its own
+query/gallery (``build_eval_loader(..., dataset=)``).
 """
 
 from __future__ import annotations
 
 import bisect
-import hashlib
 import io
-import json
 import logging
-import os
 import random
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
@@ -36,6 +38,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from dpm_dist.config import DataConfig
+from dpm_dist.data.manifest import Shard, eval_datasets, eval_shards, io_options, load_manifest, train_shards
 from dpm_dist.data.sampling import (
     chunk_targets,
     official_pk_indices,
@@ -44,75 +47,24 @@ from dpm_dist.data.sampling import (
     stream_seed,
     weighted_pk_indices,
 )
-from dpm_dist.data.shards import (
-    ShardError,
-    decode_image,
-    fetch_shard,
-    iter_shard,
-    read_manifest,
-    shard_entries,
-    split_contiguous,
-    tar_members,
-)
-from dpm_dist.data.storage import IOOptions, is_remote, join_url, local_path
+from dpm_dist.data.shard_cache import SampleIndex, index_shards
+from dpm_dist.data.shards import ShardError, decode_image, fetch_shard, iter_shard, split_contiguous
+from dpm_dist.data.storage import IOOptions
 from dpm_dist.data.transforms import eval_transform, train_transform
-from dpm_dist.data.union import Part, chunks_per_dataset, offset_parts, records, union_manifest
+from dpm_dist.data.union import Part, chunks_per_dataset
 from dpm_dist.dist import DistEnv
 
+__all__ = [
+    "TrainLoader",
+    "build_eval_loader",
+    "build_train_loader",
+    "eval_datasets",
+    "io_options",
+    "load_manifest",
+    "num_train_batches",
+]
+
 log = logging.getLogger(__name__)
-Shard = tuple[str, dict[str, Any] | None, Part]  # (url, index.json entry or None, its dataset)
-
-
-def io_options(cfg: DataConfig) -> IOOptions:
-    return IOOptions(
-        s3_endpoint=cfg.s3_endpoint, retries=cfg.io_retries, backoff_s=cfg.io_backoff_s, timeout_s=cfg.io_timeout_s
-    )
-
-
-def _train_root(cfg: DataConfig) -> str:
-    if cfg.root:
-        return cfg.root
-    if cfg.train_urls:
-        return cfg.train_urls[0].rsplit("/", 1)[0] if "/" in cfg.train_urls[0] else "."
-    raise ValueError(
-        "config field `data.root`: set it (folder or URL holding index.json), `data.train_urls`, "
-        "or `data.roots` (many datasets)"
-    )
-
-
-def _parts(cfg: DataConfig) -> list[tuple[Part, dict[str, Any]]]:
-    """Each training dataset with its index.json; one :class:`Part` without shifts unless ``data.roots`` has several."""
-    opts = io_options(cfg)
-    if len(cfg.roots) <= 1:
-        root = cfg.roots[0] if cfg.roots else _train_root(cfg)
-        return [(Part(root), read_manifest(root, opts))]
-    return offset_parts(list(cfg.roots), [read_manifest(root, opts) for root in cfg.roots])
-
-
-def _merge(cfg: DataConfig, parts: list[tuple[Part, dict[str, Any]]]) -> dict[str, Any]:
-    if len(parts) == 1:
-        manifest = parts[0][1]
-        if cfg.eval_root:
-            other = read_manifest(cfg.eval_root, io_options(cfg))
-            manifest = {**manifest, "num_cams": max(manifest["num_cams"], other["num_cams"])}
-        return {**manifest, "datasets": records(parts, [])}
-    return union_manifest(parts, list(cfg.root_weights))
-
-
-def load_manifest(cfg: DataConfig) -> dict[str, Any]:
-    """``index.json`` of the training data, with ``num_cams`` covering ``data.eval_root``'s cameras too, and a
-    ``datasets`` list (:func:`dpm_dist.data.union.records`). With several ``data.roots``: their union (identity and camera
-    counts summed, label counts in order), ``dataset`` their common layout or ``generic``."""
-    return _merge(cfg, _parts(cfg))
-
-
-def _shards(cfg: DataConfig, role: str, root: str, manifest: dict[str, Any], part: Part | None = None) -> list[Shard]:
-    entries, part = shard_entries(manifest, role), part or Part(root)
-    explicit = {"train": cfg.train_urls, "query": cfg.query_urls, "gallery": cfg.gallery_urls}[role]
-    if not explicit:
-        return [(join_url(root, e["name"]), e if cfg.verify_sha else None, part) for e in entries]
-    by_name = {e["name"]: e for e in entries}
-    return [(url, by_name.get(url.rsplit("/", 1)[-1]) if cfg.verify_sha else None, part) for url in explicit]
 
 
 def num_train_batches(cfg: DataConfig, world_size: int, manifest: dict[str, Any] | None = None) -> int:
@@ -129,6 +81,12 @@ def num_train_batches(cfg: DataConfig, world_size: int, manifest: dict[str, Any]
     if cfg.root_weights and len(chunks) > 1:
         chunks = chunk_targets(chunks, cfg.root_weights)
     return sum(chunks) // cfg.num_ids // world_size
+
+
+def _worker() -> tuple[int, int]:
+    """(this DataLoader worker's id, the number of workers); (0, 1) in the main process."""
+    info = get_worker_info()
+    return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
 # ---- per-sample work, shared by both train modes (runs in the workers)
@@ -223,8 +181,7 @@ class _ResampledShards:
         return group[rng.randrange(len(group))]
 
     def __call__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        worker, seed = (info.id if info is not None else 0), self.seed_of()
+        worker, seed = _worker()[0], self.seed_of()
         rng = random.Random(stream_seed(seed, worker))
         while True:
             url, entry, part = self.shards[self._draw(rng)]
@@ -263,9 +220,7 @@ def _expand(sources: Iterable[dict[str, Any]], opts: IOOptions, skip_corrupt: bo
 
 
 def _augment_batches(batches: Iterable[list[dict[str, Any]]], cfg: DataConfig, seed: int) -> Iterator[dict[str, Any]]:
-    info = get_worker_info()
-    worker = info.id if info is not None else 0
-    seen = _NUM_CORRUPT[0]
+    worker, seen = _worker()[0], _NUM_CORRUPT[0]
     for number, batch in enumerate(batches):
         dropped = _NUM_CORRUPT[0] - seen  # skipped by _expand while this batch was being formed
         gen = torch.Generator().manual_seed(stream_seed(seed, worker, number))
@@ -273,19 +228,6 @@ def _augment_batches(batches: Iterable[list[dict[str, Any]]], cfg: DataConfig, s
         out["num_skipped"] += dropped
         seen = _NUM_CORRUPT[0]
         yield out
-
-
-class _Epoch:
-    """``n`` batches of an endless loader; ``len()`` is ``n``."""
-
-    def __init__(self, loader: Iterable[dict[str, Any]], n: int) -> None:
-        self.loader, self.n = loader, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        return islice(iter(self.loader), self.n)
 
 
 def _stream_pipeline(
@@ -319,7 +261,7 @@ def _stream_pipeline(
             num_ids=cfg.num_ids,
             num_instances=cfg.num_instances,
             buffer_size=buffer,
-            rng=random.Random(stream_seed(seed_of(), _worker_id())),
+            rng=random.Random(stream_seed(seed_of(), _worker()[0])),
             key=lambda s: s["key"],
             num_distinct=lambda: num_samples - len(_CORRUPT_KEYS),
         ),
@@ -327,86 +269,40 @@ def _stream_pipeline(
     )
 
 
-def _stream_loader(
-    cfg: DataConfig,
-    env: DistEnv,
-    shards: list[Shard],
-    seed: int,
-    n: int,
-    num_samples: int,
-    datasets: list[dict[str, Any]],
-) -> _Epoch:
-    pipeline = _stream_pipeline(cfg, env, shards, lambda: seed, num_samples, datasets)
-    loader = DataLoader(
-        pipeline,
-        batch_size=None,
-        num_workers=cfg.num_workers,
-        pin_memory=cfg.pin_memory,
-        persistent_workers=False,
-        prefetch_factor=2 if cfg.num_workers else None,
-    )
-    return _Epoch(loader, n)
+class _StreamLoader:
+    """``data.sampler=stream``: a DataLoader over the endless pipeline; :meth:`set_epoch` writes the epoch's seed into
+    shared memory, where every stage reads it when (re)started, also in workers that outlive the epoch."""
 
+    def __init__(
+        self, cfg: DataConfig, env: DistEnv, shards: list[Shard], manifest: dict[str, Any], seed: int, persistent: bool
+    ) -> None:
+        self.env, self.seed = env, seed
+        self.n = num_train_batches(cfg, env.world_size, manifest)
+        box = self.seed_box = torch.zeros((), dtype=torch.int64).share_memory_()
+        num_samples = manifest["splits"]["train"]["num_samples"]
+        pipeline = _stream_pipeline(cfg, env, shards, lambda: int(box), num_samples, manifest["datasets"])
+        self.loader = DataLoader(
+            pipeline,
+            batch_size=None,
+            num_workers=cfg.num_workers,
+            pin_memory=cfg.pin_memory,
+            persistent_workers=persistent,
+            prefetch_factor=2 if cfg.num_workers else None,
+        )
 
-def _worker_id() -> int:
-    info = get_worker_info()
-    return info.id if info is not None else 0
+    def set_epoch(self, epoch: int) -> int:
+        """Point the pipeline at ``epoch``; returns its batch count."""
+        self.seed_box.fill_(stream_seed(self.seed, epoch, self.env.rank))
+        return self.n
 
 
 # ---- exact mode
 
 
-_INDEX_CACHE: dict[tuple[str, ...], list[tuple[str, int, int, str, dict[str, Any]]]] = {}
-
-
-def _local_copy(url: str, entry: dict[str, Any] | None, cfg: DataConfig) -> str:
-    """A local path for the shard: itself when local (checked once), else a sha-named cached download."""
-    if not is_remote(url):
-        if entry is not None:
-            fetch_shard(url, entry, io_options(cfg))
-        return local_path(url)
-    cache = os.path.expanduser(cfg.cache_dir or "~/.cache/dpm-dist/shards")
-    name = entry["sha256"] if entry else hashlib.sha256(url.encode()).hexdigest()
-    path = os.path.join(cache, f"{name}.tar")
-    if not (os.path.exists(path) and (entry is None or os.path.getsize(path) == entry["num_bytes"])):
-        os.makedirs(cache, exist_ok=True)
-        data = fetch_shard(url, entry, io_options(cfg))
-        tmp = f"{path}.tmp.{os.getpid()}"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    return path
-
-
-def _index_shards(cfg: DataConfig, shards: list[Shard]) -> list[tuple[str, int, int, str, dict[str, Any]]]:
-    """(path, jpg offset, jpg size, key, meta) of every training sample, in shard order."""
-    ident = tuple((u, part) for u, _, part in shards)
-    if ident in _INDEX_CACHE:
-        return _INDEX_CACHE[ident]
-    index = []
-    for url, entry, part in shards:
-        path = _local_copy(url, entry, cfg)
-        jpgs, metas = {}, {}
-        with open(path, "rb") as f:
-            for member in tar_members(url, f, os.path.getsize(path)):
-                key, _, ext = member.name.partition(".")
-                if ext == "jpg":
-                    jpgs[key] = (member.offset_data, member.size)
-                elif ext == "json":
-                    f.seek(member.offset_data)
-                    metas[key] = json.loads(f.read(member.size))
-        for key in list(jpgs) + [k for k in metas if k not in jpgs]:
-            if key not in jpgs or key not in metas:
-                raise ShardError(f"shard {url}: sample {key!r} lacks .jpg or .json")
-            index.append((path, *jpgs[key], *part.apply(key, metas[key])))
-    _INDEX_CACHE[ident] = index
-    return index
-
-
 class _IndexedTrain(Dataset):
     """Random access to training samples; items are ``(index, augmentation seed)`` pairs."""
 
-    def __init__(self, index: list[tuple[str, int, int, str, dict[str, Any]]], cfg: DataConfig) -> None:
+    def __init__(self, index: SampleIndex, cfg: DataConfig) -> None:
         self.index, self.cfg = index, cfg
 
     def __len__(self) -> int:
@@ -423,7 +319,7 @@ class _IndexedTrain(Dataset):
 def _exact_batches(
     cfg: DataConfig,
     env: DistEnv,
-    index: list[tuple[str, int, int, str, dict[str, Any]]],
+    index: SampleIndex,
     seed: int,
     epoch: int,
     datasets: list[dict[str, Any]],
@@ -447,59 +343,6 @@ def _exact_batches(
     return [[(i, stream_seed(shared, env.rank, b, j)) for j, i in enumerate(batch)] for b, batch in enumerate(batches)]
 
 
-def _exact_loader(
-    cfg: DataConfig, env: DistEnv, shards: list[Shard], seed: int, epoch: int, datasets: list[dict[str, Any]]
-) -> DataLoader:
-    index = _index_shards(cfg, shards)
-    return DataLoader(
-        _IndexedTrain(index, cfg),
-        batch_sampler=_exact_batches(cfg, env, index, seed, epoch, datasets),
-        num_workers=cfg.num_workers,
-        collate_fn=_collate_train,
-        pin_memory=cfg.pin_memory,
-    )
-
-
-def _train_shards(cfg: DataConfig) -> tuple[list[Shard], dict[str, Any]]:
-    """Every training shard of every dataset, and the (merged) manifest; checks P against the identities."""
-    parts = _parts(cfg)
-    manifest = _merge(cfg, parts)
-    shards: list[Shard] = []
-    for part, part_manifest in parts:
-        mine = _shards(cfg, "train", part.root, part_manifest, part)
-        if not mine:
-            raise ValueError(f"no training shards in {part.root} (index.json has no train split)")
-        shards += mine
-    where = parts[0][0].root if len(parts) == 1 else f"the union of data.roots ({len(parts)} datasets)"
-    if manifest["num_train_ids"] < cfg.num_ids:
-        raise ValueError(
-            f"config field `data.num_ids`: P={cfg.num_ids} but the training set {where} has only "
-            f"{manifest['num_train_ids']} identities"
-        )
-    return shards, manifest
-
-
-def build_train_loader(cfg: DataConfig, env: DistEnv, *, epoch: int, seed: int) -> Iterable[dict[str, Any]]:
-    """One epoch of P×K batches for ``env.rank``; every rank gets the same number of batches.
-
-    Batches are dicts: ``images`` (B, 3, H, W) in [-1, 1], ``pids`` (relabelled 0..C-1), ``camids``, ``keys``.
-    Deterministic given (seed, epoch, rank, num_workers); resuming at epoch e rebuilds the same stream.
-    """
-    shards, manifest = _train_shards(cfg)
-    if cfg.sampler == "exact":
-        return _exact_loader(cfg, env, shards, seed, epoch, manifest["datasets"])
-    stream = stream_seed(seed, epoch, env.rank)
-    return _stream_loader(
-        cfg,
-        env,
-        shards,
-        stream,
-        num_train_batches(cfg, env.world_size, manifest),
-        manifest["splits"]["train"]["num_samples"],
-        manifest["datasets"],
-    )
-
-
 class _EpochBatches:
     """A batch sampler whose batches are replaced each epoch (a DataLoader's sampler cannot be)."""
 
@@ -513,73 +356,104 @@ class _EpochBatches:
         return iter(self.batches)
 
 
-class _PersistentEpoch:
-    """One epoch of a DataLoader whose workers outlive it; ``len()`` is the epoch's batch count."""
+class _ExactLoader:
+    """``data.sampler=exact``: a DataLoader with random access to every training sample; :meth:`set_epoch` refills
+    its batch sampler's list (the main process hands the batches to the workers, also to ones that outlive it)."""
 
-    def __init__(self, owner: TrainLoader, n: int) -> None:
-        self.owner, self.n = owner, n
+    def __init__(
+        self, cfg: DataConfig, env: DistEnv, index: SampleIndex, manifest: dict[str, Any], seed: int, persistent: bool
+    ) -> None:
+        self.cfg, self.env, self.index, self.seed = cfg, env, index, seed
+        self.datasets, self.batches = manifest["datasets"], _EpochBatches()
+        self.loader = DataLoader(
+            _IndexedTrain(index, cfg),
+            batch_sampler=self.batches,
+            num_workers=cfg.num_workers,
+            collate_fn=_collate_train,
+            pin_memory=cfg.pin_memory,
+            persistent_workers=persistent,
+        )
+
+    def set_epoch(self, epoch: int) -> int:
+        """Deal ``epoch``'s batches; returns their count."""
+        self.batches.batches = _exact_batches(self.cfg, self.env, self.index, self.seed, epoch, self.datasets)
+        return len(self.batches)
+
+
+# ---- the training loader of a run
+
+
+class _Epoch:
+    """``n`` batches of ``loader``; ``len()`` is ``n``. ``before`` runs each time the epoch is iterated."""
+
+    def __init__(self, loader: Iterable[dict[str, Any]], n: int, before: Callable[[], None] | None = None) -> None:
+        self.loader, self.n, self.before = loader, n, before
 
     def __len__(self) -> int:
         return self.n
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        if self.owner.iterated:
-            # A new DataLoader iterator draws its base seed from the global RNG, a persistent one's reset does not:
-            # draw it here, so the main process' RNG (drop-path) runs as with a fresh loader each epoch.
-            torch.empty((), dtype=torch.int64).random_()
-        self.owner.iterated = True
-        return islice(iter(self.owner.loader), self.n)
+        if self.before is not None:
+            self.before()
+        return islice(iter(self.loader), self.n)
 
 
 class TrainLoader:
     """The training batches of each epoch (:func:`build_train_loader`).
 
-    ``data.persistent_workers`` (with ``data.num_workers > 0``) keeps one DataLoader and its worker processes for
-    the whole run: the epoch reaches the workers through shared memory (stream: the seed every stage reads when
-    the workers restart their pipeline) or the main process (exact: the batch sampler's list). The batches, and
-    the main process' RNG, are the same as with a new loader each epoch (tests/test_loader.py).
+    The manifest, the shard list and (exact) the sample index are read once. Each epoch gets a new DataLoader
+    (:class:`_StreamLoader` or :class:`_ExactLoader`), or, with ``data.persistent_workers`` (and
+    ``data.num_workers > 0``), one DataLoader and its worker processes serve the whole run: the epoch reaches the
+    workers through shared memory (stream: the seed every stage reads when the workers restart their pipeline) or
+    the main process (exact: the batch sampler's list). The batches, and the main process' RNG, are the same either
+    way (tests/test_loader.py).
     """
 
-    def __init__(self, cfg: DataConfig, env: DistEnv, *, seed: int) -> None:
+    def __init__(self, cfg: DataConfig, env: DistEnv, *, seed: int, persistent: bool | None = None) -> None:
+        """``persistent``: keep the workers for the run; ``None`` as ``data.persistent_workers`` says."""
         self.cfg, self.env, self.seed = cfg, env, seed
-        self.persistent = cfg.persistent_workers and cfg.num_workers > 0
+        keep = cfg.persistent_workers if persistent is None else persistent
+        self.persistent = keep and cfg.num_workers > 0
         self.loader: DataLoader | None = None
         self.iterated = False
+        self._built: _StreamLoader | _ExactLoader | None = None
+        self._data: tuple[list[Shard], dict[str, Any], SampleIndex] | None = None
 
     def epoch(self, epoch: int) -> Iterable[dict[str, Any]]:
-        cfg, env = self.cfg, self.env
-        if not self.persistent:
-            return build_train_loader(cfg, env, epoch=epoch, seed=self.seed)
-        if self.loader is None:
-            self._shards, self._manifest = _train_shards(cfg)
-            self._build()
-        datasets = self._manifest["datasets"]
-        if cfg.sampler == "exact":
-            self._sampler.batches = _exact_batches(cfg, env, self._index, self.seed, epoch, datasets)
-            return _PersistentEpoch(self, len(self._sampler))
-        self._seed_box.fill_(stream_seed(self.seed, epoch, env.rank))
-        return _PersistentEpoch(self, num_train_batches(cfg, env.world_size, self._manifest))
+        if self._built is None or not self.persistent:
+            self._built = self._build()
+            self.loader = self._built.loader
+        n = self._built.set_epoch(epoch)
+        return _Epoch(self._built.loader, n, self._reused if self.persistent else None)
 
-    def _build(self) -> None:
-        cfg, env = self.cfg, self.env
-        common = dict(num_workers=cfg.num_workers, pin_memory=cfg.pin_memory, persistent_workers=True)
+    def _build(self) -> _StreamLoader | _ExactLoader:
+        """The one build path of the sampler; the data it reads are read on the first call only."""
+        cfg = self.cfg
+        if self._data is None:
+            shards, manifest = train_shards(cfg)
+            index = index_shards(shards, cfg.cache_dir, io_options(cfg)) if cfg.sampler == "exact" else []
+            self._data = shards, manifest, index
+        shards, manifest, index = self._data
         if cfg.sampler == "exact":
-            self._index, self._sampler = _index_shards(cfg, self._shards), _EpochBatches()
-            self.loader = DataLoader(
-                _IndexedTrain(self._index, cfg), batch_sampler=self._sampler, collate_fn=_collate_train, **common
-            )
-            return
-        self._seed_box = torch.zeros((), dtype=torch.int64).share_memory_()
-        box = self._seed_box
-        pipeline = _stream_pipeline(
-            cfg,
-            env,
-            self._shards,
-            lambda: int(box),
-            self._manifest["splits"]["train"]["num_samples"],
-            self._manifest["datasets"],
-        )
-        self.loader = DataLoader(pipeline, batch_size=None, prefetch_factor=2, **common)
+            return _ExactLoader(cfg, self.env, index, manifest, self.seed, self.persistent)
+        return _StreamLoader(cfg, self.env, shards, manifest, self.seed, self.persistent)
+
+    def _reused(self) -> None:
+        if self.iterated:
+            # A new DataLoader iterator draws its base seed from the global RNG, a persistent one's reset does not:
+            # draw it here, so the main process' RNG (drop-path) runs as with a fresh loader each epoch.
+            torch.empty((), dtype=torch.int64).random_()
+        self.iterated = True
+
+
+def build_train_loader(cfg: DataConfig, env: DistEnv, *, epoch: int, seed: int) -> Iterable[dict[str, Any]]:
+    """One epoch of P×K batches for ``env.rank``; every rank gets the same number of batches.
+
+    Batches are dicts: ``images`` (B, 3, H, W) in [-1, 1], ``pids`` (relabelled 0..C-1), ``camids``, ``keys``.
+    Deterministic given (seed, epoch, rank, num_workers); resuming at epoch e rebuilds the same stream.
+    A new DataLoader whatever ``data.persistent_workers`` says (:class:`TrainLoader` keeps one for a run).
+    """
+    return TrainLoader(cfg, env, seed=seed, persistent=False).epoch(epoch)
 
 
 # ---- evaluation
@@ -590,8 +464,8 @@ class _EvalStream(IterableDataset):
         self.shards, self.cfg = shards, cfg
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        info = get_worker_info()
-        mine = self.shards[info.id :: info.num_workers] if info is not None else self.shards
+        worker, num_workers = _worker()
+        mine = self.shards[worker::num_workers]
         items: list[dict[str, Any]] = []
         for url, entry, part in mine:
             for s in iter_shard(url, fetch_shard(url, entry, io_options(self.cfg))):
@@ -620,11 +494,6 @@ def _collate_eval(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def eval_datasets(cfg: DataConfig) -> list[str]:
-    """The names of the datasets evaluated one by one (several ``data.roots``); [] for one evaluation set."""
-    return [part.name for part, _ in _parts(cfg)] if len(cfg.roots) > 1 else []
-
-
 def build_eval_loader(cfg: DataConfig, env: DistEnv, role: str, dataset: str | None = None) -> Iterable[dict[str, Any]]:
     """This rank's share of ``role`` (query or gallery): every sample once across ranks, no padding.
 
@@ -632,28 +501,10 @@ def build_eval_loader(cfg: DataConfig, env: DistEnv, role: str, dataset: str | N
     A rank whose share is empty gets an empty iterable. With several ``data.roots``, ``dataset`` (one of
     :func:`eval_datasets`) names the dataset; its cameras carry its training camera offset, its keys its name.
     """
-    if role not in ("query", "gallery"):
-        raise ValueError(f"role {role!r}: expected 'query' or 'gallery'")
-    part = _eval_part(cfg, dataset)
-    root = part.root or cfg.eval_root or _train_root(cfg)
-    manifest = read_manifest(root, io_options(cfg))
-    shards = _shards(cfg, role, root, manifest, part)
-    if not shards:
-        raise ValueError(f"no {role} shards in {root} (index.json has no {role} split)")
+    shards = eval_shards(cfg, role, dataset)
     counts = [e["num_samples"] if e else 1 for _, e, _ in shards]
     mine = [shards[i] for i in split_contiguous(counts, env.rank, env.world_size)]
     if not mine:
         return []
     workers = min(cfg.num_workers, len(mine))
     return DataLoader(_EvalStream(mine, cfg), batch_size=None, num_workers=workers, pin_memory=cfg.pin_memory)
-
-
-def _eval_part(cfg: DataConfig, dataset: str | None) -> Part:
-    if len(cfg.roots) <= 1:
-        if dataset is not None:
-            raise ValueError(f"dataset {dataset!r}: only several data.roots are evaluated by dataset")
-        return Part(cfg.roots[0] if cfg.roots else "")
-    parts = {part.name: part for part, _ in _parts(cfg)}
-    if dataset not in parts:
-        raise ValueError(f"dataset {dataset!r}: data.roots holds {', '.join(parts)}; evaluate one of them")
-    return parts[dataset]

@@ -1,0 +1,125 @@
+"""The training and evaluation sets a :class:`~dpm_dist.config.DataConfig` names: manifests and shard lists.
+
+One dataset (``data.root`` or ``data.train_urls``): its ``index.json``, with ``num_cams`` covering
+``data.eval_root``'s cameras too. Many datasets (``data.roots``): the union of their manifests
+(:func:`dpm_dist.data.union.union_manifest`), each dataset a :class:`~dpm_dist.data.union.Part` whose shifts keep
+labels and cameras apart. A shard is listed as ``(url, index.json entry or None, its dataset)``: the entry (when
+``data.verify_sha``) lets the reader check size and sha256.
+
+No DataLoader, no pipeline: the loaders (:mod:`dpm_dist.data.loader`) build on these lists.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dpm_dist.config import DataConfig
+from dpm_dist.data.shards import read_manifest, shard_entries
+from dpm_dist.data.storage import IOOptions, join_url
+from dpm_dist.data.union import Part, offset_parts, records, union_manifest
+
+Shard = tuple[str, dict[str, Any] | None, Part]  # (url, index.json entry or None, its dataset)
+
+
+def io_options(cfg: DataConfig) -> IOOptions:
+    """The storage options (S3 endpoint, retries, back-off, timeout) of ``cfg``."""
+    return IOOptions(
+        s3_endpoint=cfg.s3_endpoint, retries=cfg.io_retries, backoff_s=cfg.io_backoff_s, timeout_s=cfg.io_timeout_s
+    )
+
+
+def train_root(cfg: DataConfig) -> str:
+    """The folder or URL holding the training ``index.json`` of one dataset."""
+    if cfg.root:
+        return cfg.root
+    if cfg.train_urls:
+        return cfg.train_urls[0].rsplit("/", 1)[0] if "/" in cfg.train_urls[0] else "."
+    raise ValueError(
+        "config field `data.root`: set it (folder or URL holding index.json), `data.train_urls`, "
+        "or `data.roots` (many datasets)"
+    )
+
+
+def parts(cfg: DataConfig) -> list[tuple[Part, dict[str, Any]]]:
+    """Each training dataset with its index.json; one :class:`Part` without shifts unless ``data.roots`` has several."""
+    opts = io_options(cfg)
+    if len(cfg.roots) <= 1:
+        root = cfg.roots[0] if cfg.roots else train_root(cfg)
+        return [(Part(root), read_manifest(root, opts))]
+    return offset_parts(list(cfg.roots), [read_manifest(root, opts) for root in cfg.roots])
+
+
+def _merge(cfg: DataConfig, found: list[tuple[Part, dict[str, Any]]]) -> dict[str, Any]:
+    if len(found) == 1:
+        manifest = found[0][1]
+        if cfg.eval_root:
+            other = read_manifest(cfg.eval_root, io_options(cfg))
+            manifest = {**manifest, "num_cams": max(manifest["num_cams"], other["num_cams"])}
+        return {**manifest, "datasets": records(found, [])}
+    return union_manifest(found, list(cfg.root_weights))
+
+
+def load_manifest(cfg: DataConfig) -> dict[str, Any]:
+    """``index.json`` of the training data, with ``num_cams`` covering ``data.eval_root``'s cameras too, and a
+    ``datasets`` list (:func:`dpm_dist.data.union.records`). With several ``data.roots``: their union (identity and camera
+    counts summed, label counts in order), ``dataset`` their common layout or ``generic``."""
+    return _merge(cfg, parts(cfg))
+
+
+def shard_list(
+    cfg: DataConfig, role: str, root: str, manifest: dict[str, Any], part: Part | None = None
+) -> list[Shard]:
+    """The shards of split ``role`` under ``root`` (or ``data.<role>_urls`` when given), in manifest order."""
+    entries, part = shard_entries(manifest, role), part or Part(root)
+    explicit = {"train": cfg.train_urls, "query": cfg.query_urls, "gallery": cfg.gallery_urls}[role]
+    if not explicit:
+        return [(join_url(root, e["name"]), e if cfg.verify_sha else None, part) for e in entries]
+    by_name = {e["name"]: e for e in entries}
+    return [(url, by_name.get(url.rsplit("/", 1)[-1]) if cfg.verify_sha else None, part) for url in explicit]
+
+
+def train_shards(cfg: DataConfig) -> tuple[list[Shard], dict[str, Any]]:
+    """Every training shard of every dataset, and the (merged) manifest; checks P against the identities."""
+    found = parts(cfg)
+    manifest = _merge(cfg, found)
+    shards: list[Shard] = []
+    for part, part_manifest in found:
+        mine = shard_list(cfg, "train", part.root, part_manifest, part)
+        if not mine:
+            raise ValueError(f"no training shards in {part.root} (index.json has no train split)")
+        shards += mine
+    where = found[0][0].root if len(found) == 1 else f"the union of data.roots ({len(found)} datasets)"
+    if manifest["num_train_ids"] < cfg.num_ids:
+        raise ValueError(
+            f"config field `data.num_ids`: P={cfg.num_ids} but the training set {where} has only "
+            f"{manifest['num_train_ids']} identities"
+        )
+    return shards, manifest
+
+
+def eval_datasets(cfg: DataConfig) -> list[str]:
+    """The names of the datasets evaluated one by one (several ``data.roots``); [] for one evaluation set."""
+    return [part.name for part, _ in parts(cfg)] if len(cfg.roots) > 1 else []
+
+
+def eval_shards(cfg: DataConfig, role: str, dataset: str | None = None) -> list[Shard]:
+    """Every ``role`` (query or gallery) shard of the evaluation set, or of ``dataset`` (one of several roots)."""
+    if role not in ("query", "gallery"):
+        raise ValueError(f"role {role!r}: expected 'query' or 'gallery'")
+    part = _eval_part(cfg, dataset)
+    root = part.root or cfg.eval_root or train_root(cfg)
+    shards = shard_list(cfg, role, root, read_manifest(root, io_options(cfg)), part)
+    if not shards:
+        raise ValueError(f"no {role} shards in {root} (index.json has no {role} split)")
+    return shards
+
+
+def _eval_part(cfg: DataConfig, dataset: str | None) -> Part:
+    if len(cfg.roots) <= 1:
+        if dataset is not None:
+            raise ValueError(f"dataset {dataset!r}: only several data.roots are evaluated by dataset")
+        return Part(cfg.roots[0] if cfg.roots else "")
+    by_name = {part.name: part for part, _ in parts(cfg)}
+    if dataset not in by_name:
+        raise ValueError(f"dataset {dataset!r}: data.roots holds {', '.join(by_name)}; evaluate one of them")
+    return by_name[dataset]
