@@ -124,6 +124,7 @@ def queries_over_http(work: Path, http_root: str) -> subprocess.CompletedProcess
     "output, kind",
     [("out/model.onnx", "onnx, dynamo exporter, opset 18"), ("model_ts.pt", "torchscript, torch.jit.trace")],
 )
+@pytest.mark.slow
 def test_dpm_export_writes_the_format_of_the_suffix_and_checks_it(work, output, kind):
     proc = dpm("dpm-export", "runs/tiny", output, cwd=work)
     assert proc.returncode == 0, proc.stderr
@@ -134,6 +135,7 @@ def test_dpm_export_writes_the_format_of_the_suffix_and_checks_it(work, output, 
     assert (work / output).is_file()
 
 
+@pytest.mark.slow
 def test_dpm_export_errors_name_the_culprit(work, tmp_path):
     one_line_error(
         dpm("dpm-export", "runs/tiny", "model.engine", cwd=work),
@@ -150,6 +152,7 @@ def test_dpm_export_errors_name_the_culprit(work, tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_dpm_export_to_onnx_without_the_deploy_extra_says_how_to_install_it(work, tmp_path):
     blocker = tmp_path / "block"
     blocker.mkdir()
@@ -164,6 +167,7 @@ def test_dpm_export_to_onnx_without_the_deploy_extra_says_how_to_install_it(work
 # ---- dpm-embed --------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_dpm_embed_over_a_folder_gives_load_models_embeddings(work, photos_parquet):
     import dpm_dist
 
@@ -220,6 +224,7 @@ def test_dpm_embed_over_a_folder_writes_the_same_file_on_two_ranks(work, photos_
     assert table(work / "photos.parquet").equals(table(work / "photos2.parquet"))  # every column, every bit
 
 
+@pytest.mark.slow
 def test_dpm_embed_a_list_file_needs_a_camera_for_unparseable_names(work, tmp_path):
     photos = sorted((work / "photos").glob("*.jpg"))[:2]
     (tmp_path / "imgs").mkdir()
@@ -244,6 +249,7 @@ def test_dpm_embed_a_list_file_needs_a_camera_for_unparseable_names(work, tmp_pa
     )
 
 
+@pytest.mark.slow
 def test_a_corrupt_image_is_an_error_naming_it_or_a_counted_skip(work, tmp_path):
     shutil.copytree(work / "photos", tmp_path / "photos")
     victim = sorted((tmp_path / "photos").glob("*.jpg"))[3]
@@ -299,6 +305,7 @@ def test_dpm_embed_shards_writes_the_same_file_on_one_process_two_ranks_and_over
 SEARCH = ["web.parquet", "gallery.parquet", "-k", "5", "--exclude-same-camera"]  # the queries: queries_over_http
 
 
+@pytest.mark.slow
 def test_dpm_search_is_the_evaluators_ranking(work, queries_over_http):
     from dpm_dist.deploy.search import read_rows
     from dpm_dist.eval.retrieval import distance_matrix, top_k_gallery
@@ -330,6 +337,7 @@ def test_dpm_search_on_two_ranks_writes_the_same_lists(work):
     assert table(work / "s1" / "topk.parquet").equals(table(work / "s2" / "topk.parquet"))
 
 
+@pytest.mark.slow
 def test_dpm_search_keeps_every_gallery_row_by_default_and_draws_pictures(work, photos_parquet):
     assert photos_parquet.returncode == 0, photos_parquet.stderr
     proc = dpm(
@@ -395,6 +403,7 @@ def embedding_meta(path: Path) -> dict:
     return json.loads(table(path).schema.metadata[b"dpm"])
 
 
+@pytest.mark.slow
 def test_dpm_embed_of_a_two_dataset_model_needs_dataset_and_shifts_the_cameras_by_its_offset(two):
     from tests.test_deploy import TWO_DATASETS
 
@@ -430,6 +439,7 @@ def test_dpm_embed_of_a_two_dataset_model_needs_dataset_and_shifts_the_cameras_b
     )
 
 
+@pytest.mark.slow
 def test_dpm_embed_camid_is_the_datasets_own_camera(two, tmp_path):
     photos = sorted((two / "photos").glob("*.jpg"))[:2]
     (tmp_path / "imgs").mkdir()
@@ -464,6 +474,7 @@ def test_dpm_embed_camid_is_the_datasets_own_camera(two, tmp_path):
     torch.testing.assert_close(torch.tensor([r["feat"] for r in rows]), ref.feat, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_dpm_embed_shards_whose_index_json_names_one_dataset_select_it(two, tmp_path):
     import json
 
@@ -518,6 +529,7 @@ def test_dpm_embed_shards_whose_index_json_names_one_dataset_select_it(two, tmp_
     )
 
 
+@pytest.mark.slow
 def test_dpm_search_refuses_the_same_camera_exclusion_across_two_datasets(two, tmp_path):
     import json
 

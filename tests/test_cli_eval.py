@@ -154,6 +154,7 @@ def test_dpm_eval_writes_results_tensorboard_and_pictures(export, single, tmp_pa
     assert json.loads((tmp_path / "official" / "results.json").read_text())["metrics"] == result["metrics"]
 
 
+@pytest.mark.slow
 def test_a_run_folder_from_elsewhere_uses_the_stored_data_root_and_writes_next_to_the_model(run_folder, tmp_path):
     elsewhere = tmp_path / "elsewhere"  # no shards/synthetic here: the preset's relative data.root does not exist
     elsewhere.mkdir()
@@ -174,6 +175,7 @@ def test_a_run_folder_from_elsewhere_uses_the_stored_data_root_and_writes_next_t
     assert [i.step for i in tb.Images(tb.Tags()["images"][0])] == [4]
 
 
+@pytest.mark.slow
 def test_command_line_overrides_win_over_the_stored_config(run_folder, tmp_path):
     (tmp_path / "runs").symlink_to(run_folder.parent)
     # eval.distance=masked_cosine is train.yaml's value: named on the command line, it still wins over the file's
@@ -195,6 +197,7 @@ def test_command_line_overrides_win_over_the_stored_config(run_folder, tmp_path)
     assert_one_line_error(proc, "dpm-eval", "`data.root`", str(tmp_path / "nowhere"))
 
 
+@pytest.mark.slow
 def test_a_stored_data_root_that_is_gone_says_where_it_came_from(tmp_path):
     _save_tiny_model(tmp_path / "moved.pt", OVERRIDES + [f"data.root={tmp_path / 'gone'}"], {"epoch": 1})
     proc = dpm("dpm-eval", "--checkpoint", "moved.pt", cwd=tmp_path)
@@ -234,12 +237,14 @@ def _not_a_model(kind: str, folder: Path, real: Path) -> str:
         ("unknown_keys", "unknown key(s) ['extra_head.weight']"),
     ],
 )
+@pytest.mark.slow
 def test_a_file_that_is_not_a_model_is_one_line_naming_it(export, tmp_path, kind, says):
     name = _not_a_model(kind, tmp_path, export[0])
     proc = dpm("dpm-eval", "--checkpoint", name, cwd=tmp_path)
     assert_one_line_error(proc, "dpm-eval", str(tmp_path / name), says)
 
 
+@pytest.mark.slow
 def test_the_traceback_of_a_user_error_only_with_hydra_full_error(tmp_path):
     (tmp_path / "garbage.pt").write_bytes(b"\x00" * 100)
     proc = dpm("dpm-eval", "--checkpoint", "garbage.pt", cwd=tmp_path, HYDRA_FULL_ERROR="1")
@@ -265,6 +270,7 @@ def test_the_traceback_of_a_user_error_only_with_hydra_full_error(tmp_path):
         ("runs/young/checkpoints", "the run {young} has no model file yet"),
     ],
 )
+@pytest.mark.slow
 def test_a_folder_that_is_not_a_run_folder_says_what_to_pass(run_folder, tmp_path, folder, says):
     (tmp_path / "empty").mkdir()
     (tmp_path / "runs").mkdir()

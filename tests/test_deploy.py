@@ -147,6 +147,7 @@ def test_embed_takes_paths_and_pil_images_and_distance_is_the_evaluators(tiny_fi
     )
 
 
+@pytest.mark.slow
 def test_the_documented_python_example_runs_as_written(tiny_file, tmp_path):
     """The README's "Using a trained model" example (the ```python block, also in docs/deployment.md), unchanged."""
     example, copy = (

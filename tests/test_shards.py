@@ -257,6 +257,7 @@ def noise_jpeg(path: Path, seed: int) -> None:
     Image.fromarray(pixels).save(path, format="JPEG", quality=90)
 
 
+@pytest.mark.slow
 def test_cli_write_refuses_a_truncated_jpeg_or_skips_and_records_it(tmp_path: Path) -> None:
     market_folder(tmp_path / "src")
     bad = tmp_path / "src" / "bounding_box_train" / "0002_c2s1_000009_00.jpg"
@@ -280,6 +281,7 @@ def test_cli_write_refuses_a_truncated_jpeg_or_skips_and_records_it(tmp_path: Pa
     assert run_shards(["verify", "out"], tmp_path).returncode == 0
 
 
+@pytest.mark.slow
 def test_hidden_files_are_ignored_and_jpeg_extensions_accepted(tmp_path: Path) -> None:
     market_folder(tmp_path / "src")
     train = tmp_path / "src" / "bounding_box_train"
@@ -312,6 +314,7 @@ def test_bad_keys_are_refused_before_any_shard_is_written(tmp_path: Path) -> Non
     assert not list(tmp_path.glob("out/*.tar"))  # the train shards were not written first
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["missing_src", "no_images", "verify_missing", "verify_not_shards"])
 def test_cli_user_errors_are_one_line_naming_the_culprit(tmp_path: Path, case: str) -> None:
     for sub in ("bounding_box_train", "query", "bounding_box_test"):
@@ -335,6 +338,7 @@ def test_cli_user_errors_are_one_line_naming_the_culprit(tmp_path: Path, case: s
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
+@pytest.mark.slow
 def test_cli_verify_names_a_damaged_shard_in_one_line(tiny_shards: Path, tmp_path: Path) -> None:
     shutil.copytree(tiny_shards, tmp_path / "copy")
     name = read_manifest(str(tmp_path / "copy"))["splits"]["gallery"]["shards"][1]["name"]
