@@ -1,8 +1,9 @@
 """The shard format: writing, reading, verifying (see ``shards/README.md`` for the schema).
 
 A dataset is a folder (or URL prefix) holding ``index.json`` and tar shards ``{role}-{i:05d}.tar`` of
-``{key}.jpg`` + ``{key}.json`` members. Shards are written to a temporary name, fsynced and renamed,
-so a crash never leaves a complete-looking half shard; ``index.json`` is written last the same way.
+``{key}.jpg`` + ``{key}.json`` members. Shards are written with :func:`dpm_dist.fsio.atomic_path` (a
+temporary name, fsynced and renamed), so a crash never leaves a complete-looking half shard; ``index.json``
+is written last the same way.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from PIL import Image, ImageFile
 
 from dpm_dist.data.layouts import SPLITS, Record, relabel
 from dpm_dist.data.storage import IOOptions, StorageError, join_url, read_bytes
+from dpm_dist.fsio import atomic_path, write_bytes_atomic
 
 FORMAT = "dpm-shards/1"
 MANIFEST = "index.json"
@@ -109,19 +111,6 @@ def file_sha256(path: str, *, sync: bool = False) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _write_atomic(path: str, write: Any) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def check_keys(samples: Sequence[Sample]) -> None:
     """Refuse bad or duplicate sample keys before anything is written (a key becomes a tar member name)."""
     for s in samples:
@@ -145,21 +134,22 @@ def write_shards(
         name = f"{prefix}-{len(entries):05d}.tar"
         path = os.path.join(out_dir, name)
 
-        def write(f: Any) -> None:
-            with tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar:
-                for s in batch:
-                    meta = {
-                        "pid": s.pid,
-                        "label": labels.get(s.pid, -1),
-                        "camid": s.camid,
-                        "split": "train" if s.role == "train" else "test",
-                        "role": s.role,
-                        "source": s.source,
-                    }
-                    _add_member(tar, f"{s.key}.jpg", s.jpg)
-                    _add_member(tar, f"{s.key}.json", json.dumps(meta, sort_keys=True).encode())
-
-        _write_atomic(path, write)
+        with (
+            atomic_path(path) as tmp,
+            open(tmp, "wb") as f,
+            tarfile.open(fileobj=f, mode="w", format=tarfile.GNU_FORMAT) as tar,
+        ):
+            for s in batch:
+                meta = {
+                    "pid": s.pid,
+                    "label": labels.get(s.pid, -1),
+                    "camid": s.camid,
+                    "split": "train" if s.role == "train" else "test",
+                    "role": s.role,
+                    "source": s.source,
+                }
+                _add_member(tar, f"{s.key}.jpg", s.jpg)
+                _add_member(tar, f"{s.key}.json", json.dumps(meta, sort_keys=True).encode())
         entries.append(
             {"name": name, "num_samples": len(batch), "num_bytes": os.path.getsize(path), "sha256": file_sha256(path)}
         )
@@ -228,8 +218,7 @@ def write_dataset(
         "train_label_counts": [n for _, n in sorted(Counter(labels[s.pid] for s in by_role["train"]).items())],
         **(extra or {}),
     }
-    text = json.dumps(manifest, indent=1, sort_keys=True).encode()
-    _write_atomic(os.path.join(out_dir, MANIFEST), lambda f: f.write(text))
+    write_bytes_atomic(os.path.join(out_dir, MANIFEST), json.dumps(manifest, indent=1, sort_keys=True).encode())
     return manifest
 
 

@@ -33,6 +33,7 @@ from dpm_dist.data.layouts import IMAGE_EXTS, is_hidden, parse_market_name, pars
 from dpm_dist.deploy.loading import LoadedModel
 from dpm_dist.dist import DistEnv
 from dpm_dist.eval.evaluator import Embeddings, extract, gather_embeddings
+from dpm_dist.fsio import atomic_path
 
 log = logging.getLogger(__name__)
 NAMES = ("market", "msmt17", "none")  # how pid/camid are read from file names
@@ -382,15 +383,8 @@ def write_embeddings(path: str, result: EmbedResult, loaded: LoadedModel, settin
         "num_skipped": result.num_skipped,
     }
     table = pa.table(columns).replace_schema_metadata({SCHEMA_KEY: json.dumps(facts).encode()})
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    tmp = os.path.join(folder, f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    try:
+    with atomic_path(path) as tmp:
         pq.write_table(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def read_metadata(path: str) -> dict[str, Any]:

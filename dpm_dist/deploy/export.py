@@ -16,14 +16,14 @@ import contextlib
 import importlib
 import json
 import os
-import tempfile
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
 from dpm_dist.deploy.loading import LoadedModel
+from dpm_dist.fsio import atomic_path
 
 FORMATS = {".onnx": "onnx", ".pt": "torchscript"}
 DEPLOY_MODULES = ("onnx", "onnxscript", "onnxruntime")
@@ -92,19 +92,6 @@ def _quiet() -> Iterator[None]:
         yield
 
 
-def _atomic(dst: str, write: Callable[[str], None]) -> None:
-    folder = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(dst)[1])
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def export_onnx(loaded: LoadedModel, dst: str, *, opset: int = OPSET, dynamo: bool = True) -> dict[str, Any]:
     """Write ``dst`` (.onnx); returns the recorded metadata (``exporter``: dynamo or torchscript, ``opset``)."""
     require_deploy_extra("ONNX export")
@@ -126,7 +113,8 @@ def export_onnx(loaded: LoadedModel, dst: str, *, opset: int = OPSET, dynamo: bo
     for key, value in meta.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = f"dpm.{key}", json.dumps(value)
-    _atomic(dst, lambda tmp: onnx.save(proto, tmp))
+    with atomic_path(dst) as tmp:
+        onnx.save(proto, tmp)
     return meta
 
 
@@ -174,7 +162,8 @@ def export_torchscript(loaded: LoadedModel, dst: str) -> dict[str, Any]:
         traced = torch.jit.trace(wrapper, example_inputs(loaded, EXAMPLE_BATCH), check_trace=False)
     meta = metadata(loaded, format="torchscript", exporter="torch.jit.trace", torch=torch.__version__)
     with _quiet():
-        _atomic(dst, lambda tmp: torch.jit.save(traced, tmp, _extra_files={META_FILE: json.dumps(meta)}))
+        with atomic_path(dst) as tmp:
+            torch.jit.save(traced, tmp, _extra_files={META_FILE: json.dumps(meta)})
     return meta
 
 
