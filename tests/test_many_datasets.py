@@ -341,11 +341,11 @@ def test_dpm_train_on_two_datasets_prints_and_records_each(work: Path) -> None:
 def _evaluate(env, model_path: str) -> dict[str, float]:
     from dpm_dist.config import to_config
     from dpm_dist.eval.evaluator import evaluate
-    from dpm_dist.eval.run import ModelFile, load_model
+    from dpm_dist.model.files import ModelFile, load_model_file
 
     file = ModelFile.read(model_path)
     cfg = to_config(file.config)
-    model, _, _ = load_model(file, cfg)
+    model, _, _ = load_model_file(file, cfg.model)
     return evaluate(model, cfg, env, device="cpu")
 
 
@@ -511,7 +511,7 @@ def test_dpm_embed_of_the_two_dataset_model_gives_the_evaluators_features_of_b(w
     from dpm_dist.config import to_config
     from dpm_dist.dist import DistEnv
     from dpm_dist.eval.evaluator import extract_and_gather
-    from dpm_dist.eval.run import ModelFile, load_model
+    from dpm_dist.model.files import ModelFile, load_model_file
 
     proc = _cli(
         [
@@ -534,7 +534,7 @@ def test_dpm_embed_of_the_two_dataset_model_gives_the_evaluators_features_of_b(w
     rows = {r["key"]: r for r in pq.read_table(work / "b.parquet").to_pylist()}
     file = ModelFile.read(str(work / "run" / "model_final.pt"))
     cfg = to_config(file.config)
-    model, _, _ = load_model(file, cfg)
+    model, _, _ = load_model_file(file, cfg.model)
     query, _ = extract_and_gather(model, cfg.data, DistEnv(), device="cpu", dataset="b")
     assert sorted(f"b/{k}" for k in rows) == query.keys
     assert [rows[k[2:]]["camid"] + 3 for k in query.keys] == query.camids.tolist()  # the file keeps b's own cameras

@@ -234,6 +234,7 @@ def _dpm_convert(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow
 def test_convert_command_relative_paths_and_one_line_errors_naming_the_file(tmp_path):
     torch.save(_official_state(dim=32, depth=4, tokens=243, cams=8, classes=11), tmp_path / "transformer_150.pth")
     data = (tmp_path / "transformer_150.pth").read_bytes()
@@ -252,6 +253,68 @@ def test_convert_command_relative_paths_and_one_line_errors_naming_the_file(tmp_
         )
         assert "Traceback" not in proc.stderr and "weights_only" not in proc.stderr and "mmap" not in proc.stderr
     assert not (tmp_path / "out.pt").exists()
+
+
+# ---- our model files (dpm_dist.model.files) -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mask, mode", [(0o022, 0o644), (0o027, 0o640)])
+def test_a_model_file_gets_the_umask_mode_so_a_teammate_can_read_a_shared_run(tmp_path, mask, mode):
+    import stat
+
+    from dpm_dist.model.files import save_model_file
+
+    old = os.umask(mask)
+    try:
+        save_model_file(torch.nn.Linear(2, 2), str(tmp_path / "run" / "model_final.pt"), {"epoch": 1})
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "run" / "model_final.pt").stat().st_mode) == mode
+
+
+def test_a_failed_model_file_write_leaves_the_old_file_and_no_temporary_file(tmp_path, monkeypatch):
+    import errno
+
+    from dpm_dist.model import files
+
+    dst = tmp_path / "model_final.pt"
+    dst.write_bytes(b"previous")
+
+    class Unpicklable:
+        def __reduce__(self):
+            raise TypeError("not picklable")
+
+    with pytest.raises(TypeError, match="not picklable"):  # not a write failure: passes through unchanged
+        files.save_model_file(torch.nn.Linear(2, 2), str(dst), {"bad": Unpicklable()})
+    assert dst.read_bytes() == b"previous" and os.listdir(tmp_path) == ["model_final.pt"]
+
+    def half_then_full(obj, path):
+        Path(path).write_bytes(b"half a zip")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(files.torch, "save", half_then_full)
+    with pytest.raises(OSError, match=r"writing the model file .*model_final\.pt failed: No space left on device"):
+        files.save_model_file(torch.nn.Linear(2, 2), str(dst), {})
+    assert dst.read_bytes() == b"previous" and os.listdir(tmp_path) == ["model_final.pt"]
+
+
+def test_a_model_file_is_found_read_and_loaded_with_its_recorded_architecture(tmp_path):
+    import dataclasses
+
+    from dpm_dist.config import ModelConfig
+    from dpm_dist.model.dpm import build_model
+    from dpm_dist.model.files import ModelFile, find_model_file, load_model_file, save_model_file
+
+    arch = ModelConfig(backbone="vit_tiny_patch16_224", img_size=[64, 64], stride=[16, 16], **TINY)
+    model = build_model(arch, num_classes=5, num_cams=3)
+    save_model_file(model, str(tmp_path / "run" / "model_final.pt"), {"epoch": 3, "config": {"model": vars(arch)}})
+    path, note = find_model_file(str(tmp_path / "run"))
+    assert path == str(tmp_path / "run" / "model_final.pt") and "evaluating model_final.pt (the last epoch)" in note
+    file = ModelFile.read(path)
+    loaded, model_cfg, meta = load_model_file(file, ModelConfig())  # the fallback loses to the recorded model
+    assert model_cfg == arch and meta["epoch"] == 3 and dataclasses.is_dataclass(model_cfg)
+    for key, value in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
 
 
 def test_load_imagenet_vit_reads_safetensors_like_a_torch_file(tmp_path):

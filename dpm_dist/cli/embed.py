@@ -70,8 +70,9 @@ def embed(args: argparse.Namespace) -> int:
         read_shard_manifest,
         write_embeddings,
     )
-    from dpm_dist.deploy.loading import load_model, resolve_model_path
+    from dpm_dist.deploy.loading import load_model
     from dpm_dist.dist import DistEnv
+    from dpm_dist.model.files import resolve_model_path
 
     if args.batch_size < 1 or args.workers < 0:
         raise ValueError(f"--batch-size must be >= 1 and --workers >= 0 (got {args.batch_size}, {args.workers})")

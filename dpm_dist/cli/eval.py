@@ -59,8 +59,8 @@ def evaluate_checkpoint(checkpoint: str, output_dir: str | None, overrides: Sequ
     """Everything a user can get wrong is checked before the process group; then every rank evaluates."""
     from dpm_dist import dist
     from dpm_dist.dist import DistEnv
-    from dpm_dist.eval.run import ModelFile, run_eval
-    from dpm_dist.model.files import find_model_file
+    from dpm_dist.eval.run import run_eval
+    from dpm_dist.model.files import ModelFile, find_model_file
 
     env = DistEnv.from_env()
     path, note = find_model_file(absolute_path(checkpoint) or checkpoint)

@@ -46,7 +46,8 @@ def _as_user_error(fn):
 
 def export(checkpoint: str, output: str, check_batch: int) -> int:
     from dpm_dist.deploy.export import export_model, format_of, parity, require_deploy_extra
-    from dpm_dist.deploy.loading import load_model, resolve_model_path
+    from dpm_dist.deploy.loading import load_model
+    from dpm_dist.model.files import resolve_model_path
 
     dst = absolute_path(output)
     if format_of(dst) == "onnx":  # before the model is read: a missing extra fails in a second

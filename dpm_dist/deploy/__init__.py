@@ -1,6 +1,7 @@
 """Deployment: a trained model outside the training system.
 
-Owns the one-call loader (``loading``: ``dpm_dist.load_model``), ONNX and TorchScript export (``export``),
+Owns the one-call loader (``loading``: ``dpm_dist.load_model``, the inference wrapper around
+:mod:`dpm_dist.model.files`), ONNX and TorchScript export (``export``),
 embedding images to a Parquet file (``embed``, the library part of ``dpm-embed``) and top-k search between
 two such files (``search``, the library part of ``dpm-search``). It reuses ``model``, ``data`` and ``eval``.
 

@@ -1,9 +1,9 @@
 """``dpm_dist.load_model``: a DPM model file, run folder or official checkpoint ready for inference.
 
-It reads the file with :class:`dpm_dist.eval.run.ModelFile` and builds it with
-:func:`dpm_dist.eval.run.load_model` (strict loading, errors naming the key), exactly as ``dpm-eval``
-does, and adds what inference needs: the test transform at the recorded input size, the metadata an
-exported file or an embedding file carries, and the masked distance of the evaluator.
+Finding, reading and building the model is :mod:`dpm_dist.model.files` (``resolve_model_path``,
+``ModelFile.read``, ``load_model_file``: strict loading, errors naming the key), exactly as ``dpm-eval``
+does; this module adds what inference needs: the test transform at the recorded input size, the metadata
+an exported file or an embedding file carries, and the masked distance of the evaluator.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from typing import Any
 import torch
 from PIL import Image
 
-from dpm_dist.config import DataConfig, DPMConfig, ModelConfig
+from dpm_dist.config import ModelConfig
 from dpm_dist.data.shards import file_sha256
 from dpm_dist.data.transforms import eval_transform
 from dpm_dist.eval.retrieval import arccos_distance, cosine_similarity, masked_cosine_similarity
+from dpm_dist.model.files import ModelFile, load_model_file, resolve_model_path
 
 PIXEL_MEAN = (0.5, 0.5, 0.5)  # dpm_dist.data.transforms.to_normalised (the official PIXEL_MEAN/STD)
 PIXEL_STD = (0.5, 0.5, 0.5)
@@ -148,13 +149,6 @@ class LoadedModel:
         raise ValueError(f"unknown metric {metric!r}; expected masked_cosine or cosine")
 
 
-def resolve_model_path(path: str | os.PathLike, *, flag: str = "model") -> tuple[str, str | None]:
-    """``(model file, note)`` for a file or a run folder (model_best.pt, else model_final.pt), as dpm-eval picks."""
-    from dpm_dist.model.files import find_model_file
-
-    return find_model_file(os.path.abspath(os.path.expanduser(os.fspath(path))), flag=flag, verb="using")
-
-
 def load_model(
     path: str | os.PathLike, device: str | torch.device = "cpu", *, model: ModelConfig | None = None
 ) -> LoadedModel:
@@ -171,14 +165,9 @@ def load_model(
         e = m.embed(["a.jpg", "b.jpg"], camids=[0, 1])
         print(m.distance(e, e))
     """
-    from dpm_dist.eval.run import ModelFile
-    from dpm_dist.eval.run import load_model as build_and_load
-
     file_path, _ = resolve_model_path(path)
     file = ModelFile.read(file_path)
-    fallback = model or ModelConfig()
-    cfg = DPMConfig(model=fallback, data=DataConfig(img_size=list(fallback.img_size)))
-    net, model_cfg, _ = build_and_load(file, cfg)
+    net, model_cfg, _ = load_model_file(file, model or ModelConfig())
     target = torch.device(device)
     net.to(target).eval()
     return LoadedModel(
@@ -189,7 +178,7 @@ def load_model(
     )
 
 
-def describe(file: Any, net: torch.nn.Module, model_cfg: ModelConfig) -> dict[str, Any]:
+def describe(file: ModelFile, net: torch.nn.Module, model_cfg: ModelConfig) -> dict[str, Any]:
     """The facts exported files and embedding files record (JSON-serialisable)."""
     saved_eval = file.config.get("eval") or {}
     neck = saved_eval.get("neck_feat", "before")

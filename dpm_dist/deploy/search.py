@@ -22,7 +22,7 @@ import torch
 
 from dpm_dist.deploy.embed import read_metadata
 from dpm_dist.dist import DistEnv
-from dpm_dist.eval.evaluator import Embeddings
+from dpm_dist.eval.embeddings import Embeddings
 
 READ_BATCH = 8192  # rows per Parquet record batch
 

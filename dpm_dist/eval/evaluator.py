@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from dpm_dist import dist
 from dpm_dist.dist import DistEnv
+from dpm_dist.eval.embeddings import Embeddings
 from dpm_dist.eval.retrieval import (
     RankingSums,
     RetrievalMetrics,
@@ -35,32 +35,6 @@ from dpm_dist.eval.retrieval import (
 from dpm_dist.eval.sharded import GalleryShard, as_shard, evaluate_sharded, shard_gallery
 
 ROLES = ("query", "gallery")
-
-
-@dataclass
-class Embeddings:
-    """Test-time outputs of a set of samples; rows line up with ``keys``."""
-
-    keys: list[str]
-    roles: list[str]
-    pids: torch.Tensor  # (N,) int64
-    camids: torch.Tensor  # (N,) int64
-    feats: torch.Tensor  # (N, D) feature before the BNNeck
-    masks: torch.Tensor  # (N, D) HMG mask
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-    def select(self, index: list[int]) -> Embeddings:
-        rows = torch.as_tensor(index, dtype=torch.long, device=self.feats.device)
-        return Embeddings(
-            [self.keys[i] for i in index],
-            [self.roles[i] for i in index],
-            self.pids[rows],
-            self.camids[rows],
-            self.feats[rows],
-            self.masks[rows],
-        )
 
 
 @torch.no_grad()

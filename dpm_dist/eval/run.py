@@ -1,8 +1,8 @@
 """Evaluating one model file end to end: load it, evaluate on every rank, write results and pictures.
 
-:func:`load_model` builds the architecture the file records (our model files carry their training
-config; the converter's files their facts) and loads the weights strictly; :func:`run_eval` is what
-``dpm-eval`` runs on every rank.
+:func:`run_eval` is what ``dpm-eval`` runs on every rank. The file is read and its model built by
+:mod:`dpm_dist.model.files` (the architecture the file records, weights loaded strictly), as
+``dpm_dist.load_model`` does.
 """
 
 from __future__ import annotations
@@ -17,57 +17,10 @@ from typing import Any
 import torch
 
 from dpm_dist import dist
-from dpm_dist.config import DPMConfig, ModelConfig
+from dpm_dist.config import DPMConfig
 from dpm_dist.dist import DistEnv
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelFile:
-    """A model file read once: its path, the DPM state dict in our naming, and its ``meta`` ({} if none)."""
-
-    path: str
-    state: dict[str, torch.Tensor]
-    meta: dict[str, Any]
-
-    @classmethod
-    def read(cls, path: str) -> ModelFile:
-        from dpm_dist.model.weights import read_dpm_file
-
-        state, meta = read_dpm_file(path)
-        return cls(os.path.abspath(path), state, meta)
-
-    @property
-    def config(self) -> dict[str, Any]:
-        """The resolved training config our model files carry (``meta.config``), else {}."""
-        saved = self.meta.get("config")
-        return saved if isinstance(saved, dict) else {}
-
-
-def model_config_for(cfg: DPMConfig, meta: dict[str, Any]) -> ModelConfig:
-    """The checkpoint's own architecture when it records one, else the composed ``model`` section."""
-    fields = {f.name for f in dataclasses.fields(ModelConfig)}
-    saved = (meta.get("config") or {}).get("model")
-    if saved:
-        return ModelConfig(**{k: v for k, v in saved.items() if k in fields})
-    known = {
-        k: meta[k]
-        for k in ("img_size", "stride", "backbone", "tap_blocks", "embed_dim", "depth", "patch_size")
-        if k in meta
-    }
-    return dataclasses.replace(cfg.model, **known)
-
-
-def load_model(source: ModelFile | str, cfg: DPMConfig) -> tuple[torch.nn.Module, ModelConfig, dict[str, Any]]:
-    """Build the DPM model for ``source`` (our export or an official state dict) and load it strictly."""
-    from dpm_dist.model.dpm import build_model
-    from dpm_dist.model.weights import describe_state_dict, load_state_dict_checked
-
-    file = source if isinstance(source, ModelFile) else ModelFile.read(source)
-    facts = describe_state_dict(file.state)
-    model_cfg = model_config_for(cfg, file.meta)
-    model = build_model(model_cfg, num_classes=facts["num_classes"], num_cams=facts["num_cams"])
-    load_state_dict_checked(model, file.state, source=file.path)
-    return model, model_cfg, file.meta
+from dpm_dist.fsio import write_text_atomic
+from dpm_dist.model.files import ModelFile, load_model_file
 
 
 def _safe(name: str) -> str:
@@ -186,7 +139,7 @@ def run_eval(
     from dpm_dist.eval.evaluator import merge_datasets
 
     device = dist.device_for(env)
-    model, model_cfg, meta = load_model(model_file, cfg)
+    model, model_cfg, meta = load_model_file(model_file, cfg.model)
     cfg = dataclasses.replace(
         cfg, model=model_cfg, data=dataclasses.replace(cfg.data, img_size=list(model_cfg.img_size))
     )
@@ -224,9 +177,7 @@ def run_eval(
             ],
         )
     if env.is_main:
-        os.makedirs(output_dir, exist_ok=True)
-        with open(os.path.join(output_dir, "results.json"), "w") as f:
-            json.dump(result, f, indent=2)
+        write_text_atomic(os.path.join(output_dir, "results.json"), json.dumps(result, indent=2))
         if cfg.log.tensorboard:
             _write_tensorboard(output_dir, result["metrics"], written, step or 0)
     return result

@@ -30,6 +30,7 @@ import torch
 
 from dpm_dist import dist
 from dpm_dist.dist import DistEnv
+from dpm_dist.eval.embeddings import Embeddings
 from dpm_dist.eval.retrieval import (
     RankingSums,
     RetrievalMetrics,
@@ -48,7 +49,7 @@ from dpm_dist.eval.retrieval import (
 class GalleryShard:
     """This rank's part of the gallery: rows it alone owns, each with its world-size-independent index."""
 
-    local: Any  # dpm_dist.eval.evaluator.Embeddings, one row per owned item (masks unused: may be empty)
+    local: Embeddings  # one row per owned item (masks unused: may be empty)
     index: torch.Tensor  # (n,) int64: position of each row's key in the sorted keys of the whole gallery
     size: int  # G, the whole gallery
 
@@ -56,7 +57,7 @@ class GalleryShard:
         return self.size
 
 
-def shard_gallery(local: Any, env: DistEnv) -> GalleryShard:
+def shard_gallery(local: Embeddings, env: DistEnv) -> GalleryShard:
     """Dedupe this rank's gallery rows against every rank's keys and index them by key order. Collective.
 
     A key on several ranks (padding) is kept by its first occurrence in rank order. Raises ValueError when
@@ -97,7 +98,7 @@ def _gather_matches(rows: torch.Tensor, values: torch.Tensor, tie: torch.Tensor)
     return everything[:, 0].long(), everything[:, 1].to(values.dtype), everything[:, 2].long()
 
 
-def as_shard(gallery: Any, env: DistEnv) -> GalleryShard:
+def as_shard(gallery: Embeddings, env: DistEnv) -> GalleryShard:
     """A gathered gallery (sorted by key) cut into contiguous shares by index: rank r keeps r·G/R .. (r+1)·G/R."""
     size = len(gallery)
     lo, hi = env.rank * size // env.world_size, (env.rank + 1) * size // env.world_size
@@ -107,7 +108,7 @@ def as_shard(gallery: Any, env: DistEnv) -> GalleryShard:
 
 
 def shard_distance_fn(
-    query: Any, shard: GalleryShard, eval_cfg: Any, env: DistEnv
+    query: Embeddings, shard: GalleryShard, eval_cfg: Any, env: DistEnv
 ) -> Callable[[int, int], torch.Tensor]:
     """``(start, end) -> (end-start, share)`` ranking distances; collective to build when re-ranking (sparse only)."""
     local = shard.local
@@ -133,7 +134,7 @@ def shard_distance_fn(
     ).chunk
 
 
-def score_sharded(query: Any, shard: GalleryShard, eval_cfg: Any, env: DistEnv) -> RankingSums:
+def score_sharded(query: Embeddings, shard: GalleryShard, eval_cfg: Any, env: DistEnv) -> RankingSums:
     """All query chunks against this rank's share; the matches' ranks summed over ranks. Collective."""
     local = shard.local
     chunk_distance = shard_distance_fn(query, shard, eval_cfg, env)
@@ -152,6 +153,6 @@ def score_sharded(query: Any, shard: GalleryShard, eval_cfg: Any, env: DistEnv) 
     return sums
 
 
-def evaluate_sharded(query: Any, shard: GalleryShard, eval_cfg: Any, env: DistEnv) -> RetrievalMetrics:
+def evaluate_sharded(query: Embeddings, shard: GalleryShard, eval_cfg: Any, env: DistEnv) -> RetrievalMetrics:
     """Metrics of gathered queries against a sharded gallery; the same floats on every rank. Collective."""
     return finalize(score_sharded(query, shard, eval_cfg, env), num_gallery=shard.size)

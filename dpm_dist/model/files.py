@@ -1,71 +1,69 @@
-"""Our model files: ``{"model": fp32 state dict, "meta": {...}}``, written atomically.
+"""Model files: how a DPM model file is written, found, read and loaded (the one place for all four).
 
-``meta`` carries what a reader needs without the training run: the epoch, the final metrics and the
-resolved configuration of training, or the converter's facts for an official checkpoint. Training
-writes ``model_best.pt`` (at its best evaluation) and ``model_final.pt`` (at the end) into the run folder;
-:func:`dpm_dist.model.weights.read_dpm_file` reads them back with errors that name the file.
+Our model files are ``{"model": fp32 state dict, "meta": {...}}``. ``meta`` carries what a reader needs
+without the training run: the epoch, the final metrics and the resolved configuration of training, or the
+converter's facts for an official checkpoint. Training writes ``model_best.pt`` (at its best evaluation) and
+``model_final.pt`` (at the end) into the run folder.
+
+    write   save_model_file(model, dst, meta)        atomic (dpm_dist.fsio), the umask's mode
+    find    find_model_file(path) / resolve_model_path(path)   a file, or a run folder's best/final file
+    read    ModelFile.read(path)                     ours, the converter's or an official state dict
+    load    load_model_file(file, fallback)          the recorded architecture, weights loaded strictly
+
+``dpm-eval`` (:mod:`dpm_dist.eval.run`), ``dpm_dist.load_model`` (:mod:`dpm_dist.deploy.loading`), training
+and the converter all go through these. The architecture is a :class:`dpm_dist.config.ModelConfig`, passed
+in as ``fallback`` (the model package never imports the config schema): the file's recorded ``model``
+section wins, else the facts the converter recorded are applied to ``fallback``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import shutil
-import tempfile
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 
+from dpm_dist.fsio import atomic_path, describe_write_failure, is_write_failure
+from dpm_dist.model.dpm import DPMNet, build_model
+from dpm_dist.model.weights import describe_state_dict, load_state_dict_checked, read_dpm_file
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+__all__ = [
+    "MODEL_BEST",
+    "MODEL_FINAL",
+    "ModelFile",
+    "describe_write_failure",
+    "find_model_file",
+    "is_write_failure",
+    "load_model_file",
+    "model_config_for",
+    "resolve_model_path",
+    "save_model_file",
+]
+
 MODEL_BEST, MODEL_FINAL = "model_best.pt", "model_final.pt"  # in a run folder, in the order dpm-eval prefers them
+CONVERTER_FACTS = ("img_size", "stride", "backbone", "tap_blocks", "embed_dim", "depth", "patch_size")
+Arch = TypeVar("Arch", bound="DataclassInstance")  # dpm_dist.config.ModelConfig, passed in by the caller
+
+
+# ---- write ------------------------------------------------------------------------------------------------------
 
 
 def save_model_file(model: torch.nn.Module | dict[str, torch.Tensor], dst: str, meta: dict) -> None:
-    """Write ``{"model": fp32 state dict, "meta": meta}`` atomically (temp file + rename); ``model``: a module or its
-    state dict."""
-    folder = os.path.dirname(os.path.abspath(dst))
-    os.makedirs(folder, exist_ok=True)
+    """Write ``{"model": fp32 state dict, "meta": meta}`` atomically; ``model``: a module or its state dict.
+
+    A failed write (a full disk) raises an OSError naming ``dst``, why and the free space, and replaces nothing.
+    """
     tensors = model if isinstance(model, dict) else model.state_dict()
     state = {k: v.detach().float().cpu() if v.is_floating_point() else v.cpu() for k, v in tensors.items()}
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    os.close(fd)
-    try:
+    with atomic_path(dst, what="the model file") as tmp:
         torch.save({"model": state, "meta": meta}, tmp)
-        os.replace(tmp, dst)
-    except (OSError, RuntimeError) as err:
-        if not is_write_failure(err):
-            raise
-        raise OSError(
-            f"writing the model file {dst} failed: {describe_write_failure(err, folder)}; no file was replaced"
-        ) from err
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
-def is_write_failure(err: BaseException) -> bool:
-    """OSError, or torch.save's RuntimeError from its zip writer (which does not raise OSError on a full disk)."""
-    return isinstance(err, OSError) or (
-        isinstance(err, RuntimeError)
-        and any(s in str(err) for s in ("inline_container", "PytorchStreamWriter", "file write failed"))
-    )
-
-
-def describe_write_failure(err: BaseException, folder: str) -> str:
-    """Why a write into ``folder`` failed and the free space at that moment (call it before removing partial
-    files), e.g. ``No space left on device (0.0 MiB free of 14 MiB)``."""
-    probe = folder
-    while probe and not os.path.isdir(probe):
-        probe = os.path.dirname(probe)
-    try:
-        usage = shutil.disk_usage(probe or ".")
-    except OSError:
-        usage = None
-    free = f"{usage.free / 2**20:,.1f} MiB free of {usage.total / 2**20:,.0f} MiB" if usage else "free space unknown"
-    if isinstance(err, OSError) and err.strerror:
-        why = err.strerror
-    elif usage and usage.free < 2**20:
-        why = "No space left on device"
-    else:
-        why = f"write failed ({str(err).splitlines()[0]})"
-    return f"{why} ({free})"
+# ---- find -------------------------------------------------------------------------------------------------------
 
 
 def find_model_file(path: str, *, flag: str = "--checkpoint", verb: str = "evaluating") -> tuple[str, str | None]:
@@ -101,6 +99,11 @@ def find_model_file(path: str, *, flag: str = "--checkpoint", verb: str = "evalu
     )
 
 
+def resolve_model_path(path: str | os.PathLike, *, flag: str = "model") -> tuple[str, str | None]:
+    """:func:`find_model_file` of a user's path (``~`` expanded, made absolute), the note saying "using"."""
+    return find_model_file(os.path.abspath(os.path.expanduser(os.fspath(path))), flag=flag, verb="using")
+
+
 def _run_of_training_state(path: str) -> str | None:
     """The run folder above a ``checkpoints/`` folder or one of its ``epoch_XXXX`` folders, else None."""
     names = set(os.listdir(path))
@@ -109,3 +112,55 @@ def _run_of_training_state(path: str) -> str | None:
     if "latest" in names or any(n.startswith("epoch_") for n in names):
         return os.path.dirname(path)
     return None
+
+
+# ---- read -------------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFile:
+    """A model file read once: its path, the DPM state dict in our naming, and its ``meta`` ({} if none)."""
+
+    path: str
+    state: dict[str, torch.Tensor]
+    meta: dict[str, Any]
+
+    @classmethod
+    def read(cls, path: str) -> ModelFile:
+        """Our file, the converter's or an official DPM state dict; errors name the file."""
+        state, meta = read_dpm_file(path)
+        return cls(os.path.abspath(path), state, meta)
+
+    @property
+    def config(self) -> dict[str, Any]:
+        """The resolved training config our model files carry (``meta.config``), else {}."""
+        saved = self.meta.get("config")
+        return saved if isinstance(saved, dict) else {}
+
+
+# ---- load -------------------------------------------------------------------------------------------------------
+
+
+def model_config_for(fallback: Arch, meta: dict[str, Any]) -> Arch:
+    """The file's own architecture when it records one (our files), else ``fallback`` with the converter's facts.
+
+    ``fallback`` is a :class:`dpm_dist.config.ModelConfig`; the result is one too.
+    """
+    saved = (meta.get("config") or {}).get("model")
+    if saved:
+        fields = {f.name for f in dataclasses.fields(fallback)}
+        return type(fallback)(**{k: v for k, v in saved.items() if k in fields})
+    return dataclasses.replace(fallback, **{k: meta[k] for k in CONVERTER_FACTS if k in meta})
+
+
+def load_model_file(source: ModelFile | str, fallback: Arch) -> tuple[DPMNet, Arch, dict[str, Any]]:
+    """``(model, its ModelConfig, meta)``: the DPM model ``source`` records, its weights loaded strictly.
+
+    Class and camera counts come from the weights; errors name the file and the key.
+    """
+    file = source if isinstance(source, ModelFile) else ModelFile.read(source)
+    facts = describe_state_dict(file.state)
+    model_cfg = model_config_for(fallback, file.meta)
+    model = build_model(model_cfg, num_classes=facts["num_classes"], num_cams=facts["num_cams"])
+    load_state_dict_checked(model, file.state, source=file.path)
+    return model, model_cfg, file.meta
