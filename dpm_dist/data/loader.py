@@ -116,7 +116,9 @@ def _train_item(
 
 
 _NUM_CORRUPT = [0]
-_CORRUPT_KEYS: set[str] = set()  # distinct (shard URL, key) pairs skipped in this process
+# Distinct (shard URL, key) pairs skipped in this process: not a cache, a count (stream mode takes them out of the
+# distinct samples it can buffer); it grows only with the corrupt samples the training set holds.
+_CORRUPT_KEYS: set[tuple[str, str]] = set()
 
 
 def _count_corrupt(exc: Exception, where: tuple[str, str] | None = None) -> None:
