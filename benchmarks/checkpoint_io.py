@@ -51,7 +51,7 @@ def make_engine(name: str, env: DistEnv) -> DPMEngine:
             "engine": {"zero_stage": 0},
         }
     )
-    engine = DPMEngine(model, cfg, env)
+    engine = DPMEngine.from_config(cfg, env, model)
     for opt in (engine.opt_main, engine.opt_mask):  # momentum buffers exist after a first step: make them now
         for group in opt.param_groups:
             for p in group["params"]:

@@ -74,7 +74,7 @@ def _engine(spec: dict[str, Any], mode: str, *, compile: bool, backend: str):
             },
         }
     )
-    engine = DPMEngine(model, cfg, DistEnv())
+    engine = DPMEngine.from_config(cfg, DistEnv(), model)
     engine.start_epoch(10)
     return engine, cfg.data.num_instances
 

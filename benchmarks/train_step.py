@@ -45,7 +45,7 @@ def make_engine(name: str, mode: str, batch: int, precision: str, classes: int) 
             "engine": {"update_mode": mode, "precision": precision, "zero_stage": 0},
         }
     )
-    engine = DPMEngine(model, cfg, DistEnv())
+    engine = DPMEngine.from_config(cfg, DistEnv(), model)
     engine.start_epoch(10)
     return engine
 

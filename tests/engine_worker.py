@@ -72,7 +72,7 @@ def fresh_model():
 def run(mode: str, zero: int, env: DistEnv, steps: int = 3, **kw) -> dict[str, torch.Tensor]:
     from dpm_dist.train.engine import DPMEngine
 
-    engine = DPMEngine(fresh_model(), make_cfg(mode, zero, **kw), env)
+    engine = DPMEngine.from_config(make_cfg(mode, zero, **kw), env, fresh_model())
     engine.start_epoch(2)
     for batch in batches(env, steps):
         engine.step(batch)

@@ -193,7 +193,7 @@ def test_exact_equals_reference_world_size_2_zero_1_and_2(tmp_path):
 def test_mixed_precision_runs_with_fp32_weights_and_loss_scaling(single_process, precision, zero):
     from dpm_dist.train.engine import DPMEngine
 
-    engine = DPMEngine(W.fresh_model(), W.make_cfg("exact", zero, precision=precision), single_process)
+    engine = DPMEngine.from_config(W.make_cfg("exact", zero, precision=precision), single_process, W.fresh_model())
     engine.start_epoch(2)
     for batch in W.batches(single_process, 2):
         metrics = engine.step(batch)
@@ -218,7 +218,7 @@ def test_checkpoint_keeps_the_fp16_loss_scale_and_weights(single_process, zero, 
     from dpm_dist.train.engine import DPMEngine
 
     cfg = W.make_cfg("exact", zero, precision="fp16")
-    engine = DPMEngine(W.fresh_model(), cfg, single_process)
+    engine = DPMEngine.from_config(cfg, single_process, W.fresh_model())
     engine.start_epoch(2)
     for batch in W.batches(single_process, 2):
         engine.step(batch)
@@ -226,7 +226,7 @@ def test_checkpoint_keeps_the_fp16_loss_scale_and_weights(single_process, zero, 
         scaler.update(new_scale=1024.0)  # a scale no fresh engine starts from (2^16)
     checkpoint.save(engine, str(tmp_path), epoch=1, step=2, env=single_process, meta={}, keep_last=1, is_best=False)
 
-    fresh = DPMEngine(W.fresh_model(), cfg, single_process)
+    fresh = DPMEngine.from_config(cfg, single_process, W.fresh_model())
     assert fresh.loss_scale() == 2.0**16
     meta = checkpoint.resume(fresh, str(tmp_path), single_process)
     assert meta["epoch"] == 1 and meta["rng_restored"]
@@ -240,12 +240,13 @@ def test_resharded_zero_state_continues_exactly_like_the_saved_engine(single_pro
     """The world-size-independent path: weights + SGD momentum rebuilt from the rank files, then the
     next step of the reloaded engine equals the next step of the engine that saved them."""
     from dpm_dist.train import checkpoint
-    from dpm_dist.train.engine import DPMEngine, consolidate_zero_state, load_resharded_zero_state
+    from dpm_dist.train.engine import DPMEngine
+    from dpm_dist.train.zero_reshard import consolidate_zero_state, load_resharded_zero_state
 
     cfg = W.make_cfg("exact", zero)
     cfg.optim.name = optimizer
     batches = W.batches(single_process, 3)
-    engine = DPMEngine(W.fresh_model(), cfg, single_process)
+    engine = DPMEngine.from_config(cfg, single_process, W.fresh_model())
     engine.start_epoch(2)
     for batch in batches[:2]:
         engine.step(batch)
@@ -257,7 +258,7 @@ def test_resharded_zero_state_continues_exactly_like_the_saved_engine(single_pro
     moment = "momentum_buffer" if optimizer == "sgd" else "exp_avg"
     assert full["classifier.weight"][moment].abs().sum() > 0
 
-    fresh = DPMEngine(W.fresh_model(), cfg, single_process)
+    fresh = DPMEngine.from_config(cfg, single_process, W.fresh_model())
     fresh.start_epoch(2)
     for name, ds_engine in fresh.modules():
         ds_engine.load_checkpoint(

@@ -29,7 +29,7 @@ def _train(env: DistEnv, mode: str, zero: int, steps: int = 2, **fields) -> tupl
     for dotted, value in fields.items():
         section, name = dotted.split("__")
         setattr(getattr(cfg, section), name, value)
-    engine = DPMEngine(W.fresh_model(), cfg, env)
+    engine = DPMEngine.from_config(cfg, env, W.fresh_model())
     engine.start_epoch(2)
     for batch in W.batches(env, steps):
         engine.step(batch)

@@ -81,7 +81,7 @@ def test_fused_sgd_on_cuda_gives_the_same_update(env, strict_fp32):
     for fused in (False, True):
         cfg = W.make_cfg("exact", 1)
         cfg.optim.fused = fused
-        engine = DPMEngine(W.fresh_model(), cfg, env)
+        engine = DPMEngine.from_config(cfg, env, W.fresh_model())
         engine.start_epoch(2)
         for batch in W.batches(env, 2):
             engine.step(batch)

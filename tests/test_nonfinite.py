@@ -55,7 +55,7 @@ def _differ(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]
 def _engine(env, precision: str, zero: int):
     from dpm_dist.train.engine import DPMEngine
 
-    engine = DPMEngine(W.fresh_model(), W.make_cfg("exact", zero, precision=precision), env)
+    engine = DPMEngine.from_config(W.make_cfg("exact", zero, precision=precision), env, W.fresh_model())
     engine.start_epoch(2)
     _set_scale(engine, 2.0**10)  # fp16: the tiny model's gradients overflow at the default 2^16
     return engine

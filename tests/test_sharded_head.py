@@ -76,9 +76,9 @@ def _run(env: DistEnv, mode: str, zero: int, classifier: str) -> dict:
     from dpm_dist.train.engine import DPMEngine
 
     model = _model()
-    engine = DPMEngine(model, _cfg(mode, zero, classifier), env)
+    engine = DPMEngine.from_config(_cfg(mode, zero, classifier), env, model)
     named = {n: p for n, p in engine.model.named_parameters() if p.requires_grad}  # not the frozen BNNeck bias
-    if engine.head is not None:
+    if classifier == "sharded":
         named["classifier.weight"] = engine.head.weight
     grads: dict[str, list[torch.Tensor]] = {name: [] for name in named}
     hooks = [p.register_hook(lambda g, name=name: grads[name].append(g.detach().clone())) for name, p in named.items()]
@@ -90,7 +90,7 @@ def _run(env: DistEnv, mode: str, zero: int, classifier: str) -> dict:
             for h in hooks:
                 h.remove()
     state = {k: v.detach().clone() for k, v in engine.model.state_dict().items()}
-    if engine.head is not None:
+    if classifier == "sharded":
         state["classifier.weight"] = engine.head.weight.detach().clone()
         assert not any(p is engine.head.weight for p in engine.model.parameters())  # DeepSpeed never saw the shard
     return {

@@ -1,7 +1,9 @@
 """Training: the two-step DPM update on DeepSpeed, losses, optimisers, checkpoints and the loop.
 
-Owns the engine (``engine``: the only module that imports DeepSpeed, including the ZeRO state
-resharding), the loss terms as pure functions (``losses``), optimisers and the learning-rate schedule
+Owns the engine (``engine``: the two-step update, built by ``DPMEngine.from_config``, and its own part of a
+checkpoint), the one interface of the prototype head (``heads``: replicated, or ``sharded_head``'s rows per rank),
+the ZeRO state on another world size (``zero_reshard``; with ``engine``, the only modules that import DeepSpeed),
+the loss terms as pure functions (``losses``), optimisers and the learning-rate schedule
 (``optim``), full-state checkpoints (``checkpoint``) and ``train()`` itself (``loop``: build -> resume ->
 epochs -> evaluate -> save, read top to bottom).
 

@@ -1,4 +1,8 @@
-"""Full-state, crash-safe checkpoints of both engines; resume on the same or another number of ranks.
+"""Full-state, crash-safe checkpoints of the engine; resume on the same or another number of ranks.
+
+The engine writes and reads its own files (``main/``, ``mask/``, ``head/``: :meth:`DPMEngine.save` and
+:meth:`DPMEngine.load`, which reshard on another world size); this module owns the folder around them: RNG
+states and loss scales, meta, the manifest, the ``latest``/``best`` pointers, verification and pruning.
 
 Layout under ``<output_dir>/checkpoints``::
 
@@ -27,7 +31,6 @@ import logging
 import os
 import random
 import shutil
-import signal
 from typing import Any
 
 import numpy as np
@@ -36,6 +39,7 @@ import torch
 from dpm_dist import dist
 from dpm_dist.data.shards import file_sha256
 from dpm_dist.dist import DistEnv
+from dpm_dist.fsio import write_text_atomic
 from dpm_dist.model.files import describe_write_failure, is_write_failure
 
 log = logging.getLogger(__name__)
@@ -43,9 +47,6 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT = 2  # meta.json's checkpoint_format; folders written before manifests existed have none
 _NO_MANIFEST = f"no {MANIFEST} (its save did not finish)"
-# Test hook (docs/training.md, "Faults"): SIGKILL this process in the middle of saving the given epoch,
-# after the main engine's files and before the mask engine's, as a crash or a pre-emption would.
-CRASH_IN_SAVE_ENV = "DPM_DEBUG_CRASH_IN_SAVE"
 
 
 class CheckpointSaveError(OSError):
@@ -54,15 +55,6 @@ class CheckpointSaveError(OSError):
 
 def tag_for(epoch: int) -> str:
     return f"epoch_{epoch:04d}"
-
-
-def _write_atomic(path: str, text: str) -> None:
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read_pointer(root: str, name: str) -> str | None:
@@ -123,7 +115,7 @@ def write_manifest(folder: str, env: DistEnv) -> dict[str, Any]:
     files = {k: v for part in dist.all_gather_objects(mine) for k, v in part.items()}
     manifest = {"format": 1, "algorithm": "sha256", "files": dict(sorted(files.items()))}
     if env.is_main:
-        _write_atomic(os.path.join(folder, MANIFEST), json.dumps(manifest, indent=1))
+        write_text_atomic(os.path.join(folder, MANIFEST), json.dumps(manifest, indent=1))
     return manifest
 
 
@@ -222,11 +214,6 @@ def _legacy_meta(root: str, tag: str) -> bool:
         return False
 
 
-def _crash_hook(epoch: int) -> None:
-    if os.environ.get(CRASH_IN_SAVE_ENV, "") == str(epoch):
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
 def rng_state() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -245,19 +232,15 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def save(
     engine: Any, root: str, *, epoch: int, step: int, env: DistEnv, meta: dict[str, Any], keep_last: int, is_best: bool
 ) -> str:
-    """Save both engines, RNG and ``meta`` as ``epoch_XXXX``; then move ``latest`` (and ``best``). Collective."""
+    """Save the engine (:meth:`DPMEngine.save`), RNG and ``meta`` as ``epoch_XXXX``; then move ``latest`` (and
+    ``best``). Collective."""
     tag = tag_for(epoch)
     folder = os.path.join(root, tag)
     if env.is_main and os.path.isdir(folder):
         shutil.rmtree(folder)  # a partial folder from a crashed save of the same epoch
     dist.barrier()
     try:
-        for i, (name, ds_engine) in enumerate(engine.modules()):
-            if i:
-                _crash_hook(epoch)
-            ds_engine.save_checkpoint(folder, tag=name, save_latest=False)
-        if getattr(engine, "head", None) is not None:  # model.classifier=sharded: every rank its own rows
-            engine.head.save(folder)
+        engine.save(folder)  # the DeepSpeed engines' files and the head's; every rank its own shards
         os.makedirs(os.path.join(folder, "rng"), exist_ok=True)
         torch.save(
             {"rng": rng_state(), "scalers": engine.scaler_state()}, os.path.join(folder, "rng", f"rank_{env.rank}.pt")
@@ -265,7 +248,7 @@ def save(
         dist.barrier()  # every rank's shards are on disk before the checkpoint is declared complete
         if env.is_main:
             full_meta = dict(meta, epoch=epoch, step=step, world_size=env.world_size, tag=tag, checkpoint_format=FORMAT)
-            _write_atomic(os.path.join(folder, "meta.json"), json.dumps(full_meta, indent=2, default=str))
+            write_text_atomic(os.path.join(folder, "meta.json"), json.dumps(full_meta, indent=2, default=str))
         write_manifest(folder, env)  # collective; the folder is a checkpoint from here on
     except Exception as err:
         if not is_write_failure(err):
@@ -278,9 +261,9 @@ def save(
             f"saving checkpoint {folder} failed: {why}; {kept}; free space and re-run the same command to resume"
         ) from err
     if env.is_main:
-        _write_atomic(os.path.join(root, "latest"), tag)
+        write_text_atomic(os.path.join(root, "latest"), tag)
         if is_best:
-            _write_atomic(os.path.join(root, "best"), tag)
+            write_text_atomic(os.path.join(root, "best"), tag)
         _prune(root, keep_last)
     dist.barrier()
     return folder
@@ -401,43 +384,14 @@ def resume(engine: Any, root: str, env: DistEnv, meta: dict[str, Any] | None = N
     """Load the checkpoint ``meta`` describes (default: :func:`find_resumable`) into ``engine``; returns its meta
     or None. Collective.
 
-    On a different world size with ZeRO >= 1 every rank reads the module weights and takes its own
-    slice of the consolidated fp32 weights and optimiser state (:func:`dpm_dist.train.engine.load_resharded_zero_state`).
+    The engine reads its own files (:meth:`DPMEngine.load`: on another world size it reshards the ZeRO state and the
+    prototype head); this restores the fp16 loss scale and, on the same world size, every rank's RNG states.
     """
-    from dpm_dist.train.engine import load_resharded_zero_state
-
     meta = find_resumable(root, env) if meta is None else dict(meta)
     if meta is None:
         return None
     folder = os.path.join(root, meta["tag"])
-    reshard = meta["world_size"] != env.world_size and engine.cfg.engine.zero_stage > 0
-    if reshard and env.is_main:
-        print(
-            f"resharding the ZeRO-{engine.cfg.engine.zero_stage} optimiser state of {meta['tag']} from "
-            f"{meta['world_size']} to {env.world_size} ranks",
-            flush=True,
-        )
-    head = getattr(engine, "head", None)
-    if head is not None and meta["world_size"] != env.world_size and env.is_main:
-        print(
-            f"resharding the prototype head of {meta['tag']} from {meta['world_size']} to {env.world_size} ranks",
-            flush=True,
-        )
-    for name, ds_engine in engine.modules():
-        # Another world size: the module weights as saved, then each rank's slice of the whole state.
-        path, _ = ds_engine.load_checkpoint(
-            folder,
-            tag=name,
-            load_module_only=reshard,
-            load_optimizer_states=not reshard,
-            load_lr_scheduler_states=False,
-        )
-        if path is None:
-            raise RuntimeError(f"checkpoint {folder}/{name} could not be loaded")
-        if reshard:
-            load_resharded_zero_state(ds_engine, os.path.join(folder, name))
-    if head is not None:
-        head.load(folder, meta["world_size"])  # its own file, or the slices of its rows on another world size
+    engine.load(folder, meta["world_size"])
     same_world = meta["world_size"] == env.world_size
     rank_file = os.path.join(folder, "rng", f"rank_{env.rank if same_world else 0}.pt")
     state = torch.load(rank_file, weights_only=False) if os.path.isfile(rank_file) else {}

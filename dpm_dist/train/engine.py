@@ -1,10 +1,11 @@
-"""DeepSpeed wrapping of DPM's two-step update (docs/method.md §5.4, §10). The only module that imports deepspeed.
+"""DeepSpeed wrapping of DPM's two-step update (docs/method.md §5.4, §10). With ``zero_reshard`` (ZeRO state on
+another world size), the only module that imports deepspeed.
 
 Two engines share one model: ``main`` owns every parameter except the HMG (SGD + the cosine schedule),
 ``mask`` owns the HMG (SGD, constant lr by default). Each step toggles ``requires_grad`` so that an
 engine only ever sees gradients of its own parameters: that is what keeps ZeRO-1/2 correct (a
 parameter reduced by both engines crashes ZeRO-2, and stale grads leak into the other engine's next
-step at ZeRO-0/1; ECOSYSTEM.md B3).
+step at ZeRO-0/1; docs/method.md §10.7).
 
 Update modes (``engine.update_mode``):
 
@@ -18,6 +19,11 @@ Update modes (``engine.update_mode``):
 * ``approx`` — step 2 reuses step 1's taps, f_bn and W (docs/method.md §10.3): no second backbone forward; the
   HMG sees the pre-update backbone and BN statistics update once. Not exact; documented as such.
 
+The prototype head W is either inside the main engine (replicated) or sharded over the ranks; the engine talks
+to both through one interface (:mod:`dpm_dist.train.heads`), chosen in :meth:`DPMEngine.from_config`.
+The engine writes and reads its own part of a checkpoint (:meth:`DPMEngine.save` / :meth:`DPMEngine.load`);
+:mod:`dpm_dist.train.checkpoint` owns the folder around it.
+
 Non-finite steps (docs/training.md, "Non-finite losses"): a NaN/Inf loss term on any rank (it turns that
 rank's gradients into NaN) or a non-finite gradient norm (ZeRO-1/2: DeepSpeed's own all-reduced norm;
 ZeRO-0: the norm of the already all-reduced gradients, the same on every rank) skips the update on every
@@ -30,6 +36,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -39,9 +46,11 @@ from dpm_dist import dist
 from dpm_dist.config import DPMConfig
 from dpm_dist.dist import DistEnv, device_for
 from dpm_dist.model.dpm import DPMNet
-from dpm_dist.train.losses import dpm_loss, masked_arcface_ce
+from dpm_dist.train.heads import PrototypeHead, build_head
+from dpm_dist.train.losses import dpm_loss, loss_terms_from_config
 from dpm_dist.train.optim import build_optimizers, build_scheduler
-from dpm_dist.train.sharded_head import ShardedHead, gather_rows
+from dpm_dist.train.sharded_head import gather_rows
+from dpm_dist.train.zero_reshard import load_resharded_zero_state
 
 log = logging.getLogger(__name__)
 
@@ -109,122 +118,161 @@ def _forget_fp16_autocast() -> None:
     torch_autocast.TORCH_AUTOCAST_INITIALIZED, torch_autocast.TORCH_AUTOCAST_DTYPE = False, None
 
 
+def _prepared(model: DPMNet, cfg: DPMConfig, env: DistEnv) -> DPMNet:
+    """``model`` with SyncBatchNorm (``engine.sync_bn``), on this rank's device, compiled (``engine.compile``)."""
+    if cfg.engine.sync_bn:
+        if not torch.cuda.is_available():
+            raise ValueError("config field `engine.sync_bn`: SyncBatchNorm needs CUDA devices")
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device_for(env))
+    if cfg.engine.compile:
+        compile_model(model, cfg.engine.compile_backend)
+    return model
+
+
+def _wrap(
+    model: DPMNet, opt_main: Any, opt_mask: Any, ds_cfg: dict[str, Any], env: DistEnv, precision: str
+) -> tuple[Any, Any]:
+    """The two DeepSpeed engines sharing ``model``: ``main`` over every parameter but the HMG's, ``mask`` over them."""
+    import deepspeed
+
+    if precision not in _AUTOCAST:
+        _forget_fp16_autocast()
+    engines = []
+    for module, opt, params in (
+        (model, opt_main, model.non_mask_parameters()),
+        (model.mask_gen, opt_mask, model.mask_parameters()),
+    ):
+        engine, _, _, _ = deepspeed.initialize(
+            model=module,
+            optimizer=opt,
+            model_parameters=params,
+            config=dict(ds_cfg),
+            dist_init_required=env.distributed,
+        )
+        engines.append(engine)
+    return engines[0], engines[1]
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """What the update reads of the configuration (:meth:`DPMEngine.from_config` fills it in)."""
+
+    update_mode: str = "exact"  # engine.update_mode: reference | exact | approx
+    zero_stage: int = 0  # engine.zero_stage
+    precision: str = "fp32"  # engine.precision: fp32 | bf16 | fp16
+    gather_triplet: bool = False  # engine.gather_triplet: mine triplets over every rank's features
+    loss: dict[str, Any] = field(default_factory=dict)  # the weights of dpm_loss (losses.loss_terms_from_config)
+
+
 class DPMEngine:
-    """Owns the model, both DeepSpeed engines and the schedulers. ``step(batch)`` does one iteration."""
+    """Owns the model, the prototype head, both DeepSpeed engines and the schedules. ``step(batch)`` does one
+    iteration; ``save(folder)`` / ``load(folder, saved_world_size)`` are its part of a checkpoint."""
 
-    def __init__(self, model: DPMNet, cfg: DPMConfig, env: DistEnv) -> None:
-        import deepspeed
-
-        if cfg.engine.update_mode == "reference" and cfg.engine.zero_stage != 0:
-            raise ValueError(
-                "config field `engine.update_mode`: 'reference' computes every gradient in both steps, "
-                "which ZeRO cannot reduce twice; use engine.zero_stage=0 (or update_mode=exact)"
-            )
-        if cfg.engine.sync_bn:
-            if not torch.cuda.is_available():
-                raise ValueError("config field `engine.sync_bn`: SyncBatchNorm needs CUDA devices")
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        self.cfg, self.env = cfg, env
+    def __init__(
+        self,
+        model: DPMNet,
+        head: PrototypeHead,
+        *,
+        main: Any,
+        mask: Any,
+        optimizers: tuple[torch.optim.Optimizer, torch.optim.Optimizer],
+        schedulers: tuple[Any, Any | None],
+        env: DistEnv,
+        options: EngineOptions,
+    ) -> None:
+        """``main`` / ``mask``: the DeepSpeed engines over ``model`` and ``model.mask_gen`` with the torch
+        ``optimizers`` inside; ``schedulers``: theirs (the mask's None: constant lr)."""
+        self.model, self.head, self.env, self.options = model, head, env, options
         self.device = device_for(env)
-        self.model = model.to(self.device)
-        if cfg.engine.compile:
-            compile_model(self.model, cfg.engine.compile_backend)
-        # model.classifier=sharded: this rank's prototype rows leave the model before DeepSpeed sees it (they
-        # are model-parallel) and get their own optimiser (dpm_dist/train/sharded_head.py says why).
-        self.head = ShardedHead(model, cfg, env) if cfg.model.classifier == "sharded" else None
+        self.main, self.mask = main, mask
+        self.opt_main, self.opt_mask = optimizers
+        self.sched_main, self.sched_mask = schedulers
         self._main_params = model.non_mask_parameters()
         self._mask_params = model.mask_parameters()
-        # The frozen BNNeck bias must stay out of both engines.
-        opt_main, opt_mask = build_optimizers(model, cfg.optim)
-        ds_cfg = deepspeed_config(cfg, env)
-        if cfg.engine.precision not in _AUTOCAST:
-            _forget_fp16_autocast()
-        self.main, _, _, _ = deepspeed.initialize(
-            model=model,
-            optimizer=opt_main,
-            model_parameters=self._main_params,
-            config=dict(ds_cfg),
-            dist_init_required=env.distributed,
-        )
-        self.mask, _, _, _ = deepspeed.initialize(
-            model=model.mask_gen,
-            optimizer=opt_mask,
-            model_parameters=self._mask_params,
-            config=dict(ds_cfg),
-            dist_init_required=env.distributed,
-        )
-        self.opt_main, self.opt_mask = opt_main, opt_mask
-        self.sched_main = build_scheduler(opt_main, cfg.optim)
-        self.sched_mask = build_scheduler(opt_mask, cfg.optim) if cfg.optim.schedule_mask_generator else None
-        lc = cfg.loss
-        self._loss_args = dict(
-            alpha=lc.alpha,
-            beta=lc.beta,
-            margin=lc.margin,
-            scale=lc.scale,
-            triplet_weight=lc.triplet_weight,
-            hem_ref_batch=lc.hem_ref_batch if cfg.engine.hem_global_batch else None,
-        )
-        self._buffers = list(self.model.buffers())  # the BN running statistics
+        self._buffers = list(model.buffers())  # the BN running statistics
+        self._dtype = _AUTOCAST.get(options.precision)
         # Skipped (non-finite) iterations: in all (the loop restores it on resume), in a row, why the last one
         # skipped (() when it was applied), and every cause seen in the current streak, in order.
         self.skipped_steps, self.nonfinite_streak = 0, 0
         self.last_skip: tuple[str, ...] = ()
         self.streak_causes: tuple[str, ...] = ()
 
+    @classmethod
+    def from_config(cls, cfg: DPMConfig, env: DistEnv, model: DPMNet) -> DPMEngine:
+        """The engine ``cfg`` describes around ``model``: checks, SyncBN, device, compile, the head, both
+        optimisers wrapped by DeepSpeed, the schedules."""
+        e = cfg.engine
+        if e.update_mode == "reference" and e.zero_stage != 0:
+            raise ValueError(
+                "config field `engine.update_mode`: 'reference' computes every gradient in both steps, "
+                "which ZeRO cannot reduce twice; use engine.zero_stage=0 (or update_mode=exact)"
+            )
+        model = _prepared(model, cfg, env)
+        # model.classifier=sharded: this rank's prototype rows leave the model before DeepSpeed sees it (they
+        # are model-parallel) and get their own optimiser (dpm_dist/train/sharded_head.py says why).
+        head = build_head(model, cfg, env)
+        opt_main, opt_mask = build_optimizers(model, cfg.optim)  # the frozen BNNeck bias stays out of both
+        main, mask = _wrap(model, opt_main, opt_mask, deepspeed_config(cfg, env), env, e.precision)
+        schedulers = (
+            build_scheduler(opt_main, cfg.optim),
+            build_scheduler(opt_mask, cfg.optim) if cfg.optim.schedule_mask_generator else None,
+        )
+        loss = dict(
+            loss_terms_from_config(cfg.loss), hem_ref_batch=cfg.loss.hem_ref_batch if e.hem_global_batch else None
+        )
+        options = EngineOptions(e.update_mode, e.zero_stage, e.precision, e.gather_triplet, loss)
+        return cls(
+            model,
+            head,
+            main=main,
+            mask=mask,
+            optimizers=(opt_main, opt_mask),
+            schedulers=schedulers,
+            env=env,
+            options=options,
+        )
+
     # ------------------------------------------------------------------ schedule
     def start_epoch(self, epoch: int) -> None:
         """Set the learning rates of ``epoch`` (1-based), as the official per-epoch scheduler step."""
         self.sched_main.step(epoch)
-        if self.head is not None:
-            self.head.start_epoch(epoch)
+        self.head.start_epoch(epoch)
         if self.sched_mask is not None:
             self.sched_mask.step(epoch)
 
     def learning_rates(self) -> dict[str, float]:
         out = {}
-        head = [("head", self.head.optimizer)] if self.head is not None else []
-        for tag, opt in (("main", self.opt_main), ("mask", self.opt_mask), *head):
+        for tag, opt in (("main", self.opt_main), ("mask", self.opt_mask), *self.head.optimizers()):
             for group in opt.param_groups:
                 out[f"{tag}_{group.get('name', 'group')}"] = float(group["lr"])
         return out
 
     # ------------------------------------------------------------------ step
     def _autocast(self) -> contextlib.AbstractContextManager:
-        dtype = _AUTOCAST.get(self.cfg.engine.precision)
-        if dtype is None:
+        if self._dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=dtype)
+        return torch.autocast(device_type=self.device.type, dtype=self._dtype)
 
     def _triplet_inputs(self, feat: torch.Tensor, pids: torch.Tensor) -> dict[str, torch.Tensor | None]:
-        if not (self.cfg.engine.gather_triplet and self.env.distributed):
+        if not (self.options.gather_triplet and self.env.distributed):
             return {}
         # Gradient-carrying gather: each rank's features receive the gradient of the global mining.
         world = self.env.world_size
         return {"triplet_feat": gather_rows(feat, world, grad_scale=1.0), "triplet_labels": gather_rows(pids, world)}
 
     def _loss(self, out, pids) -> dict[str, torch.Tensor]:
-        if self.head is not None:
-            sharded = dict(prototypes=None, id_terms=self.head.classification_terms(out.feat_bn, out.mask, pids))
-        else:
-            sharded = dict(prototypes=self.model.prototypes)
+        triplet = self._triplet_inputs(out.feat, pids)
         return dpm_loss(
             feat=out.feat,
             feat_bn=out.feat_bn,
             mask=out.mask,
             attn_logits=out.attn_logits,
             labels=pids,
-            **sharded,
-            **self._triplet_inputs(out.feat, pids),
-            **self._loss_args,
-        )
-
-    def _step2_masked_ce(self, feat_bn: torch.Tensor, mask: torch.Tensor, pids: torch.Tensor) -> torch.Tensor:
-        """Step 2's masked ArcFace CE against fixed prototypes (the sharded head's when there is one)."""
-        if self.head is not None:
-            return self.head.masked_arcface_ce(feat_bn, mask, pids)
-        return masked_arcface_ce(
-            feat_bn, mask, self.model.prototypes.detach(), pids, margin=self.cfg.loss.margin, scale=self.cfg.loss.scale
+            prototypes=None,
+            id_terms=self.head.classification_terms(out.feat_bn, out.mask, pids),
+            **triplet,
+            **self.options.loss,
         )
 
     def step(self, batch: dict[str, Any]) -> dict[str, float]:
@@ -237,17 +285,15 @@ class DPMEngine:
         images = batch["images"].to(self.device, non_blocking=True)
         pids = batch["pids"].to(self.device, non_blocking=True)
         camids = batch["camids"].to(self.device, non_blocking=True)
-        mode = self.cfg.engine.update_mode
+        mode = self.options.update_mode
         self.model.train()
-        if self.head is not None:
-            self.head.begin_iteration()
+        self.head.begin_iteration()
 
         # Step 1: train the holistic prototypes (and backbone); the HMG is not stepped.
         _set_requires_grad(self._main_params, True)
         _set_requires_grad(self._mask_params, mode == "reference")
         self.main.zero_grad()
-        if self.head is not None:
-            self.head.zero_grad()
+        self.head.zero_grad()
         stats = [b.clone() for b in self._buffers]
         with self._autocast():
             enc = self.model.encode(images, camids)
@@ -262,8 +308,7 @@ class DPMEngine:
         )
         if stop:
             return self._skipped(main_causes, stats, self._metrics(losses, out))
-        if self.head is not None:  # fp16 (the only non-stopping cause) is refused with a sharded head
-            self.head.step()
+        self.head.step()  # a sharded head's own update; fp16 (the only non-stopping cause) is refused with one
 
         # Step 2: train the mask generator; everything else is not stepped.
         _set_requires_grad(self._main_params, mode == "reference")
@@ -271,29 +316,31 @@ class DPMEngine:
         self.mask.zero_grad()
         stats = [b.clone() for b in self._buffers]
         with self._autocast():
-            if mode == "reference":
-                out2 = self.model(images, camids)
-                loss2 = self._loss(out2, pids)["loss"]
-            else:
-                if mode == "exact":
-                    with torch.no_grad():
-                        enc2 = self.model.encode(images, camids)
-                        feat_bn2 = self.model.bottleneck(enc2.feat)
-                    taps = enc2.taps
-                else:  # approx
-                    taps, feat_bn2 = enc.taps.detach(), out.feat_bn.detach()
-                mask2 = self.model.mask_gen(taps)
-                loss2 = (1.0 - self.cfg.loss.alpha) * self._step2_masked_ce(feat_bn2, mask2, pids)
+            loss2 = self._step2_loss(mode, images, camids, pids, enc, out)
         mask_causes, stop = self._update("mask", self.mask, self._mask_params, loss2, {"loss_step2": loss2})
         if mode == "reference":
             self.main.zero_grad()  # the discarded step-2 backbone grads must not leak into the next step 1
-            if self.head is not None:
-                self.head.zero_grad()
+            self.head.zero_grad()
         if stop:  # step 1 stays applied (it was finite); the HMG is not updated
             return self._skipped(main_causes + mask_causes, stats, self._metrics(losses, out, loss2))
         _set_requires_grad(self._main_params, True)
         self._count(main_causes + mask_causes)  # fp16: GradScaler may have skipped an engine's update
         return self._metrics(losses, out, loss2)
+
+    def _step2_loss(self, mode: str, images: torch.Tensor, camids: torch.Tensor, pids: torch.Tensor, enc, out):
+        """Step 2's loss: the whole loss again (``reference``), else (1−α)·the masked ArcFace CE against fixed W
+        of a new HMG forward on a no-grad backbone pass (``exact``) or on step 1's taps (``approx``)."""
+        if mode == "reference":
+            return self._loss(self.model(images, camids), pids)["loss"]
+        if mode == "exact":
+            with torch.no_grad():
+                enc2 = self.model.encode(images, camids)
+                feat_bn2 = self.model.bottleneck(enc2.feat)
+            taps = enc2.taps
+        else:  # approx
+            taps, feat_bn2 = enc.taps.detach(), out.feat_bn.detach()
+        mask2 = self.model.mask_gen(taps)
+        return (1.0 - self.options.loss["alpha"]) * self.head.masked_arcface_ce(feat_bn2, mask2, pids)
 
     def _metrics(
         self, losses: dict[str, torch.Tensor], out: Any, loss2: torch.Tensor | None = None
@@ -331,7 +378,7 @@ class DPMEngine:
 
     def _step_if_finite(self, name: str, ds_engine: Any, params: list[nn.Parameter], scaler: Any) -> str:
         """Step ``ds_engine`` unless its (reduced) gradient norm is non-finite; returns why it skipped, else ""."""
-        zero = self.cfg.engine.zero_stage > 0
+        zero = self.options.zero_stage > 0
         if scaler is None and not zero and not _grad_norm_finite(params):  # ZeRO-0 grads are all-reduced already
             ds_engine.zero_grad()
             return f"gradient norm ({name})"
@@ -380,109 +427,57 @@ class DPMEngine:
 
     # ------------------------------------------------------------------ state
     def model_state(self) -> dict[str, torch.Tensor] | None:
-        """The whole model's state dict on rank 0 (a sharded head's W gathered into ``classifier.weight``), None
+        """The whole model's state dict on rank 0 (W from the head: a sharded head's rows gathered), None
         elsewhere. Collective."""
-        weight = self.head.full_weight() if self.head is not None else None
+        weight = self.head.full_weight()
         if not self.env.is_main:
             return None
-        state = dict(self.model.state_dict())
-        if self.head is not None:
-            state["classifier.weight"] = weight
-        return state
+        return dict(self.model.state_dict(), **{"classifier.weight": weight})
 
     def modules(self) -> Iterator[tuple[str, Any]]:
+        """The DeepSpeed engines by name (also their checkpoint sub-folder)."""
         yield "main", self.main
         yield "mask", self.mask
 
+    def save(self, folder: str) -> None:
+        """The engines' part of a checkpoint: each DeepSpeed engine's files in ``folder/<name>`` (every rank its
+        ZeRO shard), then the head's own (``folder/head`` for a sharded head). Collective."""
+        for name, ds_engine in self.modules():
+            ds_engine.save_checkpoint(folder, tag=name, save_latest=False)
+        self.head.save(folder)
+
+    def load(self, folder: str, saved_world_size: int) -> None:
+        """What :meth:`save` wrote into ``folder`` on ``saved_world_size`` ranks. Collective.
+
+        On another world size with ZeRO >= 1 every rank reads the module weights and takes its own slice of the
+        consolidated fp32 weights and optimiser state (:func:`zero_reshard.load_resharded_zero_state`).
+        """
+        reshard = saved_world_size != self.env.world_size and self.options.zero_stage > 0
+        if reshard and self.env.is_main:
+            print(
+                f"resharding the ZeRO-{self.options.zero_stage} optimiser state of "
+                f"{os.path.basename(os.path.normpath(folder))} from {saved_world_size} to {self.env.world_size} ranks",
+                flush=True,
+            )
+        for name, ds_engine in self.modules():
+            path, _ = ds_engine.load_checkpoint(
+                folder,
+                tag=name,
+                load_module_only=reshard,
+                load_optimizer_states=not reshard,
+                load_lr_scheduler_states=False,
+            )
+            if path is None:
+                raise RuntimeError(f"checkpoint {folder}/{name} could not be loaded")
+            if reshard:
+                load_resharded_zero_state(ds_engine, os.path.join(folder, name))
+        self.head.load(folder, saved_world_size)  # its own files, or the slices of its rows on another world size
+
     def scaler_state(self) -> dict[str, Any]:
+        """The fp16 GradScalers' state (DeepSpeed keeps them out of its files; the checkpoint stores it per rank)."""
         return {name: scaler.state_dict() for name, scaler in self._scalers()}
 
     def load_scaler_state(self, state: dict[str, Any]) -> None:
         for name, scaler in self._scalers():
             if name in state:
                 scaler.load_state_dict(state[name])
-
-
-# ZeRO state on another world size (DeepSpeed internals, so it lives in the one module that imports it).
-
-
-def _zero_rank_files(folder: str) -> list[str]:
-    files = [f for f in os.listdir(folder) if f.startswith("zero_pp_rank_") and f.endswith("_optim_states.pt")]
-    return [os.path.join(folder, f) for f in sorted(files, key=lambda f: int(f.split("_")[3]))]
-
-
-def _is_flat(value: Any) -> bool:
-    return torch.is_tensor(value) and value.dim() > 0
-
-
-def consolidate_zero_state(folder: str) -> dict[str, dict[str, torch.Tensor]]:
-    """Every parameter's full flat fp32 weights (``fp32``) and optimiser state (``momentum_buffer``...)
-    from the ZeRO-1/2 files of all ranks of one engine's checkpoint, keyed by parameter name.
-
-    Each rank's file holds a contiguous slice of the flattened parameters and, per parameter, the
-    slice it owns (``param_slice_mappings``); concatenating the slices in rank order gives the whole
-    tensor. (DeepSpeed's universal-checkpoint converter does the same but only knows Adam's state.)
-    """
-    from deepspeed.checkpoint.constants import (
-        BASE_OPTIMIZER_STATE,
-        OPTIMIZER_STATE_DICT,
-        PARAM_SLICE_MAPPINGS,
-        SINGLE_PARTITION_OF_FP32_GROUPS,
-    )
-
-    files = _zero_rank_files(folder)
-    if not files:
-        raise FileNotFoundError(f"no ZeRO optimiser files (zero_pp_rank_*_optim_states.pt) in {folder}")
-    pieces: dict[str, dict[str, list[torch.Tensor]]] = {}
-    scalars: dict[int, dict[str, Any]] = {}
-    group_of: dict[str, int] = {}
-    for path in files:
-        osd = torch.load(path, map_location="cpu", weights_only=False)[OPTIMIZER_STATE_DICT]
-        base = osd[BASE_OPTIMIZER_STATE]
-        states = base["state"] if isinstance(base, dict) else dict(enumerate(base))
-        for group, mapping in enumerate(osd[PARAM_SLICE_MAPPINGS]):
-            flat = {"fp32": osd[SINGLE_PARTITION_OF_FP32_GROUPS][group]}
-            for key, value in states.get(group, {}).items():  # e.g. SGD's momentum; AdamW's moments and step
-                if _is_flat(value):
-                    flat[key] = value
-                else:
-                    scalars.setdefault(group, {})[key] = value  # the same on every rank
-            for name, frag in mapping.items():
-                group_of[name] = group
-                for key, tensor in flat.items():
-                    pieces.setdefault(name, {}).setdefault(key, []).append(tensor.narrow(0, frag.start, frag.numel))
-    return {
-        name: {**{key: torch.cat(parts) for key, parts in by_key.items()}, **scalars.get(group_of[name], {})}
-        for name, by_key in pieces.items()
-    }
-
-
-def load_resharded_zero_state(ds_engine: Any, folder: str) -> None:
-    """Set a ZeRO-1/2 engine's fp32 partitions and optimiser state from a checkpoint written by any
-    number of ranks (:func:`consolidate_zero_state`); every rank takes its own slice."""
-    full = consolidate_zero_state(folder)
-    zopt = ds_engine.optimizer
-    names = {id(p): n for n, p in ds_engine.module.named_parameters()}
-    for group, params in enumerate(zopt.bit16_groups):
-        flat = zopt.single_partition_of_fp32_groups[group]
-        saved = []
-        for p in params:
-            name = names[id(p)]
-            if name not in full or full[name]["fp32"].numel() != p.numel():
-                got = "missing" if name not in full else f"{full[name]['fp32'].numel()} values"
-                raise RuntimeError(f"checkpoint {folder}: parameter {name!r} ({p.numel()} values) is {got} there")
-            saved.append((p, full[name]))
-        flat_keys = sorted({k for _, state in saved for k, v in state.items() if k != "fp32" and _is_flat(v)})
-        states = {k: torch.zeros_like(flat) for k in flat_keys}
-        scalars = {
-            k: v.clone() if torch.is_tensor(v) else v for _, state in saved for k, v in state.items() if not _is_flat(v)
-        }
-        for p, state in saved:
-            if p._hp_mapping is None:  # no slice of this parameter lives on this rank
-                continue
-            lp, hp = p._hp_mapping.lp_fragment_address, p._hp_mapping.hp_fragment_address
-            with torch.no_grad():  # the flat fp32 partition is the optimiser's leaf parameter
-                for key, dst in [("fp32", flat), *states.items()]:
-                    dst.narrow(0, hp.start, hp.numel).copy_(state[key].narrow(0, lp.start, lp.numel))
-        if states or scalars:
-            zopt.optimizer.state[flat].update({**scalars, **states})

@@ -69,7 +69,7 @@ def build_engine(cfg: DPMConfig, env: DistEnv, manifest: dict[str, Any]):
     model = build_model(cfg.model, num_classes=manifest["num_train_ids"], num_cams=manifest["num_cams"])
     if cfg.model.pretrained:
         load_imagenet_vit(model, cfg.model.pretrained)
-    return DPMEngine(model, cfg, env)
+    return DPMEngine.from_config(cfg, env, model)
 
 
 def _progress_bar(cfg: DPMConfig, env: DistEnv, total: int):

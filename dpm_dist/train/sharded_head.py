@@ -192,7 +192,10 @@ def _is_rows(value: Any, rows: int) -> bool:
 
 
 class ShardedHead:
-    """This rank's prototype rows, their optimiser and schedule, and the two sharded classification terms."""
+    """This rank's prototype rows, their optimiser and schedule, and the two sharded classification terms.
+
+    A :class:`dpm_dist.train.heads.PrototypeHead`, as the replicated head is.
+    """
 
     def __init__(self, model: DPMNet, cfg: Any, env: DistEnv) -> None:
         self.rank, self.world_size = env.rank, env.world_size
@@ -271,6 +274,9 @@ class ShardedHead:
     def start_epoch(self, epoch: int) -> None:
         self.scheduler.step(epoch)
 
+    def optimizers(self) -> tuple[tuple[str, torch.optim.Optimizer], ...]:
+        return (("head", self.optimizer),)
+
     # ------------------------------------------------------------------ checkpoints and model files
     def save(self, folder: str) -> None:
         """This rank's rows, their optimiser state and the iteration count into ``folder/head/rank_<r>.pt``."""
@@ -289,6 +295,12 @@ class ShardedHead:
     def load(self, folder: str, saved_world_size: int) -> None:
         """Rows ``[start, stop)`` and their optimiser state from the shards that ``saved_world_size`` ranks wrote:
         this rank's own file on the same world size, else the slices of every file overlapping its rows."""
+        if saved_world_size != self.world_size and self.rank == 0:
+            print(
+                f"resharding the prototype head of {os.path.basename(os.path.normpath(folder))} from "
+                f"{saved_world_size} to {self.world_size} ranks",
+                flush=True,
+            )
         pieces = []
         for rank in range(saved_world_size):
             start, stop = prototype_rows(self.num_classes, rank, saved_world_size)
