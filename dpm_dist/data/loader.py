@@ -422,6 +422,7 @@ class TrainLoader:
         self._data: tuple[list[Shard], dict[str, Any], SampleIndex] | None = None
 
     def epoch(self, epoch: int) -> Iterable[dict[str, Any]]:
+        """The batches of ``epoch`` on this rank; ``len()`` is their count. Iterate it before asking for the next."""
         if self._built is None or not self.persistent:
             self._built = self._build()
             self.loader = self._built.loader
