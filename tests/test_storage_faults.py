@@ -13,6 +13,7 @@ from __future__ import annotations
 import http.client
 import itertools
 import logging
+import os
 import socket
 import struct
 import threading
@@ -187,3 +188,19 @@ def test_a_burst_of_storage_errors_is_retried_to_the_same_batches(
         assert a["keys"] == b["keys"]
         assert torch.equal(a["pids"], b["pids"]) and torch.equal(a["camids"], b["camids"])
         assert torch.equal(a["images"], b["images"])
+
+
+def test_the_s3_client_cache_is_bounded_and_drops_a_parents_clients_after_fork() -> None:
+    from dpm_dist.data import storage
+
+    saved = dict(storage._S3)
+    storage._S3.clear()
+    try:
+        storage._S3[(-1, "http://parent", 1.0)] = object()  # what a forked worker inherits from its parent
+        clients = [storage._s3fs(storage.IOOptions(s3_endpoint=f"http://127.0.0.1:{9000 + i}")) for i in range(12)]
+        assert len(storage._S3) == storage.MAX_S3_CLIENTS
+        assert all(key[0] == os.getpid() for key in storage._S3)
+        assert storage._s3fs(storage.IOOptions(s3_endpoint="http://127.0.0.1:9011")) is clients[-1]  # still cached
+    finally:
+        storage._S3.clear()
+        storage._S3.update(saved)

@@ -46,14 +46,19 @@ def join_url(root: str, name: str) -> str:
 
 
 _S3: dict[tuple[int, str | None, float], Any] = {}
+MAX_S3_CLIENTS = 8  # per process: one per (endpoint, timeout) in use; more is a leak, not a workload
 
 
 def _s3fs(opts: IOOptions) -> Any:
-    """One S3FileSystem per process (forked DataLoader workers get their own)."""
+    """One S3FileSystem per process (forked DataLoader workers get their own) and (endpoint, timeout); bounded."""
     import s3fs
 
     cache_key = (os.getpid(), opts.s3_endpoint, opts.timeout_s)
     if cache_key not in _S3:
+        for key in [k for k in _S3 if k[0] != cache_key[0]]:  # a forked worker's copies of its parent's clients
+            del _S3[key]
+        while len(_S3) >= MAX_S3_CLIENTS:
+            del _S3[next(iter(_S3))]  # the oldest
         config = {
             "connect_timeout": min(opts.timeout_s, 10.0),
             "read_timeout": opts.timeout_s,
