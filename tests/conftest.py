@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import socket
@@ -54,6 +55,74 @@ RUN_TIMEOUT_S = 300  # one tiny dpm-train run (tens of seconds on 2 quiet cores)
 # two ninja versions on one PATH rebuild DeepSpeed's CPU comm op for each other, a minute or more each time).
 if not os.environ.get("PATH", "").startswith(f"{VENV_BIN}:"):
     os.environ["PATH"] = f"{VENV_BIN}:{os.environ.get('PATH', '')}"
+
+
+# ---- the fast tier: a test that starts a process is marked slow --------------------------------------------------
+
+# Short probes libraries run in process (DeepSpeed's op loader asks `ninja --version`; compilers and ldconfig
+# are asked about versions and paths): allowed in the fast tier, unlike commands, launchers and ranks.
+TOOL_PROBES = frozenset({"ninja", "c++", "g++", "gcc", "cc", "ldconfig", "uname", "lscpu", "which", "nvidia-smi"})
+SLOW_HINT = (
+    "starts a process ({what}) but is not marked slow: add @pytest.mark.slow (or a module-level "
+    "pytestmark = pytest.mark.slow), so `pytest -m 'not slow'` stays the fast tier (CONTRIBUTING.md)"
+)
+
+
+@contextlib.contextmanager
+def _no_processes(item: pytest.Item) -> Iterator[None]:
+    """While ``item`` (not marked slow) runs, its fixtures included: a started subprocess (a command, torchrun,
+    Ray) or a spawned/forkserver process (``mp.spawn``, ``run_ranks``) fails it. DataLoader workers (forked)
+    are allowed: they belong to an in-process loader."""
+    import multiprocessing.popen_forkserver
+    import multiprocessing.popen_spawn_posix
+
+    started: list[str] = []
+    original_popen = subprocess.Popen._execute_child
+
+    def refuse(what: str) -> None:
+        started.append(what)
+        raise RuntimeError(f"{item.nodeid} " + SLOW_HINT.format(what=what))
+
+    def popen(self, args, *rest, **kw):
+        argv = [str(a) for a in args] if isinstance(args, (list, tuple)) else str(args).split()
+        if os.path.basename(argv[0]) in TOOL_PROBES:
+            return original_popen(self, args, *rest, **kw)
+        refuse(" ".join(argv))
+
+    def launch(self, process_obj):
+        refuse(f"{process_obj.name}: mp.spawn / run_ranks ranks")
+
+    patches = [
+        (subprocess.Popen, "_execute_child", popen),
+        (multiprocessing.popen_spawn_posix.Popen, "_launch", launch),
+        (multiprocessing.popen_forkserver.Popen, "_launch", launch),
+    ]
+    saved = [(owner, name, owner.__dict__[name]) for owner, name, _ in patches]
+    for owner, name, fn in patches:
+        setattr(owner, name, fn)
+    try:
+        yield
+    finally:
+        for owner, name, original in saved:
+            setattr(owner, name, original)
+    if started:  # also when the code under test caught the RuntimeError
+        pytest.fail(f"{item.nodeid} " + SLOW_HINT.format(what=started[0]), pytrace=False)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    if item.get_closest_marker("slow"):
+        return (yield)
+    with _no_processes(item):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    if item.get_closest_marker("slow"):
+        return (yield)
+    with _no_processes(item):
+        return (yield)
 
 
 def free_port() -> int:

@@ -117,6 +117,7 @@ def single(export, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]
     return out, printed.getvalue()
 
 
+@pytest.mark.slow
 def test_dpm_eval_writes_results_tensorboard_and_pictures(export, single, tmp_path):
     path, overrides = export
     out, stdout = single

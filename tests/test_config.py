@@ -45,6 +45,7 @@ def test_every_model_and_engine_composes(model, engine):
     assert cfg.engine.gradient_clipping == 0.0  # never DeepSpeed's silent default of 1.0
 
 
+@pytest.mark.slow
 def test_paper_presets_follow_spec_section_8():
     occ = _compose(["experiment=occluded_duke"])
     assert (list(occ.model.stride), occ.loss.margin, occ.loss.beta, occ.optim.epochs) == ([11, 11], 0.5, 0.1, 150)

@@ -98,6 +98,7 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).abs().max() / b.double().abs().max())
 
 
+@pytest.mark.slow
 def test_load_model_reads_model_files_run_folders_and_official_checkpoints(tiny_file, tmp_path):
     import dpm_dist
 
@@ -166,6 +167,7 @@ def test_the_documented_python_example_runs_as_written(tiny_file, tmp_path):
 
 
 @pytest.mark.parametrize("suffix", [".onnx", ".pt"])
+@pytest.mark.slow
 def test_exported_model_matches_eager_pytorch_at_batch_1_and_7(tiny_file, tmp_path, suffix):
     import dpm_dist
     from dpm_dist.deploy import export

@@ -132,16 +132,19 @@ def single_process():
     return DistEnv()
 
 
+@pytest.mark.slow
 def test_reference_mode_is_the_official_loop(single_process):
     _assert_same(W.run("reference", 0, single_process), official_loop(), atol=1e-6)
 
 
 @pytest.mark.parametrize("zero", [0, 1, 2])
+@pytest.mark.slow
 def test_exact_equals_reference_world_size_1(single_process, zero):
     reference = W.run("reference", 0, single_process)
     _assert_same(W.run("exact", zero, single_process), reference, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_approx_is_close_but_not_exact(single_process):
     reference = W.run("reference", 0, single_process)
     approx = W.run("approx", 0, single_process)
@@ -213,6 +216,7 @@ def test_deepspeed_config_never_inherits_gradient_clipping():
 
 
 @pytest.mark.parametrize("zero", [0, 1])
+@pytest.mark.slow
 def test_checkpoint_keeps_the_fp16_loss_scale_and_weights(single_process, zero, tmp_path):
     from dpm_dist.train import checkpoint
     from dpm_dist.train.engine import DPMEngine

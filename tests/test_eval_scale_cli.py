@@ -119,6 +119,7 @@ def test_sharded_dpm_eval_on_2_ranks_equals_1_process(export, tiny_shards, tmp_p
         assert not any(p == r["pid"] and c == r["camid"] for p, c in zip(r["gallery_pid"], r["gallery_camid"]))
 
 
+@pytest.mark.slow
 def test_topk_parquet_equals_jsonl_and_follows_the_ranking(export, tiny_shards, tmp_path):
     import pyarrow.parquet as pq
 

@@ -42,6 +42,7 @@ def _max_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 
 
 @pytest.mark.parametrize("mode", ["exact", "reference"])
+@pytest.mark.slow
 def test_compiled_step_equals_the_eager_step(env, mode):
     from torch._dynamo.utils import counters
 
@@ -57,6 +58,7 @@ def test_compiled_step_equals_the_eager_step(env, mode):
 
 
 @pytest.mark.parametrize("zero", [0, 1, 2])
+@pytest.mark.slow
 def test_fused_sgd_is_accepted_by_deepspeed_and_gives_the_same_update(env, zero):
     plain, _ = _train(env, "exact", zero)
     fused, engine = _train(env, "exact", zero, optim__fused=True)

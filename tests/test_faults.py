@@ -55,6 +55,7 @@ def _env(**extra: str) -> dict[str, str]:
     return dict(os.environ, DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **extra)
 
 
+@pytest.mark.slow
 def test_a_silent_peer_fails_a_deepspeed_style_group_within_the_timeout(tmp_path):
     """A ``new_group`` made after init (as DeepSpeed's world clone is) gets the collective timeout, not
     torch's 30 min default, and the survivor's error names the silent rank."""

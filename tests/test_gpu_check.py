@@ -62,6 +62,7 @@ def test_dry_run_writes_a_row_for_every_step(tmp_path):
     assert any(row[0] == "3. evaluation" and "s (mAP" in row[1] for row in report["rows"])
 
 
+@pytest.mark.slow
 def test_missing_wheels_fail_in_one_line_naming_the_fix(tmp_path):
     """Without --dry-run the kit installs .whl/; a checkout without them stops at once and says what to run."""
     if (ROOT / ".whl").exists():

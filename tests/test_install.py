@@ -59,6 +59,7 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str,
     return target, env
 
 
+@pytest.mark.slow
 def test_the_installed_package_is_the_wheel_and_ships_its_configs(installed, tmp_path):
     target, env = installed
     out = _run(
@@ -75,6 +76,7 @@ def test_the_installed_package_is_the_wheel_and_ships_its_configs(installed, tmp
     assert Path(module).is_relative_to(target) and found == "True"
 
 
+@pytest.mark.slow
 def test_commands_compose_their_configs_from_the_installed_package(installed, tmp_path):
     target, env = installed
     train = _run([str(target / "bin" / "dpm-train"), "--cfg", "job"], cwd=tmp_path, env=env)

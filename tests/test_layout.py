@@ -144,6 +144,7 @@ def test_nothing_imports_the_command_line_and_top_level_modules_import_no_subpac
         assert not found - LAZY_TOP_LEVEL.get(mod, set()), mod
 
 
+@pytest.mark.slow
 def test_load_model_is_public_and_lazy():
     import subprocess
     import sys

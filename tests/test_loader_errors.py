@@ -92,6 +92,7 @@ def test_missing_shard_is_named_even_from_a_worker_process(copy: Path) -> None:
         list(build_eval_loader(data_cfg(str(copy), num_workers=2), DistEnv(), "gallery"))
 
 
+@pytest.mark.slow
 def test_unreachable_storage_fails_after_bounded_retries(
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -108,6 +109,7 @@ def test_unreachable_storage_fails_after_bounded_retries(
     assert len(retries) == 2 and "attempt 1 of 2" in retries[0]  # one logged retry per URL
 
 
+@pytest.mark.slow
 def test_missing_s3_credentials_are_named_and_not_retried(s3_shards: str, s3_endpoint: str, tmp_path: Path) -> None:
     empty = tmp_path / "empty_aws_file"
     empty.write_text("")  # a developer's ~/.aws must not leak in

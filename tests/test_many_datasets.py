@@ -242,6 +242,7 @@ def test_data_dataset_is_checked_against_every_root(sets: Path) -> None:
         check_dataset(DPMConfig(data=wrong, model=_model_for(wrong)), load_manifest(wrong))
 
 
+@pytest.mark.slow
 def test_a_resume_on_fewer_datasets_is_refused(work: Path) -> None:
     from dpm_dist.config import DPMConfig
     from dpm_dist.data.loader import load_manifest
@@ -302,6 +303,7 @@ def work(sets: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_dpm_train_on_two_datasets_prints_and_records_each(work: Path) -> None:
     stdout = (work / "train.log").read_text().split("----- stderr -----")[0]
     sets = work / "sets"
@@ -354,6 +356,7 @@ def one_rank(work: Path) -> dict[str, float]:
     return run_ranks(_evaluate, 1, work / "unused", str(work / "run" / "model_final.pt"))[0]
 
 
+@pytest.mark.slow
 def test_evaluation_on_one_and_two_gloo_ranks_gives_the_same_numbers(
     work: Path, one_rank: dict[str, float], tmp_path: Path
 ) -> None:
@@ -361,6 +364,7 @@ def test_evaluation_on_one_and_two_gloo_ranks_gives_the_same_numbers(
     assert two[0] == two[1] == one_rank and {"a/mAP", "b/mAP", "mAP", "a/num_query"} <= set(one_rank)
 
 
+@pytest.mark.slow
 def test_dpm_eval_prints_the_table_and_writes_each_dataset(work: Path, one_rank: dict[str, float]) -> None:
     proc = _cli([str(VENV_BIN / "dpm-eval"), "--checkpoint", "run", "--output-dir", "ev", "eval.num_pictures=1"], work)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -386,6 +390,7 @@ def test_dpm_eval_prints_the_table_and_writes_each_dataset(work: Path, one_rank:
     ]
 
 
+@pytest.mark.slow
 def test_dpm_eval_refuses_other_datasets_for_a_many_dataset_model(work: Path) -> None:
     from dpm_dist.cli.eval import check_datasets
     from dpm_dist.config import DPMConfig
@@ -402,6 +407,7 @@ def test_dpm_eval_refuses_other_datasets_for_a_many_dataset_model(work: Path) ->
     assert "m.pt was trained on 2 datasets (a, b) with camera offsets" in check_datasets(one, meta, "m.pt")
 
 
+@pytest.mark.slow
 def test_dpm_eval_takes_the_roots_from_the_file_unless_a_root_is_given(work: Path) -> None:
     from dpm_dist.cli.eval import eval_config
 
@@ -416,6 +422,7 @@ def test_dpm_eval_takes_the_roots_from_the_file_unless_a_root_is_given(work: Pat
     assert (cfg.data.root, cfg.data.roots) == ("/elsewhere/b", []) and "data.roots" not in from_file
 
 
+@pytest.mark.slow
 def test_resuming_on_other_datasets_is_refused_another_location_is_not(work: Path, tmp_path: Path) -> None:
     run = tmp_path / "work"
     run.mkdir()
@@ -435,6 +442,7 @@ def test_resuming_on_other_datasets_is_refused_another_location_is_not(work: Pat
     assert moved.returncode == 0, moved.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_dpm_train_errors_name_the_field_and_the_root(work: Path) -> None:
     both = _cli([str(VENV_BIN / "dpm-train"), *TINY_TRAIN, "data.roots=[sets/a,sets/b]", "log.output_dir=x"], work)
     assert both.returncode == 2 and both.stderr.strip().splitlines() == [
@@ -497,6 +505,7 @@ def test_the_closing_lines_give_each_dataset_and_say_the_plain_numbers_are_their
     )
 
 
+@pytest.mark.slow
 def test_dpm_train_on_two_datasets_closes_with_each_and_their_mean(work: Path) -> None:
     stdout = (work / "train.log").read_text().split("----- stderr -----")[0]
     end = stdout[stdout.rindex('{"results": ') :].splitlines()
@@ -504,6 +513,7 @@ def test_dpm_train_on_two_datasets_closes_with_each_and_their_mean(work: Path) -
     assert end[5].startswith("mean of 2 datasets: rank-1 ") and "(18 queries, 23 gallery images)" in end[5], end
 
 
+@pytest.mark.slow
 def test_dpm_embed_of_the_two_dataset_model_gives_the_evaluators_features_of_b(work: Path) -> None:
     """dpm-embed on sets/b's shards selects b from its index.json and shifts its cameras as dpm-eval does."""
     import pyarrow.parquet as pq

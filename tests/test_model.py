@@ -117,6 +117,7 @@ def test_zero_init_mask_is_one_half_and_batch_size_one_works():
     assert torch.equal(out.mask, torch.full((1, 32), 0.5))
 
 
+@pytest.mark.slow
 def test_hmg_layer_stack_for_vit_b_widths():
     model = create_model(num_classes=702, num_cams=8, stride=(11, 11), drop_path=0.1)
     layers = model.mask_gen.layers

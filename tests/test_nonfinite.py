@@ -168,6 +168,7 @@ def two_rank_cases(env) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_one_rank_nan_batch_or_inf_gradient_skips_on_both_ranks(tmp_path):
     results = run_ranks(two_rank_cases, 2, tmp_path / "ranks")
     _assert_nan_batch_skipped([r["nan_fp32_zero2"] for r in results])
@@ -193,6 +194,7 @@ def _is_bn_stat(key: str) -> bool:
 
 
 @pytest.mark.parametrize("zero", [0, 1])
+@pytest.mark.slow
 def test_fp16_overflow_is_the_loss_scalers_skip_and_back_off_counted(single_process, zero):
     """A loss scale too large for fp16 (2^60): GradScaler skips both updates and halves its scale (at ZeRO-1
     too, where DeepSpeed's own norm check used to skip without a back-off); each skip counts in the streak."""
@@ -219,6 +221,7 @@ def test_fp16_overflow_is_the_loss_scalers_skip_and_back_off_counted(single_proc
     assert [k for k in _differ(before, _snapshot(engine)) if not _is_bn_stat(k)]  # a clean step does train
 
 
+@pytest.mark.slow
 def test_fp16_nan_batch_is_skipped_and_keeps_the_loss_scale(single_process):
     r = nan_batch_run(single_process, "fp16", 0)
     _assert_nan_batch_skipped([r])
@@ -228,6 +231,7 @@ def test_fp16_nan_batch_is_skipped_and_keeps_the_loss_scale(single_process):
 # ---- dpm-train end to end ------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_dpm_train_skips_and_counts_a_nan_step_and_stops_a_streak_naming_the_last_checkpoint(tiny_shards, tmp_path):
     """Steps 1, 3 and 4 get NaN images (the test hook): step 1 is skipped and counted into the epoch-1
     checkpoint, steps 3-4 are a streak of engine.max_nonfinite_steps=2: one line, exit 2. The same command

@@ -121,6 +121,7 @@ def _legacy(ckpts: Path) -> None:
 
 
 @pytest.mark.parametrize("how", DAMAGES)
+@pytest.mark.slow
 def test_a_damaged_checkpoint_is_named_and_the_previous_one_is_found(uninterrupted, tmp_path, how, caplog):
     ckpts = _resumable_copy(uninterrupted, tmp_path) / "checkpoints"
     assert run_ranks(_find, 1, tmp_path / "w0", str(ckpts)) == ["epoch_0003"]
@@ -130,6 +131,7 @@ def test_a_damaged_checkpoint_is_named_and_the_previous_one_is_found(uninterrupt
     assert f"skipping epoch_0003: {problem}; resuming from epoch_0002" in caplog.text
 
 
+@pytest.mark.slow
 def test_every_rank_gets_the_same_answer_for_damaged_unverifiable_and_legacy_folders(uninterrupted, tmp_path):
     """The search is collective and 3 ranks share out the hashing: each kind of damage, a folder where nothing
     verifies and one from before manifests give every rank the answer of one process (one spawn of the ranks)."""
@@ -151,6 +153,7 @@ def test_every_rank_gets_the_same_answer_for_damaged_unverifiable_and_legacy_fol
     assert run_ranks(_find_each, 3, tmp_path / "w3", roots) == [expected] * 3
 
 
+@pytest.mark.slow
 def test_when_no_checkpoint_verifies_the_command_lists_what_was_found(uninterrupted, tiny_shards, tmp_path):
     work = relative_workdir(tmp_path / "work", tiny_shards)
     ckpts = _resumable_copy(uninterrupted, work) / "checkpoints"
@@ -337,6 +340,7 @@ def _small_disk(folder: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(folder)], capture_output=True)
 
 
+@pytest.mark.slow
 def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_names_the_folder(tiny_shards, tmp_path):
     with _small_disk(tmp_path / "disk", "14m") as disk:
         (tmp_path / "shards").symlink_to(tiny_shards)
@@ -372,6 +376,7 @@ def test_a_full_disk_during_a_save_keeps_the_previous_checkpoint_and_names_the_f
         assert "resumed from epoch_0001 (epoch 1, step 2, world size 1)" in again.stdout
 
 
+@pytest.mark.slow
 def test_a_full_disk_while_writing_a_model_file_replaces_nothing(tmp_path):
     import torch
 
@@ -412,6 +417,7 @@ def test_a_mistake_in_the_run_is_not_restarted_over_and_over(tiny_shards, tmp_pa
     assert out.count("[step 4 ") == 1 and out.count("start     resumed from") == 0  # no epoch was replayed
 
 
+@pytest.mark.slow
 def test_a_checkpoint_from_before_manifests_still_resumes(uninterrupted, tmp_path, caplog):
     """Folders written before manifests existed (no manifest.json, no checkpoint_format in meta.json): the one
     ``latest`` names resumes, unverified, with a warning; an upgrade does not strand a run."""

@@ -130,6 +130,7 @@ def ranks(request, tmp_path_factory) -> list[dict]:
 
 
 @pytest.mark.parametrize("mode,zero", CASES)
+@pytest.mark.slow
 def test_sharded_head_equals_replicated(ranks, mode, zero):
     rep = [r[(mode, zero, "replicated")] for r in ranks]
     sh = [r[(mode, zero, "sharded")] for r in ranks]
@@ -230,6 +231,7 @@ def pair(env: DistEnv) -> tuple[dict, dict]:
     return _terms(env, False), _terms(env, True)
 
 
+@pytest.mark.slow
 def test_sharded_terms_and_gradients_match_in_float64(tmp_path):
     """The distributed softmax and the gathers' backward, without DeepSpeed: what each rank's samples and rows get."""
     out = run_ranks(pair, 3, tmp_path / "ranks")
@@ -324,6 +326,7 @@ def _all_gather_objects(obj):
     return dist.all_gather_objects(obj)
 
 
+@pytest.mark.slow
 def test_partial_fc_is_the_softmax_over_every_ranks_sampled_classes(tmp_path):
     """At 3 ranks, fp64: the sampled head's terms and gradients are those of the replicated loss restricted to the
     union of the sampled rows; an unsampled row gets a zero gradient."""
@@ -370,6 +373,7 @@ def _load_head(env: DistEnv, folder: str, saved_world: int) -> dict:
     }
 
 
+@pytest.mark.slow
 def test_head_shards_are_saved_by_their_owners_and_resharded_on_another_world_size(tmp_path):
     folder = str(tmp_path / "epoch_0001")
     saved = run_ranks(_save_head, 2, tmp_path / "save", folder)
@@ -389,6 +393,7 @@ def test_head_shards_are_saved_by_their_owners_and_resharded_on_another_world_si
         _load_head(DistEnv(), folder, 2)
 
 
+@pytest.mark.slow
 def test_dpm_train_with_a_sharded_head_resumes_exactly_reshards_and_writes_the_whole_w(tiny_shards, tmp_path):
     """The real command, 2 gloo ranks, Partial FC at 75 %: a run resumed from its epoch-1 checkpoint ends with the
     uninterrupted run's weights bit for bit; model_final.pt holds the whole W; one rank resumes the 2-rank shards."""

@@ -158,6 +158,7 @@ def _epoch(root: str, sampler: str, cache: Path, **kw: Any) -> list[dict[str, An
 
 @pytest.mark.parametrize("sampler", ["exact", "stream"])
 @pytest.mark.parametrize("storage", ["http", "s3"])
+@pytest.mark.slow
 def test_a_burst_of_storage_errors_is_retried_to_the_same_batches(
     storage, sampler, tiny_shards, http_root, s3_shards, s3_endpoint, faulty_proxy, tmp_path, caplog, monkeypatch
 ):

@@ -218,6 +218,7 @@ def test_resume_two_ranks_on_one_rank_reshards_the_zero_state(uninterrupted, tin
     assert "# from epoch 4: loss.alpha 0.5 -> 0.3" in (out / "config.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_ctrl_c_says_what_was_saved_and_how_to_resume(tiny_shards, tmp_path):
     import signal
 
@@ -259,6 +260,7 @@ def test_ctrl_c_says_what_was_saved_and_how_to_resume(tiny_shards, tmp_path):
     assert "0it [" not in text
 
 
+@pytest.mark.slow
 def test_skipped_corrupt_samples_are_counted_and_reported_at_the_end(tmp_path):
     """3 ids × 2 images (every P=3×K=2 batch holds every image), one a cut-off JPEG: with
     data.skip_corrupt=true each step skips it, and the run says how many it skipped in all."""
@@ -300,6 +302,7 @@ def test_skipped_corrupt_samples_are_counted_and_reported_at_the_end(tmp_path):
     assert f"skipped {steps} corrupt training samples" in proc.stdout
 
 
+@pytest.mark.slow
 def test_help_lists_only_the_groups_dpm_train_uses(tmp_path):
     proc = subprocess.run(
         [str(VENV_BIN / "dpm-train"), "--help"],
@@ -316,6 +319,7 @@ def test_help_lists_only_the_groups_dpm_train_uses(tmp_path):
     assert "tune:" not in proc.stdout and "tiny_asha" not in proc.stdout
 
 
+@pytest.mark.slow
 def test_dataset_must_match_the_shards(tiny_shards, tmp_path):
     out = tmp_path / "run"
     proc = subprocess.run(
@@ -387,6 +391,7 @@ def test_two_nodes_in_network_namespaces_train_with_zero2(tiny_shards, tmp_path)
         ),
     ],
 )
+@pytest.mark.slow
 def test_bad_config_fails_fast_naming_the_field(tiny_shards, tmp_path, override, message):
     out = tmp_path / "run"
     proc = subprocess.run(
@@ -438,6 +443,7 @@ def test_deepspeed_launcher_with_a_hostfile_and_no_ssh(tiny_shards, tmp_path):
     assert "Cosine annealing scheduler will have no effect" not in proc.stdout + proc.stderr  # timm, at optim.epochs=1
 
 
+@pytest.mark.slow
 def test_deepspeed_launcher_without_a_hostfile_names_the_example(tmp_path):
     proc = subprocess.run(
         ["bash", str(ROOT / "launch" / "deepspeed.sh"), "experiment=tiny"],

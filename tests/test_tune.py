@@ -158,6 +158,7 @@ def test_space_values_outside_the_schema_are_a_clear_error(entry, message):
         check_space(base)
 
 
+@pytest.mark.slow
 def test_bad_entry_stops_dpm_tune_before_any_trial(tiny_shards, tmp_path):
     proc = subprocess.run(
         [
@@ -176,6 +177,7 @@ def test_bad_entry_stops_dpm_tune_before_any_trial(tiny_shards, tmp_path):
     assert not (tmp_path / "tiny_asha").exists()
 
 
+@pytest.mark.slow
 def test_missing_data_root_fails_in_seconds_naming_the_field(tmp_path):
     proc = subprocess.run(
         [str(VENV_BIN / "dpm-tune"), "data.root=shards/nowhere", "search.storage_path=storage"],
@@ -193,6 +195,7 @@ def test_missing_data_root_fails_in_seconds_naming_the_field(tmp_path):
     assert "ray" not in proc.stdout.lower() and not (tmp_path / "storage").exists()  # no Ray started
 
 
+@pytest.mark.slow
 def test_help_and_cfg_job_still_work(tmp_path):
     help_ = subprocess.run(
         [str(VENV_BIN / "dpm-tune"), "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path

@@ -211,6 +211,7 @@ def test_converter_errors_name_key_shapes_and_stride(tmp_path, capsys):
         )
 
 
+@pytest.mark.slow
 def test_convert_cli(tmp_path, capsys):
     torch.save(_official_state(dim=768, depth=12, tokens=211, cams=6, classes=13), tmp_path / "market.pth")
     rc = convert_cli.main([str(tmp_path / "market.pth"), str(tmp_path / "out.pt"), "--stride", "12", "12"])
