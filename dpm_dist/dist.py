@@ -237,7 +237,7 @@ def describe_peer_failure(err: BaseException, env: DistEnv, timeout_s: float) ->
     others = [r for r in range(len(_NODES)) if r != env.rank]
     other_nodes = sorted({_NODES[r] for r in others} - {me})
     on_peer = [r for r in _ranks_on(peer.group(1)) if r != env.rank] if peer else []
-    if on_peer:
+    if peer and on_peer:
         who = _named(on_peer, peer.group(1))
     elif peer:
         who = f"node {peer.group(1)}"

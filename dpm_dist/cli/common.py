@@ -12,7 +12,7 @@ import os
 import re
 import sys
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import Any, TypeVar, overload
 
 T = TypeVar("T")
 
@@ -84,7 +84,7 @@ def _type_name(key: str) -> str:
         if part not in hints:
             return ""
         node = hints[part]
-    return getattr(node, "__name__", None) if isinstance(node, type) else str(node).replace("typing.", "")
+    return node.__name__ if isinstance(node, type) else str(node).replace("typing.", "")
 
 
 def config_error(err: BaseException) -> ValueError:
@@ -125,6 +125,10 @@ PATH_FIELDS = (
 PATH_LIST_FIELDS = ("data.roots", "data.train_urls", "data.query_urls", "data.gallery_urls")
 
 
+@overload
+def absolute_path(value: str) -> str: ...
+@overload
+def absolute_path(value: None) -> None: ...
 def absolute_path(value: str | None) -> str | None:
     """``value`` made absolute against the current folder (``~`` expanded); URLs and None unchanged."""
     if not value or "://" in value:

@@ -76,11 +76,11 @@ def train_transform(
 ) -> torch.Tensor:
     """Bicubic resize, [ColorJitter], flip, zero pad + random crop, normalise, per-pixel random erasing."""
     height, width = int(size[0]), int(size[1])
-    img = img.resize((width, height), Image.BICUBIC)
+    img = img.resize((width, height), Image.Resampling.BICUBIC)
     if jitter:
         img = color_jitter(img, gen)
     if float(torch.rand((), generator=gen)) < flip_prob:
-        img = img.transpose(Image.FLIP_LEFT_RIGHT)
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     x = to_normalised(img)
     if padding > 0:
         # pad in pixel space with black (0 -> -1 after normalisation), as Pad(10) before ToTensor does

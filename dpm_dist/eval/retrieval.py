@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -79,7 +80,9 @@ class Gallery:
             sq_norm[start : start + step] = (out * out).sum(1)
         return cls(feat=padded.view(-1, GALLERY_BLOCK, dim), sq_norm=sq_norm, size=size)
 
-    def blockwise(self, like: torch.Tensor, score: Callable[[torch.Tensor, torch.Tensor, slice], None]) -> torch.Tensor:
+    def blockwise(
+        self, like: torch.Tensor, score: Callable[[torch.Tensor, torch.Tensor, slice], object]
+    ) -> torch.Tensor:
         """(C, G) built block by block: ``score(block, buf, columns)`` fills a (C, GALLERY_BLOCK) buffer from one
         gallery block, then its real columns are copied out. One write of the result; every other pass
         stays in the block-sized buffer (fresh (C, G) temporaries cost page faults and memory traffic)."""
@@ -435,7 +438,8 @@ class RankingSums:
 
     @classmethod
     def zeros(cls, num_query: int, max_rank: int, device: torch.device | str = "cpu") -> RankingSums:
-        f64, i64 = dict(dtype=torch.float64, device=device), dict(dtype=torch.int64, device=device)
+        f64: dict[str, Any] = dict(dtype=torch.float64, device=device)
+        i64: dict[str, Any] = dict(dtype=torch.int64, device=device)
         return cls(
             torch.zeros(max_rank, **i64),
             torch.zeros(num_query, **f64),

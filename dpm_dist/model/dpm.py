@@ -77,7 +77,7 @@ class ViTBackbone(nn.Module):
 
     def __init__(
         self,
-        vit: nn.Module,
+        vit: Any,  # a timm VisionTransformer (duck-typed: patch_embed, cls_token, blocks, norm, embed_dim)
         *,
         img_size: Sequence[int],
         stride: Sequence[int],
@@ -103,12 +103,15 @@ class ViTBackbone(nn.Module):
         self.tap_indices = tuple(int(b) - 1 for b in tap_blocks)  # 0-based
 
         self.patch_embed = vit.patch_embed
-        self.patch_embed.proj = nn.Conv2d(3, self.embed_dim, kernel_size=patch, stride=tuple(stride), bias=True)
+        self.patch_embed.proj = nn.Conv2d(
+            3, self.embed_dim, kernel_size=patch, stride=(stride[0], stride[1]), bias=True
+        )
         self.cls_token = vit.cls_token
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, self.embed_dim))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         self.sie_coe = float(sie_coe)
         self.num_cams = int(num_cams)
+        self.sie_embed: nn.Parameter | None
         if num_cams > 1:  # official: SIE exists only with more than one camera
             self.sie_embed = nn.Parameter(torch.zeros(num_cams, 1, self.embed_dim))
             nn.init.trunc_normal_(self.sie_embed, std=0.02)
@@ -162,7 +165,7 @@ class ViTBackbone(nn.Module):
         return BackboneOutput(feat=feat, taps=tap, attn_logits=attn_logits)
 
     @staticmethod
-    def _cls_patch_logits(attn: nn.Module, qkv: torch.Tensor) -> torch.Tensor:
+    def _cls_patch_logits(attn: Any, qkv: torch.Tensor) -> torch.Tensor:  # a timm Attention
         """(q_cls · k_patchᵀ) · scale for every head: one query row, the same values as slicing S."""
         batch, tokens, _ = qkv.shape
         qkv = qkv.reshape(batch, tokens, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
@@ -180,7 +183,7 @@ class DPMNet(nn.Module):
         self.mask_gen = MaskGenerator(in_channels=num_taps * dim, embed_dim=dim)
         self.bottleneck = nn.BatchNorm1d(dim)
         self.bottleneck.bias.requires_grad_(False)  # BNNeck bias frozen at 0
-        self.classifier = nn.Linear(dim, num_classes, bias=False)  # W: the holistic prototypes
+        self.classifier: nn.Linear | None = nn.Linear(dim, num_classes, bias=False)  # W: the holistic prototypes
         nn.init.xavier_uniform_(self.classifier.weight)
 
     @property

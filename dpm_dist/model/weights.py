@@ -207,7 +207,7 @@ def load_imagenet_vit(model: nn.Module, path: str) -> None:
     Keys containing ``head`` or ``dist`` are dropped; a 2-D patch weight is reshaped; ``pos_embed``
     is resized to the model's grid. The HMG, SIE, BNNeck and prototypes keep their initialisation.
     """
-    backbone = model.backbone
+    backbone: Any = model.backbone  # a ViTBackbone (patch_embed, grid)
     raw = read_state_dict(path)
     state: dict[str, torch.Tensor] = {}
     for key, value in raw.items():

@@ -253,10 +253,12 @@ def dpm_loss(
     """
     if (triplet_feat is None) != (triplet_labels is None):
         raise ValueError("triplet_feat and triplet_labels must be given together")
-    if triplet_feat is None:
+    if triplet_feat is None or triplet_labels is None:  # both None (checked above)
         triplet_feat, triplet_labels = feat, labels
 
     if id_terms is None:
+        if prototypes is None:
+            raise ValueError("dpm_loss needs the prototypes, or id_terms computed elsewhere")
         id_terms = classification_terms(feat_bn, mask, prototypes, labels, margin=margin, scale=scale)
     loss_id, loss_mask_id = id_terms["loss_id"], id_terms["loss_mask_id"]
     loss_hem = hem_loss(attn_logits, ref_batch=hem_ref_batch)

@@ -32,7 +32,8 @@ def param_groups(
 
     ``all_bias_decay`` gives every parameter ``weight_decay_bias`` (the official HMG optimiser).
     """
-    weights, biases = [], []
+    weights: list[nn.Parameter] = []
+    biases: list[nn.Parameter] = []
     for name, param in named:
         if param.requires_grad:
             (biases if "bias" in name else weights).append(param)
@@ -68,7 +69,7 @@ def make_optimizer(groups: list[dict[str, Any]], optim_cfg: Any) -> torch.optim.
     """The configured optimiser (SGD or AdamW) over ``groups`` (:func:`param_groups`)."""
     # optim.fused: one fused kernel per step instead of torch's default multi-tensor (foreach) loop; the
     # same formula, rounded in another order, so it is off by default.
-    fused = {"fused": True} if optim_cfg.fused else {}
+    fused: dict[str, Any] = {"fused": True} if optim_cfg.fused else {}
     if optim_cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=optim_cfg.base_lr, **fused)
     return torch.optim.SGD(
