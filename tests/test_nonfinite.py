@@ -2,8 +2,8 @@
 changes no weight, momentum or BN statistic, is counted, and a streak of them stops ``dpm-train`` with one line.
 
 Engine level: a real corrupt input (a batch of NaN images on one rank) and a real overflow (an inf gradient,
-an fp16 loss scale too large to fit); end to end: ``dpm-train`` with its documented test hook
-``DPM_DEBUG_NONFINITE_STEPS``.
+an fp16 loss scale too large to fit); end to end: ``dpm-train`` with NaN images injected from outside
+(``tests/faults/fault_nonfinite.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +17,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import RUN_TIMEOUT_S, TINY_TRAIN, VENV_BIN, model_weights, relative_workdir, run_ranks, train_env
+from tests.conftest import (
+    RUN_TIMEOUT_S,
+    TINY_TRAIN,
+    VENV_BIN,
+    fault_env,
+    model_weights,
+    relative_workdir,
+    run_ranks,
+    train_env,
+)
 
 sys.path.insert(0, str(Path(__file__).parent))
 import engine_worker as W
@@ -233,9 +242,9 @@ def test_fp16_nan_batch_is_skipped_and_keeps_the_loss_scale(single_process):
 
 @pytest.mark.slow
 def test_dpm_train_skips_and_counts_a_nan_step_and_stops_a_streak_naming_the_last_checkpoint(tiny_shards, tmp_path):
-    """Steps 1, 3 and 4 get NaN images (the test hook): step 1 is skipped and counted into the epoch-1
+    """Steps 1, 3 and 4 get NaN images (the fault ``nonfinite``): step 1 is skipped and counted into the epoch-1
     checkpoint, steps 3-4 are a streak of engine.max_nonfinite_steps=2: one line, exit 2. The same command
-    without the hook resumes from epoch 1 and finishes, the count carried on."""
+    without the fault resumes from epoch 1 and finishes, the count carried on."""
     work = relative_workdir(tmp_path / "work", tiny_shards)
     args = [
         str(VENV_BIN / "dpm-train"),
@@ -248,7 +257,7 @@ def test_dpm_train_skips_and_counts_a_nan_step_and_stops_a_streak_naming_the_las
         args,
         capture_output=True,
         text=True,
-        env=dict(train_env(), DPM_DEBUG_NONFINITE_STEPS="1,3,4"),
+        env=fault_env("nonfinite", DPM_FAULT_NONFINITE_STEPS="1,3,4"),
         cwd=work,
         timeout=RUN_TIMEOUT_S,
     )

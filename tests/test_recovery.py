@@ -30,6 +30,7 @@ from tests.conftest import (
     TINY_TRAIN,
     VENV_BIN,
     assert_identical,
+    fault_env,
     kill_tree,
     model_weights,
     relative_workdir,
@@ -54,8 +55,9 @@ def _launch(*extra: str) -> list[str]:
     ]
 
 
-def _env(**extra: str) -> dict[str, str]:
-    env = dict(train_env(), PATH=f"{VENV_BIN}:{os.environ['PATH']}", **extra)
+def _env(faults: str = "", **extra: str) -> dict[str, str]:
+    """The launcher's environment; ``faults``: test-side faults (``fault_env``) with their parameters in ``extra``."""
+    env = dict(fault_env(faults) if faults else train_env(), PATH=f"{VENV_BIN}:{os.environ['PATH']}", **extra)
     env.pop("PYTHON", None)
     return env
 
@@ -402,7 +404,7 @@ def test_a_mistake_in_the_run_is_not_restarted_over_and_over(tiny_shards, tmp_pa
         _launch("engine.max_nonfinite_steps=2"),
         capture_output=True,
         text=True,
-        env=_env(MAX_RESTARTS="2", DPM_DEBUG_NONFINITE_STEPS="3,4"),
+        env=_env("nonfinite", MAX_RESTARTS="2", DPM_FAULT_NONFINITE_STEPS="3,4"),
         cwd=work,
         timeout=RUN_TIMEOUT_S,
     )

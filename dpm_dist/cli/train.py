@@ -85,8 +85,9 @@ def interrupted_hint(cfg: Any) -> str:
     )
 
 
-def print_end(cfg: Any, results: dict[str, float]) -> None:
-    """The closing block: the metrics, then where everything was written."""
+def print_end(cfg: Any, results: dict[str, float], skipped_corrupt: int = 0, skipped_steps: int = 0) -> None:
+    """The closing block: the metrics, what was skipped (the run's ``num_skipped_corrupt`` and
+    ``num_skipped_steps``), then where everything was written."""
     from dpm_dist.train.checkpoint import latest_meta
 
     out, tb = cfg.log.output_dir, os.path.join(cfg.log.output_dir, "tb")
@@ -103,22 +104,15 @@ def print_end(cfg: Any, results: dict[str, float]) -> None:
             f"({int(results['num_query'])} queries, {int(results['num_gallery'])} gallery images)",
             flush=True,
         )
-    summary = os.path.join(out, "results.json")
-    done: dict[str, Any] = {}
-    if os.path.isfile(summary):
-        with open(summary) as f:
-            done = json.load(f)
-    skipped = done.get("num_skipped_corrupt", 0)
-    if skipped:
+    if skipped_corrupt:
         print(
-            f"skipped {skipped} corrupt training samples (data.skip_corrupt=true; each is named in the log above)",
+            f"skipped {skipped_corrupt} corrupt training samples (data.skip_corrupt=true; each is named in the log above)",
             flush=True,
         )
-    nonfinite = done.get("num_skipped_steps", 0)
-    if nonfinite:
+    if skipped_steps:
         print(
-            f"skipped {nonfinite} training step{'s' if nonfinite > 1 else ''} with non-finite losses or gradients "
-            "(no update applied; TensorBoard train/skipped_steps)",
+            f"skipped {skipped_steps} training step{'s' if skipped_steps > 1 else ''} with non-finite losses or "
+            "gradients (no update applied; TensorBoard train/skipped_steps)",
             flush=True,
         )
     written = [
@@ -164,10 +158,10 @@ def run_training(cfg_node: Any, state: dict[str, Any]) -> dict[str, float]:
     with no_restart_after_a_mistake(cfg.log.output_dir):
         init_process_group(env, timeout_s=cfg.engine.collective_timeout_s)
         with peer_failures(env, cfg.engine.collective_timeout_s):  # a lost node: one line naming it, not a traceback
-            results = train(cfg, env)
+            run = train(cfg, env)
     if env.is_main:
-        print_end(cfg, results)
-    return results
+        print_end(cfg, run.results, run.num_skipped_corrupt, run.num_skipped_steps)
+    return run.results
 
 
 STOP_FILE = ".dpm-stopped"  # in log.output_dir: the error that stopped the previous attempt of a restarted job

@@ -4,8 +4,9 @@ Owns the engine (``engine``: the two-step update, built by ``DPMEngine.from_conf
 checkpoint), the one interface of the prototype head (``heads``: replicated, or ``sharded_head``'s rows per rank),
 the ZeRO state on another world size (``zero_reshard``; with ``engine``, the only modules that import DeepSpeed),
 the loss terms as pure functions (``losses``), optimisers and the learning-rate schedule
-(``optim``), full-state checkpoints (``checkpoint``) and ``train()`` itself (``loop``: build -> resume ->
-epochs -> evaluate -> save, read top to bottom).
+(``optim``), full-state checkpoints (``checkpoint``), ``train()`` itself (``loop``: build -> resume ->
+epochs -> evaluate -> save, read top to bottom) and the run's state it carries (``state``: ``RunState``, saved
+in checkpoints, written into model files and results.json, returned by ``train()``).
 
 Must not import Ray or the command-line modules.
 """

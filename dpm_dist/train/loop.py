@@ -24,7 +24,9 @@ from omegaconf import OmegaConf
 from dpm_dist import dist
 from dpm_dist.config import DPMConfig
 from dpm_dist.dist import DistEnv
+from dpm_dist.fsio import write_text_atomic
 from dpm_dist.train import checkpoint
+from dpm_dist.train.state import RunState
 
 log = logging.getLogger(__name__)
 
@@ -144,8 +146,7 @@ def write_config(out_dir: str, resolved: dict[str, Any], history: list[dict[str,
         if lines
         else ""
     )
-    with open(os.path.join(out_dir, "config.yaml"), "w") as f:
-        f.write(head + OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    write_text_atomic(os.path.join(out_dir, "config.yaml"), head + OmegaConf.to_yaml(OmegaConf.create(resolved)))
 
 
 _HPARAMS = {
@@ -174,9 +175,7 @@ def hparams_of(
     return out
 
 
-def print_summary(
-    cfg: DPMConfig, env: DistEnv, manifest: dict[str, Any], steps: int, meta: dict[str, Any] | None
-) -> None:
+def print_summary(cfg: DPMConfig, env: DistEnv, manifest: dict[str, Any], steps: int, state: RunState) -> None:
     """The start-up block on rank 0: data, batch, schedule, engine, output folder, fresh or resumed."""
     from dpm_dist.data.union import describe_datasets
 
@@ -185,13 +184,6 @@ def print_summary(
     d, e, train_split = cfg.data, cfg.engine, manifest["splits"]["train"]
     source = d.root or (
         f"{len(d.roots)} datasets" if len(d.roots) > 1 else d.roots[0] if d.roots else f"{len(d.train_urls)} shard URLs"
-    )
-    start = (
-        "new run"
-        if not meta
-        else (
-            f"resumed from {meta['tag']} (epoch {meta['epoch']}, step {meta['step']}, world size {meta['world_size']})"
-        )
     )
     lines = [
         f"dpm-train {cfg.name}",
@@ -203,35 +195,9 @@ def print_summary(
         f"  schedule  {cfg.optim.epochs} epochs x {steps} steps, evaluated every {cfg.eval.period} epochs and at the end",
         f"  engine    {e.precision}, ZeRO-{e.zero_stage}, update mode {e.update_mode}",
         f"  output    {cfg.log.output_dir}",
-        f"  start     {start}",
+        f"  start     {state.start_line()}",
     ]
     print("\n".join(lines), flush=True)
-
-
-def _file_meta(
-    epoch: int,
-    step: int,
-    results: dict[str, float],
-    resolved: dict[str, Any],
-    history: list[dict[str, Any]],
-    datasets: list[dict[str, Any]],
-) -> dict[str, Any]:
-    meta = {"epoch": epoch, "step": step, "results": results, "config": resolved, "datasets": datasets}
-    return dict(meta, config_changes=history) if history else meta
-
-
-DEBUG_NONFINITE_ENV = "DPM_DEBUG_NONFINITE_STEPS"  # test hook: "3,4" = NaN images on rank 0 at steps 3 and 4
-
-
-def debug_nonfinite_steps(env: DistEnv) -> frozenset[int]:
-    """The (1-based) steps whose batch the test hook :data:`DEBUG_NONFINITE_ENV` corrupts on rank 0 (docs/training.md)."""
-    raw = os.environ.get(DEBUG_NONFINITE_ENV, "").strip()
-    if not raw or not env.is_main:
-        return frozenset()
-    try:
-        return frozenset(int(part) for part in raw.split(",") if part.strip())
-    except ValueError:
-        raise ValueError(f"{DEBUG_NONFINITE_ENV}={raw!r}: expected step numbers such as 3,4") from None
 
 
 def check_nonfinite(cfg: DPMConfig, env: DistEnv, engine: Any, step: int, ckpt_root: str) -> None:
@@ -271,8 +237,9 @@ def preflight(cfg: DPMConfig) -> None:
         check_dataset(cfg, load_manifest(cfg.data), saved)
 
 
-def train(cfg: DPMConfig, env: DistEnv, report: Reporter | None = None) -> dict[str, float]:
-    """Train (or resume) the run in ``cfg.log.output_dir``; returns the last evaluation's metrics."""
+def train(cfg: DPMConfig, env: DistEnv, report: Reporter | None = None) -> RunState:
+    """Train (or resume) the run in ``cfg.log.output_dir``; returns its state: the last evaluation's metrics
+    (``results``), the skipped samples and steps. A finished run returns the state it was saved with."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from dpm_dist.data.loader import load_manifest
@@ -288,7 +255,7 @@ def train(cfg: DPMConfig, env: DistEnv, report: Reporter | None = None) -> dict[
                 f"no file changed; a larger optim.epochs extends it",
                 flush=True,
             )
-        return dict(saved.get("results", {}))
+        return RunState.from_meta(saved, resolved, history, saved.get("datasets", []))
     manifest = load_manifest(cfg.data)
     check_dataset(cfg, manifest, saved)
     if cfg.engine.deterministic:
@@ -298,7 +265,7 @@ def train(cfg: DPMConfig, env: DistEnv, report: Reporter | None = None) -> dict[
         if saved is None:
             write_config(out_dir, resolved, history)
     with logging_redirect_tqdm():  # library log lines go through tqdm.write: never onto the bar's line
-        return _run(cfg, env, report, manifest, resolved, history, saved)
+        return _run(cfg, env, report, manifest, RunState(resolved, history, manifest["datasets"]), saved)
 
 
 def _run(
@@ -306,134 +273,135 @@ def _run(
     env: DistEnv,
     report: Reporter | None,
     manifest: dict[str, Any],
-    resolved: dict[str, Any],
-    history: list[dict[str, Any]],
+    state: RunState,
     saved: dict[str, Any] | None,
-) -> dict[str, float]:
+) -> RunState:
+    """Build -> resume -> for each epoch: steps, then evaluate, save, report -> the final files. On every rank."""
     from dpm_dist.data.loader import TrainLoader
-    from dpm_dist.eval.evaluator import evaluate
     from dpm_dist.loggers import build_logger
+
+    engine = build_engine(cfg, env, manifest)
+    if saved:
+        meta = checkpoint.resume(engine, os.path.join(cfg.log.output_dir, "checkpoints"), env, saved)
+        state = RunState.from_meta(meta, state.config, state.config_changes, state.datasets)
+    engine.skipped_steps = state.num_skipped_steps  # non-finite steps: the same on every rank
+    if not state.rng_restored:  # fresh run, or another world size: seed per rank and epoch
+        seed_everything(cfg.engine.seed * 1000 + env.rank + 7919 * (state.epoch + 1))  # drop-path RNG
+    loaders = TrainLoader(cfg.data, env, seed=cfg.engine.seed)
+    first, last = state.epoch + 1, cfg.optim.epochs
+    loader = loaders.epoch(first) if first <= last else None
+    steps = _epoch_steps(cfg, loader) if loader is not None else 0
+    print_summary(cfg, env, manifest, steps, state)
+    # Reopening the event files after a crash: TensorBoard drops what the crashed run logged past the checkpoint.
+    logger = build_logger(cfg.log, env, purge_step=state.step + 1 if saved else None)
+    config_due = saved is not None  # a fresh run wrote config.yaml before it started; a resumed one at its first save
+    # The bar is closed (its line ended) on Ctrl-C too, so the interrupt message gets a line of its own.
+    with _progress_bar(cfg, env, steps * (last - first + 1)) as bar:
+        for epoch in range(first, last + 1):
+            state.epoch = epoch
+            engine.start_epoch(epoch)
+            loader = loader if epoch == first else loaders.epoch(epoch)
+            bar.set_description(f"epoch {epoch}/{last}")
+            _train_epoch(cfg, env, engine, loader, state, logger, bar)
+            improved = _evaluate(cfg, env, engine, state, logger) if _eval_due(cfg, epoch) else False
+            folder = _save(cfg, env, engine, state, improved, config_due) if _save_due(cfg, epoch) else None
+            config_due = config_due and folder is None
+            if report is not None and _eval_due(cfg, epoch):
+                report(dict(state.results, epoch=epoch), epoch, folder)
+    _finish(cfg, env, engine, state, logger)
+    return state
+
+
+def _train_epoch(
+    cfg: DPMConfig, env: DistEnv, engine: Any, loader: Any, state: RunState, logger: Any, bar: Any
+) -> None:
+    """One epoch's steps: update, count the skipped samples, the bar, a log every ``log.log_every`` steps; a
+    streak of non-finite steps stops the run (:func:`check_nonfinite`)."""
+    t_data, t_epoch, seen = 0.0, time.time(), 0
+    t_mark = time.time()
+    for i, batch in enumerate(loader):
+        if cfg.optim.steps_per_epoch and i >= cfg.optim.steps_per_epoch:
+            break
+        t_data += time.time() - t_mark
+        metrics = engine.step(batch)
+        state.uncounted_corrupt += int(batch.get("num_skipped", 0))
+        state.step += 1
+        seen += batch["images"].shape[0] * env.world_size
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
+        if state.step % cfg.log.log_every == 0:
+            elapsed = max(time.time() - t_epoch, 1e-9)
+            perf = {"perf/samples_per_sec": seen / elapsed, "perf/data_time": t_data / (i + 1)}
+            logger.log(_step_logs(engine, metrics, perf, state.epoch), state.step)
+        if engine.last_skip:
+            check_nonfinite(cfg, env, engine, state.step, os.path.join(cfg.log.output_dir, "checkpoints"))
+        t_mark = time.time()
+
+
+def _step_logs(engine: Any, metrics: dict[str, float], perf: dict[str, float], epoch: int) -> dict[str, float]:
+    """A step's scalars: losses, learning rates, throughput, the epoch and the non-finite steps skipped so far."""
+    logs = {f"train/{k}": v for k, v in metrics.items()}
+    logs.update({f"lr/{k}": v for k, v in engine.learning_rates().items()})
+    logs.update(perf)
+    logs.update({"train/epoch": epoch, "train/skipped_steps": engine.skipped_steps})
+    return logs
+
+
+def _evaluate(cfg: DPMConfig, env: DistEnv, engine: Any, state: RunState, logger: Any) -> bool:
+    """The epoch's evaluation (collective), logged and kept in ``state``; whether it is the best so far."""
+    from dpm_dist.eval.evaluator import evaluate
+
+    state.results = evaluate(engine.model, cfg, env, device=engine.device)
+    logger.log({f"eval/{k}": v for k, v in state.results.items() if not _is_count(k)}, state.step)
+    value = state.results[cfg.search.metric]
+    improved, state.best = value > state.best, max(state.best, value)
+    return improved
+
+
+def _save_due(cfg: DPMConfig, epoch: int) -> bool:
+    return epoch % cfg.log.checkpoint_every == 0 or epoch == cfg.optim.epochs or _eval_due(cfg, epoch)
+
+
+def _count_skipped(state: RunState, engine: Any) -> None:
+    """Every rank's corrupt samples skipped since the last count, summed (collective); the engine's skipped steps."""
+    state.num_skipped_corrupt += int(dist.all_reduce_sum(torch.tensor([state.uncounted_corrupt])).item())
+    state.uncounted_corrupt = 0
+    state.num_skipped_steps = engine.skipped_steps
+
+
+def _save(cfg: DPMConfig, env: DistEnv, engine: Any, state: RunState, improved: bool, write_cfg: bool) -> str:
+    """The epoch's checkpoint (collective); then ``config.yaml`` if due, and ``model_best.pt`` on a new best."""
     from dpm_dist.model.files import save_model_file
 
-    out_dir, ckpt_root = cfg.log.output_dir, os.path.join(cfg.log.output_dir, "checkpoints")
-    engine = build_engine(cfg, env, manifest)
-    meta = checkpoint.resume(engine, ckpt_root, env, saved) if saved else None
-    start_epoch, step = (meta["epoch"] + 1, meta["step"]) if meta else (1, 0)
-    best = meta.get("best", -1.0) if meta else -1.0
-    skipped_before, skipped_here = (meta.get("num_skipped_corrupt", 0) if meta else 0), 0  # this rank, this invocation
-    engine.skipped_steps = meta.get("num_skipped_steps", 0) if meta else 0  # non-finite steps: the same on every rank
-    poisoned = debug_nonfinite_steps(env)
-    results: dict[str, float] = dict(meta.get("results", {})) if meta else {}
-    if not (meta and meta.get("rng_restored")):  # fresh run, or another world size: seed per rank and epoch
-        seed_everything(cfg.engine.seed * 1000 + env.rank + 7919 * start_epoch)  # drop-path RNG
-    loaders = TrainLoader(cfg.data, env, seed=cfg.engine.seed)
-    loader = loaders.epoch(start_epoch) if start_epoch <= cfg.optim.epochs else None
-    steps = _epoch_steps(cfg, loader) if loader is not None else 0
-    print_summary(cfg, env, manifest, steps, meta)
-    # Reopening the event files after a crash: TensorBoard drops what the crashed run logged past the checkpoint.
-    logger = build_logger(cfg.log, env, purge_step=step + 1 if meta else None)
-    bar = _progress_bar(cfg, env, steps * (cfg.optim.epochs - start_epoch + 1))
-    config_written = meta is None  # a fresh run wrote config.yaml before it started
-    with bar:  # closed (its line ended) on Ctrl-C too, so the interrupt message gets a line of its own
-        for epoch in range(start_epoch, cfg.optim.epochs + 1):
-            engine.start_epoch(epoch)
-            if epoch > start_epoch:
-                loader = loaders.epoch(epoch)
-            bar.set_description(f"epoch {epoch}/{cfg.optim.epochs}")
-            t_data, t_epoch, seen = 0.0, time.time(), 0
-            t_mark = time.time()
-            for i, batch in enumerate(loader):
-                if cfg.optim.steps_per_epoch and i >= cfg.optim.steps_per_epoch:
-                    break
-                t_data += time.time() - t_mark
-                if step + 1 in poisoned:
-                    batch = dict(batch, images=batch["images"] * float("nan"))
-                metrics = engine.step(batch)
-                skipped_here += int(batch.get("num_skipped", 0))
-                step += 1
-                seen += batch["images"].shape[0] * env.world_size
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
-                if step % cfg.log.log_every == 0:
-                    elapsed = max(time.time() - t_epoch, 1e-9)
-                    logs = {f"train/{k}": v for k, v in metrics.items()}
-                    logs.update({f"lr/{k}": v for k, v in engine.learning_rates().items()})
-                    logs.update(
-                        {
-                            "perf/samples_per_sec": seen / elapsed,
-                            "perf/data_time": t_data / (i + 1),
-                            "train/epoch": epoch,
-                        }
-                    )
-                    logs["train/skipped_steps"] = engine.skipped_steps
-                    logger.log(logs, step)
-                if engine.last_skip:
-                    check_nonfinite(cfg, env, engine, step, ckpt_root)
-                t_mark = time.time()
-            improved = False
-            if _eval_due(cfg, epoch):
-                results = evaluate(engine.model, cfg, env, device=engine.device)  # collective
-                logger.log({f"eval/{k}": v for k, v in results.items() if not _is_count(k)}, step)
-                improved = results[cfg.search.metric] > best
-                best = max(best, results[cfg.search.metric])
-            folder = None
-            if epoch % cfg.log.checkpoint_every == 0 or epoch == cfg.optim.epochs or _eval_due(cfg, epoch):
-                skipped = skipped_before + int(dist.all_reduce_sum(torch.tensor([skipped_here])).item())  # collective
-                meta_out = {
-                    "best": best,
-                    "results": results,
-                    "config": resolved,
-                    "config_changes": history,
-                    "datasets": manifest["datasets"],
-                    "num_skipped_corrupt": skipped,
-                    "num_skipped_steps": engine.skipped_steps,
-                }
-                folder = checkpoint.save(
-                    engine,
-                    ckpt_root,
-                    epoch=epoch,
-                    step=step,
-                    env=env,
-                    meta=meta_out,
-                    keep_last=cfg.log.keep_last,
-                    is_best=improved and cfg.log.keep_best,
-                )
-                if env.is_main and not config_written:  # only now do weights trained with this configuration exist
-                    write_config(out_dir, resolved, history)
-                    config_written = True
-                if improved and cfg.log.keep_best:
-                    state = engine.model_state()  # collective: a sharded head's W is gathered onto rank 0
-                    if env.is_main:
-                        save_model_file(
-                            state,
-                            os.path.join(out_dir, "model_best.pt"),
-                            _file_meta(epoch, step, results, resolved, history, manifest["datasets"]),
-                        )
-            if report is not None and _eval_due(cfg, epoch):
-                report(dict(results, epoch=epoch), epoch, folder)
-
-    skipped = skipped_before + int(dist.all_reduce_sum(torch.tensor([skipped_here])).item())  # collective
-    state = engine.model_state()  # collective
-    if env.is_main:
-        save_model_file(
-            state,
-            os.path.join(out_dir, "model_final.pt"),
-            _file_meta(cfg.optim.epochs, step, results, resolved, history, manifest["datasets"]),
-        )
-        summary = {
-            "results": results,
-            "best": best,
-            "epochs": cfg.optim.epochs,
-            "steps": step,
-            "num_skipped_corrupt": skipped,
-            "datasets": manifest["datasets"],
-            "num_skipped_steps": engine.skipped_steps,
-        }
-        with open(os.path.join(out_dir, "results.json"), "w") as f:
-            json.dump(dict(summary, config_changes=history) if history else summary, f, indent=2)
-    logger.close(
-        hparams_of(cfg, resolved, history, env.world_size),
-        {k: v for k, v in results.items() if isinstance(v, float) and not _is_count(k)},
+    _count_skipped(state, engine)  # collective
+    folder = checkpoint.save(
+        engine,
+        os.path.join(cfg.log.output_dir, "checkpoints"),
+        epoch=state.epoch,
+        step=state.step,
+        env=env,
+        meta=state.checkpoint_meta(),
+        keep_last=cfg.log.keep_last,
+        is_best=improved and cfg.log.keep_best,
     )
+    if env.is_main and write_cfg:  # only now do weights trained with this configuration exist
+        write_config(cfg.log.output_dir, state.config, state.config_changes)
+    if improved and cfg.log.keep_best:
+        weights = engine.model_state()  # collective: a sharded head's W is gathered onto rank 0
+        if env.is_main:
+            save_model_file(weights, os.path.join(cfg.log.output_dir, "model_best.pt"), state.model_file_meta())
+    return folder
+
+
+def _finish(cfg: DPMConfig, env: DistEnv, engine: Any, state: RunState, logger: Any) -> None:
+    """``model_final.pt`` and ``results.json`` (rank 0), the hparams; every rank waits for them."""
+    from dpm_dist.model.files import save_model_file
+
+    _count_skipped(state, engine)  # collective
+    weights = engine.model_state()  # collective
+    if env.is_main:
+        save_model_file(weights, os.path.join(cfg.log.output_dir, "model_final.pt"), state.model_file_meta())
+        write_text_atomic(os.path.join(cfg.log.output_dir, "results.json"), json.dumps(state.summary(), indent=2))
+    final = {k: v for k, v in state.results.items() if isinstance(v, float) and not _is_count(k)}
+    logger.close(hparams_of(cfg, state.config, state.config_changes, env.world_size), final)
     dist.barrier()
-    return results

@@ -1,0 +1,97 @@
+"""``RunState``: what a training run carries from step to step and across a resume.
+
+The loop updates it; every checkpoint's ``meta.json`` saves it (:meth:`RunState.checkpoint_meta`) and a resume
+reads it back (:meth:`RunState.from_meta`); the model files and ``results.json`` are written from it
+(:meth:`RunState.model_file_meta`, :meth:`RunState.summary`); ``train()`` returns it to ``dpm-train``. One
+typed record instead of dicts, so each file's keys are spelled in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class RunState:
+    config: dict[str, Any]  # the resolved configuration this run trains with ("config")
+    config_changes: list[dict[str, Any]]  # the changes made on resume: [{"after_epoch", "changes"}]
+    datasets: list[dict[str, Any]]  # the training datasets, in order (the manifest's "datasets")
+    epoch: int = 0  # the epoch being trained, or the last one finished
+    step: int = 0  # optimiser steps taken since the run began (skipped ones too)
+    best: float = -1.0  # the best search.metric of an evaluation so far
+    results: dict[str, float] = field(default_factory=dict)  # the last evaluation's metrics
+    num_skipped_corrupt: int = 0  # corrupt samples skipped, summed over ranks, up to the last count
+    num_skipped_steps: int = 0  # steps skipped for non-finite values (the same on every rank)
+    rng_restored: bool = False  # resumed with every rank's RNG state (the same world size): no reseeding
+    resumed_tag: str | None = None  # the checkpoint this invocation resumed from; None: a new run
+    resumed_world_size: int = 0  # the world size that checkpoint was written with
+    uncounted_corrupt: int = 0  # this rank's skipped samples not yet in num_skipped_corrupt (never saved)
+
+    @classmethod
+    def from_meta(
+        cls, meta: dict[str, Any], config: dict[str, Any], changes: list[dict[str, Any]], datasets: list[dict[str, Any]]
+    ) -> RunState:
+        """The state saved in a checkpoint's ``meta.json`` (as :func:`dpm_dist.train.checkpoint.resume` returns it)."""
+        return cls(
+            config=config,
+            config_changes=changes,
+            datasets=datasets,
+            epoch=meta["epoch"],
+            step=meta["step"],
+            best=meta.get("best", -1.0),
+            results=dict(meta.get("results", {})),
+            num_skipped_corrupt=meta.get("num_skipped_corrupt", 0),
+            num_skipped_steps=meta.get("num_skipped_steps", 0),
+            rng_restored=bool(meta.get("rng_restored")),
+            resumed_tag=meta["tag"],
+            resumed_world_size=meta["world_size"],
+        )
+
+    def start_line(self) -> str:
+        """How this invocation starts, for the start-up block."""
+        if self.resumed_tag is None:
+            return "new run"
+        return (
+            f"resumed from {self.resumed_tag} (epoch {self.epoch}, step {self.step}, "
+            f"world size {self.resumed_world_size})"
+        )
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """What a checkpoint's ``meta.json`` holds of the run (the save adds epoch, step, tag, world size)."""
+        return {
+            "best": self.best,
+            "results": self.results,
+            "config": self.config,
+            "config_changes": self.config_changes,
+            "datasets": self.datasets,
+            "num_skipped_corrupt": self.num_skipped_corrupt,
+            "num_skipped_steps": self.num_skipped_steps,
+        }
+
+    def model_file_meta(self) -> dict[str, Any]:
+        """The metadata of ``model_best.pt`` / ``model_final.pt``."""
+        meta = {
+            "epoch": self.epoch,
+            "step": self.step,
+            "results": self.results,
+            "config": self.config,
+            "datasets": self.datasets,
+        }
+        return self._with_changes(meta)
+
+    def summary(self) -> dict[str, Any]:
+        """``results.json``: the finished run."""
+        summary = {
+            "results": self.results,
+            "best": self.best,
+            "epochs": self.epoch,
+            "steps": self.step,
+            "num_skipped_corrupt": self.num_skipped_corrupt,
+            "datasets": self.datasets,
+            "num_skipped_steps": self.num_skipped_steps,
+        }
+        return self._with_changes(summary)
+
+    def _with_changes(self, meta: dict[str, Any]) -> dict[str, Any]:
+        return dict(meta, config_changes=self.config_changes) if self.config_changes else meta
