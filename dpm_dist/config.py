@@ -456,7 +456,6 @@ class SearchConfig:
     local_dir: str | None = None  # node-local scratch for the workers' run folders; None: system temp
     ray_address: str | None = None  # None: $RAY_ADDRESS, else a new local Ray instance
     num_cpus: int = 0  # CPUs of a new local Ray instance; 0: all of this machine
-    inject_crash_at_epoch: int = 0  # TESTS ONLY: rank 1 exits once (per search) at this epoch's report
     space: dict[str, Any] = field(default_factory=dict)  # dotted key -> {type: uniform, low:, high:}
 
     def __post_init__(self) -> None:
@@ -495,11 +494,6 @@ class SearchConfig:
             f"must be >= -1, got {self.worker_start_retries}",
         )
         _check(self.num_cpus >= 0, "search.num_cpus", f"must be >= 0, got {self.num_cpus}")
-        _check(
-            self.inject_crash_at_epoch >= 0,
-            "search.inject_crash_at_epoch",
-            f"must be >= 0, got {self.inject_crash_at_epoch}",
-        )
         _check(
             bool(self.name) and "/" not in self.name,
             "search.name",

@@ -4,9 +4,9 @@ The slow test runs the ``dpm-tune`` command itself (a local Ray instance per run
 by the command) from a working folder with relative paths: a search of 2 tiny trials first over-committed
 (2 at once on 2 CPUs, their drivers holding both: every worker group times out, all trials fail, exit 2),
 then resumed by the plain command under the limit (1 at once) with ASHA, rank 1 of the first trial to reach
-epoch 2 exiting once (``search.inject_crash_at_epoch``) and recovered from the epoch-1 checkpoint; that run
-is interrupted with SIGINT after its first trial, while the second one runs (exit 130), and resumed by
-re-running the same command; the best trial's preset is then trained by ``dpm-train``.
+epoch 2 exiting once (the fault ``trial_crash``, tests/faults/fault_trial_crash.py) and recovered from the
+epoch-1 checkpoint; that run is interrupted with SIGINT after its first trial, while the second one runs
+(exit 130), and resumed by re-running the same command; the best trial's preset is then trained by ``dpm-train``.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 
 from dpm_dist.cli.common import CONFIG_MODULE
 from dpm_dist.config import SearchConfig, register_configs, to_config
+from tests.conftest import fault_env
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TUNE_PRESETS = sorted(p.stem for p in (CONFIGS / "tune").glob("*.yaml"))
@@ -297,7 +298,6 @@ TUNE_ARGS = [
     "search.local_dir=local",
     "search.results_dir=results",
     "search.num_cpus=2",
-    "search.inject_crash_at_epoch=2",
 ]
 # 2 trials at once on 2 CPUs: 2 drivers hold both CPUs and no worker group (1 CPU) can start; it never will,
 # so a short start timeout only cuts the wait
@@ -327,10 +327,16 @@ def _stop(proc: subprocess.Popen) -> None:
             proc.wait(timeout=30)
 
 
-def _env() -> dict[str, str]:
-    return dict(
+def _env(faults: str = "", **params: str) -> dict[str, str]:
+    """The commands' environment; ``faults`` (with their ``params``): test-side faults in every process of the
+    command, Ray's workers too (``fault_env``, tests/faults/)."""
+    env = dict(
         os.environ, DS_ACCELERATOR="cpu", RAY_ENABLE_UV_RUN_RUNTIME_ENV="0", RAY_DEDUP_LOGS="0", PYTHONUNBUFFERED="1"
     )
+    if not faults:
+        return env
+    injected = fault_env(faults, **params)
+    return dict(env, PYTHONPATH=injected["PYTHONPATH"], DPM_TEST_FAULTS=injected["DPM_TEST_FAULTS"], **params)
 
 
 def _result_lines(storage: Path) -> dict[str, int]:
@@ -341,8 +347,10 @@ def _result_lines(storage: Path) -> dict[str, int]:
 def test_search_overcommitted_resumed_interrupted_resumed_and_best_config_reused(tiny_shards, tmp_path):
     shutil.copytree(tiny_shards, tmp_path / "shards" / "x")
     command = [str(VENV_BIN / "dpm-tune"), *TUNE_ARGS]
+    marker = tmp_path / "trial_crash.marker"  # rank 1 of the first trial to report epoch 2 exits, once per search
+    crash = _env("trial_crash", DPM_FAULT_TRIAL_CRASH_EPOCH="2", DPM_FAULT_TRIAL_CRASH_MARKER=str(marker))
     over = subprocess.run(
-        command + OVERCOMMITTED, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=RUN_TIMEOUT_S
+        command + OVERCOMMITTED, capture_output=True, text=True, env=crash, cwd=tmp_path, timeout=RUN_TIMEOUT_S
     )
     (tmp_path / "run0.log").write_text(over.stdout + over.stderr)
     assert over.returncode == 2, over.stdout[-3000:] + over.stderr[-3000:]
@@ -358,7 +366,7 @@ def test_search_overcommitted_resumed_interrupted_resumed_and_best_config_reused
 
     log1 = open(tmp_path / "run1.log", "w")
     first = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=_env(), cwd=tmp_path
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=crash, cwd=tmp_path
     )
     try:
         completed = interrupted = None
@@ -385,13 +393,13 @@ def test_search_overcommitted_resumed_interrupted_resumed_and_best_config_reused
     assert "dpm-tune: resuming" in run1 and "dpm-tune: at most 1 trial(s) at once" in run1
     assert _max_running(run1) == 1  # the 2 errored trials resumed one at a time, not both at once
     assert _scratch_trials(tmp_path) == []  # the workers' run folders are removed, also after Ctrl-C
-    assert "search.inject_crash_at_epoch: rank 1 exits at epoch 2" in run1
-    assert (tmp_path / "local" / "tiny_asha" / ".crash_injected").exists()
+    assert "fault trial_crash: rank 1 exits at epoch 2" in run1
+    assert marker.exists()
     storage = tmp_path / "storage"
     lines_before = _result_lines(storage)
     assert lines_before.get(f"trial_{completed}", 0) >= 1
 
-    second = subprocess.run(command, capture_output=True, text=True, env=_env(), cwd=tmp_path, timeout=RUN_TIMEOUT_S)
+    second = subprocess.run(command, capture_output=True, text=True, env=crash, cwd=tmp_path, timeout=RUN_TIMEOUT_S)
     (tmp_path / "run2.log").write_text(second.stdout + second.stderr)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "dpm-tune: resuming" in second.stdout

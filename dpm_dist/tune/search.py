@@ -4,7 +4,7 @@ The only module that imports ``ray``. Shape of a search (Ray 2.60, Train V2)::
 
     Tuner(trial_driver)                      one Tune function trial per sampled config (1 CPU)
       └─ TorchTrainer(train_worker).fit()    a Ray Train run with search.workers_per_trial workers
-           └─ dpm_dist.train.train(cfg, env, report)   the same loop as dpm-train, on every worker
+           └─ dpm_dist.train.loop.train(cfg, env, report)   the same loop as dpm-train, on every worker
 
 Each periodic evaluation is reported by every worker with its files of the checkpoint just written
 (Ray merges them into one checkpoint folder in storage), and forwarded to Tune by
@@ -35,6 +35,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from dpm_dist import dist
 from dpm_dist.config import DPMConfig, to_config
 from dpm_dist.dist import DistEnv
+from dpm_dist.fsio import write_text_atomic
 
 FORWARDED_ENV = ("DS_ACCELERATOR", "OMP_NUM_THREADS")  # driver env vars the training workers also need
 PG_KEY = "ray_placement_group"  # reported by the workers: the placement group their trial holds
@@ -112,22 +113,8 @@ def _materialize(checkpoint: ray.train.Checkpoint | None, run_dir: str) -> int:
     with open(os.path.join(staging, "meta.json")) as f:
         meta = json.load(f)
     os.replace(staging, os.path.join(ckpt_root, meta["tag"]))
-    with open(os.path.join(ckpt_root, "latest"), "w") as f:
-        f.write(meta["tag"])
+    write_text_atomic(os.path.join(ckpt_root, "latest"), meta["tag"])
     return int(meta["epoch"])
-
-
-def _maybe_crash(loop: dict[str, Any], rank: int, epoch: int) -> None:
-    """TESTS ONLY (``search.inject_crash_at_epoch``): rank 1 dies once per search, before reporting."""
-    if loop["crash_epoch"] == 0 or rank != 1 or epoch != loop["crash_epoch"]:
-        return
-    try:
-        os.close(os.open(loop["crash_marker"], os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-    except FileExistsError:
-        return
-    ray.train.get_all_reported_checkpoints()  # the previous epoch's checkpoint is registered: nothing is lost
-    print(f"search.inject_crash_at_epoch: rank 1 exits at epoch {epoch}", flush=True)
-    os._exit(17)
 
 
 def _upload_tensorboard(run_dir: str) -> None:
@@ -175,7 +162,6 @@ def train_worker(loop: dict[str, Any]) -> None:
     cfg = trial_config(loop["base"], loop["overrides"], output_dir=run_dir)
 
     def report(metrics: dict[str, float], epoch: int, folder: str | None) -> None:
-        _maybe_crash(loop, env.rank, epoch)
         checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
         if env.is_main:
             _upload_tensorboard(run_dir)
@@ -200,13 +186,10 @@ def trial_driver(config: dict[str, Any], *, base: dict[str, Any]) -> None:
     ctx = ray.tune.get_context()
     storage = ctx.get_storage()
     trial_id = ctx.get_trial_id()
-    local_root = scratch_root(search)
     loop = {
         "base": base,
         "overrides": dict(config),
-        "local_dir": os.path.join(local_root, search["name"], trial_id),
-        "crash_epoch": search["inject_crash_at_epoch"],
-        "crash_marker": os.path.join(local_root, search["name"], ".crash_injected"),
+        "local_dir": os.path.join(scratch_root(search), search["name"], trial_id),
     }
     env_vars = {k: os.environ[k] for k in FORWARDED_ENV if k in os.environ}
     os.environ[WORKER_START_TIMEOUT_ENV] = str(float(search["worker_start_timeout_s"]))  # this trial actor only
@@ -517,7 +500,7 @@ def clean_scratch(search: dict[str, Any]) -> None:
         try:
             os.rmdir(empty)
         except OSError:
-            return  # not empty (the test-only crash marker, another search's folder) or already gone
+            return  # not empty (another search's folder) or already gone
 
 
 def saved_trials(search: dict[str, Any]) -> dict[str, dict[str, Any]]:
