@@ -13,10 +13,13 @@ scheduled by default: the official HMG optimiser runs at a constant lr (``optim.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
+
+if TYPE_CHECKING:
+    from dpm_dist.model.dpm import DPMNet
 
 
 def param_groups(
@@ -45,7 +48,7 @@ def param_groups(
     return [g for g in groups if g["params"]]
 
 
-def build_optimizers(model: nn.Module, optim_cfg: Any) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
+def build_optimizers(model: DPMNet, optim_cfg: Any) -> tuple[torch.optim.Optimizer, torch.optim.Optimizer]:
     """(main, mask) optimisers over ``model.non_mask_parameters()`` and ``model.mask_parameters()``.
 
     ``optim.name=sgd`` (default) is the official SGD; ``adamw`` uses the same groups with AdamW
