@@ -6,7 +6,8 @@ the ZeRO state on another world size (``zero_reshard``; with ``engine``, the onl
 the loss terms as pure functions (``losses``), optimisers and the learning-rate schedule
 (``optim``), full-state checkpoints (``checkpoint``), ``train()`` itself (``loop``: build -> resume ->
 epochs -> evaluate -> save, read top to bottom) and the run's state it carries (``state``: ``RunState``, saved
-in checkpoints, written into model files and results.json, returned by ``train()``).
+in checkpoints, written into model files and results.json, returned by ``train()``), and the one-live-run lock
+of a run folder (``run_lock``).
 
 Must not import Ray or the command-line modules.
 """
