@@ -181,8 +181,9 @@ def garbage_then_crash_in_save(
 ) -> tuple[Path, str, subprocess.CompletedProcess]:
     """One launch that both tests below read: the reference run's copy with garbage in a rank file of epoch_0003
     (and ``latest`` set back to epoch_0002, so that the save below visibly does not move it), resumed by the
-    reference command, which trains epoch 3 and is killed in the middle of its save (``DPM_DEBUG_CRASH_IN_SAVE``:
-    after the main engine's files, the whole model's weights and buffers, before the mask engine's).
+    reference command, which trains epoch 3 and is killed in the middle of its save (fault ``save_crash``,
+    tests/faults/fault_save_crash.py: after the main engine's files, the whole model's weights and buffers, before
+    the mask engine's).
 
     Returns the run folder, the damage's expected problem and the launch. Read-only: the crash test reruns a copy.
     """
@@ -194,7 +195,7 @@ def garbage_then_crash_in_save(
         _launch(),
         capture_output=True,
         text=True,
-        env=_env(DPM_DEBUG_CRASH_IN_SAVE="3", MAX_RESTARTS="0"),
+        env=_env("save_crash", DPM_FAULT_SAVE_CRASH_EPOCH="3", MAX_RESTARTS="0"),
         cwd=work,
         timeout=RUN_TIMEOUT_S,
     )
