@@ -2,7 +2,8 @@
 save. Read it top to bottom. A finished run is left untouched; a resume with another configuration is refused
 unless ``log.allow_config_change`` names the fields, and then recorded (``config_changes``) in what the run writes.
 
-``train(cfg, env, report)`` is what ``dpm-train`` (any launcher) and the Ray Tune trainable call.
+``train(cfg, env, report)`` is what ``dpm-train`` (any launcher) and the Ray Tune trainable call; it returns the
+run's :class:`~dpm_dist.train.state.RunState`, the one record of what is saved, resumed and written.
 Every rank runs every line; only the loggers and file writes are rank-0 gated.
 """
 
@@ -15,7 +16,7 @@ import random
 import sys
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -125,11 +126,9 @@ def resume_plan(cfg: DPMConfig, resolved: dict[str, Any], saved: dict[str, Any] 
 
 def is_finished(cfg: DPMConfig, saved: dict[str, Any] | None) -> bool:
     """The last epoch is checkpointed and the run's files were written: re-running changes nothing."""
-    return (
-        bool(saved)
-        and saved["epoch"] == cfg.optim.epochs
-        and os.path.isfile(os.path.join(cfg.log.output_dir, "results.json"))
-    )
+    if not saved:
+        return False
+    return saved["epoch"] == cfg.optim.epochs and os.path.isfile(os.path.join(cfg.log.output_dir, "results.json"))
 
 
 def write_config(out_dir: str, resolved: dict[str, Any], history: list[dict[str, Any]]) -> None:
@@ -225,12 +224,17 @@ def check_nonfinite(cfg: DPMConfig, env: DistEnv, engine: Any, step: int, ckpt_r
     )
 
 
+def resolved_config(cfg: DPMConfig) -> dict[str, Any]:
+    """The configuration as plain values (interpolations resolved): what checkpoints and files record."""
+    return cast(dict[str, Any], OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
+
+
 def preflight(cfg: DPMConfig) -> None:
     """The checks of :func:`train` that need no process group: the resume against the latest checkpoint's
     configuration and the dataset against the shards. Raises ``ValueError`` naming the field."""
     from dpm_dist.data.loader import load_manifest
 
-    resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    resolved = resolved_config(cfg)
     saved = checkpoint.latest_meta(os.path.join(cfg.log.output_dir, "checkpoints"))  # verified by train() itself
     resume_plan(cfg, resolved, saved)
     if not is_finished(cfg, saved):
@@ -245,10 +249,10 @@ def train(cfg: DPMConfig, env: DistEnv, report: Reporter | None = None) -> RunSt
     from dpm_dist.data.loader import load_manifest
 
     out_dir, ckpt_root = cfg.log.output_dir, os.path.join(cfg.log.output_dir, "checkpoints")
-    resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    resolved = resolved_config(cfg)
     saved = checkpoint.find_resumable(ckpt_root, env)  # collective: verifies the manifest, else falls back
     history = resume_plan(cfg, resolved, saved)  # before anything is written
-    if is_finished(cfg, saved):
+    if saved is not None and is_finished(cfg, saved):
         if env.is_main:
             print(
                 f"{out_dir} is finished ({saved['tag']}, epoch {saved['epoch']} of {cfg.optim.epochs}): nothing to train, "
@@ -283,6 +287,7 @@ def _run(
     engine = build_engine(cfg, env, manifest)
     if saved:
         meta = checkpoint.resume(engine, os.path.join(cfg.log.output_dir, "checkpoints"), env, saved)
+        assert meta is not None  # the meta it was given, with rng_restored
         state = RunState.from_meta(meta, state.config, state.config_changes, state.datasets)
     engine.skipped_steps = state.num_skipped_steps  # non-finite steps: the same on every rank
     if not state.rng_restored:  # fresh run, or another world size: seed per rank and epoch

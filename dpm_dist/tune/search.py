@@ -23,7 +23,7 @@ import posixpath
 import shutil
 import tempfile
 import time
-from typing import Any
+from typing import Any, cast
 
 import ray
 import ray.train
@@ -525,7 +525,9 @@ def best_trial(rows: list[dict[str, Any]], base: dict[str, Any]) -> tuple[dict[s
         return None
     row = rows[0]
     overrides = {key: row[key] for key in search["space"]}
-    config = OmegaConf.to_container(OmegaConf.structured(trial_config(base, overrides)), resolve=True)
+    config = cast(
+        dict[str, Any], OmegaConf.to_container(OmegaConf.structured(trial_config(base, overrides)), resolve=True)
+    )
     summary = f"{search['metric']}={row[search['metric']]:.4f} at epoch {row['best_epoch']}"
     return config, {"trial": row["trial"], "overrides": overrides, "summary": summary}
 
