@@ -70,3 +70,36 @@ def test_dpm_eval_bad_overrides_are_one_line_naming_the_field(shards_copy: Path,
     assert proc.returncode == 2, proc.stderr[-2000:]
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"dpm-eval: error: {expected}"), proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [
+        (
+            ["dpm-train", "+optim.base_lrr=0.1", "+loss.alpah=0.9"],
+            "dpm-train: error: unknown config field `loss.alpah` (did you mean `loss.alpha`?); "
+            "`optim.base_lrr` (did you mean `optim.base_lr`?)",
+        ),
+        (
+            ["dpm-train", "optim.base_lrr=0.1"],
+            "dpm-train: error: unknown config field `optim.base_lrr` (did you mean `optim.base_lr`?)",
+        ),
+        (
+            ["dpm-train", "data.root=shards", "optim.epochs=abc"],
+            "dpm-train: error: config field `optim.epochs` (expects int): Value 'abc'",
+        ),
+        (
+            ["dpm-tune", "search.num_sampless=2"],
+            "dpm-tune: error: unknown config field `search.num_sampless` (did you mean `search.num_samples`?)",
+        ),
+        (["dpm-tune", "tune=nope"], "dpm-tune: error: Could not find 'tune/nope' (available: "),
+    ],
+)
+def test_train_and_tune_refuse_unknown_keys_and_bad_types_in_one_line(tmp_path: Path, command, expected) -> None:
+    proc = dpm(command[0], *command[1:], cwd=tmp_path)
+    assert proc.returncode == 2, proc.stdout[-1000:] + proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(expected), proc.stderr[-2000:]
+    assert "To append to your config use" not in proc.stdout + proc.stderr
+    assert not any(tmp_path.iterdir()), "a refused command wrote into the working folder"

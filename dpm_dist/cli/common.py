@@ -53,10 +53,13 @@ def compose_config(overrides: Sequence[str], *, config_dir: str | None = None) -
 def check_overrides(argv: Sequence[str]) -> None:
     """Compose the config a Hydra command line (``dpm-train``/``dpm-tune``) asks for, so that a mistake in it is
     one line naming the field before ``hydra.main`` prints its own several lines (or its "use +key" advice).
-    Command lines that only ask for help are left to Hydra."""
+    Command lines that only ask for help, and sweeps (``-m``), are left to Hydra."""
     words = list(argv)
-    if any(w in ("--help", "-h", "--hydra-help", "--info", "-i") or w.startswith("--info") for w in words):
-        return
+    if any(
+        w in ("--help", "-h", "--hydra-help", "--info", "-i", "--multirun", "-m") or w.startswith("--info")
+        for w in words
+    ):
+        return  # help, or a sweep (its comma lists are Hydra's to expand)
     config_dir, overrides, skip = None, [], False
     for i, word in enumerate(words):
         if skip:

@@ -23,6 +23,7 @@ from dpm_dist.cli.common import (
     CONFIG_NAME,
     CONFIG_PATH,
     check_local_inputs,
+    check_overrides,
     insert_override,
     resolve_paths,
     run_guarded,
@@ -204,6 +205,7 @@ def main() -> None:
 
     register_configs()
     ConfigStore.instance().store(group="hydra/help", name="dpm_train", node=_help_config(), provider="dpm_dist")
+    run_guarded(PROG, lambda: check_overrides(sys.argv[1:]))  # one line naming the field, not Hydra's advice
     sys.argv[1:] = insert_override(sys.argv[1:], "hydra/help=dpm_train")
     state: dict[str, Any | None] = {"cfg": None}
 

@@ -30,6 +30,7 @@ from dpm_dist.cli.common import (
     CONFIG_PATH,
     absolute_path,
     check_local_inputs,
+    check_overrides,
     insert_override,
     resolve_paths,
     run_guarded,
@@ -156,6 +157,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     typed = list(sys.argv[1:] if argv is None else argv)
     _resume_command = shlex.join([PROG, *typed])
     sys.argv = [sys.argv[0], *hydra_argv(typed)]
+    run_guarded(PROG, lambda: check_overrides(sys.argv[1:]))  # one line naming the field, not Hydra's advice
 
     def task(cfg_node: Any) -> None:
         run_guarded(PROG, lambda: run(cfg_node), on_interrupt=resume_hint)
