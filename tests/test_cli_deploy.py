@@ -370,6 +370,19 @@ def test_dpm_search_keeps_every_gallery_row_by_default_and_draws_pictures(work, 
     )
 
 
+@pytest.mark.slow
+def test_dpm_search_says_how_many_it_returned_when_the_gallery_is_smaller_than_k(work, photos_parquet):
+    assert photos_parquet.returncode == 0, photos_parquet.stderr
+    proc = dpm("dpm-search", "photos.parquet", "photos.parquet", "-k", "1000", "--output-dir", "s4", cwd=work)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == (
+        "dpm-search: 25 gallery images for each of 25 queries (-k 1000 asked for more: the gallery holds 25 images) "
+        f"(masked_cosine) -> {work / 's4' / 'topk.parquet'}"
+    )
+    assert "top-1000" not in proc.stdout + proc.stderr
+    assert {len(g) for g in table(work / "s4" / "topk.parquet").column("gallery").to_pylist()} == {25}
+
+
 # ---- a model trained on several datasets (data.roots): --dataset and the camera offsets -------------------------
 
 

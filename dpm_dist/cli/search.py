@@ -48,7 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     from dpm_dist import dist
-    from dpm_dist.deploy.search import search, write_pictures
+    from dpm_dist.deploy.search import describe_lists, search, write_pictures
     from dpm_dist.dist import DistEnv
 
     env = DistEnv.from_env()
@@ -75,9 +75,10 @@ def run(args: argparse.Namespace) -> int:
                 else []
             )
             extra = f", {len(written)} pictures in {out_dir}/pictures" if written else ""
-            print(
-                f"{PROG}: top-{args.topk} of {len(query.rows)} queries ({args.distance}) -> {path}{extra}", flush=True
+            lists = describe_lists(
+                path, absolute_path(args.gallery), args.topk, len(query.rows), exclude_junk=args.exclude_same_camera
             )
+            print(f"{PROG}: {lists} ({args.distance}) -> {path}{extra}", flush=True)
     finally:
         if env.distributed:
             dist.barrier()

@@ -192,3 +192,23 @@ def _read_jsonl(path: str) -> list[dict[str, Any]]:
 
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def describe_lists(topk_path: str, gallery_path: str, k: int, num_queries: int, *, exclude_junk: bool) -> str:
+    """What ``dpm-search`` wrote, in words: ``top-k`` when every list holds k items, else how many each holds
+    and why (the gallery has fewer rows than ``-k`` asked for, or the same-camera exclusion removed some)."""
+    import pyarrow.parquet as pq
+
+    if topk_path.endswith(".parquet"):
+        lengths = [len(g) for g in pq.read_table(topk_path, columns=["gallery"]).column("gallery").to_pylist()]
+    else:
+        lengths = [len(r["gallery"]) for r in _read_jsonl(topk_path)]
+    lo, hi = min(lengths, default=0), max(lengths, default=0)
+    if lo == k:
+        return f"top-{k} of {num_queries} queries"
+    size = pq.ParquetFile(gallery_path).metadata.num_rows
+    held = str(lo) if lo == hi else f"{lo} to {hi}"  # exclusion: lists differ
+    why = f"the gallery holds {size} images"
+    if exclude_junk and lo < min(k, size):
+        why += ", fewer after --exclude-same-camera"
+    return f"{held} gallery images for each of {num_queries} queries (-k {k} asked for more: {why})"
