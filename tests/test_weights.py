@@ -256,6 +256,25 @@ def test_convert_command_relative_paths_and_one_line_errors_naming_the_file(tmp_
     assert not (tmp_path / "out.pt").exists()
 
 
+@pytest.mark.slow
+def test_convert_command_on_another_vit_shape_is_one_line_naming_the_file_and_shape(tmp_path):
+    torch.save(_official_state(dim=32, depth=4, tokens=243, cams=8, classes=11), tmp_path / "small.pth")
+    for args, says in (
+        ((), "a ViT of width 32 and depth 4, but --backbone vit_base_patch16_224 is 768 wide: pass --num-heads"),
+        (("--num-heads", "5"), "5 attention heads do not divide the width"),
+        (("--num-heads", "4"), "--tap-blocks [2, 4, 10, 12] names block 12; pass blocks <= 4"),
+        (("--num-heads", "4", "--tap-blocks", "1", "2", "3"), "its mask generator reads 4 blocks but --tap-blocks"),
+    ):
+        proc = _dpm_convert("small.pth", "out.pt", *args, cwd=tmp_path)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+        assert lines[0].startswith(f"dpm-convert: error: {tmp_path / 'small.pth'}: ") and says in lines[0], lines[0]
+        assert "Traceback" not in proc.stderr and "AssertionError" not in proc.stderr
+    assert not (tmp_path / "out.pt").exists()
+    proc = _dpm_convert("small.pth", "out.pt", "--num-heads", "4", "--tap-blocks", "1", "2", "3", "4", cwd=tmp_path)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["embed_dim"] == 32, proc.stderr
+
+
 # ---- our model files (dpm_dist.model.files) -----------------------------------------------------------------------
 
 

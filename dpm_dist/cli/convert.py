@@ -35,6 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--img-size", type=int, nargs=2, default=[256, 128], metavar=("H", "W"))
     parser.add_argument("--backbone", default="vit_base_patch16_224")
     parser.add_argument("--tap-blocks", type=int, nargs="+", default=[2, 4, 10, 12])
+    parser.add_argument(
+        "--num-heads", type=int, default=None, help="attention heads (default: the --backbone's; for other widths)"
+    )
     args = parser.parse_args(argv)
     return run_guarded(PROG, lambda: convert(args))
 
@@ -44,7 +47,13 @@ def convert(args: argparse.Namespace) -> int:
     if os.path.isdir(dst):
         raise IsADirectoryError(f"{dst}: is a folder; give the output file's name (e.g. {os.path.join(dst, 'dpm.pt')})")
     model = convert_official_checkpoint(
-        src, dst, img_size=args.img_size, stride=args.stride, backbone=args.backbone, tap_blocks=args.tap_blocks
+        src,
+        dst,
+        img_size=args.img_size,
+        stride=args.stride,
+        backbone=args.backbone,
+        tap_blocks=args.tap_blocks,
+        num_heads=args.num_heads,
     )
     facts = describe_state_dict(model.state_dict())
     facts["parameters"] = sum(p.numel() for p in model.parameters())

@@ -47,6 +47,7 @@ def convert_official_checkpoint(
             f"{src}: pos_embed has {facts['num_tokens']} tokens but img_size {list(img_size)} with stride {list(stride)} "
             f"gives {grid[0]}x{grid[1]}+1 = {grid[0] * grid[1] + 1}; pass the stride the checkpoint was trained with (--stride)"
         )
+    check_backbone_shape(src, facts, backbone=backbone, tap_blocks=tap_blocks, num_heads=num_heads)
     model = create_model(
         backbone=backbone,
         num_classes=facts["num_classes"],
@@ -72,3 +73,32 @@ def convert_official_checkpoint(
         )
         save_model_file(model, dst, meta)
     return model
+
+
+# timm's ViT sizes: the width and head count each name stands for (vit_<size>_patch..., deit_<size>_...)
+_VIT_SIZES = {"tiny": (192, 3), "small": (384, 6), "base": (768, 12), "large": (1024, 16), "huge": (1280, 16)}
+
+
+def check_backbone_shape(
+    src: str, facts: dict, *, backbone: str, tap_blocks: Sequence[int], num_heads: int | None
+) -> None:
+    """One ``ValueError`` naming the file and its shape when ``backbone`` / ``tap_blocks`` / ``num_heads`` cannot
+    hold the checkpoint's ViT (timm would fail with a bare ``AssertionError``, or build the wrong head count)."""
+    dim, depth = facts["embed_dim"], facts["depth"]
+    shape = f"{src}: a ViT of width {dim} and depth {depth}"
+    size = next((name for name in _VIT_SIZES if f"_{name}_" in f"_{backbone}_"), None)
+    if num_heads is None and size is not None and _VIT_SIZES[size][0] != dim:
+        fits = [f"vit_{n}_patch16_224" for n, (width, _) in _VIT_SIZES.items() if width == dim]
+        hint = f"--backbone {fits[0]}" if fits else "--num-heads H (a divisor of the width)"
+        raise ValueError(f"{shape}, but --backbone {backbone} is {_VIT_SIZES[size][0]} wide: pass {hint}")
+    heads = num_heads or (_VIT_SIZES[size][1] if size else None)
+    if heads is not None and dim % heads:
+        raise ValueError(f"{shape}: {heads} attention heads do not divide the width; pass --num-heads H (a divisor)")
+    if max(tap_blocks) > depth:
+        raise ValueError(
+            f"{shape}: --tap-blocks {list(tap_blocks)} names block {max(tap_blocks)}; pass blocks <= {depth}"
+        )
+    if len(tap_blocks) != facts["num_taps"]:
+        raise ValueError(
+            f"{shape}: its mask generator reads {facts['num_taps']} blocks but --tap-blocks names {len(tap_blocks)}"
+        )
