@@ -19,6 +19,7 @@ import torch
 from dpm_dist import dist
 from dpm_dist.config import DPMConfig
 from dpm_dist.dist import DistEnv
+from dpm_dist.eval.embeddings import Embeddings
 from dpm_dist.fsio import write_text_atomic
 from dpm_dist.model.files import ModelFile, load_model_file
 
@@ -30,9 +31,9 @@ def _safe(name: str) -> str:
 def write_pictures(
     out_dir: str,
     model: torch.nn.Module,
-    query,
-    gallery,
-    metrics,
+    query: Embeddings,
+    gallery: Embeddings,
+    metrics: Any,
     cfg: DPMConfig,
     env: DistEnv,
     *,
@@ -42,26 +43,10 @@ def write_pictures(
     """Ranked lists, head cross-correlations and masks of a few queries. Collective (image fetch); rank 0 draws."""
     from dpm_dist.eval import pictures
     from dpm_dist.eval.evaluator import fetch_images
-    from dpm_dist.eval.retrieval import (
-        arccos_distance,
-        distance_matrix,
-        masked_cosine_similarity,
-        pick_queries,
-        top_k_gallery,
-    )
+    from dpm_dist.eval.retrieval import pick_queries
 
     chosen = pick_queries(metrics.ap, metrics.num_rel, cfg.eval.num_pictures)
-    tops = {}
-    for i in chosen:
-        row = distance_matrix(
-            query.feats[i : i + 1], gallery.feats, q_mask=query.masks[i : i + 1], metric=cfg.eval.distance
-        )[0]
-        tops[i] = (
-            top_k_gallery(
-                row, int(query.pids[i]), int(query.camids[i]), gallery.pids, gallery.camids, cfg.eval.picture_topk
-            ).tolist(),
-            row,
-        )
+    tops = {i: _top_of(query, gallery, i, cfg) for i in chosen}
     wanted = {("query", query.keys[i]) for i in chosen} | {
         ("gallery", gallery.keys[j]) for top, _ in tops.values() for j in top
     }
@@ -76,42 +61,8 @@ def write_pictures(
     corr = pictures.head_correlation(attn)
     written = []
     for n, i in enumerate(chosen):
-        top, row = tops[i]
         name = f"{n:02d}_{_safe(query.keys[i])}"
-        if cfg.eval.distance == "euclidean":
-            shown = [f"d={float(row[j]):.3f}" for j in top]
-        else:
-            cos = (
-                masked_cosine_similarity(query.feats[i : i + 1], query.masks[i : i + 1], gallery.feats[top])
-                if cfg.eval.distance == "masked_cosine"
-                else -row[top][None, :]
-            )
-            shown = [f"d={float(d):.3f}" for d in arccos_distance(cos)[0]]
-        written.append(
-            pictures.save_ranked_list(
-                os.path.join(folder, f"ranked_{name}.png"),
-                images[("query", query.keys[i])],
-                [images[("gallery", gallery.keys[j])] for j in top],
-                [bool(gallery.pids[j] == query.pids[i]) for j in top],
-                query_title=f"query\npid {int(query.pids[i])} {pictures.camera_label(query.camids[i])}\nAP {float(metrics.ap[i]):.3f}",
-                gallery_titles=[
-                    f"{s}\npid {int(gallery.pids[j])} {pictures.camera_label(gallery.camids[j])}"
-                    for s, j in zip(shown, top)
-                ],
-            )
-        )
-        written.append(
-            pictures.save_head_correlation(
-                os.path.join(folder, f"head_correlation_{name}.png"),
-                corr[n],
-                title=f"last block, query {query.keys[i][:32]}",
-            )
-        )
-        written.append(
-            pictures.save_mask_plot(
-                os.path.join(folder, f"mask_{name}.png"), query.masks[i], title=f"HMG mask, query {query.keys[i][:32]}"
-            )
-        )
+        written += _query_pictures(folder, name, query, gallery, i, tops[i], images, metrics, corr[n], cfg)
     written.append(
         pictures.save_head_correlation(
             os.path.join(folder, "head_correlation_mean.png"),
@@ -120,6 +71,74 @@ def write_pictures(
         )
     )
     return written
+
+
+def _top_of(query: Embeddings, gallery: Embeddings, i: int, cfg: DPMConfig) -> tuple[list[int], torch.Tensor]:
+    """Query ``i``'s top ``eval.picture_topk`` kept gallery items and its distance row."""
+    from dpm_dist.eval.retrieval import distance_matrix, top_k_gallery
+
+    row = distance_matrix(
+        query.feats[i : i + 1], gallery.feats, q_mask=query.masks[i : i + 1], metric=cfg.eval.distance
+    )[0]
+    top = top_k_gallery(
+        row, int(query.pids[i]), int(query.camids[i]), gallery.pids, gallery.camids, cfg.eval.picture_topk
+    )
+    return top.tolist(), row
+
+
+def _shown_distances(
+    query: Embeddings, gallery: Embeddings, i: int, top: list[int], row: torch.Tensor, cfg: DPMConfig
+) -> list[str]:
+    """The distances printed over the ranked list: the official arccos values (euclidean: as computed)."""
+    from dpm_dist.eval.retrieval import arccos_distance, masked_cosine_similarity
+
+    if cfg.eval.distance == "euclidean":
+        return [f"d={float(row[j]):.3f}" for j in top]
+    cos = (
+        masked_cosine_similarity(query.feats[i : i + 1], query.masks[i : i + 1], gallery.feats[top])
+        if cfg.eval.distance == "masked_cosine"
+        else -row[top][None, :]
+    )
+    return [f"d={float(d):.3f}" for d in arccos_distance(cos)[0]]
+
+
+def _query_pictures(
+    folder: str,
+    name: str,
+    query: Embeddings,
+    gallery: Embeddings,
+    i: int,
+    ranked: tuple[list[int], torch.Tensor],
+    images: dict[tuple[str, str], torch.Tensor],
+    metrics: Any,
+    corr: torch.Tensor,
+    cfg: DPMConfig,
+) -> list[str]:
+    """Query ``i``'s three pictures: its ranked list, its heads' cross-correlation and its HMG mask."""
+    from dpm_dist.eval import pictures
+
+    top, row = ranked
+    shown = _shown_distances(query, gallery, i, top, row, cfg)
+    key = query.keys[i]
+    return [
+        pictures.save_ranked_list(
+            os.path.join(folder, f"ranked_{name}.png"),
+            images[("query", key)],
+            [images[("gallery", gallery.keys[j])] for j in top],
+            [bool(gallery.pids[j] == query.pids[i]) for j in top],
+            query_title=f"query\npid {int(query.pids[i])} {pictures.camera_label(int(query.camids[i]))}\nAP {float(metrics.ap[i]):.3f}",
+            gallery_titles=[
+                f"{s}\npid {int(gallery.pids[j])} {pictures.camera_label(int(gallery.camids[j]))}"
+                for s, j in zip(shown, top)
+            ],
+        ),
+        pictures.save_head_correlation(
+            os.path.join(folder, f"head_correlation_{name}.png"), corr, title=f"last block, query {key[:32]}"
+        ),
+        pictures.save_mask_plot(
+            os.path.join(folder, f"mask_{name}.png"), query.masks[i], title=f"HMG mask, query {key[:32]}"
+        ),
+    ]
 
 
 COUNTS = ("num_query", "num_gallery", "num_valid_query")  # in results.json and the summary, not TensorBoard scalars
