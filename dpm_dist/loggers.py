@@ -78,13 +78,20 @@ class StdoutLogger:
         keys = [k for k in metrics if k.startswith("eval/") and k.count("/") == 1] or [
             k for k in metrics if k in _HEADLINE
         ]
-        body = " ".join(f"{k.split('/')[-1]}={metrics[k]:.4g}" for k in keys)
+        body = " ".join(_metric_text(k, metrics[k]) for k in keys)
         if body:
             tqdm.write(f"[step {step} +{time.time() - self.start:.0f}s] {body}", file=self.stream or sys.stdout)
             (self.stream or sys.stdout).flush()
 
     def close(self, hparams=None, final=None) -> None:
         pass
+
+
+def _metric_text(key: str, value: float) -> str:
+    """``loss=17.13``; an evaluation metric (fractions in TensorBoard and results.json) in percent with one
+    decimal, as the end-of-run summary prints it: ``mAP=24.0%``."""
+    name = key.split("/")[-1]
+    return f"{name}={value:.1%}" if key.startswith("eval/") else f"{name}={value:.4g}"
 
 
 _HEADLINE = (

@@ -154,8 +154,11 @@ def resolve_paths(cfg: Any) -> Any:
     return dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s), **f) for s, f in sections.items()})
 
 
-def check_local_inputs(cfg: Any) -> None:
-    """Fail in seconds, naming the field, when a local input the run needs is missing (before Ray or ranks start)."""
+def check_local_inputs(cfg: Any, roles: tuple[str, ...] = ("train", "query", "gallery")) -> None:
+    """Fail in seconds, naming the field or the shard, when a local input the run needs is missing (before Ray or
+    ranks start): the weights file, the shard folders, and every shard of ``roles`` the run will read (exists, has
+    index.json's size: :func:`dpm_dist.data.manifest.check_shards`), so a bad query shard stops a run before
+    training, not after."""
     if cfg.model.pretrained and not os.path.isfile(cfg.model.pretrained):
         raise FileNotFoundError(f"config field `model.pretrained`: weights file not found: {cfg.model.pretrained}")
     roots = [
@@ -176,6 +179,12 @@ def check_local_inputs(cfg: Any) -> None:
                 f"config field `{field}`: {root} holds no index.json (not a shard folder; "
                 f"see `dpm-shards verify {root}`)"
             )
+    d = cfg.data
+    urls = [d.root, d.eval_root, *d.roots, *d.train_urls, *d.query_urls, *d.gallery_urls]
+    if roles and not any(u and "://" in u and not u.startswith("file://") for u in urls):  # remote: read when used
+        from dpm_dist.data.manifest import check_shards
+
+        check_shards(d, roles)
 
 
 # ---- errors a person can act on ------------------------------------------------------------------------------

@@ -172,7 +172,10 @@ def _check_inputs(cfg: Any, from_file: list[str], model_path: str) -> None:
     if data.query_urls and data.gallery_urls:  # explicit shard lists: the roots are not read
         data = dataclasses.replace(data, root=None, eval_root=None)
     try:
-        check_local_inputs(dataclasses.replace(cfg, data=data, model=dataclasses.replace(cfg.model, pretrained=None)))
+        check_local_inputs(
+            dataclasses.replace(cfg, data=data, model=dataclasses.replace(cfg.model, pretrained=None)),
+            roles=("query", "gallery"),
+        )
     except FileNotFoundError as err:
         field = next((k for k in from_file if f"`{k}`" in str(err)), None)
         if field is None:

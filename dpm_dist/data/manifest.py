@@ -11,11 +11,12 @@ No DataLoader, no pipeline: the loaders (:mod:`dpm_dist.data.loader`) build on t
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from dpm_dist.config import DataConfig
-from dpm_dist.data.shards import read_manifest, shard_entries
-from dpm_dist.data.storage import IOOptions, join_url
+from dpm_dist.data.shards import ShardError, read_manifest, shard_entries
+from dpm_dist.data.storage import IOOptions, is_remote, join_url, local_path
 from dpm_dist.data.union import Part, offset_parts, records, union_manifest
 
 Shard = tuple[str, dict[str, Any] | None, Part]  # (url, index.json entry or None, its dataset)
@@ -66,16 +67,65 @@ def load_manifest(cfg: DataConfig) -> dict[str, Any]:
     return _merge(cfg, parts(cfg))
 
 
+def _urls(cfg: DataConfig, role: str, root: str, manifest: dict[str, Any]) -> list[tuple[str, dict[str, Any] | None]]:
+    """(url, its index.json entry or None) of split ``role``: ``data.<role>_urls`` when given, else the manifest's."""
+    entries = shard_entries(manifest, role)
+    explicit = {"train": cfg.train_urls, "query": cfg.query_urls, "gallery": cfg.gallery_urls}[role]
+    if not explicit:
+        return [(join_url(root, e["name"]), e) for e in entries]
+    by_name = {e["name"]: e for e in entries}
+    return [(url, by_name.get(url.rsplit("/", 1)[-1])) for url in explicit]
+
+
 def shard_list(
     cfg: DataConfig, role: str, root: str, manifest: dict[str, Any], part: Part | None = None
 ) -> list[Shard]:
     """The shards of split ``role`` under ``root`` (or ``data.<role>_urls`` when given), in manifest order."""
-    entries, part = shard_entries(manifest, role), part or Part(root)
-    explicit = {"train": cfg.train_urls, "query": cfg.query_urls, "gallery": cfg.gallery_urls}[role]
-    if not explicit:
-        return [(join_url(root, e["name"]), e if cfg.verify_sha else None, part) for e in entries]
-    by_name = {e["name"]: e for e in entries}
-    return [(url, by_name.get(url.rsplit("/", 1)[-1]) if cfg.verify_sha else None, part) for url in explicit]
+    part = part or Part(root)
+    return [(url, entry if cfg.verify_sha else None, part) for url, entry in _urls(cfg, role, root, manifest)]
+
+
+def _planned(cfg: DataConfig, roles: tuple[str, ...]) -> list[tuple[str, str, dict[str, Any] | None]]:
+    """(role, url, index.json entry or None) of every shard the run will read, every dataset of ``data.roots``."""
+    opts, out = io_options(cfg), []
+    if "train" in roles:
+        for part, manifest in parts(cfg):
+            out += [("train", url, e) for url, e in _urls(cfg, "train", part.root, manifest)]
+    for role in (r for r in ("query", "gallery") if r in roles):
+        if len(cfg.roots) > 1:
+            roots = list(cfg.roots)
+        elif cfg.query_urls and cfg.gallery_urls and not (cfg.eval_root or cfg.roots or cfg.root):
+            out += [(role, url, None) for url in (cfg.query_urls if role == "query" else cfg.gallery_urls)]
+            continue
+        else:
+            roots = [(cfg.roots[0] if cfg.roots else None) or cfg.eval_root or train_root(cfg)]
+        for root in roots:
+            found = _urls(cfg, role, root, read_manifest(root, opts))
+            if not found:
+                raise ValueError(f"no {role} shards in {root} (index.json has no {role} split)")
+            out += [(role, url, e) for url, e in found]
+    return out
+
+
+def check_shards(cfg: DataConfig, roles: tuple[str, ...] = ("train", "query", "gallery")) -> int:
+    """Before anything runs: every local shard the run will read (``roles`` of every dataset) exists and, with
+    ``data.verify_sha``, has the size index.json records; every index.json read is valid. Remote shards are
+    checked when read (their index.json here). Raises naming the shard; returns the number of shards checked."""
+    planned = _planned(cfg, roles)
+    for role, url, entry in planned:
+        if is_remote(url):
+            continue
+        path = local_path(url)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{role} shard {url} does not exist (index.json lists it; see `dpm-shards verify`)")
+        size = os.path.getsize(path)
+        if cfg.verify_sha and entry is not None and size != entry["num_bytes"]:
+            what = "truncated" if size < entry["num_bytes"] else "longer than recorded"
+            raise ShardError(
+                f"{role} shard {url}: {what}: {size} bytes, index.json says {entry['num_bytes']} "
+                "(see `dpm-shards verify`)"
+            )
+    return len(planned)
 
 
 def train_shards(cfg: DataConfig) -> tuple[list[Shard], dict[str, Any]]:

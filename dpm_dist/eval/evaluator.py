@@ -223,20 +223,28 @@ def _cat_rows(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return b if a.numel() == 0 else a if b.numel() == 0 else torch.cat([a, b])
 
 
-def evaluate(model: torch.nn.Module, cfg: Any, env: DistEnv, *, device: torch.device | str) -> dict[str, float]:
+def evaluate(
+    model: torch.nn.Module,
+    cfg: Any,
+    env: DistEnv,
+    *,
+    device: torch.device | str,
+    curves: dict[str, list[float]] | None = None,
+) -> dict[str, float]:
     """Evaluate ``model`` on ``cfg.data``'s query/gallery sets; the same dict on every rank. Collective.
 
     Keys: ``mAP``, ``mINP``, ``rank1``, ``rank5``, ``rank10``, ``num_query``, ``num_gallery``,
     ``num_valid_query`` (queries with a true match; the others are skipped as in the official code).
     With several ``data.roots`` each dataset is evaluated on its own query/gallery (:func:`merge_datasets`
-    names the keys) and rank 0 prints :func:`dataset_table`.
+    names the keys) and rank 0 prints :func:`dataset_table`. ``curves``, when given, receives the CMC curve
+    (``cmc``: the fraction of valid queries matched within rank 1, 2, ...; ``<dataset>/cmc`` for several datasets).
     """
     from dpm_dist.data.loader import eval_datasets
 
     names = eval_datasets(cfg.data)
     if not names:
-        return _evaluate_one(model, cfg, env, device, None)
-    per = {name: _evaluate_one(model, cfg, env, device, name) for name in names}
+        return _evaluate_one(model, cfg, env, device, None, curves)
+    per = {name: _evaluate_one(model, cfg, env, device, name, curves) for name in names}
     if env.is_main:
         from tqdm import tqdm
 
@@ -246,7 +254,12 @@ def evaluate(model: torch.nn.Module, cfg: Any, env: DistEnv, *, device: torch.de
 
 
 def _evaluate_one(
-    model: torch.nn.Module, cfg: Any, env: DistEnv, device: torch.device | str, dataset: str | None
+    model: torch.nn.Module,
+    cfg: Any,
+    env: DistEnv,
+    device: torch.device | str,
+    dataset: str | None,
+    curves: dict[str, list[float]] | None = None,
 ) -> dict[str, float]:
     query, gallery = extract_and_gather(
         model,
@@ -257,7 +270,10 @@ def _evaluate_one(
         shard_gallery=cfg.eval.shard_gallery,
         dataset=dataset,
     )
-    return evaluate_embeddings(query, gallery, cfg.eval, env).as_dict()
+    metrics = evaluate_embeddings(query, gallery, cfg.eval, env)
+    if curves is not None:
+        curves[f"{dataset}/cmc" if dataset else "cmc"] = [float(v) for v in metrics.cmc.tolist()]
+    return metrics.as_dict()
 
 
 def _is_count(key: str) -> bool:

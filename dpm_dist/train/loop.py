@@ -289,6 +289,7 @@ def _run(
         meta = checkpoint.resume(engine, os.path.join(cfg.log.output_dir, "checkpoints"), env, saved)
         assert meta is not None  # the meta it was given, with rng_restored
         state = RunState.from_meta(meta, state.config, state.config_changes, state.datasets)
+        state.adopt_final_evaluation(_read_results(cfg.log.output_dir))
     engine.skipped_steps = state.num_skipped_steps  # non-finite steps: the same on every rank
     if not state.rng_restored:  # fresh run, or another world size: seed per rank and epoch
         seed_everything(cfg.engine.seed * 1000 + env.rank + 7919 * (state.epoch + 1))  # drop-path RNG
@@ -308,11 +309,16 @@ def _run(
             loader = loader if epoch == first else loaders.epoch(epoch)
             bar.set_description(f"epoch {epoch}/{last}")
             _train_epoch(cfg, env, engine, loader, state, logger, bar)
-            improved = _evaluate(cfg, env, engine, state, logger) if _eval_due(cfg, epoch) else False
+            final = epoch == last  # saved before its evaluation: an evaluation failure costs no training
+            improved = _evaluate(cfg, env, engine, state, logger) if _eval_due(cfg, epoch) and not final else False
             folder = _save(cfg, env, engine, state, improved, config_due) if _save_due(cfg, epoch) else None
             config_due = config_due and folder is None
+            if final:
+                _final_evaluation(cfg, env, engine, state, logger)
             if report is not None and _eval_due(cfg, epoch):
                 report(dict(state.results, epoch=epoch), epoch, folder)
+    if first > last:  # the last epoch was saved but its evaluation did not finish: evaluate it now
+        _final_evaluation(cfg, env, engine, state, logger)
     _finish(cfg, env, engine, state, logger)
     return state
 
@@ -356,11 +362,60 @@ def _evaluate(cfg: DPMConfig, env: DistEnv, engine: Any, state: RunState, logger
     """The epoch's evaluation (collective), logged and kept in ``state``; whether it is the best so far."""
     from dpm_dist.eval.evaluator import evaluate
 
-    state.results = evaluate(engine.model, cfg, env, device=engine.device)
-    logger.log({f"eval/{k}": v for k, v in state.results.items() if not _is_count(k)}, state.step)
-    value = state.results[cfg.search.metric]
-    improved, state.best = value > state.best, max(state.best, value)
-    return improved
+    curves: dict[str, list[float]] = {}
+    results = evaluate(engine.model, cfg, env, device=engine.device, curves=curves)
+    logger.log({f"eval/{k}": v for k, v in results.items() if not _is_count(k)}, state.step)
+    return state.record_evaluation(results, cfg.search.metric, curves)
+
+
+def _read_results(out_dir: str) -> dict[str, Any] | None:
+    """The run's ``results.json``, or None."""
+    try:
+        with open(os.path.join(out_dir, "results.json")) as f:
+            return cast(dict[str, Any], json.load(f))
+    except (OSError, ValueError):
+        return None
+
+
+class FinalEvaluationError(ValueError):
+    """The end-of-run evaluation failed after the last epoch was saved (checkpoint and ``model_final.pt``)."""
+
+
+def _reason(err: BaseException) -> str:
+    """The first line of ``err``; of an exception raised in a DataLoader worker, the worker's own message."""
+    text = str(err)
+    head = text.split("\n", 1)[0]
+    if head.startswith("Caught ") and "DataLoader worker" in head:
+        name = head.split()[1]
+        hits = [ln for ln in text.splitlines() if ln.split(": ", 1)[0].rsplit(".", 1)[-1] == name]
+        text = hits[-1].split(": ", 1)[1] if hits else text
+    return text.strip().split("\n", 1)[0] or type(err).__name__
+
+
+def _final_evaluation(cfg: DPMConfig, env: DistEnv, engine: Any, state: RunState, logger: Any) -> None:
+    """The end of the run, after the last epoch's checkpoint: ``model_final.pt``, then the evaluation (collective),
+    then ``model_final.pt`` again with its metrics and, on a new best, ``model_best.pt`` and the ``best`` pointer.
+    A failed evaluation raises :class:`FinalEvaluationError` saying what is saved and how to evaluate it."""
+    from dpm_dist.model.files import save_model_file
+
+    out_dir, ckpt_root = cfg.log.output_dir, os.path.join(cfg.log.output_dir, "checkpoints")
+    final_file = os.path.join(out_dir, "model_final.pt")
+    weights = engine.model_state()  # collective: a sharded head's W is gathered onto rank 0
+    if env.is_main:
+        save_model_file(weights, final_file, state.model_file_meta())
+    try:
+        improved = _evaluate(cfg, env, engine, state, logger)
+    except (ValueError, OSError) as err:
+        tag = checkpoint.tag_for(state.epoch)
+        raise FinalEvaluationError(
+            f"the final evaluation failed: {_reason(err)}; the training is saved ({tag} in {ckpt_root}, and "
+            f"{final_file}): evaluate it with `dpm-eval --checkpoint {final_file}`, or re-run the same command"
+        ) from err
+    if env.is_main:
+        save_model_file(weights, final_file, state.model_file_meta())  # now with the final metrics
+        if improved and cfg.log.keep_best:
+            write_text_atomic(os.path.join(ckpt_root, "best"), checkpoint.tag_for(state.epoch))
+            save_model_file(weights, os.path.join(out_dir, "model_best.pt"), state.model_file_meta())
 
 
 def _save_due(cfg: DPMConfig, epoch: int) -> bool:
@@ -399,13 +454,10 @@ def _save(cfg: DPMConfig, env: DistEnv, engine: Any, state: RunState, improved: 
 
 
 def _finish(cfg: DPMConfig, env: DistEnv, engine: Any, state: RunState, logger: Any) -> None:
-    """``model_final.pt`` and ``results.json`` (rank 0), the hparams; every rank waits for them."""
-    from dpm_dist.model.files import save_model_file
-
+    """``results.json`` (rank 0; ``model_final.pt`` is written by :func:`_final_evaluation`), the hparams; every
+    rank waits for them."""
     _count_skipped(state, engine)  # collective
-    weights = engine.model_state()  # collective
     if env.is_main:
-        save_model_file(weights, os.path.join(cfg.log.output_dir, "model_final.pt"), state.model_file_meta())
         write_text_atomic(os.path.join(cfg.log.output_dir, "results.json"), json.dumps(state.summary(), indent=2))
     final = {k: v for k, v in state.results.items() if isinstance(v, float) and not _is_count(k)}
     logger.close(hparams_of(cfg, state.config, state.config_changes, env.world_size), final)

@@ -21,6 +21,10 @@ class RunState:
     step: int = 0  # optimiser steps taken since the run began (skipped ones too)
     best: float = -1.0  # the best search.metric of an evaluation so far
     results: dict[str, float] = field(default_factory=dict)  # the last evaluation's metrics
+    best_epoch: int = 0  # the epoch of that best evaluation (0: none yet)
+    best_results: dict[str, float] = field(default_factory=dict)  # its metrics
+    evaluations: list[dict[str, Any]] = field(default_factory=list)  # every evaluation: {"epoch", "step", "results"}
+    cmc: dict[str, list[float]] = field(default_factory=dict)  # the last evaluation's CMC curve(s) (never saved)
     num_skipped_corrupt: int = 0  # corrupt samples skipped, summed over ranks, up to the last count
     num_skipped_steps: int = 0  # steps skipped for non-finite values (the same on every rank)
     rng_restored: bool = False  # resumed with every rank's RNG state (the same world size): no reseeding
@@ -41,6 +45,9 @@ class RunState:
             step=meta["step"],
             best=meta.get("best", -1.0),
             results=dict(meta.get("results", {})),
+            best_epoch=meta.get("best_epoch", 0),
+            best_results=dict(meta.get("best_results", {})),
+            evaluations=list(meta.get("evaluations", [])),
             num_skipped_corrupt=meta.get("num_skipped_corrupt", 0),
             num_skipped_steps=meta.get("num_skipped_steps", 0),
             rng_restored=bool(meta.get("rng_restored")),
@@ -62,6 +69,9 @@ class RunState:
         return {
             "best": self.best,
             "results": self.results,
+            "best_epoch": self.best_epoch,
+            "best_results": self.best_results,
+            "evaluations": self.evaluations,
             "config": self.config,
             "config_changes": self.config_changes,
             "datasets": self.datasets,
@@ -80,8 +90,18 @@ class RunState:
         }
         return self._with_changes(meta)
 
+    def record_evaluation(self, results: dict[str, float], metric: str, cmc: dict[str, list[float]]) -> bool:
+        """Keep an evaluation of this epoch (last results, history, CMC, best); whether it is the best so far."""
+        self.results, self.cmc = results, cmc
+        self.evaluations.append({"epoch": self.epoch, "step": self.step, "results": dict(results)})
+        improved = results[metric] > self.best
+        if improved:
+            self.best, self.best_epoch, self.best_results = results[metric], self.epoch, dict(results)
+        return improved
+
     def summary(self) -> dict[str, Any]:
-        """``results.json``: the finished run."""
+        """``results.json``: the finished run: the last evaluation (``results``, its CMC curve ``cmc``), the best
+        one (``best``: its ``search.metric``; ``best_epoch``, ``best_results``), every evaluation (``evaluations``)."""
         summary = {
             "results": self.results,
             "best": self.best,
@@ -90,8 +110,22 @@ class RunState:
             "num_skipped_corrupt": self.num_skipped_corrupt,
             "datasets": self.datasets,
             "num_skipped_steps": self.num_skipped_steps,
+            "best_epoch": self.best_epoch,
+            "best_results": self.best_results,
+            "evaluations": self.evaluations,
+            "cmc": self.cmc,
         }
         return self._with_changes(summary)
+
+    def adopt_final_evaluation(self, summary: dict[str, Any] | None) -> None:
+        """A run extended past its last epoch resumes from a checkpoint saved before that epoch's evaluation
+        (so an evaluation failure costs no training); the evaluation itself is in ``results.json``: take it."""
+        if not summary or summary.get("epochs") != self.epoch or summary.get("steps") != self.step:
+            return
+        self.results, self.best = dict(summary.get("results", {})), summary.get("best", self.best)
+        self.best_epoch = summary.get("best_epoch", self.best_epoch)
+        self.best_results = dict(summary.get("best_results", self.best_results))
+        self.evaluations = list(summary.get("evaluations", self.evaluations))
 
     def _with_changes(self, meta: dict[str, Any]) -> dict[str, Any]:
         return dict(meta, config_changes=self.config_changes) if self.config_changes else meta

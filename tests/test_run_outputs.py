@@ -1,0 +1,122 @@
+"""What a ``dpm-train`` run leaves and says at its edges (issue 25 items 2 and 15): every shard is checked before
+the first step, the last epoch is saved before the final evaluation (so a failed evaluation costs no training),
+``results.json`` says when the run was best, and the lines it prints say what their numbers are.
+
+Each test runs the real command from a folder outside the repository, with relative paths, on the tiny shards.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import RUN_TIMEOUT_S, TINY_TRAIN, VENV_BIN, fault_env, train_env
+
+pytestmark = pytest.mark.slow
+
+
+def _work(tmp_path: Path, tiny_shards: Path) -> Path:
+    """A working folder holding a copy of the tiny shards (``shards``), which the test may damage."""
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(tiny_shards, work / "shards")
+    return work
+
+
+def _train(work: Path, *extra: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    cmd = [str(VENV_BIN / "dpm-train"), *TINY_TRAIN, "data.root=shards", "log.output_dir=run", *extra]
+    return subprocess.run(cmd, capture_output=True, text=True, env=env or train_env(), cwd=work, timeout=RUN_TIMEOUT_S)
+
+
+def _error_lines(proc: subprocess.CompletedProcess) -> list[str]:
+    return [ln for ln in proc.stderr.splitlines() if ln.strip()]
+
+
+def test_a_missing_query_shard_stops_the_run_before_the_first_step(tmp_path, tiny_shards):
+    work = _work(tmp_path, tiny_shards)
+    (work / "shards" / "query-00001.tar").unlink()
+    proc = _train(work)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert _error_lines(proc) == [
+        f"dpm-train: error: query shard {work}/shards/query-00001.tar does not exist "
+        "(index.json lists it; see `dpm-shards verify`)"
+    ], proc.stderr
+    assert "[step" not in proc.stdout and not (work / "run" / "checkpoints").exists()
+
+
+def test_a_truncated_shard_is_named_before_the_first_step(tmp_path, tiny_shards):
+    work = _work(tmp_path, tiny_shards)
+    shard = work / "shards" / "gallery-00002.tar"
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size - 512)
+    proc = _train(work)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert _error_lines(proc) == [
+        f"dpm-train: error: gallery shard {work}/shards/gallery-00002.tar: truncated: {size - 512} bytes, "
+        f"index.json says {size} (see `dpm-shards verify`)"
+    ], proc.stderr
+    assert not (work / "run" / "checkpoints").exists()
+
+
+def test_a_failed_final_evaluation_keeps_the_last_epoch_and_says_how_to_evaluate_it(tmp_path, tiny_shards):
+    work = _work(tmp_path, tiny_shards)
+    env = fault_env(
+        "truncate_before_eval",
+        DPM_FAULT_TRUNCATE_SHARD=str(work / "shards" / "gallery-00000.tar"),
+        DPM_FAULT_TRUNCATE_AT_EVAL="1",
+    )
+    proc = _train(work, "optim.epochs=2", "eval.period=5", env=env)  # one evaluation: the final one
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    lines = _error_lines(proc)
+    assert len(lines) == 1, proc.stderr
+    run = work / "run"
+    assert lines[0].startswith(
+        f"dpm-train: error: the final evaluation failed: shard {work}/shards/gallery-00000.tar: "
+    )
+    assert lines[0].endswith(
+        f"the training is saved (epoch_0002 in {run}/checkpoints, and {run}/model_final.pt): evaluate it with "
+        f"`dpm-eval --checkpoint {run}/model_final.pt`, or re-run the same command"
+    ), lines
+    assert (run / "checkpoints" / "latest").read_text().strip() == "epoch_0002"
+    assert (run / "checkpoints" / "epoch_0002" / "meta.json").is_file()
+    assert (run / "model_final.pt").is_file() and not (run / "results.json").exists()
+    shutil.copy(tiny_shards / "gallery-00000.tar", work / "shards" / "gallery-00000.tar")  # the shard mended
+    again = _train(work, "optim.epochs=2", "eval.period=5")
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
+    assert "resumed from epoch_0002" in again.stdout
+    assert not re.search(r"^\[step [1-3] ", again.stdout, re.MULTILINE)  # nothing trained again: the evaluation only
+    assert json.loads((run / "results.json").read_text())["epochs"] == 2
+    assert (run / "checkpoints" / "latest").read_text().strip() == "epoch_0002"
+
+
+def test_results_json_says_when_the_run_was_best_and_metric_lines_print_percent(tmp_path, tiny_shards):
+    work = _work(tmp_path, tiny_shards)
+    proc = _train(work, "optim.epochs=2", "eval.period=1")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    summary = json.loads((work / "run" / "results.json").read_text())
+    for key in ("results", "best", "epochs", "steps", "num_skipped_corrupt", "datasets", "num_skipped_steps"):
+        assert key in summary  # what results.json held before
+    history = summary["evaluations"]
+    assert [(e["epoch"], e["step"]) for e in history] == [(1, 2), (2, 4)]
+    assert history[-1]["results"] == summary["results"]
+    best = max(history, key=lambda e: e["results"]["mAP"])  # search.metric: mAP; the first of equals
+    assert (summary["best_epoch"], summary["best_results"]) == (best["epoch"], best["results"])
+    assert summary["best"] == best["results"]["mAP"]
+    cmc = summary["cmc"]["cmc"]
+    assert len(cmc) == 15 and cmc == sorted(cmc) and cmc[-1] == 1.0  # 15 gallery images: the curve's length
+    assert cmc[0] == summary["results"]["rank1"] and cmc[4] == summary["results"]["rank5"]
+    # The metric lines in percent with one decimal, like the summary line; results.json keeps fractions.
+    evals = [ln for ln in proc.stdout.splitlines() if ln.startswith("[step") and " mAP=" in ln]
+    assert len(evals) == 2, proc.stdout
+    last = summary["results"]
+    assert evals[-1].endswith(
+        f"mAP={last['mAP']:.1%} mINP={last['mINP']:.1%} rank1={last['rank1']:.1%} rank5={last['rank5']:.1%} "
+        f"rank10={last['rank10']:.1%}"
+    ), evals
+    assert f"rank-1 {last['rank1']:.1%}  mAP {last['mAP']:.1%}" in proc.stdout
