@@ -233,10 +233,12 @@ class OptimConfig:
         _check(self.weight_decay >= 0.0, "optim.weight_decay", f"must be >= 0, got {self.weight_decay}")
         _check(self.weight_decay_bias >= 0.0, "optim.weight_decay_bias", f"must be >= 0, got {self.weight_decay_bias}")
         _check(self.epochs >= 1, "optim.epochs", f"must be >= 1, got {self.epochs}")
-        _check(
-            0 <= self.warmup_epochs < self.epochs or self.epochs == 1,
+        _check(self.warmup_epochs >= 0, "optim.warmup_epochs", f"must be >= 0, got {self.warmup_epochs}")
+        _check(  # a warmup may fill the run (a quick run of a preset); one that never ends leaves base_lr unused
+            self.warmup_epochs <= self.epochs or self.epochs == 1,
             "optim.warmup_epochs",
-            f"must be in [0, epochs), got {self.warmup_epochs}",
+            f"{self.warmup_epochs} warmup epochs do not fit in optim.epochs={self.epochs}: lower optim.warmup_epochs "
+            f"(at most {self.epochs}) or raise optim.epochs",
         )
         _check(self.warmup_lr_factor > 0.0, "optim.warmup_lr_factor", f"must be > 0, got {self.warmup_lr_factor}")
         _check(0.0 <= self.min_lr_factor <= 1.0, "optim.min_lr_factor", f"must be in [0, 1], got {self.min_lr_factor}")

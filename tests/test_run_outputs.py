@@ -120,3 +120,19 @@ def test_results_json_says_when_the_run_was_best_and_metric_lines_print_percent(
         f"rank10={last['rank10']:.1%}"
     ), evals
     assert f"rank-1 {last['rank1']:.1%}  mAP {last['mAP']:.1%}" in proc.stdout
+
+
+def test_a_warmup_longer_than_the_run_names_the_field_to_lower_and_a_run_of_warmup_is_accepted(tmp_path, tiny_shards):
+    work = _work(tmp_path, tiny_shards)
+    proc = _train(work, "optim.epochs=2", "optim.warmup_epochs=3")
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert _error_lines(proc) == [
+        "dpm-train: error: config field `optim.warmup_epochs`: 3 warmup epochs do not fit in optim.epochs=2: "
+        "lower optim.warmup_epochs (at most 2) or raise optim.epochs"
+    ], proc.stderr
+    # The tiny preset (warmup_epochs: 2) with optim.epochs=2: refused before ("must be in [0, epochs)"), now
+    # accepted; DPM_PREFLIGHT=1 runs the checks the launch scripts run before the ranks, and trains nothing.
+    cmd = [str(VENV_BIN / "dpm-train"), "experiment=tiny", "data.root=shards", "log.output_dir=run", "optim.epochs=2"]
+    env = dict(train_env(), DPM_PREFLIGHT="1")
+    checked = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work, timeout=RUN_TIMEOUT_S)
+    assert checked.returncode == 0 and not checked.stderr.strip(), checked.stdout[-2000:] + checked.stderr[-3000:]
