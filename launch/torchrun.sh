@@ -12,6 +12,10 @@
 # Runs in the folder you start it from (relative data.root / log.output_dir mean what they say there), with
 # $PYTHON, else the first python3/python on PATH that has dpm_dist installed, else this checkout's .venv.
 # data.num_ids is per rank: the global batch is num_ids × num_instances × world size (paper: 16×4 on 1 GPU).
+# Signals (docs/training.md, "Signals and pre-emption"): Ctrl-C, SIGTERM and SIGUSR1 sent to this script reach the
+# ranks only (torchrun runs in a process group of its own); they stop at the next step boundary, rank 0 says in
+# one line what is saved, and the script exits 128 + the signal's number: 130 (Ctrl-C), 143 (SIGTERM), 138
+# (SIGUSR1). 143 and 138 mean "pre-empted: requeue / re-run the same command to resume".
 set -euo pipefail
 NPROC=${1:?usage: torchrun.sh NPROC_PER_NODE [hydra overrides...]}
 shift
@@ -31,14 +35,33 @@ if [ "$RESTARTS" -gt 0 ] && [[ " $* " != *" -"* ]]; then  # not for --help / --c
     DPM_PREFLIGHT=1 "$PY" -m dpm_dist.cli.train "$@"
 fi
 if [ -n "${RDZV_ENDPOINT:-}" ]; then
-    exec "$PY" -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NPROC" --max-restarts "$RESTARTS" \
-        --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "${RDZV_ID:-dpm}" \
-        --rdzv-conf "join_timeout=${RDZV_JOIN_TIMEOUT:-600}" -m dpm_dist.cli.train "$@"
+    RUN=(--nnodes "$NNODES" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "${RDZV_ID:-dpm}"
+         --rdzv-conf "join_timeout=${RDZV_JOIN_TIMEOUT:-600}")
 elif [ "$NNODES" -gt 1 ]; then
-    exec "$PY" -m torch.distributed.run --nnodes "$NNODES" --node-rank "${NODE_RANK:?set NODE_RANK}" \
-        --nproc-per-node "$NPROC" --max-restarts "$RESTARTS" --master-addr "${MASTER_ADDR:?set MASTER_ADDR}" \
-        --master-port "${MASTER_PORT:-29500}" -m dpm_dist.cli.train "$@"
+    RUN=(--nnodes "$NNODES" --node-rank "${NODE_RANK:?set NODE_RANK}" --master-addr "${MASTER_ADDR:?set MASTER_ADDR}"
+         --master-port "${MASTER_PORT:-29500}")
 else
-    exec "$PY" -m torch.distributed.run --standalone --nproc-per-node "$NPROC" --max-restarts "$RESTARTS" \
-        -m dpm_dist.cli.train "$@"
+    RUN=(--standalone)
 fi
+# A rank stopped by a signal writes its exit status here and exits 0 (torchrun would restart a failed one).
+DPM_STOP_STATUS_FILE=$(mktemp "${TMPDIR:-/tmp}/dpm-stop.XXXXXX")
+export DPM_STOP_STATUS_FILE
+set -m  # torchrun in a process group of its own: a terminal's Ctrl-C reaches this script, not torchrun
+"$PY" -m torch.distributed.run "${RUN[@]}" --nproc-per-node "$NPROC" --max-restarts "$RESTARTS" \
+    -m dpm_dist.cli.train "$@" &
+TORCHRUN=$!
+set +m
+forward() {  # to the ranks (torchrun's children): each records it and stops at the next step boundary
+    local ranks
+    ranks=$(pgrep -P "$TORCHRUN" || true)
+    if [ -n "$ranks" ]; then kill -s "$1" $ranks 2>/dev/null || true; fi
+}
+trap 'forward INT' INT
+trap 'forward TERM' TERM
+trap 'forward USR1' USR1
+while kill -0 "$TORCHRUN" 2>/dev/null; do wait "$TORCHRUN" || true; done  # a trapped signal ends a wait early
+STATUS=0
+wait "$TORCHRUN" || STATUS=$?
+STOPPED=$(cat "$DPM_STOP_STATUS_FILE" 2>/dev/null || true)
+rm -f "$DPM_STOP_STATUS_FILE"
+exit "${STOPPED:-$STATUS}"

@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -149,20 +150,50 @@ def run_training(cfg_node: Any, state: dict[str, Any]) -> dict[str, float]:
     configure_library_output(cfg.log.level)  # before deepspeed is imported
     check_local_inputs(cfg)  # before any process group or model
     state["cfg"] = cfg
-    from dpm_dist.train.loop import preflight, train
+    from dpm_dist.train.loop import STOP_SIGNALS, RunStopped, install_stop_handlers, preflight, train
+    from dpm_dist.train.run_lock import check_free, hold
 
     if os.environ.get(PREFLIGHT_ENV, "") not in ("", "0"):
+        check_free(cfg.log.output_dir)  # a live run in the folder: refused once, before torchrun starts ranks
         preflight(cfg)
         return {}
 
     env = DistEnv.from_env()
-    with no_restart_after_a_mistake(cfg.log.output_dir):
+    install_stop_handlers()  # SIGINT, SIGTERM, SIGUSR1: recorded, acted on at the next step boundary
+    # Global rank 0 holds the run folder for the whole run, before anything there is read (resume) or written.
+    with hold(cfg.log.output_dir, enabled=env.is_main), no_restart_after_a_mistake(cfg.log.output_dir):
         init_process_group(env, timeout_s=cfg.engine.collective_timeout_s)
         with peer_failures(env, cfg.engine.collective_timeout_s):  # a lost node: one line naming it, not a traceback
-            run = train(cfg, env)
+            try:
+                run = train(cfg, env)
+            except RunStopped as stop:  # a signal, acted on at a step boundary by every rank
+                for signum in STOP_SIGNALS:  # more of them while exiting (Python restores the defaults): ignored
+                    signal.signal(signum, signal.SIG_IGN)
+                if env.is_main:
+                    print(f"{PROG}: {stop.message}", file=sys.stderr, flush=True)
+                raise SystemExit(stopped_status(stop.exit_status)) from None
     if env.is_main:
         print_end(cfg, run.results, run.num_skipped_corrupt, run.num_skipped_steps)
     return run.results
+
+
+# launch/torchrun.sh names a file here: a rank stopped by a signal writes its exit status into it and exits 0,
+# so that torchrun ends quietly instead of restarting it; the script then exits with that status.
+STOP_STATUS_ENV = "DPM_STOP_STATUS_FILE"
+
+
+def stopped_status(status: int) -> int:
+    """The exit status of a rank stopped by a signal: ``status`` (128 + the signal), or 0 under launch/torchrun.sh
+    after writing ``status`` into its :data:`STOP_STATUS_ENV` file."""
+    path = os.environ.get(STOP_STATUS_ENV, "")
+    if not path:
+        return status
+    try:
+        with open(path, "w") as f:
+            f.write(f"{status}\n")
+    except OSError:
+        return status
+    return 0
 
 
 STOP_FILE = ".dpm-stopped"  # in log.output_dir: the error that stopped the previous attempt of a restarted job

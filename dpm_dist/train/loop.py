@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -33,6 +34,69 @@ log = logging.getLogger(__name__)
 
 # report(metrics, epoch, checkpoint_folder): the Ray Tune hook; called on every rank after each eval.
 Reporter = Callable[[dict[str, float], int, str | None], None]
+
+
+# Stop signals: Ctrl-C, SIGTERM (Slurm, Kubernetes, spot pre-emption) and SIGUSR1 (Slurm's --signal) are handled
+# alike: the handler only records the signal; the loop acts on it at the next step boundary (and after an
+# evaluation, a save or the wait for a first batch), on every rank at the same step, so no signal is lost.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+_stop: dict[str, int] = {"installed": 0, "signum": 0, "count": 0}
+
+
+class RunStopped(Exception):
+    """A stop signal acted on at a step boundary (every rank raises it at the same step). ``message`` (rank 0)
+    says what is saved and how to go on; ``exit_status`` is 128 + the signal's number (130, 143, 138)."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.signum, self.message, self.exit_status = signum, message, 128 + signum
+
+
+def install_stop_handlers() -> None:
+    """Record SIGINT/SIGTERM/SIGUSR1 instead of dying (main thread; DataLoader workers forked later inherit it and
+    ignore them: no worker tracebacks). A third Ctrl-C gives up waiting (``KeyboardInterrupt``)."""
+
+    def record(signum: int, frame: Any) -> None:
+        _stop["count"] += 1
+        _stop["signum"] = _stop["signum"] or signum
+        if signum == signal.SIGINT and _stop["count"] >= 3 and os.getpid() == _stop["installed"]:
+            raise KeyboardInterrupt
+
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, record)
+    _stop.update(installed=os.getpid(), signum=0, count=0)
+
+
+def _stop_signal(env: DistEnv) -> int:
+    """The stop signal any rank has received (collective when distributed and the handlers are installed), or 0."""
+    if not _stop["installed"]:
+        return 0
+    if not env.distributed:
+        return _stop["signum"]
+    got = dist.all_reduce_sum(torch.tensor([float(_stop["signum"] == s) for s in STOP_SIGNALS]))
+    return next((int(s) for s, n in zip(STOP_SIGNALS, got.tolist(), strict=True) if n > 0), 0)
+
+
+def _stopped(cfg: DPMConfig, signum: int, state: RunState, where: str) -> RunStopped:
+    """What a stop leaves: the latest checkpoint (checkpoints are per epoch) and the steps a resume redoes."""
+    ckpts = os.path.join(cfg.log.output_dir, "checkpoints")
+    meta = checkpoint.latest_meta(ckpts)
+    name = "interrupted (SIGINT)" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+    if meta is None:
+        saved = f"no checkpoint was saved yet in {ckpts}; re-running the same command starts the run over"
+    else:
+        redo = state.step - int(meta["step"])
+        plural = redo != 1
+        again = (
+            f" (the {redo} step{'s' if plural else ''} since it {'are' if plural else 'is'} trained again)"
+            if redo
+            else ""
+        )
+        saved = (
+            f"the latest checkpoint is {meta['tag']} (epoch {meta['epoch']} of {cfg.optim.epochs}) in {ckpts}; "
+            f"re-run the same command to resume from it{again}"
+        )
+    return RunStopped(signum, f"{name} {where}; {saved}")
 
 
 def seed_everything(seed: int) -> None:
@@ -304,6 +368,10 @@ def _run(
     # The bar is closed (its line ended) on Ctrl-C too, so the interrupt message gets a line of its own.
     with _progress_bar(cfg, env, steps * (last - first + 1)) as bar:
         for epoch in range(first, last + 1):
+            signum = _stop_signal(env)  # collective: after the previous epoch's evaluation and save
+            if signum:
+                done = f"after epoch {state.epoch}, step {state.step}" if state.step else "before the first step"
+                raise _stopped(cfg, signum, state, done)
             state.epoch = epoch
             engine.start_epoch(epoch)
             loader = loader if epoch == first else loaders.epoch(epoch)
@@ -329,7 +397,7 @@ def _train_epoch(
     """One epoch's steps: update, count the skipped samples, the bar, a log every ``log.log_every`` steps; a
     streak of non-finite steps stops the run (:func:`check_nonfinite`)."""
     t_data, t_epoch, seen = 0.0, time.time(), 0
-    t_mark = time.time()
+    t_mark, steps = time.time(), _epoch_steps(cfg, loader)
     for i, batch in enumerate(loader):
         if cfg.optim.steps_per_epoch and i >= cfg.optim.steps_per_epoch:
             break
@@ -346,6 +414,11 @@ def _train_epoch(
             logger.log(_step_logs(engine, metrics, perf, state.epoch), state.step)
         if engine.last_skip:
             check_nonfinite(cfg, env, engine, state.step, os.path.join(cfg.log.output_dir, "checkpoints"))
+        if i + 1 < steps:  # the epoch's last step goes on to its evaluation and checkpoint first
+            signum = _stop_signal(env)  # collective
+            if signum:
+                where = f"after step {state.step} (epoch {state.epoch}, step {i + 1} of {steps})"
+                raise _stopped(cfg, signum, state, where)
         t_mark = time.time()
 
 

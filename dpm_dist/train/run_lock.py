@@ -160,6 +160,17 @@ def acquire(folder: str, *, stale_s: float = STALE_S) -> RunLock:
     raise RunFolderBusyError(f"run folder {folder}: could not take its lock {path} (other runs keep taking it)")
 
 
+def check_free(folder: str) -> None:
+    """:class:`RunFolderBusyError` when a live run holds ``folder``'s lock (takes nothing, creates nothing)."""
+    path = os.path.join(folder, LOCK_NAME)
+    found = _read(path)
+    if found is not None and holder_is_alive(*found):
+        raise RunFolderBusyError(
+            f"run folder {folder} is in use by another live run: {describe(*found)}; wait for it to end, stop it, "
+            f"or give this run another log.output_dir (lock file: {path})"
+        )
+
+
 def _take_over(path: str, judged: dict[str, Any]) -> None:
     """Move a dead holder's lock file away; if another contender replaced it meanwhile, put theirs back."""
     moved = f"{path}.stale-{socket.gethostname()}-{os.getpid()}"
