@@ -306,14 +306,18 @@ def test_skipped_corrupt_samples_are_counted_and_reported_at_the_end(tmp_path):
         "log.output_dir=run",
         "data.num_ids=3",
         "data.skip_corrupt=true",
-        "optim.epochs=1",
-        "eval.period=1",
+        "optim.epochs=3",  # one step per epoch: the bad image is drawn 3 times
+        "eval.period=3",
     ]
     proc = subprocess.run(args, capture_output=True, text=True, env=train_env(), cwd=work, timeout=RUN_TIMEOUT_S)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     steps = json.loads((work / "run" / "results.json").read_text())["steps"]
     assert json.loads((work / "run" / "results.json").read_text())["num_skipped_corrupt"] == steps
-    assert f"skipped {steps} corrupt training samples" in proc.stdout
+    # One bad image, drawn at every step: one distinct sample, seen `steps` times (issue 25 item 15).
+    assert steps == 3
+    summary = json.loads((work / "run" / "results.json").read_text())
+    assert summary["num_skipped_corrupt_samples"] == 1 and len(summary["skipped_corrupt_keys"]) == 1
+    assert f"skipped 1 corrupt training sample, {steps} times in all (each time a batch drew one;" in proc.stdout
 
 
 @pytest.mark.slow

@@ -87,9 +87,11 @@ def interrupted_hint(cfg: Any) -> str:
     )
 
 
-def print_end(cfg: Any, results: dict[str, float], skipped_corrupt: int = 0, skipped_steps: int = 0) -> None:
-    """The closing block: the metrics, what was skipped (the run's ``num_skipped_corrupt`` and
-    ``num_skipped_steps``), then where everything was written."""
+def print_end(
+    cfg: Any, results: dict[str, float], skipped_corrupt: int = 0, skipped_steps: int = 0, corrupt_samples: int = 0
+) -> None:
+    """The closing block: the metrics, what was skipped (the run's ``num_skipped_corrupt``: sightings, of
+    ``corrupt_samples`` distinct samples, and ``num_skipped_steps``), then where everything was written."""
     from dpm_dist.train.checkpoint import latest_meta
 
     out, tb = cfg.log.output_dir, os.path.join(cfg.log.output_dir, "tb")
@@ -107,8 +109,11 @@ def print_end(cfg: Any, results: dict[str, float], skipped_corrupt: int = 0, ski
             flush=True,
         )
     if skipped_corrupt:
+        distinct = corrupt_samples or skipped_corrupt
         print(
-            f"skipped {skipped_corrupt} corrupt training samples (data.skip_corrupt=true; each is named in the log above)",
+            f"skipped {distinct} corrupt training sample{'s' if distinct != 1 else ''}, {skipped_corrupt} "
+            f"time{'s' if skipped_corrupt != 1 else ''} in all (each time a batch drew one; data.skip_corrupt=true; "
+            "each is named in the log above)",
             flush=True,
         )
     if skipped_steps:
@@ -173,7 +178,7 @@ def run_training(cfg_node: Any, state: dict[str, Any]) -> dict[str, float]:
                     print(f"{PROG}: {stop.message}", file=sys.stderr, flush=True)
                 raise SystemExit(stopped_status(stop.exit_status)) from None
     if env.is_main:
-        print_end(cfg, run.results, run.num_skipped_corrupt, run.num_skipped_steps)
+        print_end(cfg, run.results, run.num_skipped_corrupt, run.num_skipped_steps, len(run.skipped_corrupt_keys))
     return run.results
 
 

@@ -119,6 +119,8 @@ _NUM_CORRUPT = [0]
 # Distinct (shard URL, key) pairs skipped in this process: not a cache, a count (stream mode takes them out of the
 # distinct samples it can buffer); it grows only with the corrupt samples the training set holds.
 _CORRUPT_KEYS: set[tuple[str, str]] = set()
+# Keys of the samples stream mode dropped since its last batch (handed on with the batch, then cleared).
+_DROPPED_KEYS: list[str] = []
 
 
 def _count_corrupt(exc: Exception, where: tuple[str, str] | None = None) -> None:
@@ -131,9 +133,10 @@ def _count_corrupt(exc: Exception, where: tuple[str, str] | None = None) -> None
 def _collate_train(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Stack a P×K batch; a skipped corrupt image (exact mode) is replaced by another image of its identity.
 
-    ``num_skipped`` counts the corrupt samples skipped to make this batch (the loop adds them up: the
-    workers' own counters never reach the main process)."""
-    num_skipped = sum(item["image"] is None for item in items)
+    ``num_skipped`` counts the corrupt samples skipped to make this batch and ``skipped_keys`` names them (the loop
+    adds them up, sightings and distinct samples: the workers' own counters never reach the main process)."""
+    skipped_keys = [item["key"] for item in items if item["image"] is None]
+    num_skipped = len(skipped_keys)
     for i, item in enumerate(items):
         if item["image"] is None:
             donors = [d for d in items if d["label"] == item["label"] and d["image"] is not None]
@@ -146,6 +149,7 @@ def _collate_train(items: list[dict[str, Any]]) -> dict[str, Any]:
         "camids": torch.tensor([it["camid"] for it in items], dtype=torch.long),
         "keys": [it["key"] for it in items],
         "num_skipped": num_skipped,
+        "skipped_keys": skipped_keys,
     }
 
 
@@ -202,6 +206,7 @@ def _decodes(sample: dict[str, Any]) -> bool:
             ShardError(f"shard {sample['url']}: sample {sample['key']!r}: corrupt image ({exc})"),
             (sample["url"], sample["key"]),
         )
+        _DROPPED_KEYS.append(sample["key"])
         return False
 
 
@@ -223,11 +228,14 @@ def _expand(sources: Iterable[dict[str, Any]], opts: IOOptions, skip_corrupt: bo
 
 def _augment_batches(batches: Iterable[list[dict[str, Any]]], cfg: DataConfig, seed: int) -> Iterator[dict[str, Any]]:
     worker, seen = _worker()[0], _NUM_CORRUPT[0]
+    _DROPPED_KEYS.clear()
     for number, batch in enumerate(batches):
         dropped = _NUM_CORRUPT[0] - seen  # skipped by _expand while this batch was being formed
         gen = torch.Generator().manual_seed(stream_seed(seed, worker, number))
         out = _collate_train([_train_item(s["jpg"], s["meta"], s["key"], s["url"], gen, cfg) for s in batch])
         out["num_skipped"] += dropped
+        out["skipped_keys"] += _DROPPED_KEYS
+        _DROPPED_KEYS.clear()
         seen = _NUM_CORRUPT[0]
         yield out
 

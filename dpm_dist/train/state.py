@@ -25,12 +25,14 @@ class RunState:
     best_results: dict[str, float] = field(default_factory=dict)  # its metrics
     evaluations: list[dict[str, Any]] = field(default_factory=list)  # every evaluation: {"epoch", "step", "results"}
     cmc: dict[str, list[float]] = field(default_factory=dict)  # the last evaluation's CMC curve(s) (never saved)
-    num_skipped_corrupt: int = 0  # corrupt samples skipped, summed over ranks, up to the last count
+    num_skipped_corrupt: int = 0  # corrupt samples skipped, summed over ranks, up to the last count: sightings
+    skipped_corrupt_keys: list[str] = field(default_factory=list)  # the distinct samples among them (sorted keys)
     num_skipped_steps: int = 0  # steps skipped for non-finite values (the same on every rank)
     rng_restored: bool = False  # resumed with every rank's RNG state (the same world size): no reseeding
     resumed_tag: str | None = None  # the checkpoint this invocation resumed from; None: a new run
     resumed_world_size: int = 0  # the world size that checkpoint was written with
     uncounted_corrupt: int = 0  # this rank's skipped samples not yet in num_skipped_corrupt (never saved)
+    uncounted_keys: set[str] = field(default_factory=set)  # their keys, not yet in skipped_corrupt_keys (never saved)
 
     @classmethod
     def from_meta(
@@ -49,6 +51,7 @@ class RunState:
             best_results=dict(meta.get("best_results", {})),
             evaluations=list(meta.get("evaluations", [])),
             num_skipped_corrupt=meta.get("num_skipped_corrupt", 0),
+            skipped_corrupt_keys=list(meta.get("skipped_corrupt_keys", [])),
             num_skipped_steps=meta.get("num_skipped_steps", 0),
             rng_restored=bool(meta.get("rng_restored")),
             resumed_tag=meta["tag"],
@@ -76,6 +79,7 @@ class RunState:
             "config_changes": self.config_changes,
             "datasets": self.datasets,
             "num_skipped_corrupt": self.num_skipped_corrupt,
+            "skipped_corrupt_keys": self.skipped_corrupt_keys,
             "num_skipped_steps": self.num_skipped_steps,
         }
 
@@ -114,6 +118,8 @@ class RunState:
             "best_results": self.best_results,
             "evaluations": self.evaluations,
             "cmc": self.cmc,
+            "num_skipped_corrupt_samples": len(self.skipped_corrupt_keys),
+            "skipped_corrupt_keys": self.skipped_corrupt_keys,
         }
         return self._with_changes(summary)
 
