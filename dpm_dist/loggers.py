@@ -141,6 +141,20 @@ QUIET_WARNINGS = (  # (message regex, category) for warnings.filterwarnings
     (r"`torch\.distributed\.all_gather_into_tensor` is deprecated", FutureWarning),  # DeepSpeed's ZeRO gathers
 )
 QUIET_PRINTS = (re.compile(r"^DeepSpeed deepspeed\.ops\.\S+ built successfully$"),)  # a print() in deepspeed.comm
+QUIET_RECORDS = (  # (logger, message regex): single lines of a logger whose other warnings still show
+    ("DeepSpeed", re.compile(r"^Setting accelerator to CPU\.")),  # on every CPU run without DS_ACCELERATOR, stdout
+)
+
+
+class _DropRecords(logging.Filter):
+    """Drops the records of :data:`QUIET_RECORDS` (on the named logger: DeepSpeed's does not propagate)."""
+
+    def __init__(self, pattern: re.Pattern[str]) -> None:
+        super().__init__()
+        self.pattern = pattern
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not self.pattern.match(record.getMessage())
 
 
 class _QuietStdout(io.TextIOBase):
@@ -179,6 +193,10 @@ def configure_library_output(level: str) -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
         for message, category in QUIET_WARNINGS:
             warnings.filterwarnings("ignore", message=message, category=category)
+        for name, pattern in QUIET_RECORDS:
+            logger = logging.getLogger(name)  # DeepSpeed's logger is this object once deepspeed is imported
+            if not any(isinstance(f, _DropRecords) and f.pattern is pattern for f in logger.filters):
+                logger.addFilter(_DropRecords(pattern))
         if not isinstance(sys.stdout, _QuietStdout):
             real, sys.stdout = sys.stdout, _QuietStdout(sys.stdout)
             for handler in logging.getLogger().handlers:  # Hydra's console handler: still recognised by tqdm's redirect

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import train_env
+from tests.conftest import RUN_TIMEOUT_S, TINY_TRAIN, VENV_BIN, relative_workdir, train_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,3 +46,60 @@ def test_deepspeed_launcher_names_the_hostfile_problem_in_one_line(tmp_path):
         assert proc.returncode == 2 and proc.stderr.strip() == f"deepspeed.sh: error: hostfile mine: {says}", (
             proc.stderr
         )
+
+
+# ---- dpm-train's start: which weights, no library noise (items 11 and 12) -------------------------------------
+
+SHORT = ["optim.epochs=1", "optim.warmup_epochs=0", "optim.steps_per_epoch=1", "eval.period=1", "log.progress=false"]
+
+
+def dpm_train(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = train_env()
+    env.pop("DS_ACCELERATOR", None)  # as a user starts it: DeepSpeed detects the CPU (and used to say so on stdout)
+    env.pop("HYDRA_FULL_ERROR", None)
+    return subprocess.run(
+        [str(VENV_BIN / "dpm-train"), *overrides, "data.root=shards", *SHORT],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=cwd,
+        timeout=RUN_TIMEOUT_S,
+    )
+
+
+@pytest.mark.slow
+def test_tiny_run_says_random_initialisation_and_prints_no_accelerator_line(tiny_shards, tmp_path):
+    work = relative_workdir(tmp_path / "work", tiny_shards)
+    proc = dpm_train(*TINY_TRAIN, "log.output_dir=tiny", cwd=work)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "\n  weights   random initialisation (model.pretrained not set)\n" in proc.stdout, proc.stdout[:2000]
+    assert "model.pretrained is not set" not in proc.stdout + proc.stderr  # a small test model: no warning
+    assert "Setting accelerator" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.slow
+def test_a_paper_preset_without_imagenet_weights_warns_in_one_line(tiny_shards, tmp_path):
+    work = relative_workdir(tmp_path / "work", tiny_shards)
+    small = ["data.dataset=synthetic", "model.img_size=[64,64]", "data.img_size=[64,64]", "model.stride=[16,16]"]
+    batch = ["data.num_ids=2", "data.num_instances=2", "data.num_workers=0", "data.eval_batch_size=8"]
+    proc = dpm_train("experiment=occluded_duke", *small, *batch, "log.output_dir=paper", cwd=work)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    assert "\n  weights   random initialisation (model.pretrained not set)\n" in proc.stdout, proc.stdout[:2000]
+    warned = [line for line in text.splitlines() if "model.pretrained is not set" in line]
+    assert warned == [
+        "model.pretrained is not set: the vit_base_patch16_224 backbone starts from random weights; the paper's "
+        "presets need ImageNet weights (model.pretrained=/path/to/jx_vit_base_p16_224-80ecf9dd.pth or .safetensors)"
+    ], text[-3000:]
+    assert text.index("model.pretrained is not set") < text.index("[step 1 ")  # before the first step
+
+
+def test_the_comm_op_build_is_announced_only_when_its_cache_is_empty(tmp_path, monkeypatch):
+    """The ~100 s build itself is left to the manual check (docs/training.md); this is its detection."""
+    from dpm_dist.train.engine import COMM_OP, comm_op_to_build
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "ext"))
+    folder = comm_op_to_build()
+    assert folder is not None and folder.startswith(str(tmp_path / "ext")) and folder.endswith(COMM_OP)
+    Path(folder, f"{COMM_OP}.so").write_bytes(b"")  # what torch leaves after the build
+    assert comm_op_to_build() is None

@@ -287,3 +287,18 @@ def describe_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         "patch_size": int(state["backbone.patch_embed.proj.weight"].shape[-1]),
         "num_taps": int(state["mask_gen.layers.0.0.weight"].shape[1]) // int(pos.shape[-1]),
     }
+
+
+def backbone_start(model_cfg: Any) -> tuple[str, str | None]:
+    """What the backbone starts from, for the start-up summary, and a warning when that is a full-size timm ViT
+    (the paper presets' ViT-B: no ``embed_dim``/``depth`` override) from random weights: the paper's results need
+    ImageNet weights, and nothing else would say that a long run is starting from scratch."""
+    if model_cfg.pretrained:
+        return f"ImageNet weights from {model_cfg.pretrained}", None
+    line = "random initialisation (model.pretrained not set)"
+    if model_cfg.embed_dim is None and model_cfg.depth is None:
+        return line, (
+            f"model.pretrained is not set: the {model_cfg.backbone} backbone starts from random weights; the paper's "
+            f"presets need ImageNet weights (model.pretrained=/path/to/jx_vit_base_p16_224-80ecf9dd.pth or .safetensors)"
+        )
+    return line, None

@@ -130,12 +130,42 @@ def _prepared(model: DPMNet, cfg: DPMConfig, env: DistEnv) -> DPMNet:
     return model
 
 
+COMM_OP = "deepspeed_shm_comm"  # DeepSpeed's CPU communication op: torch builds it on first use and caches it
+
+
+def comm_op_to_build() -> str | None:
+    """The folder DeepSpeed is about to build its CPU communication op into (``TORCH_EXTENSIONS_DIR``, else
+    ``~/.cache/torch_extensions/<python, torch build>/``), or None when it is built there already or not needed
+    (CUDA, or a DeepSpeed installed with the op prebuilt). torch's build folder is a private function: any
+    surprise there is None (no message), never an error."""
+    if torch.cuda.is_available():
+        return None
+    try:
+        from deepspeed.git_version_info import installed_ops
+        from torch.utils.cpp_extension import _get_build_directory
+
+        if installed_ops.get(COMM_OP, False):
+            return None
+        folder = str(_get_build_directory(COMM_OP, verbose=False))
+    except Exception:
+        return None
+    return None if os.path.isfile(os.path.join(folder, f"{COMM_OP}.so")) else folder
+
+
 def _wrap(
     model: DPMNet, opt_main: Any, opt_mask: Any, ds_cfg: dict[str, Any], env: DistEnv, precision: str
 ) -> tuple[Any, Any]:
     """The two DeepSpeed engines sharing ``model``: ``main`` over every parameter but the HMG's, ``mask`` over them."""
     import deepspeed
 
+    folder = comm_op_to_build() if env.local_rank == 0 else None  # one line per machine
+    if folder:
+        log.info(
+            "building DeepSpeed's CPU communication op (%s) into %s: about 100 s on 2 cores, once per machine and "
+            "Python environment (later runs load it)",
+            COMM_OP,
+            folder,
+        )
     if precision not in _AUTOCAST:
         _forget_fp16_autocast()
     engines = []

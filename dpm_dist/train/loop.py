@@ -241,9 +241,11 @@ def hparams_of(
 def print_summary(cfg: DPMConfig, env: DistEnv, manifest: dict[str, Any], steps: int, state: RunState) -> None:
     """The start-up block on rank 0: data, batch, schedule, engine, output folder, fresh or resumed."""
     from dpm_dist.data.union import describe_datasets
+    from dpm_dist.model.weights import backbone_start
 
     if not env.is_main:
         return
+    weights, warning = backbone_start(cfg.model)
     d, e, train_split = cfg.data, cfg.engine, manifest["splits"]["train"]
     source = d.root or (
         f"{len(d.roots)} datasets" if len(d.roots) > 1 else d.roots[0] if d.roots else f"{len(d.train_urls)} shard URLs"
@@ -257,10 +259,13 @@ def print_summary(cfg: DPMConfig, env: DistEnv, manifest: dict[str, Any], steps:
         f"{d.batch_size * env.world_size} images per step",
         f"  schedule  {cfg.optim.epochs} epochs x {steps} steps, evaluated every {cfg.eval.period} epochs and at the end",
         f"  engine    {e.precision}, ZeRO-{e.zero_stage}, update mode {e.update_mode}",
+        f"  weights   {weights}",
         f"  output    {cfg.log.output_dir}",
         f"  start     {state.start_line()}",
     ]
     print("\n".join(lines), flush=True)
+    if warning:
+        log.warning(warning)
 
 
 def check_nonfinite(cfg: DPMConfig, env: DistEnv, engine: Any, step: int, ckpt_root: str) -> None:
@@ -323,9 +328,7 @@ def train(cfg: DPMConfig, env: DistEnv, report: Reporter | None = None) -> RunSt
                 f"no file changed; a larger optim.epochs extends it",
                 flush=True,
             )
-        finished = RunState.from_meta(saved, resolved, history, saved.get("datasets", []))
-        finished.adopt_final_evaluation(_read_results(out_dir))  # the last epoch's evaluation came after its save
-        return finished
+        return RunState.from_meta(saved, resolved, history, saved.get("datasets", []))
     manifest = load_manifest(cfg.data)
     check_dataset(cfg, manifest, saved)
     if cfg.engine.deterministic:
@@ -406,7 +409,6 @@ def _train_epoch(
         t_data += time.time() - t_mark
         metrics = engine.step(batch)
         state.uncounted_corrupt += int(batch.get("num_skipped", 0))
-        state.uncounted_keys.update(batch.get("skipped_keys", ()))
         state.step += 1
         seen += batch["images"].shape[0] * env.world_size
         bar.update(1)
@@ -499,14 +501,9 @@ def _save_due(cfg: DPMConfig, epoch: int) -> bool:
 
 
 def _count_skipped(state: RunState, engine: Any) -> None:
-    """Every rank's corrupt samples skipped since the last count, summed (sightings), and their keys, united
-    (distinct samples) (collective); the engine's skipped steps."""
-    sums = dist.all_reduce_sum(torch.tensor([state.uncounted_corrupt, len(state.uncounted_keys)]))
-    state.num_skipped_corrupt += int(sums[0].item())
-    if int(sums[1].item()):  # the same on every rank: all gather, or none
-        keys = set(state.skipped_corrupt_keys).union(*dist.all_gather_objects(sorted(state.uncounted_keys)))
-        state.skipped_corrupt_keys = sorted(keys)
-    state.uncounted_corrupt, state.uncounted_keys = 0, set()
+    """Every rank's corrupt samples skipped since the last count, summed (collective); the engine's skipped steps."""
+    state.num_skipped_corrupt += int(dist.all_reduce_sum(torch.tensor([state.uncounted_corrupt])).item())
+    state.uncounted_corrupt = 0
     state.num_skipped_steps = engine.skipped_steps
 
 
