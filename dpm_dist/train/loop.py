@@ -328,7 +328,9 @@ def train(cfg: DPMConfig, env: DistEnv, report: Reporter | None = None) -> RunSt
                 f"no file changed; a larger optim.epochs extends it",
                 flush=True,
             )
-        return RunState.from_meta(saved, resolved, history, saved.get("datasets", []))
+        finished = RunState.from_meta(saved, resolved, history, saved.get("datasets", []))
+        finished.adopt_final_evaluation(_read_results(out_dir))  # the last epoch's evaluation came after its save
+        return finished
     manifest = load_manifest(cfg.data)
     check_dataset(cfg, manifest, saved)
     if cfg.engine.deterministic:
@@ -409,6 +411,7 @@ def _train_epoch(
         t_data += time.time() - t_mark
         metrics = engine.step(batch)
         state.uncounted_corrupt += int(batch.get("num_skipped", 0))
+        state.uncounted_keys.update(batch.get("skipped_keys", ()))
         state.step += 1
         seen += batch["images"].shape[0] * env.world_size
         bar.update(1)
@@ -501,9 +504,14 @@ def _save_due(cfg: DPMConfig, epoch: int) -> bool:
 
 
 def _count_skipped(state: RunState, engine: Any) -> None:
-    """Every rank's corrupt samples skipped since the last count, summed (collective); the engine's skipped steps."""
-    state.num_skipped_corrupt += int(dist.all_reduce_sum(torch.tensor([state.uncounted_corrupt])).item())
-    state.uncounted_corrupt = 0
+    """Every rank's corrupt samples skipped since the last count, summed (sightings), and their keys, united
+    (distinct samples) (collective); the engine's skipped steps."""
+    sums = dist.all_reduce_sum(torch.tensor([state.uncounted_corrupt, len(state.uncounted_keys)]))
+    state.num_skipped_corrupt += int(sums[0].item())
+    if int(sums[1].item()):  # the same on every rank: all gather, or none
+        keys = set(state.skipped_corrupt_keys).union(*dist.all_gather_objects(sorted(state.uncounted_keys)))
+        state.skipped_corrupt_keys = sorted(keys)
+    state.uncounted_corrupt, state.uncounted_keys = 0, set()
     state.num_skipped_steps = engine.skipped_steps
 
 
