@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
             query_chunk=args.query_chunk,
         )
         if env.is_main:
+            assert path is not None  # rank 0 wrote the lists
             written = (
                 write_pictures(out_dir, path, query, absolute_path(args.gallery), args.pictures)
                 if args.pictures
