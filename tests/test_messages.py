@@ -68,13 +68,25 @@ def dpm_train(*overrides: str, cwd: Path) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.slow
-def test_tiny_run_says_random_initialisation_and_prints_no_accelerator_line(tiny_shards, tmp_path):
+def test_tiny_run_says_which_weights_and_prints_no_accelerator_line(tiny_shards, tmp_path):
     work = relative_workdir(tmp_path / "work", tiny_shards)
     proc = dpm_train(*TINY_TRAIN, "log.output_dir=tiny", cwd=work)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "\n  weights   random initialisation (model.pretrained not set)\n" in proc.stdout, proc.stdout[:2000]
     assert "model.pretrained is not set" not in proc.stdout + proc.stderr  # a small test model: no warning
     assert "Setting accelerator" not in proc.stdout + proc.stderr
+    import torch
+
+    from dpm_dist.model.dpm import create_model
+
+    tiny = dict(patch_size=8, embed_dim=64, depth=4, num_heads=4, tap_blocks=(1, 2, 3, 4))  # TINY_TRAIN's ViT
+    vit = create_model(num_classes=4, num_cams=3, img_size=(64, 32), stride=(6, 6), **tiny)
+    imagenet = {k: v for k, v in vit.backbone.state_dict().items() if k != "sie_embed"}
+    imagenet["pos_embed"] = torch.zeros(1, 197, 64)  # ImageNet's 14x14 grid, resized on loading
+    torch.save(imagenet, work / "vit.pth")
+    proc = dpm_train(*TINY_TRAIN, "model.pretrained=vit.pth", "log.output_dir=pre", cwd=work)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"\n  weights   ImageNet weights from {work / 'vit.pth'}\n" in proc.stdout, proc.stdout[:2000]
 
 
 @pytest.mark.slow
