@@ -17,8 +17,6 @@ import pytest
 
 from tests.conftest import RUN_TIMEOUT_S, TINY_TRAIN, VENV_BIN, fault_env, train_env
 
-pytestmark = pytest.mark.slow
-
 
 def _work(tmp_path: Path, tiny_shards: Path) -> Path:
     """A working folder holding a copy of the tiny shards (``shards``), which the test may damage."""
@@ -37,6 +35,7 @@ def _error_lines(proc: subprocess.CompletedProcess) -> list[str]:
     return [ln for ln in proc.stderr.splitlines() if ln.strip()]
 
 
+@pytest.mark.slow
 def test_a_missing_query_shard_stops_the_run_before_the_first_step(tmp_path, tiny_shards):
     work = _work(tmp_path, tiny_shards)
     (work / "shards" / "query-00001.tar").unlink()
@@ -49,6 +48,7 @@ def test_a_missing_query_shard_stops_the_run_before_the_first_step(tmp_path, tin
     assert "[step" not in proc.stdout and not (work / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_a_truncated_shard_is_named_before_the_first_step(tmp_path, tiny_shards):
     work = _work(tmp_path, tiny_shards)
     shard = work / "shards" / "gallery-00002.tar"
@@ -64,6 +64,7 @@ def test_a_truncated_shard_is_named_before_the_first_step(tmp_path, tiny_shards)
     assert not (work / "run" / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_a_failed_final_evaluation_keeps_the_last_epoch_and_says_how_to_evaluate_it(tmp_path, tiny_shards):
     work = _work(tmp_path, tiny_shards)
     env = fault_env(
@@ -95,6 +96,7 @@ def test_a_failed_final_evaluation_keeps_the_last_epoch_and_says_how_to_evaluate
     assert (run / "checkpoints" / "latest").read_text().strip() == "epoch_0002"
 
 
+@pytest.mark.slow
 def test_results_json_says_when_the_run_was_best_and_metric_lines_print_percent(tmp_path, tiny_shards):
     work = _work(tmp_path, tiny_shards)
     proc = _train(work, "optim.epochs=2", "eval.period=1")
@@ -122,6 +124,7 @@ def test_results_json_says_when_the_run_was_best_and_metric_lines_print_percent(
     assert f"rank-1 {last['rank1']:.1%}  mAP {last['mAP']:.1%}" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_warmup_longer_than_the_run_names_the_field_to_lower_and_a_run_of_warmup_is_accepted(tmp_path, tiny_shards):
     work = _work(tmp_path, tiny_shards)
     proc = _train(work, "optim.epochs=2", "optim.warmup_epochs=3")
@@ -136,3 +139,51 @@ def test_a_warmup_longer_than_the_run_names_the_field_to_lower_and_a_run_of_warm
     env = dict(train_env(), DPM_PREFLIGHT="1")
     checked = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work, timeout=RUN_TIMEOUT_S)
     assert checked.returncode == 0 and not checked.stderr.strip(), checked.stdout[-2000:] + checked.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_a_diverged_model_at_the_final_evaluation_is_one_line_and_the_training_is_saved(tmp_path, tiny_shards):
+    work = _work(tmp_path, tiny_shards)
+    env = fault_env("nan_features", DPM_FAULT_NAN_QUERIES="3", DPM_FAULT_NAN_AT_EVAL="1")
+    proc = _train(work, "optim.epochs=1", env=env)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    run = work / "run"
+    assert _error_lines(proc) == [
+        "dpm-train: error: the final evaluation failed: 3 of 10 queries have NaN distances (non-finite features: "
+        f"a diverged model?); nothing was ranked; the training is saved (epoch_0001 in {run}/checkpoints, and "
+        f"{run}/model_final.pt): evaluate it with `dpm-eval --checkpoint {run}/model_final.pt`, or re-run the same "
+        "command"
+    ], proc.stderr
+    assert (run / "checkpoints" / "latest").read_text().strip() == "epoch_0001"
+
+
+def test_non_finite_features_are_refused_before_any_chunk_is_scored_on_every_rank_alike():
+    """In process, world size 1: the check every rank makes before scoring (a NaN query row: that query; a NaN
+    gallery row: every query), the same for a gathered and a sharded gallery."""
+    import torch
+
+    from dpm_dist.dist import DistEnv
+    from dpm_dist.eval.embeddings import Embeddings
+    from dpm_dist.eval.evaluator import refuse_nonfinite_features
+    from dpm_dist.eval.retrieval import NonFiniteDistanceError
+    from dpm_dist.eval.sharded import as_shard
+
+    def emb(n: int, role: str) -> Embeddings:
+        ids = torch.arange(n)
+        return Embeddings([f"{role}{i}" for i in range(n)], [role] * n, ids, ids, torch.ones(n, 4), torch.ones(n, 4))
+
+    env = DistEnv()
+    query, gallery = emb(5, "query"), emb(7, "gallery")
+    refuse_nonfinite_features(query, gallery, env)  # finite: nothing
+    query.feats[[1, 3]] = float("nan")
+    with pytest.raises(NonFiniteDistanceError, match=r"^2 of 5 queries have NaN distances"):
+        refuse_nonfinite_features(query, gallery, env)
+    query.feats[[1, 3]] = 1.0
+    query.masks[4, 0] = float("inf")
+    with pytest.raises(NonFiniteDistanceError, match=r"^1 of 5 queries have NaN distances"):
+        refuse_nonfinite_features(query, gallery, env)
+    query.masks[4, 0] = 1.0
+    gallery.feats[6, 2] = float("-inf")
+    for g in (gallery, as_shard(gallery, env)):
+        with pytest.raises(NonFiniteDistanceError, match=r"^5 of 5 queries have NaN distances"):
+            refuse_nonfinite_features(query, g, env)

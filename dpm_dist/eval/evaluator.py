@@ -25,6 +25,7 @@ from dpm_dist import dist
 from dpm_dist.dist import DistEnv
 from dpm_dist.eval.embeddings import Embeddings
 from dpm_dist.eval.retrieval import (
+    NonFiniteDistanceError,
     RankingSums,
     RetrievalMetrics,
     chunk_distance_fn,
@@ -127,7 +128,9 @@ def evaluate_embeddings(
     :class:`~dpm_dist.eval.sharded.GalleryShard` gallery (``eval.shard_gallery``) is scored by
     :func:`dpm_dist.eval.sharded.evaluate_sharded`: every chunk on every rank against its share, the same floats.
     Sparse re-ranking is distributed by rows, so it scores a gathered gallery that way too, cut into shares.
+    Non-finite features (a diverged model) raise :class:`NonFiniteDistanceError` on every rank alike.
     """
+    refuse_nonfinite_features(query, gallery, env)
     if eval_cfg.rerank and eval_cfg.rerank_method == "sparse" and not isinstance(gallery, GalleryShard):
         gallery = as_shard(gallery, env)
     if isinstance(gallery, GalleryShard):
@@ -150,6 +153,28 @@ def evaluate_embeddings(
     max_rank = sums.cmc_counts.numel()
     total = dist.all_reduce_sum(sums.flat())
     return finalize(RankingSums.from_flat(total, num_query, max_rank), num_gallery=len(gallery))
+
+
+def refuse_nonfinite_features(query: Embeddings, gallery: Embeddings | GalleryShard, env: DistEnv) -> None:
+    """Raise :class:`NonFiniteDistanceError` (``N of M queries have NaN distances``) when a feature is NaN or
+    infinite: a query's makes its row NaN, a gallery item's every row. Checked before any query chunk is scored,
+    so every rank raises together instead of one rank stopping while the others wait in the all-reduce.
+    Collective for a :class:`~dpm_dist.eval.sharded.GalleryShard` (each rank holds a share); a gathered
+    gallery is the same on every rank."""
+
+    def bad_rows(emb: Embeddings, masks: bool) -> torch.Tensor:  # the query's masks weigh its distances
+        if not emb.feats.numel():
+            return torch.zeros(len(emb), dtype=torch.bool)
+        bad = ~torch.isfinite(emb.feats).all(1)
+        return bad | ~torch.isfinite(emb.masks).all(1) if masks and emb.masks.shape == emb.feats.shape else bad
+
+    local = gallery.local if isinstance(gallery, GalleryShard) else gallery
+    gallery_bad = torch.tensor([int(bad_rows(local, False).sum())], dtype=torch.long, device=local.feats.device)
+    if isinstance(gallery, GalleryShard):
+        gallery_bad = dist.all_reduce_sum(gallery_bad)
+    num_bad = len(query) if int(gallery_bad.item()) and len(query) else int(bad_rows(query, True).sum())
+    if num_bad:
+        raise NonFiniteDistanceError(num_bad, len(query))
 
 
 def _reranked_chunks(query: Embeddings, gallery: Embeddings, eval_cfg: Any, chunks: list[tuple[int, int]]):
