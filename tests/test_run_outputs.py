@@ -122,6 +122,35 @@ def test_results_json_says_when_the_run_was_best_and_metric_lines_print_percent(
         f"rank10={last['rank10']:.1%}"
     ), evals
     assert f"rank-1 {last['rank1']:.1%}  mAP {last['mAP']:.1%}" in proc.stdout
+    # Chance level, from the evaluated data itself: for each query with a true match, the share of true matches
+    # among its kept gallery images (the same identity and camera are dropped), averaged.
+    chance = _chance_rank1(work / "shards")
+    assert summary["chance_rank1"] == pytest.approx(chance, abs=1e-12)
+    assert (
+        f"chance level: rank-1 {chance:.1%} on this data (a random ranking: each query's true matches among its "
+        f"gallery images, averaged over the {int(last['num_valid_query'])} queries with a match)\n"
+    ) in proc.stdout
+
+
+def _chance_rank1(shards: Path) -> float:
+    from dpm_dist.data.shards import iter_shard, read_manifest, shard_entries
+
+    manifest = read_manifest(str(shards))
+
+    def people(role: str) -> list[tuple[int, int]]:
+        return [
+            (int(s["meta"]["pid"]), int(s["meta"]["camid"]))
+            for e in shard_entries(manifest, role)
+            for s in iter_shard(e["name"], (shards / e["name"]).read_bytes())
+        ]
+
+    shares = []
+    for pid, cam in people("query"):
+        kept = [g for g in people("gallery") if g != (pid, cam)]
+        matches = sum(g[0] == pid for g in kept)
+        if matches:
+            shares.append(matches / len(kept))
+    return sum(shares) / len(shares)
 
 
 @pytest.mark.slow

@@ -88,7 +88,12 @@ def interrupted_hint(cfg: Any) -> str:
 
 
 def print_end(
-    cfg: Any, results: dict[str, float], skipped_corrupt: int = 0, skipped_steps: int = 0, corrupt_samples: int = 0
+    cfg: Any,
+    results: dict[str, float],
+    skipped_corrupt: int = 0,
+    skipped_steps: int = 0,
+    corrupt_samples: int = 0,
+    chance_rank1: float | None = None,
 ) -> None:
     """The closing block: the metrics, what was skipped (the run's ``num_skipped_corrupt``: sightings, of
     ``corrupt_samples`` distinct samples, and ``num_skipped_steps``), then where everything was written."""
@@ -108,6 +113,14 @@ def print_end(
             f"({int(results['num_query'])} queries, {int(results['num_gallery'])} gallery images)",
             flush=True,
         )
+        if chance_rank1 is not None:
+            valid = int(results.get("num_valid_query", results["num_query"]))
+            over = f"over the {valid} queries with a match" + (f", the mean of the {len(per)} datasets'" if per else "")
+            print(
+                f"chance level: rank-1 {chance_rank1:.1%} on this data (a random ranking: each query's true matches "
+                f"among its gallery images, averaged {over})",
+                flush=True,
+            )
     if skipped_corrupt:
         distinct = corrupt_samples or skipped_corrupt
         print(
@@ -178,7 +191,14 @@ def run_training(cfg_node: Any, state: dict[str, Any]) -> dict[str, float]:
                     print(f"{PROG}: {stop.message}", file=sys.stderr, flush=True)
                 raise SystemExit(stopped_status(stop.exit_status)) from None
     if env.is_main:
-        print_end(cfg, run.results, run.num_skipped_corrupt, run.num_skipped_steps, len(run.skipped_corrupt_keys))
+        print_end(
+            cfg,
+            run.results,
+            run.num_skipped_corrupt,
+            run.num_skipped_steps,
+            len(run.skipped_corrupt_keys),
+            run.chance_rank1,
+        )
     return run.results
 
 

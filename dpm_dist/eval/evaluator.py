@@ -255,6 +255,7 @@ def evaluate(
     *,
     device: torch.device | str,
     curves: dict[str, list[float]] | None = None,
+    chance: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Evaluate ``model`` on ``cfg.data``'s query/gallery sets; the same dict on every rank. Collective.
 
@@ -262,14 +263,18 @@ def evaluate(
     ``num_valid_query`` (queries with a true match; the others are skipped as in the official code).
     With several ``data.roots`` each dataset is evaluated on its own query/gallery (:func:`merge_datasets`
     names the keys) and rank 0 prints :func:`dataset_table`. ``curves``, when given, receives the CMC curve
-    (``cmc``: the fraction of valid queries matched within rank 1, 2, ...; ``<dataset>/cmc`` for several datasets).
+    (``cmc``: the fraction of valid queries matched within rank 1, 2, ...; ``<dataset>/cmc`` for several datasets);
+    ``chance`` the rank-1 of a random ranking of the same data (``rank1``: :func:`chance_rank1`; with several
+    datasets ``<dataset>/rank1`` each and ``rank1`` their mean, as the metrics).
     """
     from dpm_dist.data.loader import eval_datasets
 
     names = eval_datasets(cfg.data)
     if not names:
-        return _evaluate_one(model, cfg, env, device, None, curves)
-    per = {name: _evaluate_one(model, cfg, env, device, name, curves) for name in names}
+        return _evaluate_one(model, cfg, env, device, None, curves, chance)
+    per = {name: _evaluate_one(model, cfg, env, device, name, curves, chance) for name in names}
+    if chance is not None:
+        chance["rank1"] = sum(chance[f"{name}/rank1"] for name in names) / len(names)
     if env.is_main:
         from tqdm import tqdm
 
@@ -285,6 +290,7 @@ def _evaluate_one(
     device: torch.device | str,
     dataset: str | None,
     curves: dict[str, list[float]] | None = None,
+    chance: dict[str, float] | None = None,
 ) -> dict[str, float]:
     query, gallery = extract_and_gather(
         model,
@@ -298,7 +304,37 @@ def _evaluate_one(
     metrics = evaluate_embeddings(query, gallery, cfg.eval, env)
     if curves is not None:
         curves[f"{dataset}/cmc" if dataset else "cmc"] = [float(v) for v in metrics.cmc.tolist()]
+    if chance is not None:
+        chance[f"{dataset}/rank1" if dataset else "rank1"] = chance_rank1(query, gallery, env)
     return metrics.as_dict()
+
+
+def chance_rank1(query: Embeddings, gallery: Embeddings | GalleryShard, env: DistEnv) -> float:
+    """The rank-1 of a random ranking under the evaluation's protocol: for each valid query (one with a true match
+    left), the share of its kept gallery items (all but those of its identity and camera) that are true matches,
+    averaged. What a model that learned nothing scores on this data. Collective for a sharded gallery."""
+
+    def count(gallery_keys: torch.Tensor, query_keys: torch.Tensor) -> torch.Tensor:
+        """How many gallery items hold each query's key (a sort, no query x gallery table)."""
+        values, counts = torch.unique(gallery_keys.cpu(), return_counts=True)
+        if not len(values):
+            return torch.zeros(len(query_keys), dtype=torch.long)
+        at = torch.searchsorted(values, query_keys.cpu()).clamp(max=len(values) - 1)
+        return torch.where(values[at] == query_keys.cpu(), counts[at], 0)
+
+    def per_query(pids: torch.Tensor, cams: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each query: the gallery items (of this share) of its identity, and of its identity and camera."""
+        pair = 1 << 20  # (pid, camera) as one key; cameras are small non-negative numbers
+        return count(pids, query.pids), count(pids * pair + cams, query.pids * pair + query.camids)
+
+    local = gallery.local if isinstance(gallery, GalleryShard) else gallery
+    same_id, same_cam = per_query(local.pids, local.camids)
+    if isinstance(gallery, GalleryShard):  # each rank counted its share: the whole gallery's counts
+        both = dist.all_reduce_sum(torch.stack([same_id, same_cam]).to(local.pids.device)).cpu()
+        same_id, same_cam = both[0], both[1]
+    matches, kept = (same_id - same_cam).double(), float(len(gallery)) - same_cam.double()
+    valid = matches > 0
+    return float((matches[valid] / kept[valid]).mean()) if bool(valid.any()) else 0.0
 
 
 def _is_count(key: str) -> bool:

@@ -444,9 +444,10 @@ def _evaluate(cfg: DPMConfig, env: DistEnv, engine: Any, state: RunState, logger
     from dpm_dist.eval.evaluator import evaluate
 
     curves: dict[str, list[float]] = {}
-    results = evaluate(engine.model, cfg, env, device=engine.device, curves=curves)
+    chance: dict[str, float] = {}
+    results = evaluate(engine.model, cfg, env, device=engine.device, curves=curves, chance=chance)
     logger.log({f"eval/{k}": v for k, v in results.items() if not _is_count(k)}, state.step)
-    return state.record_evaluation(results, cfg.search.metric, curves)
+    return state.record_evaluation(results, cfg.search.metric, curves, chance.get("rank1"))
 
 
 def _read_results(out_dir: str) -> dict[str, Any] | None:

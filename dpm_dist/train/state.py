@@ -25,6 +25,7 @@ class RunState:
     best_results: dict[str, float] = field(default_factory=dict)  # its metrics
     evaluations: list[dict[str, Any]] = field(default_factory=list)  # every evaluation: {"epoch", "step", "results"}
     cmc: dict[str, list[float]] = field(default_factory=dict)  # the last evaluation's CMC curve(s) (never saved)
+    chance_rank1: float | None = None  # the rank-1 of a random ranking of the evaluated data (never saved)
     num_skipped_corrupt: int = 0  # corrupt samples skipped, summed over ranks, up to the last count: sightings
     skipped_corrupt_keys: list[str] = field(default_factory=list)  # the distinct samples among them (sorted keys)
     num_skipped_steps: int = 0  # steps skipped for non-finite values (the same on every rank)
@@ -94,9 +95,11 @@ class RunState:
         }
         return self._with_changes(meta)
 
-    def record_evaluation(self, results: dict[str, float], metric: str, cmc: dict[str, list[float]]) -> bool:
-        """Keep an evaluation of this epoch (last results, history, CMC, best); whether it is the best so far."""
-        self.results, self.cmc = results, cmc
+    def record_evaluation(
+        self, results: dict[str, float], metric: str, cmc: dict[str, list[float]], chance_rank1: float | None = None
+    ) -> bool:
+        """Keep an evaluation of this epoch (last results, history, CMC, chance, best); whether it is the best so far."""
+        self.results, self.cmc, self.chance_rank1 = results, cmc, chance_rank1
         self.evaluations.append({"epoch": self.epoch, "step": self.step, "results": dict(results)})
         improved = results[metric] > self.best
         if improved:
@@ -118,6 +121,7 @@ class RunState:
             "best_results": self.best_results,
             "evaluations": self.evaluations,
             "cmc": self.cmc,
+            "chance_rank1": self.chance_rank1,
             "num_skipped_corrupt_samples": len(self.skipped_corrupt_keys),
             "skipped_corrupt_keys": self.skipped_corrupt_keys,
         }
@@ -132,6 +136,7 @@ class RunState:
         self.best_epoch = summary.get("best_epoch", self.best_epoch)
         self.best_results = dict(summary.get("best_results", self.best_results))
         self.evaluations = list(summary.get("evaluations", self.evaluations))
+        self.cmc, self.chance_rank1 = dict(summary.get("cmc", {})), summary.get("chance_rank1")
 
     def _with_changes(self, meta: dict[str, Any]) -> dict[str, Any]:
         return dict(meta, config_changes=self.config_changes) if self.config_changes else meta
