@@ -51,17 +51,20 @@ set -m  # torchrun in a process group of its own: a terminal's Ctrl-C reaches th
     -m dpm_dist.cli.train "$@" &
 TORCHRUN=$!
 set +m
-forward() {  # to the ranks (torchrun's children): each records it and stops at the next step boundary
+# To the ranks (torchrun's children): each records it and stops at the next step boundary. SIGTERM goes as
+# SIGUSR1 (torchrun stops its ranks with SIGTERM, at once, when it restarts them), named in <file>.signal.
+forward() {
     local ranks
+    if [ ! -s "$DPM_STOP_STATUS_FILE.signal" ]; then echo "SIG$1" > "$DPM_STOP_STATUS_FILE.signal"; fi
     ranks=$(pgrep -P "$TORCHRUN" || true)
-    if [ -n "$ranks" ]; then kill -s "$1" $ranks 2>/dev/null || true; fi
+    if [ -n "$ranks" ]; then kill -s "$2" $ranks 2>/dev/null || true; fi
 }
-trap 'forward INT' INT
-trap 'forward TERM' TERM
-trap 'forward USR1' USR1
+trap 'forward INT INT' INT
+trap 'forward TERM USR1' TERM
+trap 'forward USR1 USR1' USR1
 while kill -0 "$TORCHRUN" 2>/dev/null; do wait "$TORCHRUN" || true; done  # a trapped signal ends a wait early
 STATUS=0
 wait "$TORCHRUN" || STATUS=$?
 STOPPED=$(cat "$DPM_STOP_STATUS_FILE" 2>/dev/null || true)
-rm -f "$DPM_STOP_STATUS_FILE"
+rm -f "$DPM_STOP_STATUS_FILE" "$DPM_STOP_STATUS_FILE.signal"
 exit "${STOPPED:-$STATUS}"

@@ -168,7 +168,7 @@ def run_training(cfg_node: Any, state: dict[str, Any]) -> dict[str, float]:
     configure_library_output(cfg.log.level)  # before deepspeed is imported
     check_local_inputs(cfg)  # before any process group or model
     state["cfg"] = cfg
-    from dpm_dist.train.loop import STOP_SIGNALS, RunStopped, install_stop_handlers, preflight, train
+    from dpm_dist.train.loop import STOP_SIGNALS, RunStopped, install_stop_handlers, preflight, stop_name, train
     from dpm_dist.train.run_lock import check_free, hold
 
     if os.environ.get(PREFLIGHT_ENV, "") not in ("", "0"):
@@ -177,7 +177,11 @@ def run_training(cfg_node: Any, state: dict[str, Any]) -> dict[str, float]:
         return {}
 
     env = DistEnv.from_env()
-    install_stop_handlers()  # SIGINT, SIGTERM, SIGUSR1: recorded, acted on at the next step boundary
+    # SIGINT, SIGTERM, SIGUSR1: recorded, acted on at the next step boundary. Under torchrun, SIGTERM stays
+    # torchrun's way to stop the ranks at once (a restart after a rank died); launch/torchrun.sh forwards a
+    # SIGTERM it receives as SIGUSR1 and names it in a file (stop_signal).
+    elastic = "TORCHELASTIC_RESTART_COUNT" in os.environ
+    install_stop_handlers(tuple(s for s in STOP_SIGNALS if not (elastic and s == signal.SIGTERM)))
     # Global rank 0 holds the run folder for the whole run, before anything there is read (resume) or written.
     with hold(cfg.log.output_dir, enabled=env.is_main), no_restart_after_a_mistake(cfg.log.output_dir):
         init_process_group(env, timeout_s=cfg.engine.collective_timeout_s)
@@ -187,9 +191,10 @@ def run_training(cfg_node: Any, state: dict[str, Any]) -> dict[str, float]:
             except RunStopped as stop:  # a signal, acted on at a step boundary by every rank
                 for signum in STOP_SIGNALS:  # more of them while exiting (Python restores the defaults): ignored
                     signal.signal(signum, signal.SIG_IGN)
+                signum = stop_signal(stop.signum)
                 if env.is_main:
-                    print(f"{PROG}: {stop.message}", file=sys.stderr, flush=True)
-                raise SystemExit(stopped_status(stop.exit_status)) from None
+                    print(f"{PROG}: {stop_name(signum)} {stop.detail}", file=sys.stderr, flush=True)
+                raise SystemExit(stopped_status(128 + signum)) from None
     if env.is_main:
         print_end(
             cfg,
@@ -202,9 +207,24 @@ def run_training(cfg_node: Any, state: dict[str, Any]) -> dict[str, float]:
     return run.results
 
 
-# launch/torchrun.sh names a file here: a rank stopped by a signal writes its exit status into it and exits 0,
-# so that torchrun ends quietly instead of restarting it; the script then exits with that status.
+# launch/torchrun.sh and slurm.sbatch name a file here: a rank stopped by a signal writes its exit status into it
+# and exits 0, so that torchrun ends quietly instead of restarting it; the script then exits with that status.
+# launch/torchrun.sh writes the name of the signal it received and forwarded into <file>.signal.
 STOP_STATUS_ENV = "DPM_STOP_STATUS_FILE"
+
+
+def stop_signal(signum: int) -> int:
+    """The signal the launcher received (``<DPM_STOP_STATUS_FILE>.signal``: SIGTERM, forwarded as SIGUSR1), else
+    ``signum``."""
+    path = os.environ.get(STOP_STATUS_ENV, "")
+    if not path:
+        return signum
+    try:
+        with open(f"{path}.signal") as f:
+            name = f.read().strip()
+    except OSError:
+        return signum
+    return int(signal.Signals[name]) if name in signal.Signals.__members__ else signum
 
 
 def stopped_status(status: int) -> int:

@@ -43,18 +43,22 @@ STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 _stop: dict[str, int] = {"installed": 0, "signum": 0, "count": 0}
 
 
+def stop_name(signum: int) -> str:
+    return "interrupted (SIGINT)" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
+
+
 class RunStopped(Exception):
-    """A stop signal acted on at a step boundary (every rank raises it at the same step). ``message`` (rank 0)
-    says what is saved and how to go on; ``exit_status`` is 128 + the signal's number (130, 143, 138)."""
+    """A stop signal acted on at a step boundary (every rank raises it at the same step). ``detail`` says when,
+    what is saved and how to go on; the exit status is 128 + the signal's number (130, 143, 138)."""
 
-    def __init__(self, signum: int, message: str) -> None:
-        super().__init__(message)
-        self.signum, self.message, self.exit_status = signum, message, 128 + signum
+    def __init__(self, signum: int, detail: str) -> None:
+        super().__init__(f"{stop_name(signum)} {detail}")
+        self.signum, self.detail = signum, detail
 
 
-def install_stop_handlers() -> None:
-    """Record SIGINT/SIGTERM/SIGUSR1 instead of dying (main thread; DataLoader workers forked later inherit it and
-    ignore them: no worker tracebacks). A third Ctrl-C gives up waiting (``KeyboardInterrupt``)."""
+def install_stop_handlers(signals: tuple[int, ...] = STOP_SIGNALS) -> None:
+    """Record ``signals`` instead of dying (main thread; DataLoader workers forked later inherit it and ignore
+    them: no worker tracebacks). A third Ctrl-C gives up waiting (``KeyboardInterrupt``)."""
 
     def record(signum: int, frame: Any) -> None:
         _stop["count"] += 1
@@ -62,7 +66,7 @@ def install_stop_handlers() -> None:
         if signum == signal.SIGINT and _stop["count"] >= 3 and os.getpid() == _stop["installed"]:
             raise KeyboardInterrupt
 
-    for signum in STOP_SIGNALS:
+    for signum in signals:
         signal.signal(signum, record)
     _stop.update(installed=os.getpid(), signum=0, count=0)
 
@@ -81,7 +85,6 @@ def _stopped(cfg: DPMConfig, signum: int, state: RunState, where: str) -> RunSto
     """What a stop leaves: the latest checkpoint (checkpoints are per epoch) and the steps a resume redoes."""
     ckpts = os.path.join(cfg.log.output_dir, "checkpoints")
     meta = checkpoint.latest_meta(ckpts)
-    name = "interrupted (SIGINT)" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
     if meta is None:
         saved = f"no checkpoint was saved yet in {ckpts}; re-running the same command starts the run over"
     else:
@@ -96,7 +99,7 @@ def _stopped(cfg: DPMConfig, signum: int, state: RunState, where: str) -> RunSto
             f"the latest checkpoint is {meta['tag']} (epoch {meta['epoch']} of {cfg.optim.epochs}) in {ckpts}; "
             f"re-run the same command to resume from it{again}"
         )
-    return RunStopped(signum, f"{name} {where}; {saved}")
+    return RunStopped(signum, f"{where}; {saved}")
 
 
 def seed_everything(seed: int) -> None:
