@@ -189,8 +189,8 @@ def run_training(cfg_node: Any, state: dict[str, Any]) -> dict[str, float]:
             try:
                 run = train(cfg, env)
             except RunStopped as stop:  # a signal, acted on at a step boundary by every rank
-                for signum in STOP_SIGNALS:  # more of them while exiting (Python restores the defaults): ignored
-                    signal.signal(signum, signal.SIG_IGN)
+                for other in STOP_SIGNALS:  # more of them while exiting (Python restores the defaults): ignored
+                    signal.signal(other, signal.SIG_IGN)
                 signum = stop_signal(stop.signum)
                 if env.is_main:
                     print(f"{PROG}: {stop_name(signum)} {stop.detail}", file=sys.stderr, flush=True)

@@ -57,13 +57,19 @@ class RunStopped(Exception):
 
 
 def install_stop_handlers(signals: tuple[int, ...] = STOP_SIGNALS) -> None:
-    """Record ``signals`` instead of dying (main thread; DataLoader workers forked later inherit it and ignore
-    them: no worker tracebacks). A third Ctrl-C gives up waiting (``KeyboardInterrupt``)."""
+    """Record ``signals`` instead of dying (main thread). DataLoader workers forked later inherit the handler:
+    they ignore a terminal's Ctrl-C (no worker tracebacks) and die of the others as before (their loader ends
+    them). A third Ctrl-C gives up waiting (``KeyboardInterrupt``)."""
 
     def record(signum: int, frame: Any) -> None:
+        if os.getpid() != _stop["installed"]:  # a forked DataLoader worker
+            if signum != signal.SIGINT:
+                signal.signal(signum, signal.SIG_DFL)
+                os.kill(os.getpid(), signum)
+            return
         _stop["count"] += 1
         _stop["signum"] = _stop["signum"] or signum
-        if signum == signal.SIGINT and _stop["count"] >= 3 and os.getpid() == _stop["installed"]:
+        if signum == signal.SIGINT and _stop["count"] >= 3:
             raise KeyboardInterrupt
 
     for signum in signals:
