@@ -88,6 +88,15 @@ def test_a_failed_final_evaluation_keeps_the_last_epoch_and_says_how_to_evaluate
     assert (run / "checkpoints" / "epoch_0002" / "meta.json").is_file()
     assert (run / "model_final.pt").is_file() and not (run / "results.json").exists()
     shutil.copy(tiny_shards / "gallery-00000.tar", work / "shards" / "gallery-00000.tar")  # the shard mended
+    evaluated = subprocess.run(  # the command the line names
+        [str(VENV_BIN / "dpm-eval"), "--checkpoint", "run/model_final.pt"],
+        capture_output=True,
+        text=True,
+        env=train_env(),
+        cwd=work,
+        timeout=RUN_TIMEOUT_S,
+    )
+    assert evaluated.returncode == 0 and "rank-1 " in evaluated.stdout, evaluated.stdout[-2000:] + evaluated.stderr
     again = _train(work, "optim.epochs=2", "eval.period=5")
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-3000:]
     assert "resumed from epoch_0002" in again.stdout
