@@ -108,3 +108,27 @@ def test_torchrun_sh_two_ranks_stop_in_one_line(tiny_shards, tmp_path, signum):
     how = "interrupted (SIGINT)" if signum == signal.SIGINT else "stopped by SIGTERM"
     _stopped_line(text, work, how)
     assert text.count(how) == 1, text[-3000:]  # rank 0 only
+
+
+def test_after_kill_9_the_next_run_takes_the_lock_over_resumes_and_sigusr1_stops_it(tiny_shards, tmp_path):
+    work = relative_workdir(tmp_path / "work", tiny_shards)
+    cmd = [str(VENV_BIN / "dpm-train"), *TINY_TRAIN, *LONG]
+    first = _start(cmd, work, tmp_path / "first.log")
+    try:
+        _wait_for(first, tmp_path / "first.log", "[step 3 ")
+    finally:
+        kill_tree(first.pid)  # kill -9: the lock file stays, naming a dead pid
+    assert (work / "run" / ".dpm-run.lock").is_file()
+    tag = (work / "run" / "checkpoints" / "latest").read_text().strip()
+    second = _start(cmd, work, tmp_path / "second.log")
+    try:
+        _wait_for(second, tmp_path / "second.log", "[step ")
+        second.send_signal(signal.SIGUSR1)  # Slurm's --signal
+        assert second.wait(timeout=120) == 138, (tmp_path / "second.log").read_text()[-3000:]
+    finally:
+        if second.poll() is None:
+            kill_tree(second.pid)
+    text = (tmp_path / "second.log").read_text()
+    assert f"resumed from {tag}" in text and "Traceback" not in text, text[-3000:]
+    _stopped_line(text, work, "stopped by SIGUSR1")
+    assert not (work / "run" / ".dpm-run.lock").exists()
