@@ -101,3 +101,16 @@ def test_disabled_hold_takes_nothing(tmp_path: Path) -> None:
     with hold(str(tmp_path / "run"), enabled=False) as lock:
         assert lock is None
     assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_the_lock_created_is_removed_if_the_run_left_it_empty(tmp_path: Path) -> None:
+    with pytest.raises(ValueError), hold(str(tmp_path / "refused")):
+        raise ValueError("a check refused the run")
+    assert not (tmp_path / "refused").exists()
+    with hold(str(tmp_path / "ran")):
+        (tmp_path / "ran" / "config.yaml").write_text("x")
+    assert [p.name for p in (tmp_path / "ran").iterdir()] == ["config.yaml"]
+    (tmp_path / "kept").mkdir()
+    with hold(str(tmp_path / "kept")):
+        pass
+    assert (tmp_path / "kept").is_dir()  # it existed before: left alone

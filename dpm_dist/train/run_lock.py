@@ -188,10 +188,15 @@ def _take_over(path: str, judged: dict[str, Any]) -> None:
 
 @contextlib.contextmanager
 def hold(folder: str, *, enabled: bool = True) -> Iterator[RunLock | None]:
-    """``acquire`` for the block (``enabled``: only global rank 0 holds the lock of a multi-rank run)."""
+    """``acquire`` for the block (``enabled``: only global rank 0 holds the lock of a multi-rank run). A folder
+    the lock created is removed again if the run left it empty (a run refused by a check writes nothing)."""
+    created = enabled and not os.path.isdir(folder)
     lock = acquire(folder) if enabled else None
     try:
         yield lock
     finally:
         if lock is not None:
             lock.release()
+            if created:
+                with contextlib.suppress(OSError):
+                    os.rmdir(folder)  # only if empty
