@@ -114,3 +114,16 @@ def test_a_folder_the_lock_created_is_removed_if_the_run_left_it_empty(tmp_path:
     with hold(str(tmp_path / "kept")):
         pass
     assert (tmp_path / "kept").is_dir()  # it existed before: left alone
+
+
+def test_a_restart_of_the_same_torchrun_job_takes_the_lock_of_its_earlier_attempt(tmp_path: Path, monkeypatch) -> None:
+    """Rank 0 of a restarted multi-node job may land on another node, where the old holder looks fresh."""
+    _lock_file(tmp_path, host="node-7", pid=1, since=time.time(), job="dpm42", attempt="0")
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "other")
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "1")
+    with pytest.raises(RunFolderBusyError):
+        acquire(str(tmp_path))  # another job: refused
+    monkeypatch.setenv("TORCHELASTIC_RUN_ID", "dpm42")
+    lock = acquire(str(tmp_path))
+    assert json.loads((tmp_path / LOCK_NAME).read_text())["attempt"] == "1"
+    lock.release()

@@ -58,7 +58,21 @@ def _me() -> dict[str, Any]:
         "since": time.time(),
         "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])[:500],
         "token": uuid.uuid4().hex,  # tells this lock from a later one at the same path (inodes get reused)
+        **_attempt(),
     }
+
+
+def _attempt() -> dict[str, str]:
+    """The torchrun job and restart attempt this process belongs to ({} outside torchrun)."""
+    job, attempt = os.environ.get("TORCHELASTIC_RUN_ID", ""), os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    return {"job": job, "attempt": attempt} if job and job != "none" and attempt is not None else {}
+
+
+def earlier_attempt(holder: dict[str, Any]) -> bool:
+    """Whether ``holder`` is an earlier attempt of this torchrun job: its ranks were stopped for this restart, and
+    rank 0 may now run on another node, where the old holder's heartbeat would still look fresh."""
+    mine = _attempt()
+    return bool(mine) and holder.get("job") == mine["job"] and holder.get("attempt") != mine["attempt"]
 
 
 def holder_is_alive(holder: dict[str, Any], age_s: float, *, stale_s: float = STALE_S) -> bool:
@@ -139,6 +153,8 @@ def acquire(folder: str, *, stale_s: float = STALE_S) -> RunLock:
             holder, age = found
             if holder.get("host") == socket.gethostname() and holder.get("pid") == os.getpid():
                 alive = False  # this very process: a lock an earlier run of it did not release
+            elif earlier_attempt(holder):
+                alive = False  # torchrun restarted the job: the previous attempt's rank 0 is stopped
             else:
                 alive = holder_is_alive(holder, age, stale_s=stale_s)
             if alive:
