@@ -225,3 +225,29 @@ def test_non_finite_features_are_refused_before_any_chunk_is_scored_on_every_ran
     for g in (gallery, as_shard(gallery, env)):
         with pytest.raises(NonFiniteDistanceError, match=r"^5 of 5 queries have NaN distances"):
             refuse_nonfinite_features(query, g, env)
+
+
+def test_check_shards_lists_every_shard_of_every_dataset_and_names_the_first_bad_one(tmp_path, tiny_shards):
+    """In process: the start-up check of dpm-train/dpm-tune (one dataset, several data.roots, explicit URLs)."""
+    from dpm_dist.config import DataConfig
+    from dpm_dist.data.manifest import check_shards
+    from dpm_dist.data.shards import ShardError
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(tiny_shards, a)
+    shutil.copytree(tiny_shards, b)
+    assert check_shards(DataConfig(root=str(a))) == 8 + 2 + 3
+    assert check_shards(DataConfig(roots=[str(a), str(b)])) == 2 * (8 + 2 + 3)
+    assert check_shards(DataConfig(root=str(a)), ("query", "gallery")) == 2 + 3
+    (b / "train-00003.tar").unlink()
+    with pytest.raises(FileNotFoundError, match=rf"^train shard {b}/train-00003.tar does not exist"):
+        check_shards(DataConfig(roots=[str(a), str(b)]))
+    assert check_shards(DataConfig(roots=[str(a), str(b)]), ("query", "gallery")) == 2 * (2 + 3)
+    with open(a / "query-00000.tar", "ab") as f:
+        f.write(b"\0" * 512)
+    with pytest.raises(ShardError, match=rf"^query shard {a}/query-00000.tar: longer than recorded"):
+        check_shards(DataConfig(root=str(a)))
+    assert check_shards(DataConfig(root=str(a), verify_sha=False)) == 13  # sizes are index.json's only when checked
+    urls = [str(a / "gallery-00000.tar"), str(a / "gallery-00009.tar")]
+    with pytest.raises(FileNotFoundError, match=r"^gallery shard .*/gallery-00009.tar does not exist"):
+        check_shards(DataConfig(query_urls=[str(a / "query-00001.tar")], gallery_urls=urls), ("query", "gallery"))
