@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import pickle
 import re
 import shutil
 import signal
@@ -197,11 +198,39 @@ def test_missing_data_root_fails_in_seconds_naming_the_field(tmp_path):
 
 
 @pytest.mark.slow
+def test_remote_data_root_that_does_not_answer_fails_before_ray_starts(tmp_path):
+    import socket
+
+    with socket.socket() as sock:  # a port nothing listens on once this closes it
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/x"
+    proc = subprocess.run(
+        [str(VENV_BIN / "dpm-tune"), f"data.root={url}", "data.io_backoff_s=0.1", "search.storage_path=storage"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tmp_path,
+        env=_env(),
+    )
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    [line] = proc.stderr.strip().splitlines()
+    assert line.startswith(
+        f"dpm-tune: error: config field `data.root`: {url}/index.json is unreachable after 3 attempts"
+    ), line
+    assert "ray" not in proc.stdout.lower() and not (tmp_path / "storage").exists()  # no Ray started
+
+
+@pytest.mark.slow
 def test_help_and_cfg_job_still_work(tmp_path):
     help_ = subprocess.run(
         [str(VENV_BIN / "dpm-tune"), "--help"], capture_output=True, text=True, timeout=120, cwd=tmp_path
     )
     assert help_.returncode == 0 and "Configuration groups" in help_.stdout
+    assert help_.stdout.startswith("dpm-tune: search DPM's loss weights"), help_.stdout[:500]
+    assert "Usage: dpm-tune [tune=PRESET] [experiment=PRESET]" in help_.stdout
+    assert "tune: grid_margin_scale, optuna_asha, tiny_asha" in help_.stdout
+    assert "Powered by Hydra" not in help_.stdout and "my_app" not in help_.stdout
     job = subprocess.run(
         [str(VENV_BIN / "dpm-tune"), "--cfg", "job", "search.worker_start_retries=0"],
         capture_output=True,
@@ -272,6 +301,64 @@ def test_asha_runs_on_the_reported_epoch():
     assert type(_scheduler(SearchConfig(scheduler="fifo").__dict__, epochs=9)).__name__ == "FIFOScheduler"
 
 
+class _Trial:
+    def __init__(self, trial_id: str):
+        self.trial_id, self.status = trial_id, "PENDING"
+
+    def set_status(self, status: str) -> None:
+        self.status = status
+
+
+class _Controller:
+    def __init__(self, trials):
+        self.trials = trials
+
+    def get_trials(self):
+        return self.trials
+
+
+def _asha(grace_period=1, epochs=3):
+    from dpm_dist.tune.search import TrialCap, _scheduler
+
+    cap = TrialCap(_scheduler(SearchConfig(grace_period=grace_period, reduction_factor=2).__dict__, epochs=epochs))
+    cap.set_search_properties("mAP", "max")
+    return cap
+
+
+def test_a_resumed_search_makes_the_asha_decisions_of_the_uninterrupted_one(monkeypatch):
+    """Tune saves no scheduler state: the resumed ASHA's rungs are rebuilt from the reported results, so the trial
+    that the uninterrupted search stops at epoch 1 is stopped after a resume too (it ran to the end before)."""
+    from dpm_dist.tune.search import ReportedResults, TrialCap
+
+    monkeypatch.setattr(TrialCap, "current_limit", 3)
+    reports = [("a", 1, 0.5), ("b", 1, 0.6), ("a", 2, 0.55), ("c", 1, 0.4), ("b", 2, 0.7), ("c", 2, 0.45)]
+
+    def decisions(cap, trials, results):
+        controller = _Controller(list(trials.values()))
+        return [cap.on_trial_result(controller, trials[t], {"epoch": e, "mAP": v}) for t, e, v in results]
+
+    whole = _asha()
+    trials = {t: _Trial(t) for t in "abc"}
+    for trial in trials.values():
+        whole.on_trial_add(_Controller([]), trial)
+    uninterrupted = decisions(whole, trials, reports)
+    assert uninterrupted[3] == "STOP"  # c at epoch 1: below the rung's cutoff
+
+    done, rest = reports[:3], reports[3:]  # interrupted after a's epoch 2; c not started
+    saved = ReportedResults("mAP")  # the results, saved with the search's state (Tune pickles callbacks' state)
+    for t, e, v in done:
+        saved.on_trial_result(0, [], _Trial(t), {"epoch": e, "mAP": v})
+    monkeypatch.setattr(TrialCap, "history", {})
+    ReportedResults("mAP").set_state(pickle.loads(pickle.dumps(saved.get_state())))  # Tune's resume, before re-adding
+    assert TrialCap.history == {"a": [(1, 0.5), (2, 0.55)], "b": [(1, 0.6)]}
+    resumed = _asha()  # a new scheduler, as Tuner.restore unpickles the first run's
+    trials = {t: _Trial(t) for t in "abc"}
+    for trial in trials.values():
+        resumed.on_trial_add(_Controller([]), trial)
+    assert decisions(resumed, trials, rest) == uninterrupted[3:]
+    assert TrialCap.history == {}
+
+
 def test_tune_group_is_added_to_the_hydra_overrides():
     from dpm_dist.cli.tune import hydra_argv
 
@@ -339,6 +426,21 @@ def _env(faults: str = "", **params: str) -> dict[str, str]:
     return dict(env, PYTHONPATH=injected["PYTHONPATH"], DPM_TEST_FAULTS=injected["DPM_TEST_FAULTS"], **params)
 
 
+def _assert_quiet(output: str) -> None:
+    """At the default log.level a search prints dpm-tune's own lines and the table, not Ray's progress tables, the
+    workers' output or Ray's TensorBoard command for its temporary folder."""
+    lines = output.splitlines()
+    assert len(lines) < 60, output[-4000:]
+    assert "tensorboard --logdir" not in output and "Traceback" not in output, output[-4000:]
+
+
+def _first_at(log: str, trial: str, epoch: int) -> float:
+    """The mAP ``trial`` reported first at ``epoch`` or later (what ASHA records at that rung), from dpm-tune's lines
+    (a resumed trial's result.json in storage starts over)."""
+    found = re.findall(rf"dpm-tune: trial_{trial} epoch (\d+): mAP=([\d.e-]+)", log)
+    return next(float(v) for e, v in found if int(e) >= epoch)
+
+
 def _result_lines(storage: Path) -> dict[str, int]:
     return {p.parent.name: len(p.read_text().splitlines()) for p in storage.glob("tiny_asha/trial_*/result.json")}
 
@@ -361,20 +463,26 @@ def test_search_overcommitted_resumed_interrupted_resumed_and_best_config_reused
     ), over.stderr[-3000:]
     assert f"each failed trial's error: {tmp_path / 'storage' / 'tiny_asha'}/trial_<id>/error.txt" in over.stderr
     assert "results of tiny_asha" in over.stdout  # the table is still printed and written
+    _assert_quiet(over.stdout + over.stderr)
     assert [r["status"] for r in csv.DictReader(open(tmp_path / "results" / "results.csv"))] == ["ERROR"] * 2
     assert len(list((tmp_path / "storage" / "tiny_asha").glob("trial_*/error.txt"))) == 2
 
     log1 = open(tmp_path / "run1.log", "w")
-    first = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=crash, cwd=tmp_path
+    first = subprocess.Popen(  # log.level=info: the workers' output too (the fault's line)
+        [*command, "log.level=info"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=crash,
+        cwd=tmp_path,
     )
     try:
         completed = interrupted = None
         for line in first.stdout:  # Ctrl-C once a first trial is done and a second one has reported epoch 1
             log1.write(line)
-            if found := re.search(r"Trial trial_(\w+) completed after", line):
+            if found := re.search(r"dpm-tune: trial_(\w+) ended after epoch", line):
                 completed = completed or found.group(1)
-            elif (found := re.search(r"Trial trial_(\w+) finished iteration 1 ", line)) and completed:
+            elif (found := re.search(r"dpm-tune: trial_(\w+) epoch 1: mAP=", line)) and completed:
                 interrupted = found.group(1)
                 first.send_signal(signal.SIGINT)
                 break
@@ -395,6 +503,8 @@ def test_search_overcommitted_resumed_interrupted_resumed_and_best_config_reused
     assert _scratch_trials(tmp_path) == []  # the workers' run folders are removed, also after Ctrl-C
     assert "fault trial_crash: rank 1 exits at epoch 2" in run1
     assert marker.exists()
+    table1 = {r["trial"]: r for r in csv.DictReader(open(tmp_path / "results" / "results.csv"))}
+    assert table1[interrupted]["status"] == "interrupted" and int(table1[interrupted]["epochs"]) >= 1  # not 0
     storage = tmp_path / "storage"
     lines_before = _result_lines(storage)
     assert lines_before.get(f"trial_{completed}", 0) >= 1
@@ -406,17 +516,38 @@ def test_search_overcommitted_resumed_interrupted_resumed_and_best_config_reused
     assert _max_running(second.stdout) == 1
     assert "rank 1 exits" not in second.stdout  # the injected crash happens once per search
     assert _scratch_trials(tmp_path) == []
+    _assert_quiet(second.stdout + second.stderr)
 
     rows = list(csv.DictReader(open(tmp_path / "results" / "results.csv")))
     print("\n" + second.stdout[second.stdout.index("results of tiny_asha") :])
     assert len(rows) == 2 and {r["status"] for r in rows} <= {"done", "stopped"}
     by_trial = {r["trial"]: r for r in rows}
     assert by_trial[completed]["status"] == "done" and by_trial[completed]["epochs"] == "3"
+    # ASHA's one rung (epoch 2) holds the completed trial's mAP: the resumed trial is stopped below it, as it
+    # would have been without the interruption (a resumed ASHA used to start with empty rungs and stop nothing)
+    at_rung = {t: _first_at(run1 + second.stdout, t, 2) for t in (completed, interrupted)}
+    if at_rung[interrupted] != at_rung[completed]:  # as printed, 4 digits
+        expected = "stopped" if at_rung[interrupted] < at_rung[completed] else "done"
+        assert by_trial[interrupted]["status"] == expected, (at_rung, by_trial[interrupted])
     assert by_trial[completed]["restored_from"] == "1"  # rank 1 died at epoch 2; restart from epoch 1's checkpoint
     assert int(by_trial[interrupted]["restored_from"]) >= 1  # the interrupted trial resumed from its last checkpoint
     assert _result_lines(storage)[f"trial_{completed}"] == lines_before[f"trial_{completed}"]  # not redone
     assert float(rows[0]["mAP"]) >= max(float(r["mAP"]) for r in rows)
     assert list((storage / "tiny_asha" / f"trial_{completed}" / "tensorboard").glob("events.out.tfevents.*"))
+
+    # each trial's folder is a run folder for dpm-eval (model_best.pt, model_final.pt), relative path
+    evaluated = subprocess.run(
+        [str(VENV_BIN / "dpm-eval"), "--checkpoint", f"storage/tiny_asha/trial_{completed}"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert evaluated.returncode == 0, evaluated.stdout[-3000:] + evaluated.stderr[-3000:]
+    assert f"trial_{completed} is a run folder: evaluating model_best.pt" in evaluated.stdout + evaluated.stderr
+    assert "mAP" in evaluated.stdout
+    assert (storage / "tiny_asha" / f"trial_{completed}" / "model_final.pt").is_file()
 
     best = tmp_path / "results" / "best"
     header = (best / "experiment" / "best.yaml").read_text().splitlines()[1]

@@ -187,6 +187,35 @@ def check_local_inputs(cfg: Any, roles: tuple[str, ...] = ("train", "query", "ga
         check_shards(d, roles)
 
 
+def check_remote_inputs(cfg: Any) -> None:
+    """Fail in seconds, naming the field and the URL, when a remote root's ``index.json`` cannot be read.
+
+    The remote twin of :func:`check_local_inputs` (before Ray starts): the read is the loader's own, with the
+    bounded retries of ``data.io_retries`` / ``data.io_backoff_s`` / ``data.io_timeout_s``; each retry is not
+    logged here, the error says how many attempts were made.
+    """
+    import logging
+
+    from dpm_dist.data.manifest import io_options
+    from dpm_dist.data.shards import read_manifest
+
+    roots = [("data.root", cfg.data.root), ("data.eval_root", cfg.data.eval_root)]
+    roots += [("data.roots", root) for root in cfg.data.roots]
+    storage_log = logging.getLogger("dpm_dist.data.storage")
+    level = storage_log.level
+    storage_log.setLevel(logging.ERROR)  # one line in the end, not one per retry
+    try:
+        for field, root in roots:
+            if root and "://" in root and not root.startswith("file://"):
+                try:
+                    read_manifest(root, io_options(cfg.data))
+                except (OSError, ValueError) as err:
+                    kind = ValueError if isinstance(err, ValueError) else OSError
+                    raise kind(f"config field `{field}`: {err}") from err
+    finally:
+        storage_log.setLevel(level)
+
+
 # ---- errors a person can act on ------------------------------------------------------------------------------
 
 # User mistakes are ValueError (bad values, bad files: the house rule) and OSError (missing files, storage);

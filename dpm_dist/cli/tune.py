@@ -26,11 +26,13 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from dpm_dist.cli.common import (
+    CONFIG_MODULE,
     CONFIG_NAME,
     CONFIG_PATH,
     absolute_path,
     check_local_inputs,
     check_overrides,
+    check_remote_inputs,
     insert_override,
     resolve_paths,
     run_guarded,
@@ -44,6 +46,31 @@ EXIT_ALL_FAILED = 2  # no trial ran to the end: most often the data or the confi
 EXIT_INTERRUPTED = 130  # as run_guarded for Ctrl-C: re-running the same command resumes
 
 _resume_command = PROG  # the command line as typed, for the resume hint
+GROUPS = ("tune", "experiment", "model", "engine")  # the config groups dpm-tune uses
+HELP = """dpm-tune: search DPM's loss weights and margins (alpha, beta, m, s, lr) with Ray Tune; each trial trains
+like dpm-train on search.workers_per_trial workers. Re-running the same command resumes an interrupted search.
+
+Usage: dpm-tune [tune=PRESET] [experiment=PRESET] [engine=PRESET] [model=PRESET] [section.field=value ...]
+       RAY_ADDRESS=auto dpm-tune tune=optuna_asha ...   (on a node of a running Ray cluster)
+
+At the end: the results table (also <results_dir>/results.csv), each trial's model_best.pt / model_final.pt in
+<storage>/<name>/trial_<id>/ (dpm-eval --checkpoint that folder), and the best trial as a preset:
+dpm-train --config-dir <results_dir>/best experiment=best. Exit 0 every trial ended, 1 some failed,
+2 all failed or a user error, 130 interrupted.
+
+== Configuration groups ==
+Compose your configuration from those groups (group=option); tune= defaults to tiny_asha (the CPU demo)
+
+{groups}
+
+== Config ==
+Override anything in the config (section.field=value; search.* for the search, docs/tuning.md);
+log.level=info shows Ray's own progress tables and the libraries' output.
+
+$CONFIG
+
+--cfg job prints the composed config; --config-dir DIR adds presets of your own; --hydra-help: Hydra's flags.
+"""
 
 
 def search_config(cfg_node: Any) -> dict[str, Any]:
@@ -56,6 +83,7 @@ def search_config(cfg_node: Any) -> dict[str, Any]:
 
     cfg = resolve_paths(to_config(cfg_node))
     check_local_inputs(cfg)  # in seconds, before Ray starts
+    check_remote_inputs(cfg)  # a remote root's index.json, with the loader's bounded retries
     if not cfg.search.storage_path:
         cfg = dataclasses.replace(
             cfg, search=dataclasses.replace(cfg.search, storage_path=absolute_path(DEFAULT_STORAGE))
@@ -114,7 +142,10 @@ def _check_failures(failed: list[tuple[str, str, str]], total: int, experiment: 
     if not failed:
         return
     trial, line, _ = failed[0]
-    where = f"each failed trial's error: {experiment}/trial_<id>/error.txt; its output is in this command's log"
+    where = (
+        f"each failed trial's error: {experiment}/trial_<id>/error.txt; its output: this command's log with "
+        "log.level=info (else Ray's session logs, /tmp/ray/session_latest/logs)"
+    )
     if len(failed) == total:
         _exit(EXIT_ALL_FAILED, f"all {total} trials failed; first error (trial_{trial}): {line}\n  {where}")
     names = ", ".join(f"trial_{t}" for t, _, _ in failed)
@@ -147,17 +178,33 @@ def hydra_argv(argv: Sequence[str]) -> list[str]:
     return out if any(a.startswith("+tune=") for a in out) else insert_override(out, f"+tune={DEFAULT_TUNE}")
 
 
+def _help_config() -> dict[str, str]:
+    """Hydra's help (``hydra/help=dpm_tune``): what the command does, its usage and the shipped presets."""
+    from importlib.resources import files
+
+    root = files(CONFIG_MODULE)
+    lines = [
+        f"{group}: "
+        + ", ".join(sorted(p.name[:-5] for p in root.joinpath(group).iterdir() if p.name.endswith(".yaml")))
+        for group in GROUPS
+    ]
+    return {"app_name": PROG, "header": "", "footer": "", "template": HELP.format(groups="\n".join(lines))}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     import hydra
+    from hydra.core.config_store import ConfigStore
 
     from dpm_dist.config import register_configs
 
     global _resume_command
     register_configs()
+    ConfigStore.instance().store(group="hydra/help", name="dpm_tune", node=_help_config(), provider="dpm_dist")
     typed = list(sys.argv[1:] if argv is None else argv)
     _resume_command = shlex.join([PROG, *typed])
     sys.argv = [sys.argv[0], *hydra_argv(typed)]
     run_guarded(PROG, lambda: check_overrides(sys.argv[1:]))  # one line naming the field, not Hydra's advice
+    sys.argv[1:] = insert_override(sys.argv[1:], "hydra/help=dpm_tune")
 
     def task(cfg_node: Any) -> None:
         run_guarded(PROG, lambda: run(cfg_node), on_interrupt=resume_hint)

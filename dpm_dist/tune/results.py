@@ -114,7 +114,9 @@ def results_rows(grid: Iterable[Any], base: dict[str, Any], saved: dict[str, dic
     """One row per trial, best first: sampled values, status, epochs run, and the metrics of its best epoch.
 
     ``status`` is ``done`` (reached max_t), ``stopped`` (ASHA), ``interrupted`` (a re-run resumes it) or
-    ``ERROR``, from the saved state ``saved`` (:func:`dpm_dist.tune.search.saved_trials`);
+    ``ERROR``, from the saved state ``saved`` (:func:`dpm_dist.tune.search.saved_trials`); ``epochs`` is the
+    last epoch the trial reported, each report with its checkpoint (from the saved state too: a trial's result
+    files in storage can lag behind it when a search is interrupted);
     ``restored_from`` is the epoch of the checkpoint a restarted worker group resumed from (0: never).
     """
     search = base["search"]
@@ -129,11 +131,12 @@ def results_rows(grid: Iterable[Any], base: dict[str, Any], saved: dict[str, dic
         row.update({key: _plain(config.get(key)) for key in search["space"]})
         frame = result.metrics_dataframe
         status = "interrupted" if trial["status"] in UNFINISHED else trial["status"]
+        reached = int(trial.get("epoch") or 0)  # the last epoch reported (and checkpointed) in the saved state
         if frame is None or frame.empty or metric not in frame:
-            row.update(status=status, epochs=0, best_epoch=None, mAP=None, rank1=None, mINP=None, restored_from=0)
+            row.update(status=status, epochs=reached, best_epoch=None, mAP=None, rank1=None, mINP=None, restored_from=0)
         else:
             best = frame.loc[(frame[metric] * sign).idxmax()]
-            epochs = int(frame["epoch"].max())
+            epochs = max(int(frame["epoch"].max()), reached)
             if status == "TERMINATED":
                 status = "done" if epochs >= max_t else "stopped"
             row.update(

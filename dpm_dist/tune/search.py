@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import os
 import posixpath
 import shutil
 import tempfile
 import time
-from typing import Any, cast
+from typing import Any, ClassVar, cast
 
 import ray
 import ray.train
@@ -130,6 +131,30 @@ def _upload_tensorboard(run_dir: str) -> None:
     pyarrow.fs.copy_files(local_tb, dest, destination_filesystem=storage.storage_filesystem)
 
 
+TRIAL_FILES = ("model_best.pt", "model_final.pt", "results.json")  # rank 0's, copied into the trial's folder
+
+
+def _upload_trial_files(run_dir: str, uploaded: dict[str, int]) -> None:
+    """Copy rank 0's model files (and results.json) that are new or rewritten since the last copy into the
+    trial's folder in storage (``<storage>/<name>/trial_<id>/``), so ``dpm-eval --checkpoint`` takes that folder
+    like a ``dpm-train`` run folder. ``uploaded``: file name -> mtime of the copy made, updated here."""
+    import pyarrow.fs
+
+    storage = ray.train.get_context().get_storage()
+    dest = posixpath.dirname(storage.experiment_fs_path)
+    fs = storage.storage_filesystem
+    for name in TRIAL_FILES:
+        local = os.path.join(run_dir, name)
+        if not os.path.isfile(local) or uploaded.get(name) == os.stat(local).st_mtime_ns:
+            continue
+        mtime = os.stat(local).st_mtime_ns
+        fs.create_dir(dest, recursive=True)
+        partial = posixpath.join(dest, f".{name}.partial")  # a reader never sees half a model file
+        pyarrow.fs.copy_files(local, partial, destination_filesystem=fs)
+        fs.move(partial, posixpath.join(dest, name))
+        uploaded[name] = mtime
+
+
 def _placement_group_id() -> str:
     group = ray.util.get_current_placement_group()
     return group.id.hex() if group is not None else ""
@@ -160,11 +185,13 @@ def train_worker(loop: dict[str, Any]) -> None:
     run_dir = os.path.join(loop["local_dir"], f"rank_{env.rank}")
     restored_epoch = _materialize(ray.train.get_checkpoint(), run_dir)
     cfg = trial_config(loop["base"], loop["overrides"], output_dir=run_dir)
+    uploaded: dict[str, int] = {}
 
     def report(metrics: dict[str, float], epoch: int, folder: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
-        if env.is_main:
+        if env.is_main:  # before the report: ASHA may stop the trial on it
             _upload_tensorboard(run_dir)
+            _upload_trial_files(run_dir, uploaded)
         extra = {"epoch": epoch, "restored_epoch": restored_epoch, PG_KEY: _placement_group_id()}
         ray.train.report(
             dict(metrics, **extra),
@@ -174,6 +201,8 @@ def train_worker(loop: dict[str, Any]) -> None:
         )
 
     train(cfg, env, report=report)
+    if env.is_main:
+        _upload_trial_files(run_dir, uploaded)  # model_final.pt, results.json
     shutil.rmtree(run_dir, ignore_errors=True)
 
 
@@ -307,12 +336,58 @@ class ReleaseStoppedTrials(ray.tune.Callback):
                 ray.util.remove_placement_group(group)
 
 
-class ShowTrialStarts(ray.tune.Callback):
-    """One line per trial start with the number of trials then running (the concurrency a user can check)."""
+class ShowTrials(ray.tune.Callback):
+    """dpm-tune's own lines, at every ``log.level``: each trial's start with the number of trials then running
+    (the concurrency a user can check), each report (epoch and metrics) and its end or failure."""
+
+    def __init__(self) -> None:
+        self.last: dict[str, dict] = {}  # trial id -> its last result
 
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         running = 1 + sum(t.status == "RUNNING" for t in trials if t is not trial)  # it becomes RUNNING just after
         print(f"dpm-tune: {trial} started; trials running: {running}", flush=True)
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        self.last[trial.trial_id] = result
+        shown = ", ".join(f"{k}={result[k]:.4g}" for k in ("mAP", "rank1") if isinstance(result.get(k), float))
+        print(f"dpm-tune: {trial} epoch {result.get('epoch')}: {shown}", flush=True)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        epoch = self.last.get(trial.trial_id, {}).get("epoch", 0)
+        print(f"dpm-tune: {trial} ended after epoch {epoch}", flush=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        epoch = self.last.get(trial.trial_id, {}).get("epoch", 0)
+        where = f" (its error: {trial.path}/error.txt)" if getattr(trial, "path", None) else ""
+        print(f"dpm-tune: {trial} failed after epoch {epoch}{where}", flush=True)
+
+
+ShowTrialStarts = ShowTrials  # its former name, pickled in the tuner.pkl of searches started before
+
+
+class ReportedResults(ray.tune.Callback):
+    """Every trial's reported (epoch, metric), kept with the search's saved state and handed to :class:`TrialCap`
+    when a search is resumed, so ASHA's rungs are rebuilt from it.
+
+    Tune saves no scheduler state (``tuner.pkl`` holds the scheduler as the first run started it) and a resumed
+    trial's ``result.json`` in storage starts over; Tune does save callbacks' state with the experiment's, and
+    restores it before it re-adds the trials (``TuneController.resume``).
+    """
+
+    def __init__(self, metric: str) -> None:
+        self.metric = metric
+        self.history: dict[str, list[tuple[int, float]]] = {}
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        if "epoch" in result and self.metric in result:
+            self.history.setdefault(trial.trial_id, []).append((int(result["epoch"]), float(result[self.metric])))
+
+    def get_state(self) -> dict[str, Any]:
+        return {"history": self.history}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.history = {t: list(r) for t, r in state["history"].items()}
+        TrialCap.history = {t: list(r) for t, r in self.history.items()}
 
 
 class TrialCap(ray.tune.schedulers.TrialScheduler):
@@ -327,6 +402,9 @@ class TrialCap(ray.tune.schedulers.TrialScheduler):
     """
 
     current_limit: int = 1  # set by build_tuner in the process that runs the search (the Tune driver)
+    # trial id -> its reported (epoch, metric) in order, set by ReportedResults when a search is restored: Tune
+    # saves no scheduler state, so ASHA's rungs are rebuilt from them as each trial is re-added.
+    history: ClassVar[dict[str, list[tuple[int, float]]]] = {}
 
     def __init__(self, base: ray.tune.schedulers.TrialScheduler) -> None:
         super().__init__()
@@ -352,8 +430,19 @@ class TrialCap(ray.tune.schedulers.TrialScheduler):
 
     def on_trial_add(self, controller: Any, trial: Any) -> None:
         self.base.on_trial_add(controller, trial)
+        self.replay(trial, TrialCap.history.pop(trial.trial_id, []))
         if trial.status == "PENDING" and self._active(controller, other_than=trial) >= self.limit:
             trial.set_status("PAUSED")  # Tune files the trial by this status right after this call
+
+    def replay(self, trial: Any, results: list[tuple[int, float]]) -> None:
+        """Record a restored trial's past results in ASHA's rungs (what the uninterrupted search had recorded),
+        so that a resumed search stops the trials the uninterrupted one would; the decisions are not re-taken."""
+        bracket = getattr(self.base, "_trial_info", {}).get(trial.trial_id)  # ASHA only (FIFO keeps no state)
+        if bracket is None:
+            return
+        sign = cast(Any, self.base)._metric_op  # 1 for mode=max, -1 for min: ASHA keeps the maximum
+        for epoch, value in results:
+            bracket.on_result(trial, epoch, sign * value)
 
     def on_trial_error(self, controller: Any, trial: Any) -> None:
         self.base.on_trial_error(controller, trial)
@@ -408,7 +497,7 @@ def build_tuner(base: dict[str, Any]) -> ray.tune.Tuner:
     experiment, _ = experiment_path(search)
     if ray.tune.Tuner.can_restore(experiment, storage_filesystem=fs):
         print(f"dpm-tune: resuming {experiment}", flush=True)
-        return ray.tune.Tuner.restore(
+        tuner = ray.tune.Tuner.restore(
             experiment,
             trainable,
             resume_unfinished=True,
@@ -416,6 +505,12 @@ def build_tuner(base: dict[str, Any]) -> ray.tune.Tuner:
             restart_errored=False,
             storage_filesystem=fs,
         )
+        # The restored RunConfig is the first run's: the reporting follows this run's log.level instead.
+        run_config = tuner._local_tuner.get_run_config() if tuner._local_tuner is not None else None
+        if run_config is not None:
+            run_config.verbose = RAY_VERBOSITY[base["log"]["level"]]
+            run_config.callbacks = tune_callbacks(search)
+        return tuner
     return ray.tune.Tuner(
         trainable,
         param_space=param_space(search["space"]),
@@ -433,10 +528,31 @@ def build_tuner(base: dict[str, Any]) -> ray.tune.Tuner:
             storage_path=storage_path,
             storage_filesystem=fs,
             failure_config=ray.tune.FailureConfig(max_failures=0),
-            verbose=2,
-            callbacks=[ReleaseStoppedTrials(), ShowTrialStarts()],
+            verbose=RAY_VERBOSITY[base["log"]["level"]],
+            callbacks=tune_callbacks(search),
         ),
     )
+
+
+def tune_callbacks(search: dict[str, Any]) -> list[ray.tune.Callback]:
+    """The search's callbacks: ours, and Tune's CSV and JSON loggers (progress.csv, result.json per trial).
+
+    Always the same list in the same order: Tune restores the callbacks' saved state by position.
+
+    Not Tune's TensorBoardX logger: with it Tune prints a ``tensorboard --logdir /tmp/ray/...`` command for
+    a temporary copy, and each trial's TensorBoard files (the full training scalars of rank 0) are in
+    ``<storage>/<name>/trial_<id>/tensorboard`` already (docs/tuning.md). Read by Tune in this process.
+    """
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    return [
+        ReleaseStoppedTrials(),
+        ShowTrials(),
+        ReportedResults(search["metric"]),
+        CSVLoggerCallback(),
+        JsonLoggerCallback(),
+    ]
 
 
 def _searcher(search: dict[str, Any], max_concurrent: int) -> Any:
@@ -462,16 +578,36 @@ def _scheduler(search: dict[str, Any], epochs: int) -> Any:
     )
 
 
-def connect(search: dict[str, Any]) -> None:
-    """Join ``search.ray_address`` / ``$RAY_ADDRESS``, or start a local Ray instance."""
+# log.level -> Ray Tune's own reporting (RunConfig.verbose: 0 silent, 1 status tables, 2 every result) and
+# whether the trials' workers' output (training lines, Ray Train's controller) is forwarded to this command.
+RAY_VERBOSITY = {"warning": 0, "info": 1, "debug": 2}
+
+
+def workers_output_shown(level: str) -> bool:
+    return RAY_VERBOSITY[level] > 0
+
+
+def connect(search: dict[str, Any], level: str = "warning") -> None:
+    """Join ``search.ray_address`` / ``$RAY_ADDRESS``, or start a local Ray instance.
+
+    At ``log.level=warning`` the workers' output stays in Ray's session logs (``log_to_driver=False``); the
+    command prints its own line per trial start, report and end, and a failed trial's error line.
+    """
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    if not workers_output_shown(level):
+        # Tune's output engine prints its experiment table, each trial's error and the /tmp/ray path of its
+        # error file whatever RunConfig.verbose says; the former one is silent at verbose=0. The controller's
+        # traceback of each failed trial is its error.txt again (dpm-tune names that file in one line).
+        os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+        logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
     address = search["ray_address"] or os.environ.get("RAY_ADDRESS")
+    quiet = {"log_to_driver": workers_output_shown(level), "logging_level": level.upper()}
     if address:
-        ray.init(address=address)
+        ray.init(address=address, **quiet)
     else:
-        ray.init(num_cpus=search["num_cpus"] or None, include_dashboard=False)
+        ray.init(num_cpus=search["num_cpus"] or None, include_dashboard=False, **quiet)
 
 
 def run_search(base: dict[str, Any]) -> ray.tune.ResultGrid:
@@ -481,7 +617,7 @@ def run_search(base: dict[str, Any]) -> ray.tune.ResultGrid:
     trial rebuilds them from its checkpoint in storage.
     """
     check_space(base)
-    connect(base["search"])
+    connect(base["search"], base["log"]["level"])
     try:
         return build_tuner(base).fit()
     finally:
@@ -504,7 +640,7 @@ def clean_scratch(search: dict[str, Any]) -> None:
 
 
 def saved_trials(search: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Trial id -> ``{"status", "config"}`` in the search's last saved state (what a re-run resumes from).
+    """Trial id -> ``{"status", "config", "epoch"}`` in the search's last saved state (what a re-run resumes from).
 
     Tune marks the trials it stops on Ctrl-C TERMINATED in memory but saves them as RUNNING/PENDING,
     so this tells an interrupted search (unfinished trials) from a finished one; the config is there
@@ -512,7 +648,14 @@ def saved_trials(search: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """
     experiment, fs = experiment_path(search)
     analysis = ray.tune.ExperimentAnalysis(experiment, storage_filesystem=fs)
-    return {t.trial_id: {"status": t.status, "config": dict(t.config or {})} for t in analysis.trials}
+    return {
+        t.trial_id: {
+            "status": t.status,
+            "config": dict(t.config or {}),
+            "epoch": int((t.last_result or {}).get("epoch") or 0),  # saved with the state, even when result files lag
+        }
+        for t in analysis.trials
+    }
 
 
 # ---- results ---------------------------------------------------------------------------------------
