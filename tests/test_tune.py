@@ -437,7 +437,7 @@ def _assert_quiet(output: str) -> None:
 def _first_at(log: str, trial: str, epoch: int) -> float:
     """The mAP ``trial`` reported first at ``epoch`` or later (what ASHA records at that rung), from dpm-tune's lines
     (a resumed trial's result.json in storage starts over)."""
-    found = re.findall(rf"dpm-tune: trial_{trial} epoch (\d+): mAP=([\d.e-]+)", log)
+    found = re.findall(rf"dpm-tune: trial_{trial} epoch (\d+): mAP=([\d.]+)%", log)
     return next(float(v) for e, v in found if int(e) >= epoch)
 
 
@@ -526,7 +526,7 @@ def test_search_overcommitted_resumed_interrupted_resumed_and_best_config_reused
     # ASHA's one rung (epoch 2) holds the completed trial's mAP: the resumed trial is stopped below it, as it
     # would have been without the interruption (a resumed ASHA used to start with empty rungs and stop nothing)
     at_rung = {t: _first_at(run1 + second.stdout, t, 2) for t in (completed, interrupted)}
-    if at_rung[interrupted] != at_rung[completed]:  # as printed, 4 digits
+    if at_rung[interrupted] != at_rung[completed]:  # as printed, in percent with one decimal
         expected = "stopped" if at_rung[interrupted] < at_rung[completed] else "done"
         assert by_trial[interrupted]["status"] == expected, (at_rung, by_trial[interrupted])
     assert by_trial[completed]["restored_from"] == "1"  # rank 1 died at epoch 2; restart from epoch 1's checkpoint

@@ -12,6 +12,10 @@ becomes an experiment preset for ``dpm-train``::
 
     dpm-train --config-dir <results_dir>/best experiment=best
 
+Each trial's folder (``<storage>/<name>/trial_<id>/``) holds its ``model_best.pt`` / ``model_final.pt`` like a
+``dpm-train`` run folder (``dpm-eval --checkpoint`` takes it). At the default ``log.level=warning`` the command
+prints its own line per trial start, report and end; ``log.level=info`` adds Ray's tables and the trials' output.
+
 Exit status (after the table is written): 0 every trial ended (done or stopped by ASHA), 1 some trials
 failed, 2 all trials failed or a user error before Ray started (one line ``dpm-tune: error: ...``),
 130 interrupted (Ctrl-C; re-running the same command resumes).

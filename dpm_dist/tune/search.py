@@ -349,7 +349,8 @@ class ShowTrials(ray.tune.Callback):
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         self.last[trial.trial_id] = result
-        shown = ", ".join(f"{k}={result[k]:.4g}" for k in ("mAP", "rank1") if isinstance(result.get(k), float))
+        # in percent, as dpm-train's evaluation lines and summary (the results and the CSV keep fractions)
+        shown = ", ".join(f"{k}={result[k]:.1%}" for k in ("mAP", "rank1") if isinstance(result.get(k), float))
         print(f"dpm-tune: {trial} epoch {result.get('epoch')}: {shown}", flush=True)
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
@@ -603,11 +604,13 @@ def connect(search: dict[str, Any], level: str = "warning") -> None:
         os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
         logging.getLogger("ray.tune.execution.tune_controller").setLevel(logging.CRITICAL)
     address = search["ray_address"] or os.environ.get("RAY_ADDRESS")
-    quiet = {"log_to_driver": workers_output_shown(level), "logging_level": level.upper()}
+    shown, ray_level = workers_output_shown(level), getattr(logging, level.upper())
     if address:
-        ray.init(address=address, **quiet)
+        ray.init(address=address, log_to_driver=shown, logging_level=ray_level)
     else:
-        ray.init(num_cpus=search["num_cpus"] or None, include_dashboard=False, **quiet)
+        ray.init(
+            num_cpus=search["num_cpus"] or None, include_dashboard=False, log_to_driver=shown, logging_level=ray_level
+        )
 
 
 def run_search(base: dict[str, Any]) -> ray.tune.ResultGrid:
