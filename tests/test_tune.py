@@ -600,6 +600,7 @@ def test_search_stored_on_s3_resumes_from_the_bucket(tiny_shards, tmp_path, s3_e
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     [trial] = [p.rsplit("/", 1)[1] for p in fs.ls("dpm-sweeps/team/tiny_asha") if "/trial_" in p]
     assert fs.ls(f"dpm-sweeps/team/tiny_asha/{trial}/train/epoch_0001")  # the merged checkpoint of both workers
+    assert fs.exists(f"dpm-sweeps/team/tiny_asha/{trial}/model_best.pt")  # the trial's model, next to its checkpoints
     assert fs.exists("dpm-sweeps/team/tiny_asha/results/results.csv")
     assert fs.exists("dpm-sweeps/team/tiny_asha/results/best/experiment/best.yaml")
     results = fs.cat(f"dpm-sweeps/team/tiny_asha/{trial}/result.json").decode()
