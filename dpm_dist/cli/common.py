@@ -21,6 +21,20 @@ CONFIG_PATH = f"pkg://{CONFIG_MODULE}"  # Hydra's search-path form of the packag
 CONFIG_NAME = "train"
 
 
+def help_config(prog: str, template: str, groups: Sequence[str]) -> dict[str, str]:
+    """Hydra's help node for ``prog`` (``hydra/help=...``): ``template`` with ``{groups}`` filled by the shipped
+    presets of ``groups``, one line per group."""
+    from importlib.resources import files
+
+    root = files(CONFIG_MODULE)
+    lines = [
+        f"{group}: "
+        + ", ".join(sorted(p.name[:-5] for p in root.joinpath(group).iterdir() if p.name.endswith(".yaml")))
+        for group in groups
+    ]
+    return {"app_name": prog, "header": "", "footer": "", "template": template.format(groups="\n".join(lines))}
+
+
 def insert_override(argv: Sequence[str], override: str) -> list[str]:
     """``argv`` with ``override`` joined to the Hydra overrides it holds (before the first of them, else at the
     end): Hydra reads its overrides as one run of words, so ``--config-dir D a=1`` must not become

@@ -20,11 +20,11 @@ from collections.abc import Iterator
 from typing import Any
 
 from dpm_dist.cli.common import (
-    CONFIG_MODULE,
     CONFIG_NAME,
     CONFIG_PATH,
     check_local_inputs,
     check_overrides,
+    help_config,
     insert_override,
     resolve_paths,
     run_guarded,
@@ -53,19 +53,6 @@ $CONFIG
 
 --cfg job prints the composed config; --config-dir DIR adds presets of your own; --hydra-help: Hydra's flags.
 """
-
-
-def _help_config() -> dict[str, str]:
-    """Hydra's help (``hydra/help=dpm_train``) listing only :data:`GROUPS` of the shipped presets."""
-    from importlib.resources import files
-
-    root = files(CONFIG_MODULE)
-    lines = [
-        f"{group}: "
-        + ", ".join(sorted(p.name[:-5] for p in root.joinpath(group).iterdir() if p.name.endswith(".yaml")))
-        for group in GROUPS
-    ]
-    return {"app_name": PROG, "header": "", "footer": "", "template": HELP.format(groups="\n".join(lines))}
 
 
 def interrupted_hint(cfg: Any) -> str:
@@ -280,7 +267,9 @@ def main() -> None:
     from dpm_dist.config import register_configs
 
     register_configs()
-    ConfigStore.instance().store(group="hydra/help", name="dpm_train", node=_help_config(), provider="dpm_dist")
+    ConfigStore.instance().store(
+        group="hydra/help", name="dpm_train", node=help_config(PROG, HELP, GROUPS), provider="dpm_dist"
+    )
     run_guarded(PROG, lambda: check_overrides(sys.argv[1:]))  # one line naming the field, not Hydra's advice
     sys.argv[1:] = insert_override(sys.argv[1:], "hydra/help=dpm_train")
     state: dict[str, Any | None] = {"cfg": None}

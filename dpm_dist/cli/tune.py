@@ -30,13 +30,13 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from dpm_dist.cli.common import (
-    CONFIG_MODULE,
     CONFIG_NAME,
     CONFIG_PATH,
     absolute_path,
     check_local_inputs,
     check_overrides,
     check_remote_inputs,
+    help_config,
     insert_override,
     resolve_paths,
     run_guarded,
@@ -182,19 +182,6 @@ def hydra_argv(argv: Sequence[str]) -> list[str]:
     return out if any(a.startswith("+tune=") for a in out) else insert_override(out, f"+tune={DEFAULT_TUNE}")
 
 
-def _help_config() -> dict[str, str]:
-    """Hydra's help (``hydra/help=dpm_tune``): what the command does, its usage and the shipped presets."""
-    from importlib.resources import files
-
-    root = files(CONFIG_MODULE)
-    lines = [
-        f"{group}: "
-        + ", ".join(sorted(p.name[:-5] for p in root.joinpath(group).iterdir() if p.name.endswith(".yaml")))
-        for group in GROUPS
-    ]
-    return {"app_name": PROG, "header": "", "footer": "", "template": HELP.format(groups="\n".join(lines))}
-
-
 def main(argv: Sequence[str] | None = None) -> None:
     import hydra
     from hydra.core.config_store import ConfigStore
@@ -203,7 +190,9 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     global _resume_command
     register_configs()
-    ConfigStore.instance().store(group="hydra/help", name="dpm_tune", node=_help_config(), provider="dpm_dist")
+    ConfigStore.instance().store(
+        group="hydra/help", name="dpm_tune", node=help_config(PROG, HELP, GROUPS), provider="dpm_dist"
+    )
     typed = list(sys.argv[1:] if argv is None else argv)
     _resume_command = shlex.join([PROG, *typed])
     sys.argv = [sys.argv[0], *hydra_argv(typed)]
