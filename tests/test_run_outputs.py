@@ -251,3 +251,23 @@ def test_check_shards_lists_every_shard_of_every_dataset_and_names_the_first_bad
     urls = [str(a / "gallery-00000.tar"), str(a / "gallery-00009.tar")]
     with pytest.raises(FileNotFoundError, match=r"^gallery shard .*/gallery-00009.tar does not exist"):
         check_shards(DataConfig(query_urls=[str(a / "query-00001.tar")], gallery_urls=urls), ("query", "gallery"))
+
+
+@pytest.mark.slow
+def test_the_metrics_a_two_rank_run_reports_are_those_of_the_model_it_saved(
+    uninterrupted: Path, tmp_path: Path
+) -> None:
+    """Each rank's BatchNorm running statistics drift apart in training; the evaluation must be that of the saved
+    model (rank 0's), as DDP's broadcast buffers make it in the official code, so dpm-eval reproduces it."""
+    reported = json.loads((uninterrupted / "results.json").read_text())["results"]
+    proc = subprocess.run(
+        [str(VENV_BIN / "dpm-eval"), "--checkpoint", str(uninterrupted / "model_final.pt"), "--output-dir", "ev"],
+        cwd=tmp_path,
+        env=train_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    evaluated = json.loads((tmp_path / "ev" / "results.json").read_text())["metrics"]
+    assert {k: evaluated[k] for k in ("mAP", "mINP", "rank1")} == {k: reported[k] for k in ("mAP", "mINP", "rank1")}

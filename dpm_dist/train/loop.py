@@ -452,6 +452,11 @@ def _evaluate(cfg: DPMConfig, env: DistEnv, engine: Any, state: RunState, logger
     """The epoch's evaluation (collective), logged and kept in ``state``; whether it is the best so far."""
     from dpm_dist.eval.evaluator import evaluate
 
+    # Each rank's BatchNorm running statistics drift apart in training (its own batches); the model files hold rank
+    # 0's, so every rank evaluates with rank 0's, as DDP's broadcast buffers give the official code. Training
+    # itself never reads them (BN uses the batch's statistics), so no loss or weight changes.
+    for buffer in engine.model.buffers():
+        dist.broadcast_tensor(buffer, src=0)
     curves: dict[str, list[float]] = {}
     chance: dict[str, float] = {}
     results = evaluate(engine.model, cfg, env, device=engine.device, curves=curves, chance=chance)
