@@ -212,6 +212,7 @@ def check_remote_inputs(cfg: Any) -> None:
 
     from dpm_dist.data.manifest import io_options
     from dpm_dist.data.shards import read_manifest
+    from dpm_dist.data.storage import is_remote
 
     roots = [("data.root", cfg.data.root), ("data.eval_root", cfg.data.eval_root)]
     roots += [("data.roots", root) for root in cfg.data.roots]
@@ -220,7 +221,7 @@ def check_remote_inputs(cfg: Any) -> None:
     storage_log.setLevel(logging.ERROR)  # one line in the end, not one per retry
     try:
         for field, root in roots:
-            if root and "://" in root and not root.startswith("file://"):
+            if root and is_remote(root):
                 try:
                     read_manifest(root, io_options(cfg.data))
                 except (OSError, ValueError) as err:
