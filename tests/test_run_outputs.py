@@ -7,6 +7,7 @@ Each test runs the real command from a folder outside the repository, with relat
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 import shutil
@@ -251,6 +252,74 @@ def test_check_shards_lists_every_shard_of_every_dataset_and_names_the_first_bad
     urls = [str(a / "gallery-00000.tar"), str(a / "gallery-00009.tar")]
     with pytest.raises(FileNotFoundError, match=r"^gallery shard .*/gallery-00009.tar does not exist"):
         check_shards(DataConfig(query_urls=[str(a / "query-00001.tar")], gallery_urls=urls), ("query", "gallery"))
+
+
+def _damaged_copy(tiny_shards: Path, name: str) -> tuple[Path, int]:
+    """A copy of the tiny shards beside them (served by ``http_root`` too): gallery-00002 cut by 512 bytes,
+    query-00001 removed. Returns the folder and the cut shard's recorded size."""
+    folder = tiny_shards.parent / name
+    shutil.copytree(tiny_shards, folder)
+    shard = folder / "gallery-00002.tar"
+    size = shard.stat().st_size
+    with open(shard, "r+b") as f:
+        f.truncate(size - 512)
+    (folder / "query-00001.tar").unlink()
+    return folder, size
+
+
+def test_remote_shards_are_checked_by_size_at_start_up_over_http_and_s3(tiny_shards, http_root, s3_endpoint):
+    """In process: the start-up check asks a remote shard's size (HTTP HEAD, S3 HEAD) and reads none; the first bad
+    shard in the run's order is named (a missing one, a truncated one); without ``remote`` remote shards are left
+    to the reader, as on the ranks of a launched run."""
+    import s3fs
+
+    from dpm_dist.config import DataConfig
+    from dpm_dist.data.manifest import check_shards
+    from dpm_dist.data.shards import ShardError
+    from dpm_dist.data.storage import StorageError
+
+    folder, size = _damaged_copy(tiny_shards, "damaged_remote")
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": s3_endpoint}, skip_instance_cache=True)
+    if not fs.exists("dpm-check"):
+        fs.mkdir("dpm-check")
+    for path in sorted(folder.iterdir()):
+        fs.put_file(str(path), f"dpm-check/damaged/{path.name}")
+    http = f"{http_root}/{folder.name}"
+    roots = [(http, {}), ("s3://dpm-check/damaged", {"s3_endpoint": s3_endpoint})]
+    for root, extra in roots:
+        cfg = DataConfig(root=root, io_retries=1, **extra)
+        assert check_shards(cfg, ("train",), remote=True) == 8  # every train shard asked, none read
+        assert check_shards(cfg, remote=False) == 0  # remote shards: checked when read
+        with pytest.raises(
+            StorageError, match=rf"^query shard: shard or manifest {root}/query-00001.tar does not exist"
+        ):
+            check_shards(cfg, remote=True)
+        (folder / "query-00001.tar").write_bytes((tiny_shards / "query-00001.tar").read_bytes())
+        if root.startswith("s3://"):
+            fs.put_file(str(folder / "query-00001.tar"), "dpm-check/damaged/query-00001.tar")
+        with pytest.raises(
+            ShardError, match=rf"^gallery shard {root}/gallery-00002.tar: truncated: {size - 512} bytes"
+        ):
+            check_shards(cfg, remote=True)
+        (folder / "query-00001.tar").unlink()
+        assert check_shards(dataclasses.replace(cfg, verify_sha=False), ("gallery",), remote=True) == 3
+
+
+@pytest.mark.slow
+def test_a_truncated_remote_shard_stops_dpm_train_before_the_first_step(tmp_path, tiny_shards, http_root):
+    """The real command on shards served over HTTP: the start-up check names the cut gallery shard in one line."""
+    folder, size = _damaged_copy(tiny_shards, "damaged_http")
+    (folder / "query-00001.tar").write_bytes((tiny_shards / "query-00001.tar").read_bytes())
+    work = tmp_path / "work"
+    work.mkdir()
+    cmd = [str(VENV_BIN / "dpm-train"), *TINY_TRAIN, f"data.root={http_root}/{folder.name}", "log.output_dir=run"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=train_env(), cwd=work, timeout=RUN_TIMEOUT_S)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert _error_lines(proc) == [
+        f"dpm-train: error: gallery shard {http_root}/{folder.name}/gallery-00002.tar: truncated: {size - 512} "
+        f"bytes, index.json says {size} (see `dpm-shards verify`)"
+    ], proc.stderr
+    assert "[step" not in proc.stdout and not (work / "run" / "checkpoints").exists()
 
 
 @pytest.mark.slow

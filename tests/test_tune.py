@@ -308,13 +308,20 @@ class _Trial:
     def set_status(self, status: str) -> None:
         self.status = status
 
+    def __str__(self) -> str:
+        return f"trial_{self.trial_id}"  # as Tune names a trial in dpm-tune
+
 
 class _Controller:
     def __init__(self, trials):
-        self.trials = trials
+        self.trials, self.stopped = trials, []
 
     def get_trials(self):
         return self.trials
+
+    def stop_trial(self, trial):
+        self.stopped.append(trial.trial_id)
+        trial.set_status("TERMINATED")
 
 
 def _asha(grace_period=1, epochs=3):
@@ -350,13 +357,41 @@ def test_a_resumed_search_makes_the_asha_decisions_of_the_uninterrupted_one(monk
         saved.on_trial_result(0, [], _Trial(t), {"epoch": e, "mAP": v})
     monkeypatch.setattr(TrialCap, "history", {})
     ReportedResults("mAP").set_state(pickle.loads(pickle.dumps(saved.get_state())))  # Tune's resume, before re-adding
-    assert TrialCap.history == {"a": [(1, 0.5), (2, 0.55)], "b": [(1, 0.6)]}
+    assert TrialCap.history == {"a": [(1, 0.5, 0), (2, 0.55, 2)], "b": [(1, 0.6, 1)]}  # n: the search's order
     resumed = _asha()  # a new scheduler, as Tuner.restore unpickles the first run's
     trials = {t: _Trial(t) for t in "abc"}
     for trial in trials.values():
         resumed.on_trial_add(_Controller([]), trial)
     assert decisions(resumed, trials, rest) == uninterrupted[3:]
     assert TrialCap.history == {}
+
+
+def test_a_trial_interrupted_just_after_a_stopping_report_is_stopped_when_the_search_resumes(monkeypatch, capsys):
+    """The interrupted run received b's epoch-2 report (below a's at the rung) and its checkpoint, but stopped before
+    it could stop b; the resumed search stops b before it starts again (it used to train b to the end), whatever
+    the order in which Tune re-adds the trials: the rungs are rebuilt in the order the results came."""
+    from dpm_dist.tune.search import ReportedResults, TrialCap
+
+    monkeypatch.setattr(TrialCap, "current_limit", 1)
+    monkeypatch.setattr(TrialCap, "history", {})
+    monkeypatch.setattr(TrialCap, "to_replay", [])
+    saved = ReportedResults("mAP")
+    for t, e, v in [("a", 1, 0.20), ("a", 2, 0.238), ("a", 3, 0.25), ("b", 1, 0.21), ("b", 2, 0.233)]:
+        saved.on_trial_result(0, [], _Trial(t), {"epoch": e, "mAP": v})
+    ReportedResults("mAP").set_state(pickle.loads(pickle.dumps(saved.get_state())))
+    cap = _asha(grace_period=2)
+    a, b = _Trial("a"), _Trial("b")
+    a.status = "TERMINATED"  # a finished before the interruption; b is re-queued
+    controller = _Controller([b, a])
+    for trial in (b, a):  # b first: replaying b's results on its own would find an empty rung
+        cap.on_trial_add(controller, trial)
+    assert cap.choose_trial_to_run(controller) is None
+    assert controller.stopped == ["b"] and b.status == "TERMINATED"
+    assert (
+        "dpm-tune: trial_b stopped by the scheduler at epoch 2 (reported before the interruption)"
+        in capsys.readouterr().out
+    )
+    assert TrialCap.to_replay == []
 
 
 def test_tune_group_is_added_to_the_hydra_overrides():
@@ -513,7 +548,11 @@ def test_search_overcommitted_resumed_interrupted_resumed_and_best_config_reused
     (tmp_path / "run2.log").write_text(second.stdout + second.stderr)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "dpm-tune: resuming" in second.stdout
-    assert _max_running(second.stdout) == 1
+    # the interrupted run may have received the interrupted trial's epoch-2 report (and ASHA's decision on it)
+    # before it stopped: the resumed search then carries the decision out instead of training the trial on
+    stopped_on_resume = f"dpm-tune: trial_{interrupted} stopped by the scheduler at epoch 2" in second.stdout
+    if not stopped_on_resume:
+        assert _max_running(second.stdout) == 1
     assert "rank 1 exits" not in second.stdout  # the injected crash happens once per search
     assert _scratch_trials(tmp_path) == []
     _assert_quiet(second.stdout + second.stderr)
@@ -530,7 +569,10 @@ def test_search_overcommitted_resumed_interrupted_resumed_and_best_config_reused
         expected = "stopped" if at_rung[interrupted] < at_rung[completed] else "done"
         assert by_trial[interrupted]["status"] == expected, (at_rung, by_trial[interrupted])
     assert by_trial[completed]["restored_from"] == "1"  # rank 1 died at epoch 2; restart from epoch 1's checkpoint
-    assert int(by_trial[interrupted]["restored_from"]) >= 1  # the interrupted trial resumed from its last checkpoint
+    if not stopped_on_resume:  # the interrupted trial resumed from its last checkpoint
+        assert int(by_trial[interrupted]["restored_from"]) >= 1
+    else:
+        assert by_trial[interrupted]["status"] == "stopped" and by_trial[interrupted]["epochs"] == "2"
     assert _result_lines(storage)[f"trial_{completed}"] == lines_before[f"trial_{completed}"]  # not redone
     assert float(rows[0]["mAP"]) >= max(float(r["mAP"]) for r in rows)
     assert list((storage / "tiny_asha" / f"trial_{completed}" / "tensorboard").glob("events.out.tfevents.*"))

@@ -7,12 +7,16 @@ exactly as an editable one does. ``--config-dir`` adds a folder of one's own in 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
 import re
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar, overload
+
+from dpm_dist.data.storage import is_remote
 
 T = TypeVar("T")
 
@@ -168,11 +172,15 @@ def resolve_paths(cfg: Any) -> Any:
     return dataclasses.replace(cfg, **{s: dataclasses.replace(getattr(cfg, s), **f) for s, f in sections.items()})
 
 
-def check_local_inputs(cfg: Any, roles: tuple[str, ...] = ("train", "query", "gallery")) -> None:
+def check_local_inputs(
+    cfg: Any, roles: tuple[str, ...] = ("train", "query", "gallery"), remote_shards: bool = False
+) -> None:
     """Fail in seconds, naming the field or the shard, when a local input the run needs is missing (before Ray or
     ranks start): the weights file, the shard folders, and every shard of ``roles`` the run will read (exists, has
     index.json's size: :func:`dpm_dist.data.manifest.check_shards`), so a bad query shard stops a run before
-    training, not after."""
+    training, not after. With ``remote_shards`` (where one process checks for the whole run: the launch scripts'
+    preflight, a one-process run, dpm-tune's driver) remote roots are checked too: their index.json
+    (:func:`check_remote_inputs`) and each shard's existence and size (a HEAD request each, nothing read)."""
     if cfg.model.pretrained and not os.path.isfile(cfg.model.pretrained):
         raise FileNotFoundError(f"config field `model.pretrained`: weights file not found: {cfg.model.pretrained}")
     roots = [
@@ -195,10 +203,31 @@ def check_local_inputs(cfg: Any, roles: tuple[str, ...] = ("train", "query", "ga
             )
     d = cfg.data
     urls = [d.root, d.eval_root, *d.roots, *d.train_urls, *d.query_urls, *d.gallery_urls]
-    if roles and not any(u and "://" in u and not u.startswith("file://") for u in urls):  # remote: read when used
+    remote = any(u and is_remote(u) for u in urls)
+    if remote and remote_shards:
+        check_remote_inputs(cfg)  # a remote root's index.json, naming the field
+    if roles and (remote_shards or not remote):  # else remote shards are checked when read
         from dpm_dist.data.manifest import check_shards
 
-        check_shards(d, roles)
+        with _quiet_storage():
+            check_shards(d, roles, remote=remote_shards)
+
+
+def one_process_checks() -> bool:
+    """Whether this process is the only one of its run (no torchrun ranks), so it may check remote inputs alone."""
+    return int(os.environ.get("WORLD_SIZE", "1")) <= 1
+
+
+@contextlib.contextmanager
+def _quiet_storage() -> Iterator[None]:
+    """The storage layer's retry warnings off: a check ends in one line that says how many attempts were made."""
+    storage_log = logging.getLogger("dpm_dist.data.storage")
+    level = storage_log.level
+    storage_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        storage_log.setLevel(level)
 
 
 def check_remote_inputs(cfg: Any) -> None:
@@ -208,18 +237,12 @@ def check_remote_inputs(cfg: Any) -> None:
     bounded retries of ``data.io_retries`` / ``data.io_backoff_s`` / ``data.io_timeout_s``; each retry is not
     logged here, the error says how many attempts were made.
     """
-    import logging
-
     from dpm_dist.data.manifest import io_options
     from dpm_dist.data.shards import read_manifest
-    from dpm_dist.data.storage import is_remote
 
     roots = [("data.root", cfg.data.root), ("data.eval_root", cfg.data.eval_root)]
     roots += [("data.roots", root) for root in cfg.data.roots]
-    storage_log = logging.getLogger("dpm_dist.data.storage")
-    level = storage_log.level
-    storage_log.setLevel(logging.ERROR)  # one line in the end, not one per retry
-    try:
+    with _quiet_storage():  # one line in the end, not one per retry
         for field, root in roots:
             if root and is_remote(root):
                 try:
@@ -227,8 +250,6 @@ def check_remote_inputs(cfg: Any) -> None:
                 except (OSError, ValueError) as err:
                     kind = ValueError if isinstance(err, ValueError) else OSError
                     raise kind(f"config field `{field}`: {err}") from err
-    finally:
-        storage_log.setLevel(level)
 
 
 # ---- errors a person can act on ------------------------------------------------------------------------------

@@ -32,7 +32,14 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from dpm_dist.cli.common import absolute_path, check_local_inputs, compose_config, resolve_paths, run_guarded
+from dpm_dist.cli.common import (
+    absolute_path,
+    check_local_inputs,
+    compose_config,
+    one_process_checks,
+    resolve_paths,
+    run_guarded,
+)
 
 PROG = "dpm-eval"
 # Taken from the model file's training config unless the command line sets them (the weights fix the model anyway).
@@ -175,6 +182,7 @@ def _check_inputs(cfg: Any, from_file: list[str], model_path: str) -> None:
         check_local_inputs(
             dataclasses.replace(cfg, data=data, model=dataclasses.replace(cfg.model, pretrained=None)),
             roles=("query", "gallery"),
+            remote_shards=one_process_checks(),
         )
     except FileNotFoundError as err:
         field = next((k for k in from_file if f"`{k}`" in str(err)), None)

@@ -26,6 +26,7 @@ from dpm_dist.cli.common import (
     check_overrides,
     help_config,
     insert_override,
+    one_process_checks,
     resolve_paths,
     run_guarded,
 )
@@ -153,12 +154,14 @@ def run_training(cfg_node: Any, state: dict[str, Any]) -> dict[str, float]:
 
     cfg = resolve_paths(to_config(cfg_node))
     configure_library_output(cfg.log.level)  # before deepspeed is imported
-    check_local_inputs(cfg)  # before any process group or model
+    preflight_only = os.environ.get(PREFLIGHT_ENV, "") not in ("", "0")
+    # before any process group or model; remote shards once for the run (the launch scripts' preflight or one rank)
+    check_local_inputs(cfg, remote_shards=preflight_only or one_process_checks())
     state["cfg"] = cfg
     from dpm_dist.train.loop import STOP_SIGNALS, RunStopped, install_stop_handlers, preflight, stop_name, train
     from dpm_dist.train.run_lock import check_free, hold
 
-    if os.environ.get(PREFLIGHT_ENV, "") not in ("", "0"):
+    if preflight_only:
         check_free(cfg.log.output_dir)  # a live run in the folder: refused once, before torchrun starts ranks
         preflight(cfg)
         return {}

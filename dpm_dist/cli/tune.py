@@ -35,7 +35,6 @@ from dpm_dist.cli.common import (
     absolute_path,
     check_local_inputs,
     check_overrides,
-    check_remote_inputs,
     help_config,
     insert_override,
     resolve_paths,
@@ -86,8 +85,8 @@ def search_config(cfg_node: Any) -> dict[str, Any]:
     from dpm_dist.config import to_config
 
     cfg = resolve_paths(to_config(cfg_node))
-    check_local_inputs(cfg)  # in seconds, before Ray starts
-    check_remote_inputs(cfg)  # a remote root's index.json, with the loader's bounded retries
+    # in seconds, before Ray starts: local inputs; remote roots' index.json and shard sizes, with the loader's retries
+    check_local_inputs(cfg, remote_shards=True)
     if not cfg.search.storage_path:
         cfg = dataclasses.replace(
             cfg, search=dataclasses.replace(cfg.search, storage_path=absolute_path(DEFAULT_STORAGE))

@@ -12,11 +12,12 @@ No DataLoader, no pipeline: the loaders (:mod:`dpm_dist.data.loader`) build on t
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from dpm_dist.config import DataConfig
 from dpm_dist.data.shards import ShardError, read_manifest, shard_entries
-from dpm_dist.data.storage import IOOptions, is_remote, join_url, local_path
+from dpm_dist.data.storage import IOOptions, StorageError, is_remote, join_url, local_path, object_size
 from dpm_dist.data.union import Part, offset_parts, records, union_manifest
 
 Shard = tuple[str, dict[str, Any] | None, Part]  # (url, index.json entry or None, its dataset)
@@ -107,22 +108,43 @@ def _planned(cfg: DataConfig, roles: tuple[str, ...]) -> list[tuple[str, str, di
     return out
 
 
-def check_shards(cfg: DataConfig, roles: tuple[str, ...] = ("train", "query", "gallery")) -> int:
-    """Before anything runs: every local shard the run will read (``roles`` of every dataset) exists and, with
-    ``data.verify_sha``, has the size index.json records; every index.json read is valid. Remote shards are
-    checked when read (their index.json here). Raises naming the shard; returns the number of shards checked."""
-    planned = _planned(cfg, roles)
-    for role, url, entry in planned:
-        if is_remote(url):
-            continue
-        path = local_path(url)
-        if not os.path.isfile(path):
+REMOTE_CHECKS_AT_ONCE = 16  # HEAD requests in flight while remote shards are checked
+
+
+def check_shards(cfg: DataConfig, roles: tuple[str, ...] = ("train", "query", "gallery"), remote: bool = False) -> int:
+    """Before anything runs: every shard the run will read (``roles`` of every dataset) exists and, with
+    ``data.verify_sha``, has the size index.json records; every index.json read is valid. Remote shards (with
+    ``remote``) are asked for their size (S3/HTTP HEAD, :data:`REMOTE_CHECKS_AT_ONCE` at a time, with the loader's
+    retries), never read; without ``remote`` they are checked when read. Raises naming the first bad shard in
+    the run's order; returns the number of shards checked."""
+    planned = [p for p in _planned(cfg, roles) if remote or not is_remote(p[1])]
+    opts = io_options(cfg)
+
+    def size(url: str) -> int | StorageError | None:
+        """The shard's size in bytes; None: missing (local) or not told (HTTP without Content-Length)."""
+        if not is_remote(url):
+            path = local_path(url)
+            return os.path.getsize(path) if os.path.isfile(path) else None
+        try:
+            return object_size(url, opts)
+        except StorageError as err:  # raised below, in the run's order
+            return err
+
+    urls = [url for _, url, _ in planned]
+    if any(is_remote(url) for url in urls):
+        with ThreadPoolExecutor(REMOTE_CHECKS_AT_ONCE) as pool:
+            sizes = list(pool.map(size, urls))
+    else:
+        sizes = [size(url) for url in urls]
+    for (role, url, entry), found in zip(planned, sizes, strict=True):
+        if isinstance(found, StorageError):
+            raise StorageError(f"{role} shard: {found} (index.json lists it; see `dpm-shards verify`)")
+        if found is None and not is_remote(url):
             raise FileNotFoundError(f"{role} shard {url} does not exist (index.json lists it; see `dpm-shards verify`)")
-        size = os.path.getsize(path)
-        if cfg.verify_sha and entry is not None and size != entry["num_bytes"]:
-            what = "truncated" if size < entry["num_bytes"] else "longer than recorded"
+        if cfg.verify_sha and entry is not None and found is not None and found != entry["num_bytes"]:
+            what = "truncated" if found < entry["num_bytes"] else "longer than recorded"
             raise ShardError(
-                f"{role} shard {url}: {what}: {size} bytes, index.json says {entry['num_bytes']} "
+                f"{role} shard {url}: {what}: {found} bytes, index.json says {entry['num_bytes']} "
                 "(see `dpm-shards verify`)"
             )
     return len(planned)

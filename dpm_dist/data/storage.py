@@ -105,12 +105,42 @@ def no_credentials_message(url: str) -> str:
     )
 
 
+def _size_once(url: str, opts: IOOptions) -> int | None:
+    if url.startswith("s3://"):
+        return int(_s3fs(opts).info(url[len("s3://") :])["size"])
+    if url.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=opts.timeout_s) as resp:
+                length = resp.headers.get("Content-Length")
+                return int(length) if length is not None and length.isdigit() else None
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                raise FileNotFoundError(f"HTTP 404 for {url}") from exc
+            if exc.code in (401, 403):
+                raise PermissionError(f"HTTP {exc.code} for {url}") from exc
+            if exc.code in (405, 501):  # a server without HEAD: the size is checked when the shard is read
+                return None
+            raise
+    return os.path.getsize(local_path(url))
+
+
 def read_bytes(url: str, opts: IOOptions = IOOptions()) -> bytes:
     """The whole object at ``url``. Transient failures are retried ``opts.retries`` times in total."""
+    return _retrying(_read_once, url, opts)
+
+
+def object_size(url: str, opts: IOOptions = IOOptions()) -> int | None:
+    """The size in bytes of the object at ``url`` without reading it (S3 HEAD, HTTP HEAD's Content-Length, stat),
+    or None where the server does not say; raises :class:`StorageError` as :func:`read_bytes` does."""
+    return _retrying(_size_once, url, opts)
+
+
+def _retrying(once: Any, url: str, opts: IOOptions) -> Any:
+    """``once(url, opts)``, transient failures retried ``opts.retries`` times in total with doubling waits."""
     delay, last = opts.backoff_s, None
     for attempt in range(1, max(1, opts.retries) + 1):
         try:
-            return _read_once(url, opts)
+            return once(url, opts)
         except FileNotFoundError as exc:
             raise StorageError(f"shard or manifest {url} does not exist ({exc})") from exc
         except PermissionError as exc:

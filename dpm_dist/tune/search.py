@@ -353,12 +353,15 @@ class ShowTrials(ray.tune.Callback):
         shown = ", ".join(f"{k}={result[k]:.1%}" for k in ("mAP", "rank1") if isinstance(result.get(k), float))
         print(f"dpm-tune: {trial} epoch {result.get('epoch')}: {shown}", flush=True)
 
+    def _epoch(self, trial: Any) -> int:
+        """The last epoch ``trial`` reported: in this run, or before it (a resumed search's saved results)."""
+        return (self.last.get(trial.trial_id) or getattr(trial, "last_result", None) or {}).get("epoch", 0)
+
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        epoch = self.last.get(trial.trial_id, {}).get("epoch", 0)
-        print(f"dpm-tune: {trial} ended after epoch {epoch}", flush=True)
+        print(f"dpm-tune: {trial} ended after epoch {self._epoch(trial)}", flush=True)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        epoch = self.last.get(trial.trial_id, {}).get("epoch", 0)
+        epoch = self._epoch(trial)
         where = f" (its error: {trial.path}/error.txt)" if getattr(trial, "path", None) else ""
         print(f"dpm-tune: {trial} failed after epoch {epoch}{where}", flush=True)
 
@@ -367,8 +370,8 @@ ShowTrialStarts = ShowTrials  # its former name, pickled in the tuner.pkl of sea
 
 
 class ReportedResults(ray.tune.Callback):
-    """Every trial's reported (epoch, metric), kept with the search's saved state and handed to :class:`TrialCap`
-    when a search is resumed, so ASHA's rungs are rebuilt from it.
+    """Every trial's reported (epoch, metric) in the order the search received them, kept with the search's saved
+    state and handed to :class:`TrialCap` when a search is resumed, so ASHA's rungs are rebuilt from it.
 
     Tune saves no scheduler state (``tuner.pkl`` holds the scheduler as the first run started it) and a resumed
     trial's ``result.json`` in storage starts over; Tune does save callbacks' state with the experiment's, and
@@ -377,11 +380,13 @@ class ReportedResults(ray.tune.Callback):
 
     def __init__(self, metric: str) -> None:
         self.metric = metric
-        self.history: dict[str, list[tuple[int, float]]] = {}
+        # trial id -> [(epoch, metric, n)], n numbering the search's reports (searches saved before: no n)
+        self.history: dict[str, list[tuple]] = {}
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
         if "epoch" in result and self.metric in result:
-            self.history.setdefault(trial.trial_id, []).append((int(result["epoch"]), float(result[self.metric])))
+            n = sum(len(r) for r in self.history.values())
+            self.history.setdefault(trial.trial_id, []).append((int(result["epoch"]), float(result[self.metric]), n))
 
     def get_state(self) -> dict[str, Any]:
         return {"history": self.history}
@@ -403,9 +408,11 @@ class TrialCap(ray.tune.schedulers.TrialScheduler):
     """
 
     current_limit: int = 1  # set by build_tuner in the process that runs the search (the Tune driver)
-    # trial id -> its reported (epoch, metric) in order, set by ReportedResults when a search is restored: Tune
-    # saves no scheduler state, so ASHA's rungs are rebuilt from them as each trial is re-added.
-    history: ClassVar[dict[str, list[tuple[int, float]]]] = {}
+    # trial id -> its reported (epoch, metric, n), set by ReportedResults when a search is restored: Tune saves no
+    # scheduler state, so ASHA's rungs are rebuilt from them (see replay)
+    history: ClassVar[dict[str, list[tuple]]] = {}
+    # the restored trials' results not yet replayed: (order, trial, epoch, metric)
+    to_replay: ClassVar[list[tuple[tuple[int, ...], Any, int, float]]] = []
 
     def __init__(self, base: ray.tune.schedulers.TrialScheduler) -> None:
         super().__init__()
@@ -431,24 +438,43 @@ class TrialCap(ray.tune.schedulers.TrialScheduler):
 
     def on_trial_add(self, controller: Any, trial: Any) -> None:
         self.base.on_trial_add(controller, trial)
-        self.replay(trial, TrialCap.history.pop(trial.trial_id, []))
+        for i, (epoch, value, *n) in enumerate(TrialCap.history.pop(trial.trial_id, [])):
+            TrialCap.to_replay.append(((n[0],) if n else (-1, i), trial, epoch, value))
         if trial.status == "PENDING" and self._active(controller, other_than=trial) >= self.limit:
             trial.set_status("PAUSED")  # Tune files the trial by this status right after this call
 
-    def replay(self, trial: Any, results: list[tuple[int, float]]) -> None:
-        """Record a restored trial's past results in ASHA's rungs (what the uninterrupted search had recorded),
-        so that a resumed search stops the trials the uninterrupted one would; the decisions are not re-taken."""
-        bracket = getattr(self.base, "_trial_info", {}).get(trial.trial_id)  # ASHA only (FIFO keeps no state)
-        if bracket is None:
-            return
-        sign = cast(Any, self.base)._metric_op  # 1 for mode=max, -1 for min: ASHA keeps the maximum
-        for epoch, value in results:
-            bracket.on_result(trial, epoch, sign * value)
+    def replay(self, controller: Any) -> None:
+        """Record the restored trials' past results in ASHA's rungs, in the order the search received them, so
+        that the resumed search stops the trials the uninterrupted one would.
+
+        Called once every trial is re-added (a cutoff depends on the other trials' results). A restored trial
+        that ASHA stops on these results is stopped now: the interrupted run took that decision when the trial
+        reported but could not carry it out (the trial was being interrupted), and training it on would give it
+        epochs the uninterrupted search never ran.
+        """
+        pending, TrialCap.to_replay = sorted(TrialCap.to_replay, key=lambda r: r[0]), []
+        sign = getattr(self.base, "_metric_op", 1)  # 1 for mode=max, -1 for min: ASHA keeps the maximum
+        stopped: dict[Any, int] = {}
+        for _, trial, epoch, value in pending:
+            bracket = getattr(self.base, "_trial_info", {}).get(trial.trial_id)  # ASHA only (FIFO keeps no state)
+            if bracket is None or trial in stopped:
+                continue
+            decision = bracket.on_result(trial, epoch, sign * value)  # records the result at its rung
+            if decision == ray.tune.schedulers.TrialScheduler.STOP and trial.status in ("PENDING", "PAUSED"):
+                stopped[trial] = epoch
+        for trial, epoch in stopped.items():
+            print(
+                f"dpm-tune: {trial} stopped by the scheduler at epoch {epoch} (reported before the interruption)",
+                flush=True,
+            )
+            controller.stop_trial(trial)  # TERMINATED, as ASHA stops a trial; its checkpoints and results stay
 
     def on_trial_error(self, controller: Any, trial: Any) -> None:
         self.base.on_trial_error(controller, trial)
 
     def on_trial_result(self, controller: Any, trial: Any, result: dict) -> str:
+        if TrialCap.to_replay:  # Tune chooses a trial to run before it runs one; this is only a safeguard
+            self.replay(controller)
         return self.base.on_trial_result(controller, trial, result)
 
     def on_trial_complete(self, controller: Any, trial: Any, result: dict) -> None:
@@ -458,6 +484,8 @@ class TrialCap(ray.tune.schedulers.TrialScheduler):
         self.base.on_trial_remove(controller, trial)
 
     def choose_trial_to_run(self, controller: Any) -> Any:
+        if TrialCap.to_replay:
+            self.replay(controller)
         trial = self.base.choose_trial_to_run(controller)
         if trial is not None and trial.status == "PAUSED" and self._active(controller) >= self.limit:
             return None
