@@ -3,6 +3,8 @@
     dpm-shards write --layout occluded_duke --src /data/Occluded_Duke            # -> shards/occluded_duke
     dpm-shards write --layout occluded_reid --src /data/Occluded_REID           # raw release, no Rename.py
     dpm-shards write --layout msmt17 --src /data/MSMT17_V1 --max-bytes 256MB
+    dpm-shards write --layout list --list /data/people/people.csv  # your own: path,identity,camera,role -> shards/people
+    dpm-shards write --layout folders --src /data/people    # your own: <role>/<identity>/<camera>_*.jpg -> shards/people
     dpm-shards synth --out shards/synthetic [--folder /tmp/synthetic_folder] [--num-ids 50]
     dpm-shards verify shards/occluded_duke          # or http://host/occluded_duke, s3://bucket/occluded_duke
 
@@ -19,7 +21,7 @@ import sys
 from collections.abc import Sequence
 
 from dpm_dist.cli.common import absolute_path, run_guarded
-from dpm_dist.data.layouts import LAYOUTS, scan_layout
+from dpm_dist.data.layouts import LAYOUTS, OWN_LAYOUTS, scan_layout, scan_own
 from dpm_dist.data.shards import MANIFEST, CorruptImageError, read_manifest, verify, write_records
 from dpm_dist.data.storage import IOOptions, is_remote, local_path
 from dpm_dist.data.synth import SynthSpec, write_synthetic_folder, write_synthetic_shards
@@ -61,10 +63,18 @@ def _summary(manifest: dict, out: str) -> str:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    write = sub.add_parser("write", help="convert a dataset folder into shards")
-    write.add_argument("--layout", required=True, choices=sorted(LAYOUTS))
-    write.add_argument("--src", required=True, help="dataset folder")
-    write.add_argument("--out", help=f"output folder (default {DEFAULT_ROOT}/<layout>)")
+    write = sub.add_parser("write", help="convert a dataset folder (or a list file) into shards")
+    write.add_argument("--layout", required=True, choices=sorted([*LAYOUTS, *OWN_LAYOUTS]))
+    write.add_argument("--src", help="dataset folder (every layout but list)")
+    write.add_argument(
+        "--list",
+        help="--layout list: CSV/TSV file with columns path,identity,camera,role (paths relative to its folder)",
+    )
+    write.add_argument(
+        "--out",
+        help=f"output folder (default {DEFAULT_ROOT}/<layout>; list: {DEFAULT_ROOT}/<list file name without "
+        f"extension>; folders: {DEFAULT_ROOT}/<--src folder name>)",
+    )
     write.add_argument(
         "--skip-corrupt",
         action="store_true",
@@ -86,24 +96,56 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _write(args: argparse.Namespace) -> int:
+def _source(args: argparse.Namespace) -> tuple[str, str]:
+    """The absolute ``--src`` folder (or ``--list`` file) and the default output folder's name."""
+    if args.layout == "list":
+        if args.src or not args.list:
+            raise ValueError(
+                "--layout list takes --list FILE (paths in it are relative to its folder), not --src"
+                if args.src
+                else "--layout list needs --list FILE (a CSV/TSV with columns path,identity,camera,role)"
+            )
+        src = absolute_path(args.list)
+        return src, os.path.splitext(os.path.basename(src))[0]
+    if args.list or not args.src:
+        raise ValueError(
+            f"--list is for --layout list only (--layout {args.layout} reads --src DIR)"
+            if args.list
+            else f"--layout {args.layout} needs --src DIR (the dataset folder)"
+        )
     src = absolute_path(args.src)
     if not os.path.isdir(src):
         raise FileNotFoundError(f"--src {src}: no such folder")
-    out = absolute_path(args.out or os.path.join(DEFAULT_ROOT, args.layout))
+    return src, os.path.basename(src.rstrip(os.sep)) if args.layout == "folders" else args.layout
+
+
+def _write(args: argparse.Namespace) -> int:
+    src, name = _source(args)
+    out = absolute_path(args.out or os.path.join(DEFAULT_ROOT, name))
+    where: dict[str, str] = {}
+    if args.layout in OWN_LAYOUTS:  # written as "generic" (train with data.dataset=generic), names recorded
+        own = scan_own(args.layout, src)
+        for line in own.warnings:
+            print(f"{PROG}: warning: {line}", file=sys.stderr)
+        records, where, dataset = own.records, own.where, "generic"
+        extra = {"layout": args.layout, "identities": own.identities, "cameras": own.cameras}
+    else:
+        records, dataset, extra = scan_layout(args.layout, src), args.layout, {}
     try:
         manifest = write_records(
-            scan_layout(args.layout, src),
+            records,
             out,
-            dataset=args.layout,
+            dataset=dataset,
             skip_corrupt=args.skip_corrupt,
             max_count=args.max_count,
             max_bytes=args.max_bytes,
             seed=args.seed,
+            extra=extra,
         )
     except CorruptImageError as exc:
+        listed = f" (listed on {where[exc.path]})" if exc.path in where and "line" in where[exc.path] else ""
         raise ValueError(
-            f"{exc}; nothing was written (--skip-corrupt leaves such files out, listed in index.json)"
+            f"{exc}{listed}; nothing was written (--skip-corrupt leaves such files out, listed in index.json)"
         ) from exc
     print(_summary(manifest, out))
     if manifest["skipped"]:

@@ -8,14 +8,22 @@ Hidden entries (a leading dot: macOS ``._*`` resource forks, ``.DS_Store``) are 
 parsers' ``glob('*.jpg')`` would pick up ``._0001_c1s1_000001_00.jpg`` and fail on it, so they are skipped.
 Extensions are matched case-insensitively and ``.jpeg`` counts as JPEG (the official parsers take ``*.jpg``
 only; this is our documented extension).
+
+A dataset of one's own (docs/data.md, "Your own dataset") comes as a list file (:func:`read_list`: CSV/TSV of
+path, identity, camera, role) or a ``<root>/<role>/<identity>/<camera>_*.jpg`` tree (:func:`scan_folders`);
+identities and cameras are any strings, numbered by :func:`own_dataset`.
 """
 
 from __future__ import annotations
 
+import csv
+import hashlib
+import io
 import os
 import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 MARKET_RE = re.compile(r"^([-\d]+)_c(\d+)")
 MARKET_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
@@ -195,3 +203,299 @@ def scan_layout(layout: str, root: str) -> list[Record]:
 def relabel(pids: list[int]) -> dict[int, int]:
     """pid -> 0..C-1 in sorted pid order (the same on every rank; fast-reid #523)."""
     return {pid: label for label, pid in enumerate(sorted(set(pids)))}
+
+
+# ---- a dataset of one's own: a list file or a role/identity/camera folder tree --------------------------------
+
+OWN_LAYOUTS = ("folders", "list")
+LIST_COLUMNS = ("path", "identity", "camera", "role")
+MAX_NAMED = 8  # bad rows named by line in the second line of the error
+
+
+@dataclass(frozen=True)
+class Row:
+    """One image of a dataset of one's own, before numbering: names are the strings the user wrote."""
+
+    path: str  # absolute file
+    source: str  # as listed (list) or relative to the root (folders), '/'-separated
+    identity: str
+    camera: str
+    role: str
+    where: str  # "LIST line N" or "file ROOT/REL": what a message names
+
+
+@dataclass
+class OwnDataset:
+    """:class:`Record` s of a list or folders dataset, the name -> integer maps and the warnings."""
+
+    records: list[Record]
+    identities: dict[str, int]  # identity name -> pid: training ones 0..C-1, then test-only ones C..
+    cameras: dict[str, int]  # camera name -> camid 0..N-1
+    warnings: list[str] = field(default_factory=list)
+    where: dict[str, str] = field(default_factory=dict)  # Record.path -> where it was listed
+
+
+class _BadRows:
+    """Collects bad rows; :meth:`check` raises one ValueError: the first in full, the others by line/file."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[str, str, str]] = []  # (full message, short place, short reason)
+
+    def add(self, where: str, problem: str, place: str, reason: str) -> None:
+        self.items.append((f"{where}: {problem}", place, reason))
+
+    def check(self) -> None:
+        if not self.items:
+            return
+        first, rest = self.items[0][0], self.items[1:]
+        if not rest:
+            raise ValueError(first)
+        named = ", ".join(f"{place} ({reason})" for _, place, reason in rest[:MAX_NAMED])
+        more = f", ... {len(rest) - MAX_NAMED} more" if len(rest) > MAX_NAMED else ""
+        raise ValueError(f"{first}\nand {len(rest)} more bad row(s): {named}{more}")
+
+
+def natural_key(text: str) -> tuple[list[str | int], str]:
+    """Sort key putting ``cam2`` before ``cam10`` (digit runs compared as numbers; ties by the plain string)."""
+    parts: list[str | int] = [int(p) if i % 2 else p for i, p in enumerate(re.split(r"(\d+)", text))]
+    return parts, text
+
+
+def _delimiter(list_path: str, header_line: str) -> str:
+    ext = os.path.splitext(list_path)[1].lower()
+    if ext == ".csv":  # Excel in locales with a decimal comma writes ';'
+        return ";" if ";" in header_line and "," not in header_line else ","
+    if ext in (".tsv", ".tab"):
+        return "\t"
+    return "\t" if "\t" in header_line else ","
+
+
+def read_list(list_path: str) -> list[Row]:
+    """The rows of a list file: CSV (``.csv``; ``;``-separated when the header row has ``;`` and no ``,``) or TSV (``.tsv``, ``.tab``; another extension: a tab in the header
+    line means TSV), UTF-8, a header row naming the columns ``path, identity, camera, role`` (any order, any case;
+    other columns are ignored), then one row per image. Cells are stripped of surrounding spaces; blank rows and
+    rows starting with ``#`` are skipped. A relative path is relative to the list file's folder.
+
+    Raises ValueError naming the file and line of the first bad row (and the lines of the others): wrong column
+    count, an empty path/identity/camera, a role other than train/query/gallery (any case), a file that does not
+    exist, a file listed twice for one role."""
+    base = os.path.dirname(os.path.abspath(list_path))
+    with open(list_path, "rb") as f:
+        data = f.read()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ValueError(f"{list_path} line {line}: not UTF-8 text ({exc.reason}; save the list as UTF-8)") from exc
+    lines = text.splitlines()
+    first = next((ln for ln in lines if ln.strip() and not ln.lstrip().startswith("#")), "")
+    reader = csv.reader(io.StringIO(text), delimiter=_delimiter(list_path, first))
+    header: list[str] | None = None
+    cols: dict[str, int] = {}
+    rows: list[Row] = []
+    seen: dict[tuple[str, str], int] = {}
+    bad = _BadRows()
+    try:
+        for cells in reader:
+            n = reader.line_num
+            cells = [c.strip() for c in cells]
+            if not any(cells) or cells[0].startswith("#"):
+                continue
+            where = f"{list_path} line {n}"
+            if header is None:
+                header = [c.lower() for c in cells]
+                missing = [c for c in LIST_COLUMNS if c not in header]
+                twice = [c for c in LIST_COLUMNS if header.count(c) > 1]
+                if missing or twice:
+                    what = f"missing {', '.join(missing)}" if missing else f"{', '.join(twice)} twice"
+                    raise ValueError(
+                        f"{where}: the header row must name the columns {', '.join(LIST_COLUMNS)} ({what}; "
+                        f"got {', '.join(repr(c) for c in cells)})"
+                    )
+                cols = {c: header.index(c) for c in LIST_COLUMNS}
+                continue
+            if len(cells) != len(header):
+                bad.add(where, f"{len(cells)} columns, the header has {len(header)}", f"line {n}", "column count")
+                continue
+            path, identity, camera, role = (cells[cols[c]] for c in LIST_COLUMNS)
+            empty = next((c for c, v in zip(("path", "identity", "camera"), (path, identity, camera)) if not v), None)
+            if empty:
+                bad.add(where, f"empty {empty} column", f"line {n}", f"empty {empty}")
+                continue
+            if role.lower() not in SPLITS:
+                bad.add(where, f"unknown role {role!r} (expected train, query or gallery)", f"line {n}", "unknown role")
+                continue
+            role = role.lower()
+            full = os.path.normpath(path if os.path.isabs(path) else os.path.join(base, path))
+            if not os.path.isfile(full):
+                bad.add(where, f"file {path!r} not found ({full})", f"line {n}", "missing file")
+                continue
+            if (role, full) in seen:
+                bad.add(
+                    where,
+                    f"file {path!r} is listed for {role} on line {seen[role, full]} already",
+                    f"line {n}",
+                    "twice",
+                )
+                continue
+            seen[role, full] = n
+            source = path.replace(os.sep, "/") if os.path.isabs(path) else os.path.normpath(path).replace(os.sep, "/")
+            rows.append(Row(full, source, identity, camera, role, where))
+    except csv.Error as exc:
+        raise ValueError(f"{list_path} line {reader.line_num}: cannot read the row ({exc})") from exc
+    if header is None:
+        raise ValueError(f"{list_path}: empty; expected a header row {','.join(LIST_COLUMNS)} and one row per image")
+    bad.check()
+    if not rows:
+        raise ValueError(f"{list_path}: a header row but no image rows")
+    return rows
+
+
+def scan_folders(root: str) -> tuple[list[Row], list[str]]:
+    """Rows and warnings of a ``<root>/<role>/<identity>/<camera>_<anything>.<ext>`` tree.
+
+    Role folders ``train``, ``query``, ``gallery`` (each optional, at least one); every folder inside one is an
+    identity (its name, any string); the camera is the file name up to its first ``_``; images are
+    :data:`IMAGE_EXTS` in any case, other files and hidden entries are ignored. Errors (one ValueError naming the
+    first file, then the others): an image outside an identity folder, a folder inside an identity folder, a name
+    without a ``<camera>_`` prefix. Other folders beside the role folders are a warning."""
+    roles = [r for r in SPLITS if os.path.isdir(os.path.join(root, r))]
+    if not roles:
+        raise ValueError(
+            f"folder {root!r}: no train/, query/ or gallery/ folder "
+            "(layout folders: <root>/<role>/<identity>/<camera>_<anything>.jpg)"
+        )
+    warnings = []
+    others = sorted(
+        n for n in os.listdir(root) if not is_hidden(n) and n not in SPLITS and os.path.isdir(os.path.join(root, n))
+    )
+    if others:
+        warnings.append(f"{root}: ignored folder(s) that are not a role (train, query, gallery): {', '.join(others)}")
+    rows: list[Row] = []
+    bad = _BadRows()
+    for role in roles:
+        for entry in sorted(os.listdir(os.path.join(root, role))):
+            rel = f"{role}/{entry}"
+            full = os.path.join(root, role, entry)
+            if is_hidden(entry):
+                continue
+            if not os.path.isdir(full):
+                if entry.lower().endswith(IMAGE_EXTS):
+                    bad.add(
+                        f"file {full}",
+                        f"an image directly in {role}/ (it belongs in {role}/<identity>/)",
+                        rel,
+                        "no identity folder",
+                    )
+                continue
+            for name in sorted(os.listdir(full)):
+                path, rel_name = os.path.join(full, name), f"{rel}/{name}"
+                if is_hidden(name):
+                    continue
+                if os.path.isdir(path):
+                    bad.add(
+                        f"folder {path}",
+                        "the folders layout has no level below <role>/<identity>/",
+                        rel_name,
+                        "subfolder",
+                    )
+                    continue
+                if not name.lower().endswith(IMAGE_EXTS):
+                    continue
+                camera, sep, _ = os.path.splitext(name)[0].partition("_")
+                if not sep or not camera:
+                    problem = "no `<camera>_` prefix" if not sep else "empty camera (the name starts with `_`)"
+                    bad.add(f"file {path}", f"name has {problem}" if not sep else problem, rel_name, "camera")
+                    continue
+                rows.append(Row(path, rel_name, entry, camera, role, f"file {path}"))
+    bad.check()
+    if not rows:
+        raise ValueError(f"folder {root!r}: no images in <role>/<identity>/ folders ({', '.join(IMAGE_EXTS)})")
+    return rows, warnings
+
+
+def _own_keys(rows: list[Row]) -> list[str]:
+    """Keys ``<role>_<source without extension>`` (characters outside [A-Za-z0-9_-] -> '_', the role not
+    repeated); keys that still collide get ``_<8 hex digits of the source's sha1>``, whatever the row order."""
+    keys = []
+    for row in rows:
+        stem = re.sub(r"[^A-Za-z0-9_-]", "_", os.path.splitext(row.source)[0])
+        keys.append(stem if stem.startswith(f"{row.role}_") else f"{row.role}_{stem}")
+    counts = Counter(keys)
+    return [
+        f"{k}_{hashlib.sha1(r.source.encode()).hexdigest()[:8]}" if counts[k] > 1 else k for k, r in zip(keys, rows)
+    ]
+
+
+def _plural(n: int, one: str, many: str) -> str:
+    return f"{n} {one if n == 1 else many}"
+
+
+def _query_warnings(rows: Iterable[Row]) -> list[str]:
+    """Query images that the evaluation can never match: no gallery image of their identity at all, or gallery
+    images only from the query's own camera (same-camera matches are junk: the query is skipped)."""
+    gallery: dict[str, set[str]] = {}
+    queries = []
+    for row in rows:
+        if row.role == "gallery":
+            gallery.setdefault(row.identity, set()).add(row.camera)
+        elif row.role == "query":
+            queries.append(row)
+    out = []
+    absent = [q for q in queries if q.identity not in gallery]
+    if absent:
+        ids = {q.identity for q in absent}
+        out.append(
+            f"{absent[0].where}: identity {absent[0].identity!r} has query images but none in the gallery (in all "
+            f"{_plural(len(ids), 'identity', 'identities')}, {_plural(len(absent), 'query image', 'query images')}; "
+            "the evaluation skips them: they cannot be matched)"
+        )
+    same = [q for q in queries if q.identity in gallery and gallery[q.identity] == {q.camera}]
+    if same:
+        out.append(
+            f"{same[0].where}: identity {same[0].identity!r} has gallery images only from camera {same[0].camera!r}, "
+            f"the query's; {_plural(len(same), 'query image', 'query images')} like it cannot be matched (the "
+            "evaluation ignores same-camera matches and skips them)"
+        )
+    return out
+
+
+def own_dataset(rows: list[Row], origin: str) -> OwnDataset:
+    """Number the names of ``rows`` (read from ``origin``, a list file or a root folder) deterministically.
+
+    Training identities get 0..C-1 in natural order (``p2`` before ``p10``); identities only in query/gallery
+    get C.. in natural order; an identity in both keeps its training number. Cameras, over all roles, get
+    0..N-1 in natural order. Warnings: query images that cannot be matched (:func:`_query_warnings`), and
+    identities both in train and in query/gallery (the usual protocol keeps them apart)."""
+    train = sorted({r.identity for r in rows if r.role == "train"}, key=natural_key)
+    test = sorted({r.identity for r in rows if r.role != "train"} - set(train), key=natural_key)
+    identities = {name: pid for pid, name in enumerate(train + test)}
+    cameras = {name: cam for cam, name in enumerate(sorted({r.camera for r in rows}, key=natural_key))}
+    records = [
+        Record(r.path, r.source, key, identities[r.identity], cameras[r.camera], r.role)
+        for r, key in zip(rows, _own_keys(rows))
+    ]
+    warnings = _query_warnings(rows)
+    both = sorted({r.identity for r in rows if r.role != "train"} & set(train), key=natural_key)
+    if both:
+        warnings.append(
+            f"{origin}: {_plural(len(both), 'identity is', 'identities are')} both in train and in query/gallery "
+            f"(e.g. {both[0]!r}); each keeps one number, but the usual re-ID protocol keeps them apart"
+        )
+    return OwnDataset(records, identities, cameras, warnings, {r.path: r.where for r in rows})
+
+
+def scan_own(layout: str, src: str) -> OwnDataset:
+    """``list``: ``src`` is the list file (:func:`read_list`); ``folders``: the root folder (:func:`scan_folders`)."""
+    if layout == "list":
+        if not os.path.isfile(src):
+            raise FileNotFoundError(f"--list {src}: no such file")
+        return own_dataset(read_list(src), src)
+    if layout == "folders":
+        if not os.path.isdir(src):
+            raise FileNotFoundError(f"--src {src}: no such folder")
+        rows, warnings = scan_folders(src)
+        own = own_dataset(rows, src)
+        own.warnings[:0] = warnings
+        return own
+    raise ValueError(f"unknown layout {layout!r}; expected one of {', '.join(OWN_LAYOUTS)}")
