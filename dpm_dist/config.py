@@ -23,6 +23,7 @@ DISTANCES = ("masked_cosine", "cosine", "euclidean")
 SAMPLERS = ("stream", "exact")
 LOG_LEVELS = ("warning", "info", "debug")
 CLASSIFIERS = ("replicated", "sharded")
+INVARIANT_MODES = ("off", "on", "auto")
 
 
 def _check(cond: bool, name: str, message: str) -> None:
@@ -133,7 +134,8 @@ class DataConfig:
     gallery_urls: list[str] = field(default_factory=list)
     s3_endpoint: str | None = None  # e.g. http://127.0.0.1:9000 for MinIO; None: AWS default chain
     sampler: str = "exact"  # exact: the official per-epoch PK sampler; stream: resampled shards
-    num_ids: int = 16  # P identities per rank-batch
+    num_ids: int = 16  # P identities per rank-batch (data.global_num_ids, when set, decides it)
+    global_num_ids: int = 0  # P identities per global batch, shared over the ranks; 0: data.num_ids per rank
     num_instances: int = 4  # K images per identity
     num_workers: int = 8
     img_size: list[int] = field(default_factory=lambda: [256, 128])
@@ -156,7 +158,17 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check_choice(self.dataset, "data.dataset", DATASETS)
         _check_choice(self.sampler, "data.sampler", SAMPLERS)
-        _check(self.num_ids >= 2, "data.num_ids", f"P must be >= 2 for triplet negatives, got {self.num_ids}")
+        _check(self.global_num_ids >= 0, "data.global_num_ids", f"must be >= 0, got {self.global_num_ids}")
+        _check(
+            self.global_num_ids == 0 or self.global_num_ids >= 2,
+            "data.global_num_ids",
+            f"P must be >= 2 for triplet negatives, got {self.global_num_ids}",
+        )
+        _check(
+            self.num_ids >= (1 if self.global_num_ids else 2),
+            "data.num_ids",
+            f"P must be >= 2 for triplet negatives, got {self.num_ids}",
+        )
         _check(
             self.num_instances >= 2,
             "data.num_instances",
@@ -205,6 +217,23 @@ class DataConfig:
     @property
     def batch_size(self) -> int:
         return self.num_ids * self.num_instances
+
+    def order_num_ids(self) -> int:
+        """P of the global P×K order the exact sampler draws: ``global_num_ids``, else the per-rank ``num_ids``."""
+        return self.global_num_ids or self.num_ids
+
+    def for_world_size(self, world_size: int) -> DataConfig:
+        """This config with ``num_ids`` the per-rank share of ``global_num_ids`` on ``world_size`` ranks (itself
+        when that is unset); raises ``ValueError`` naming the field when the ranks cannot share it equally."""
+        if not self.global_num_ids:
+            return self
+        _check(
+            self.global_num_ids % world_size == 0,
+            "data.global_num_ids",
+            f"{self.global_num_ids} identities per global batch cannot be shared equally by {world_size} ranks; "
+            f"use a multiple of {world_size}, or data.global_num_ids=0 and data.num_ids per rank",
+        )
+        return dataclasses.replace(self, num_ids=self.global_num_ids // world_size)
 
 
 @dataclass
@@ -257,6 +286,9 @@ class EngineConfig:
     hem_global_batch: bool = True  # HEM scale against loss.hem_ref_batch samples in total, not per rank
     gather_triplet: bool = False  # mine triplets over features all-gathered from every rank
     sync_bn: bool = False  # SyncBatchNorm for the BNNeck and the HMG BNs
+    # World-size invariance (docs/training.md): sample-keyed random draws, global BatchNorm, the triplet gather and
+    # the HEM global batch together. off | on | auto (on when more than one rank runs); true/false read as on/off.
+    invariant: str = "off"
     seed: int = 1234
     deterministic: bool = False
     compile: bool = False  # torch.compile the ViT blocks (all but the last: it carries the HEM hook) and the HMG
@@ -271,6 +303,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _check_choice(self.update_mode, "engine.update_mode", UPDATE_MODES)
         _check_choice(self.precision, "engine.precision", PRECISIONS)
+        self.invariant = {"true": "on", "false": "off"}.get(str(self.invariant).lower(), str(self.invariant).lower())
+        _check_choice(self.invariant, "engine.invariant", INVARIANT_MODES)
         _check(
             self.zero_stage in (0, 1, 2),
             "engine.zero_stage",
@@ -563,6 +597,28 @@ class DPMConfig:
             "engine.gradient_clipping",
             "the global norm would leave out the sharded prototypes; use 0 with model.classifier=sharded",
         )
+
+
+def for_world_size(cfg: DPMConfig, world_size: int) -> DPMConfig:
+    """``cfg`` as it runs on ``world_size`` ranks: ``data.num_ids`` the per-rank share of ``data.global_num_ids``;
+    ``engine.invariant`` decided (``auto``: on with more than one rank); on, it turns on the triplet gather and the
+    HEM global batch (docs/training.md, "World-size invariance"). The same on every call (idempotent); the config a
+    run records (checkpoints, config.yaml) is the one given, not this. Raises ``ValueError`` naming the field."""
+    data, e = cfg.data.for_world_size(world_size), cfg.engine
+    invariant = e.invariant == "on" or (e.invariant == "auto" and world_size > 1)
+    engine = dataclasses.replace(
+        e,
+        invariant="on" if invariant else "off",
+        gather_triplet=e.gather_triplet or invariant,
+        hem_global_batch=e.hem_global_batch or invariant,
+    )
+    _check(
+        data.num_ids >= 2 or engine.gather_triplet,
+        "data.global_num_ids",
+        f"{data.global_num_ids} identities over {world_size} ranks leave {data.num_ids} per rank: the triplet mining "
+        "needs engine.gather_triplet=true (or engine.invariant=on) to find negatives on other ranks",
+    )
+    return dataclasses.replace(cfg, data=data, engine=engine)
 
 
 def register_configs() -> None:

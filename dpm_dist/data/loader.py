@@ -41,6 +41,8 @@ from dpm_dist.config import DataConfig
 from dpm_dist.data.manifest import Shard, eval_datasets, eval_shards, io_options, load_manifest, train_shards
 from dpm_dist.data.sampling import (
     chunk_targets,
+    draw_seed,
+    global_position,
     official_pk_indices,
     pk_batches,
     rank_batches,
@@ -80,6 +82,8 @@ def num_train_batches(cfg: DataConfig, world_size: int, manifest: dict[str, Any]
     chunks = chunks_per_dataset(manifest, cfg.num_instances)
     if cfg.root_weights and len(chunks) > 1:
         chunks = chunk_targets(chunks, cfg.root_weights)
+    if cfg.global_num_ids:  # one global P×K order, whatever the world size
+        return sum(chunks) // cfg.global_num_ids
     return sum(chunks) // cfg.num_ids // world_size
 
 
@@ -93,9 +97,10 @@ def _worker() -> tuple[int, int]:
 
 
 def _train_item(
-    jpg: bytes, meta: dict[str, Any], key: str, url: str, gen: torch.Generator, cfg: DataConfig
+    jpg: bytes, meta: dict[str, Any], key: str, url: str, gen: torch.Generator, cfg: DataConfig, seed: int
 ) -> dict[str, Any]:
-    item = {"label": int(meta["label"]), "camid": int(meta["camid"]), "key": key, "image": None}
+    """One augmented sample; ``seed`` (its draws' key, :func:`dpm_dist.data.sampling.draw_seed`) goes with it."""
+    item = {"label": int(meta["label"]), "camid": int(meta["camid"]), "key": key, "image": None, "seed": seed}
     try:
         img = decode_image(jpg, url=url, key=key)
     except ShardError as exc:
@@ -148,6 +153,8 @@ def _collate_train(items: list[dict[str, Any]]) -> dict[str, Any]:
         "pids": torch.tensor([it["label"] for it in items], dtype=torch.long),
         "camids": torch.tensor([it["camid"] for it in items], dtype=torch.long),
         "keys": [it["key"] for it in items],
+        # Each sample's draw seed: drop-path masks keyed by the sample (engine.invariant) read it.
+        "sample_seeds": torch.tensor([it["seed"] for it in items], dtype=torch.long),
         "num_skipped": num_skipped,
         "skipped_keys": skipped_keys,
     }
@@ -232,7 +239,12 @@ def _augment_batches(batches: Iterable[list[dict[str, Any]]], cfg: DataConfig, s
     for number, batch in enumerate(batches):
         dropped = _NUM_CORRUPT[0] - seen  # skipped by _expand while this batch was being formed
         gen = torch.Generator().manual_seed(stream_seed(seed, worker, number))
-        out = _collate_train([_train_item(s["jpg"], s["meta"], s["key"], s["url"], gen, cfg) for s in batch])
+        out = _collate_train(
+            [
+                _train_item(s["jpg"], s["meta"], s["key"], s["url"], gen, cfg, stream_seed(seed, worker, number, j))
+                for j, s in enumerate(batch)
+            ]
+        )
         out["num_skipped"] += dropped
         out["skipped_keys"] += _DROPPED_KEYS
         _DROPPED_KEYS.clear()
@@ -323,7 +335,7 @@ class _IndexedTrain(Dataset):
         with open(path, "rb") as f:
             f.seek(offset)
             jpg = f.read(size)
-        return _train_item(jpg, meta, key, path, torch.Generator().manual_seed(item[1]), self.cfg)
+        return _train_item(jpg, meta, key, path, torch.Generator().manual_seed(item[1]), self.cfg, item[1])
 
 
 def _exact_batches(
@@ -333,23 +345,38 @@ def _exact_batches(
     seed: int,
     epoch: int,
     datasets: list[dict[str, Any]],
+    sample_keyed: bool = False,
 ) -> list[list[tuple[int, int]]]:
-    """This rank's batches of the epoch: (sample index, augmentation seed) pairs."""
+    """This rank's batches of the epoch: (sample index, augmentation seed) pairs.
+
+    The epoch's global P×K order uses P = ``data.global_num_ids`` when set (every world size draws the same order),
+    else the per-rank ``data.num_ids``. Seeds are keyed by (rank, batch, place in the rank's batch), or with
+    ``sample_keyed`` (``engine.invariant``) by the sample's place in the global order
+    (:func:`~dpm_dist.data.sampling.draw_seed`): the same on one rank."""
+
     shared = stream_seed(seed, epoch)  # the same on every rank, as rank 0's seed is in docs/method.md §5.6
     labels = [m["label"] for *_, m in index]
     rngs = (random.Random(shared), np.random.RandomState(shared % 2**32))
     if cfg.root_weights and len(datasets) > 1:
         starts = [d["id_offset"] for d in datasets]
         groups = [bisect.bisect_right(starts, label) - 1 for label in labels]
-        flat = weighted_pk_indices(labels, groups, list(cfg.root_weights), cfg.num_ids, cfg.num_instances, *rngs)
+        flat = weighted_pk_indices(
+            labels, groups, list(cfg.root_weights), cfg.order_num_ids(), cfg.num_instances, *rngs
+        )
     else:  # one dataset, or the union sampled as one: the official sampler
-        flat = official_pk_indices(labels, cfg.num_ids, cfg.num_instances, *rngs)
+        flat = official_pk_indices(labels, cfg.order_num_ids(), cfg.num_instances, *rngs)
     batches = rank_batches(flat, cfg.batch_size, env.rank, env.world_size)
     if not batches:
         raise ValueError(
             f"exact sampler: an epoch of {len(flat)} samples gives no {cfg.num_ids}×{cfg.num_instances} "
             f"batch for each of {env.world_size} ranks; lower data.num_ids or the world size"
         )
+    if sample_keyed:
+        size = cfg.batch_size
+        return [
+            [(i, draw_seed(shared, b, global_position(env.rank, j, size))) for j, i in enumerate(batch)]
+            for b, batch in enumerate(batches)
+        ]
     return [[(i, stream_seed(shared, env.rank, b, j)) for j, i in enumerate(batch)] for b, batch in enumerate(batches)]
 
 
@@ -371,9 +398,17 @@ class _ExactLoader:
     its batch sampler's list (the main process hands the batches to the workers, also to ones that outlive it)."""
 
     def __init__(
-        self, cfg: DataConfig, env: DistEnv, index: SampleIndex, manifest: dict[str, Any], seed: int, persistent: bool
+        self,
+        cfg: DataConfig,
+        env: DistEnv,
+        index: SampleIndex,
+        manifest: dict[str, Any],
+        seed: int,
+        persistent: bool,
+        sample_keyed: bool = False,
     ) -> None:
-        self.cfg, self.env, self.index, self.seed = cfg, env, index, seed
+        self.cfg, self.env, self.index, self.seed, self.sample_keyed = cfg, env, index, seed, sample_keyed
+
         self.datasets, self.batches = manifest["datasets"], _EpochBatches()
         self.loader = DataLoader(
             _IndexedTrain(index, cfg),
@@ -386,7 +421,9 @@ class _ExactLoader:
 
     def set_epoch(self, epoch: int) -> int:
         """Deal ``epoch``'s batches; returns their count."""
-        self.batches.batches = _exact_batches(self.cfg, self.env, self.index, self.seed, epoch, self.datasets)
+        self.batches.batches = _exact_batches(
+            self.cfg, self.env, self.index, self.seed, epoch, self.datasets, self.sample_keyed
+        )
         return len(self.batches)
 
 
@@ -419,9 +456,15 @@ class TrainLoader:
     way (tests/test_loader.py).
     """
 
-    def __init__(self, cfg: DataConfig, env: DistEnv, *, seed: int, persistent: bool | None = None) -> None:
-        """``persistent``: keep the workers for the run; ``None`` as ``data.persistent_workers`` says."""
-        self.cfg, self.env, self.seed = cfg, env, seed
+    def __init__(
+        self, cfg: DataConfig, env: DistEnv, *, seed: int, persistent: bool | None = None, sample_keyed: bool = False
+    ) -> None:
+        """``persistent``: keep the workers for the run; ``None`` as ``data.persistent_workers`` says.
+        ``sample_keyed`` (``engine.invariant``): exact-mode augmentation keyed by the sample's place in the global
+        order, not by the rank. ``data.global_num_ids`` is shared out over ``env.world_size`` ranks here."""
+        cfg = cfg.for_world_size(env.world_size)
+        self.cfg, self.env, self.seed, self.sample_keyed = cfg, env, seed, sample_keyed
+
         keep = cfg.persistent_workers if persistent is None else persistent
         self.persistent = keep and cfg.num_workers > 0
         self.loader: DataLoader | None = None
@@ -446,7 +489,7 @@ class TrainLoader:
             self._data = shards, manifest, index
         shards, manifest, index = self._data
         if cfg.sampler == "exact":
-            return _ExactLoader(cfg, self.env, index, manifest, self.seed, self.persistent)
+            return _ExactLoader(cfg, self.env, index, manifest, self.seed, self.persistent, self.sample_keyed)
         return _StreamLoader(cfg, self.env, shards, manifest, self.seed, self.persistent)
 
     def _reused(self) -> None:

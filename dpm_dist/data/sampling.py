@@ -4,7 +4,8 @@
   global ``random`` / ``numpy.random`` replaced by explicit generators.
 * :func:`weighted_pk_indices` is an epoch over several datasets whose P×K chunks are shared by given weights.
 * :func:`rank_batches` cuts that list into P×K batches and deals them to ranks round-robin (docs/method.md §5.6),
-  the same count to every rank.
+  the same count to every rank: global batch b is blocks bW..bW+W−1, so the ranks share one global P×K order.
+* :func:`draw_seed` keys a sample's random draws by its place in that global order (``engine.invariant``).
 * :func:`pk_batches` forms P×K batches from an endless sample stream with a bounded buffer.
 """
 
@@ -141,6 +142,28 @@ def rank_batches(indices: Sequence[int], batch_size: int, rank: int, world_size:
         list(indices[(b * world_size + rank) * batch_size : (b * world_size + rank + 1) * batch_size])
         for b in range(num_batches)
     ]
+
+
+def draw_seed(epoch_seed: int, step: int, position: int) -> int:
+    """The seed of every random draw touching the sample at ``position`` (0-based) of global batch ``step`` of an
+    epoch (``engine.invariant``; docs/method.md, "Sample-keyed random draws"): its augmentation, and through
+    :func:`draw_place_seed` its drop-path masks. Never the rank, the worker or the place in a rank's batch.
+
+    ``epoch_seed`` is the exact sampler's ``stream_seed(seed, epoch)``. The slot that holds the rank in the per-rank
+    seeds (``stream_seed(epoch_seed, rank, step, index)``) is 0 here, so one rank draws what it always drew."""
+    return stream_seed(epoch_seed, 0, step, position)
+
+
+def draw_place_seed(sample_seed: int, place: int) -> int:
+    """The seed of the draws at ``place`` (e.g. 1: step 1's forward, 2: step 2's) of a sample whose
+    :func:`draw_seed` is ``sample_seed``; distinct from the augmentation's (``sample_seed`` itself)."""
+    return stream_seed(sample_seed, place)
+
+
+def global_position(rank: int, index: int, rank_batch_size: int) -> int:
+    """Where the ``index``-th sample of ``rank``'s batch sits in the global batch: :func:`rank_batches` deals each
+    global batch to the ranks in contiguous blocks of ``rank_batch_size``, in rank order."""
+    return rank * rank_batch_size + index
 
 
 def pk_batches(

@@ -43,10 +43,11 @@ import torch
 import torch.nn as nn
 
 from dpm_dist import dist
-from dpm_dist.config import DPMConfig
+from dpm_dist.config import DPMConfig, for_world_size
 from dpm_dist.dist import DistEnv, device_for
 from dpm_dist.model.dpm import DPMNet
 from dpm_dist.train.heads import PrototypeHead, build_head
+from dpm_dist.train.invariant import KeyedDropPath, global_batchnorm, key_drop_paths
 from dpm_dist.train.losses import dpm_loss, loss_terms_from_config
 from dpm_dist.train.optim import build_optimizers, build_scheduler
 from dpm_dist.train.sharded_head import gather_rows
@@ -119,11 +120,14 @@ def _forget_fp16_autocast() -> None:
 
 
 def _prepared(model: DPMNet, cfg: DPMConfig, env: DistEnv) -> DPMNet:
-    """``model`` with SyncBatchNorm (``engine.sync_bn``), on this rank's device, compiled (``engine.compile``)."""
-    if cfg.engine.sync_bn:
-        if not torch.cuda.is_available():
-            raise ValueError("config field `engine.sync_bn`: SyncBatchNorm needs CUDA devices")
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    """``model`` with global BatchNorm (``engine.sync_bn``, ``engine.invariant``: torch's SyncBatchNorm on CUDA,
+    :class:`~dpm_dist.train.invariant.GlobalBatchNorm` on CPU/gloo) and sample-keyed drop-paths (``engine.invariant``),
+    on this rank's device, compiled (``engine.compile``)."""
+    invariant = cfg.engine.invariant == "on"
+    if cfg.engine.sync_bn or invariant:
+        global_batchnorm(model, cuda=torch.cuda.is_available())  # in place: the model itself is no BatchNorm
+    if invariant:
+        key_drop_paths(model.backbone.blocks)
     model = model.to(device_for(env))
     if cfg.engine.compile:
         compile_model(model, cfg.engine.compile_backend)
@@ -193,6 +197,7 @@ class EngineOptions:
     precision: str = "fp32"  # engine.precision: fp32 | bf16 | fp16
     gather_triplet: bool = False  # engine.gather_triplet: mine triplets over every rank's features
     loss: dict[str, Any] = field(default_factory=dict)  # the weights of dpm_loss (losses.loss_terms_from_config)
+    invariant: bool = False  # engine.invariant (resolved for the world size): logged metrics are global-batch means
 
 
 class DPMEngine:
@@ -221,6 +226,8 @@ class DPMEngine:
         self._main_params = model.non_mask_parameters()
         self._mask_params = model.mask_parameters()
         self._buffers = list(model.buffers())  # the BN running statistics
+        # engine.invariant: the drop-paths' per-sample draws, keyed by the batch's sample seeds (None: process RNG)
+        self._draws = next((m.draws for m in model.modules() if isinstance(m, KeyedDropPath)), None)
         self._dtype = _AUTOCAST.get(options.precision)
         # Skipped (non-finite) iterations: in all (the loop restores it on resume), in a row, why the last one
         # skipped (() when it was applied), and every cause seen in the current streak, in order.
@@ -232,6 +239,7 @@ class DPMEngine:
     def from_config(cls, cfg: DPMConfig, env: DistEnv, model: DPMNet) -> DPMEngine:
         """The engine ``cfg`` describes around ``model``: checks, SyncBN, device, compile, the head, both
         optimisers wrapped by DeepSpeed, the schedules."""
+        cfg = for_world_size(cfg, env.world_size)  # data.global_num_ids and engine.invariant on this world size
         e = cfg.engine
         if e.update_mode == "reference" and e.zero_stage != 0:
             raise ValueError(
@@ -251,7 +259,9 @@ class DPMEngine:
         loss = dict(
             loss_terms_from_config(cfg.loss), hem_ref_batch=cfg.loss.hem_ref_batch if e.hem_global_batch else None
         )
-        options = EngineOptions(e.update_mode, e.zero_stage, e.precision, e.gather_triplet, loss)
+        options = EngineOptions(
+            e.update_mode, e.zero_stage, e.precision, e.gather_triplet, loss, invariant=e.invariant == "on"
+        )
         return cls(
             model,
             head,
@@ -284,6 +294,12 @@ class DPMEngine:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self._dtype)
 
+    def _keyed(self, seeds: torch.Tensor | None, place: int) -> contextlib.AbstractContextManager:
+        """Within: the drop-paths draw from each sample's seed at ``place`` (engine.invariant), else as before."""
+        if self._draws is None or seeds is None:
+            return contextlib.nullcontext()
+        return self._draws.keyed(seeds, place, self.device)
+
     def _triplet_inputs(self, feat: torch.Tensor, pids: torch.Tensor) -> dict[str, torch.Tensor | None]:
         if not (self.options.gather_triplet and self.env.distributed):
             return {}
@@ -315,6 +331,9 @@ class DPMEngine:
         images = batch["images"].to(self.device, non_blocking=True)
         pids = batch["pids"].to(self.device, non_blocking=True)
         camids = batch["camids"].to(self.device, non_blocking=True)
+        seeds = batch.get("sample_seeds") if self._draws is not None else None
+        if self._draws is not None and seeds is None:
+            raise ValueError("engine.invariant: the batch has no sample_seeds to key its drop-path draws by")
         mode = self.options.update_mode
         self.model.train()
         self.head.begin_iteration()
@@ -325,7 +344,7 @@ class DPMEngine:
         self.main.zero_grad()
         self.head.zero_grad()
         stats = [b.clone() for b in self._buffers]
-        with self._autocast():
+        with self._autocast(), self._keyed(seeds, 1):
             enc = self.model.encode(images, camids)
             out = self.model.head(enc)
             losses = self._loss(out, pids)
@@ -345,7 +364,7 @@ class DPMEngine:
         _set_requires_grad(self._mask_params, True)
         self.mask.zero_grad()
         stats = [b.clone() for b in self._buffers]
-        with self._autocast():
+        with self._autocast(), self._keyed(seeds, 2):  # step 2's forward: fresh draws, keyed the same way
             loss2 = self._step2_loss(mode, images, camids, pids, enc, out)
         mask_causes, stop = self._update("mask", self.mask, self._mask_params, loss2, {"loss_step2": loss2})
         if mode == "reference":
@@ -382,6 +401,12 @@ class DPMEngine:
         scale = self.loss_scale()
         if scale is not None:
             metrics["loss_scale"] = scale
+        if self.options.invariant and self.env.distributed:
+            # The mean over ranks of the local means: the global batch's (equal per-rank batches). Collective.
+            keys = list(metrics)
+            values = torch.tensor([metrics[k] for k in keys], dtype=torch.float64, device=self.device)
+            values = dist.all_reduce_sum(values)
+            metrics = {k: float(v) / self.env.world_size for k, v in zip(keys, values.tolist())}
         return metrics
 
     def _update(

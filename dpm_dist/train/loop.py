@@ -361,9 +361,11 @@ def _run(
     saved: dict[str, Any] | None,
 ) -> RunState:
     """Build -> resume -> for each epoch: steps, then evaluate, save, report -> the final files. On every rank."""
+    from dpm_dist.config import for_world_size
     from dpm_dist.data.loader import TrainLoader
     from dpm_dist.loggers import build_logger
 
+    cfg = for_world_size(cfg, env.world_size)  # data.global_num_ids per rank, engine.invariant decided (not recorded)
     engine = build_engine(cfg, env, manifest)
     if saved:
         meta = checkpoint.resume(engine, os.path.join(cfg.log.output_dir, "checkpoints"), env, saved)
@@ -373,7 +375,7 @@ def _run(
     engine.skipped_steps = state.num_skipped_steps  # non-finite steps: the same on every rank
     if not state.rng_restored:  # fresh run, or another world size: seed per rank and epoch
         seed_everything(cfg.engine.seed * 1000 + env.rank + 7919 * (state.epoch + 1))  # drop-path RNG
-    loaders = TrainLoader(cfg.data, env, seed=cfg.engine.seed)
+    loaders = TrainLoader(cfg.data, env, seed=cfg.engine.seed, sample_keyed=cfg.engine.invariant == "on")
     first, last = state.epoch + 1, cfg.optim.epochs
     loader = loaders.epoch(first) if first <= last else None
     steps = _epoch_steps(cfg, loader) if loader is not None else 0
