@@ -546,7 +546,9 @@ class LogConfig:
     tensorboard: bool = True
     progress: bool = True
     checkpoint_every: int = 1  # epochs between checkpoints
+    checkpoint_every_steps: int = 0  # steps between step checkpoints inside an epoch (0: none; docs/training.md)
     keep_last: int = 2
+    keep_last_steps: int = 2  # step checkpoints kept (the newest, none older than the newest epoch checkpoint)
     keep_best: bool = True
     level: str = "warning"  # what libraries may print: warning (default: known noise hidden) | info | debug (all of it)
     allow_config_change: list[str] = field(
@@ -558,6 +560,12 @@ class LogConfig:
         _check(self.log_every >= 1, "log.log_every", f"must be >= 1, got {self.log_every}")
         _check(self.checkpoint_every >= 1, "log.checkpoint_every", f"must be >= 1, got {self.checkpoint_every}")
         _check(self.keep_last >= 1, "log.keep_last", f"must be >= 1, got {self.keep_last}")
+        _check(
+            self.checkpoint_every_steps >= 0,
+            "log.checkpoint_every_steps",
+            f"must be >= 0 (0: no step checkpoints), got {self.checkpoint_every_steps}",
+        )
+        _check(self.keep_last_steps >= 1, "log.keep_last_steps", f"must be >= 1, got {self.keep_last_steps}")
 
 
 @dataclass

@@ -1,10 +1,12 @@
 """Issue 25 items 4 and 5, as a user meets them: one live run per run folder, and stop signals (Ctrl-C, SIGTERM,
 Slurm's SIGUSR1) that stop ``dpm-train`` at a step boundary with one line saying what is saved, the documented
-exit status (128 + the signal's number), and a re-run that resumes. Real commands, from a folder outside the
-repository, relative paths."""
+exit status (128 + the signal's number), and a re-run that resumes. In the middle of an epoch the stop writes a step
+checkpoint at that step, so the re-run trains nothing twice. Real commands, from a folder outside the repository,
+relative paths."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -36,21 +38,29 @@ def _wait_for(proc: subprocess.Popen, log_path: Path, text: str) -> None:
         time.sleep(0.05)
 
 
-def _stopped_line(text: str, work: Path, how: str) -> re.Match:
-    """The run's last line: what stopped it, after which step, the latest checkpoint and how to resume."""
+def _stopped_line(text: str, work: Path, how: str) -> str:
+    """The run's last line: what stopped it, after which step, the checkpoint it left (in the middle of an epoch: a
+    step checkpoint written at that step, so nothing is trained again) and how to resume; returns that checkpoint."""
     last = text.strip().splitlines()[-1]
     ckpts = re.escape(str(work / "run" / "checkpoints"))
+    resume = "re-run the same command to resume from it"
     found = re.fullmatch(
-        rf"dpm-train: {re.escape(how)} after (?:step (\d+) \(epoch \d+, step 1 of 2\)|epoch \d+, step (\d+)); "
-        rf"the latest checkpoint is (epoch_\d{{4}}) \(epoch (\d+) of 40\) in {ckpts}; "
-        r"re-run the same command to resume from it( \(the 1 step since it is trained again\))?",
+        rf"dpm-train: {re.escape(how)} after (?:"
+        rf"step (\d+) \(epoch (\d+), step 1 of 2\); the latest checkpoint is (step_(\d{{4}})_000001) \(epoch (\d+), "
+        rf"step 1 of 2\), written at this stop, in {ckpts}; {resume} \(no step is trained again\)"
+        rf"|epoch (\d+), step (\d+); the latest checkpoint is (epoch_(\d{{4}})) \(epoch (\d+) of 40\) in {ckpts}; {resume})",
         last,
     )
     assert found, text[-3000:]
-    assert (work / "run" / "checkpoints" / "latest").read_text().strip() == found[3]
-    step = int(found[1] or found[2])
-    assert step == 2 * int(found[4]) + (1 if found[1] else 0) and bool(found[1]) == bool(found[5]), last
-    return found
+    if found[1]:  # during an epoch: after its first step
+        step, epoch, tag = int(found[1]), int(found[2]), found[3]
+        assert step == 2 * epoch - 1 and int(found[4]) == int(found[5]) == epoch, last
+    else:  # at an epoch's end: that epoch's checkpoint
+        epoch, step, tag = int(found[6]), int(found[7]), found[8]
+        assert step == 2 * epoch and int(found[9]) == int(found[10]) == epoch, last
+    assert (work / "run" / "checkpoints" / "latest").read_text().strip() == tag
+    assert (work / "run" / "checkpoints" / tag / "manifest.json").is_file()
+    return tag
 
 
 def test_second_run_in_a_folder_is_refused_then_sigterm_saves_and_a_rerun_resumes(tiny_shards, tmp_path):
@@ -75,13 +85,15 @@ def test_second_run_in_a_folder_is_refused_then_sigterm_saves_and_a_rerun_resume
             kill_tree(first.pid)
     text = (tmp_path / "first.log").read_text()
     assert "Traceback" not in text
-    found = _stopped_line(text, work, "stopped by SIGTERM")
+    tag = _stopped_line(text, work, "stopped by SIGTERM")
     assert len(list((work / "run" / "tb").glob("events.out.tfevents.*"))) == 1  # the refused run opened none
     assert not (work / "run" / ".dpm-run.lock").exists()  # released on the way out
 
+    step = json.loads((work / "run" / "checkpoints" / tag / "meta.json").read_text())["step"]
     again = subprocess.run(cmd, capture_output=True, text=True, env=train_env(), cwd=work, timeout=RUN_TIMEOUT_S)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
-    assert f"resumed from {found[3]}" in again.stdout
+    assert f"resumed from {tag}" in again.stdout
+    assert f"[step {step} " not in again.stdout and f"[step {step + 1} " in again.stdout  # nothing trained twice
     assert (work / "run" / "results.json").is_file()
 
 

@@ -257,15 +257,16 @@ def test_ctrl_c_says_what_was_saved_and_how_to_resume(tiny_shards, tmp_path):
     text = log_path.read_text()
     tag = (work / "run" / "checkpoints" / "latest").read_text().strip()
     last = text.strip().splitlines()[-1]
-    epoch = int(tag[-4:])
+    epoch = int(tag.split("_")[1])
     ckpts = work / "run" / "checkpoints"
-    resume = (
-        f"the latest checkpoint is {tag} (epoch {epoch} of 40) in {ckpts}; re-run the same command to resume from it"
-    )
-    assert last in (
-        f"dpm-train: interrupted (SIGINT) after step {2 * epoch + 1} (epoch {epoch + 1}, step 1 of 2); {resume} "
-        "(the 1 step since it is trained again)",
-        f"dpm-train: interrupted (SIGINT) after epoch {epoch}, step {2 * epoch}; {resume}",
+    resume = "re-run the same command to resume from it"
+    assert last == (  # in the middle of an epoch: a step checkpoint written at that step, nothing to train again
+        f"dpm-train: interrupted (SIGINT) after step {2 * epoch - 1} (epoch {epoch}, step 1 of 2); the latest "
+        f"checkpoint is {tag} (epoch {epoch}, step 1 of 2), written at this stop, in {ckpts}; {resume} (no step is "
+        "trained again)"
+        if tag.startswith("step_")
+        else f"dpm-train: interrupted (SIGINT) after epoch {epoch}, step {2 * epoch}; the latest checkpoint is {tag} "
+        f"(epoch {epoch} of 40) in {ckpts}; {resume}"
     ), text[-2000:]
     assert "Traceback" not in text and "KeyboardInterrupt" not in text
     # The bar (redrawn with \r) and the [step N] lines never share a line; no stray "0it" bar.

@@ -312,8 +312,10 @@ class _StreamLoader:
             prefetch_factor=2 if cfg.num_workers else None,
         )
 
-    def set_epoch(self, epoch: int) -> int:
-        """Point the pipeline at ``epoch``; returns its batch count."""
+    replays = True  # a resume inside an epoch reads the stream's first batches again (TrainLoader.epoch)
+
+    def set_epoch(self, epoch: int, start: int = 0) -> int:
+        """Point the pipeline at ``epoch``; returns its batch count (``start``: see :meth:`TrainLoader.epoch`)."""
         self.seed_box.fill_(stream_seed(self.seed, epoch, self.env.rank))
         return self.n
 
@@ -419,22 +421,33 @@ class _ExactLoader:
             persistent_workers=persistent,
         )
 
-    def set_epoch(self, epoch: int) -> int:
-        """Deal ``epoch``'s batches; returns their count."""
-        self.batches.batches = _exact_batches(
-            self.cfg, self.env, self.index, self.seed, epoch, self.datasets, self.sample_keyed
-        )
-        return len(self.batches)
+    replays = False  # a resume inside an epoch starts the batch list at its position: nothing is read again
+
+    def set_epoch(self, epoch: int, start: int = 0) -> int:
+        """Deal ``epoch``'s batches from its batch ``start`` on (a resume inside the epoch); returns their count
+        in the whole epoch."""
+        batches = _exact_batches(self.cfg, self.env, self.index, self.seed, epoch, self.datasets, self.sample_keyed)
+        self.batches.batches = batches[start:]
+        return len(batches)
 
 
 # ---- the training loader of a run
 
 
 class _Epoch:
-    """``n`` batches of ``loader``; ``len()`` is ``n``. ``before`` runs each time the epoch is iterated."""
+    """The batches ``start..n-1`` of an epoch of ``n`` batches of ``loader``; ``len()`` is ``n``. ``replay``: the
+    loader yields the epoch from its first batch, and the first ``start`` are read and dropped. ``before`` runs each
+    time the epoch is iterated."""
 
-    def __init__(self, loader: Iterable[dict[str, Any]], n: int, before: Callable[[], None] | None = None) -> None:
-        self.loader, self.n, self.before = loader, n, before
+    def __init__(
+        self,
+        loader: Iterable[dict[str, Any]],
+        n: int,
+        before: Callable[[], None] | None = None,
+        start: int = 0,
+        replay: bool = False,
+    ) -> None:
+        self.loader, self.n, self.before, self.start, self.replay = loader, n, before, min(start, n), replay
 
     def __len__(self) -> int:
         return self.n
@@ -442,7 +455,8 @@ class _Epoch:
     def __iter__(self) -> Iterator[dict[str, Any]]:
         if self.before is not None:
             self.before()
-        return islice(iter(self.loader), self.n)
+        skip = self.start if self.replay else 0
+        return islice(iter(self.loader), skip, skip + self.n - self.start)
 
 
 class TrainLoader:
@@ -472,13 +486,20 @@ class TrainLoader:
         self._built: _StreamLoader | _ExactLoader | None = None
         self._data: tuple[list[Shard], dict[str, Any], SampleIndex] | None = None
 
-    def epoch(self, epoch: int) -> Iterable[dict[str, Any]]:
-        """The batches of ``epoch`` on this rank; ``len()`` is their count. Iterate it before asking for the next."""
+    def epoch(self, epoch: int, start: int = 0, replay: bool = True) -> _Epoch:
+        """The batches of ``epoch`` on this rank; ``len()`` is their count. Iterate it before asking for the next.
+
+        ``start``: resume inside the epoch, with its batch ``start`` (0-based): the exact sampler deals the epoch's
+        list from there (nothing is read again); the stream sampler reads its first ``start`` batches again and drops
+        them (``replay``; the same batches as before only with the same world size and ``data.num_workers``), or,
+        with ``replay=False``, yields the remaining count from the stream's start.
+        """
         if self._built is None or not self.persistent:
             self._built = self._build()
             self.loader = self._built.loader
-        n = self._built.set_epoch(epoch)
-        return _Epoch(self._built.loader, n, self._reused if self.persistent else None)
+        n = self._built.set_epoch(epoch, start)
+        replays = replay and self._built.replays
+        return _Epoch(self._built.loader, n, self._reused if self.persistent else None, start, replays)
 
     def _build(self) -> _StreamLoader | _ExactLoader:
         """The one build path of the sampler; the data it reads are read on the first call only."""

@@ -144,6 +144,15 @@ def rank_batches(indices: Sequence[int], batch_size: int, rank: int, world_size:
     ]
 
 
+def resume_position(samples_done: int, batch_size: int, world_size: int) -> tuple[int, int]:
+    """Where an epoch resumes after ``samples_done`` samples of its global order were trained: the steps of
+    ``batch_size`` samples per rank on ``world_size`` ranks that covers (each rank skips its first so many batches of
+    :func:`rank_batches`), and the samples after them that are trained again (0 when the new global batch divides
+    ``samples_done``; any other position falls back to the step boundary before it)."""
+    per_step = batch_size * world_size
+    return samples_done // per_step, samples_done % per_step
+
+
 def draw_seed(epoch_seed: int, step: int, position: int) -> int:
     """The seed of every random draw touching the sample at ``position`` (0-based) of global batch ``step`` of an
     epoch (``engine.invariant``; docs/method.md, "Sample-keyed random draws"): its augmentation, and through

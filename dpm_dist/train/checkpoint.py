@@ -12,8 +12,14 @@ Layout under ``<output_dir>/checkpoints``::
     epoch_0003/head/rank_<r>.pt model.classifier=sharded: each rank's prototype rows and their optimiser state
     epoch_0003/meta.json       epoch, step, world size, ZeRO stage, best metric, results, resolved config
     epoch_0003/manifest.json   every file above with its size and sha256, written last (after an fsync of each)
+    step_0004_000001/...       a step checkpoint inside epoch 4, after its step 1 (``log.checkpoint_every_steps``, or
+                               a stop signal): the same files; meta.json adds the position in the epoch
     latest                     name of the newest checkpoint whose manifest was written, replaced atomically last
     best                       name of the checkpoint with the best eval metric (kept by keep-last-N)
+
+Checkpoints are ordered by (epoch, step in it): ``step_0004_000001`` comes after ``epoch_0003`` and before
+``epoch_0004``. ``log.keep_last`` epoch checkpoints and ``log.keep_last_steps`` step checkpoints are kept; a step
+checkpoint older than the newest epoch checkpoint is removed (it holds nothing that one does not).
 
 A folder is a checkpoint only once its manifest is written: a crash during a save leaves ``latest``
 pointing at the previous one and a folder without a manifest, which resuming reports and skips and the
@@ -55,6 +61,32 @@ class CheckpointSaveError(OSError):
 
 def tag_for(epoch: int) -> str:
     return f"epoch_{epoch:04d}"
+
+
+def step_tag(epoch: int, epoch_step: int) -> str:
+    """The tag of a step checkpoint: inside ``epoch``, after its step ``epoch_step`` (1-based)."""
+    return f"step_{epoch:04d}_{epoch_step:06d}"
+
+
+def tag_key(tag: str) -> tuple[int, float] | None:
+    """The place of a checkpoint tag in the run, (epoch, step in it; an epoch checkpoint last), or None."""
+    kind, _, rest = tag.partition("_")
+    try:
+        if kind == "epoch":
+            return int(rest), float("inf")
+        if kind == "step":
+            epoch, _, step = rest.partition("_")
+            return int(epoch), int(step)
+    except ValueError:
+        return None
+    return None
+
+
+def describe(meta: dict[str, Any], epochs: int) -> str:
+    """A checkpoint for messages: ``epoch_0015 (epoch 15 of 40)``, ``step_0016_000001 (epoch 16, step 1 of 2)``."""
+    if meta.get("epoch_step"):
+        return f"{meta['tag']} (epoch {meta['epoch']}, step {meta['epoch_step']} of {meta['epoch_steps']})"
+    return f"{meta['tag']} (epoch {meta['epoch']} of {epochs})"
 
 
 def _read_pointer(root: str, name: str) -> str | None:
@@ -163,12 +195,12 @@ def verify(folder: str, env: DistEnv) -> list[str]:
     return sorted(p for part in dist.all_gather_objects(mine) for p in part)
 
 
-def _epoch_folders(root: str) -> list[str]:
+def _checkpoint_folders(root: str) -> list[str]:
+    """Epoch and step checkpoint folders under ``root``, the newest first."""
     if not os.path.isdir(root):
         return []
-    return sorted(
-        (t for t in os.listdir(root) if t.startswith("epoch_") and os.path.isdir(os.path.join(root, t))), reverse=True
-    )
+    tags = [t for t in os.listdir(root) if tag_key(t) is not None and os.path.isdir(os.path.join(root, t))]
+    return sorted(tags, key=lambda t: tag_key(t) or (0, 0), reverse=True)
 
 
 def find_resumable(root: str, env: DistEnv) -> dict[str, Any] | None:
@@ -179,7 +211,7 @@ def find_resumable(root: str, env: DistEnv) -> dict[str, Any] | None:
     none verifies, ``ValueError`` lists what was found. Collective: every rank gets the same answer.
     """
     failed: list[str] = []
-    for tag in _epoch_folders(root):
+    for tag in _checkpoint_folders(root):
         folder = os.path.join(root, tag)
         problems = verify(folder, env)
         legacy = problems == [_NO_MANIFEST] and dist.broadcast_object(_legacy_meta(root, tag) if env.is_main else None)
@@ -230,11 +262,21 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save(
-    engine: Any, root: str, *, epoch: int, step: int, env: DistEnv, meta: dict[str, Any], keep_last: int, is_best: bool
+    engine: Any,
+    root: str,
+    *,
+    epoch: int,
+    step: int,
+    env: DistEnv,
+    meta: dict[str, Any],
+    keep_last: int,
+    is_best: bool,
+    keep_last_steps: int = 2,
 ) -> str:
-    """Save the engine (:meth:`DPMEngine.save`), RNG and ``meta`` as ``epoch_XXXX``; then move ``latest`` (and
-    ``best``). Collective."""
-    tag = tag_for(epoch)
+    """Save the engine (:meth:`DPMEngine.save`), RNG and ``meta`` as ``epoch_XXXX``, or as the step checkpoint
+    ``step_XXXX_YYYYYY`` when ``meta`` holds a position inside the epoch (``epoch_step``); then move ``latest`` (and
+    ``best``) and prune. Collective."""
+    tag = step_tag(epoch, meta["epoch_step"]) if meta.get("epoch_step") else tag_for(epoch)
     folder = os.path.join(root, tag)
     if env.is_main and os.path.isdir(folder):
         shutil.rmtree(folder)  # a partial folder from a crashed save of the same epoch
@@ -264,15 +306,21 @@ def save(
         write_text_atomic(os.path.join(root, "latest"), tag)
         if is_best:
             write_text_atomic(os.path.join(root, "best"), tag)
-        _prune(root, keep_last)
+        _prune(root, keep_last, keep_last_steps)
     dist.barrier()
     return folder
 
 
-def _prune(root: str, keep_last: int) -> None:
-    tags = sorted(t for t in os.listdir(root) if t.startswith("epoch_") and os.path.isdir(os.path.join(root, t)))
+def _prune(root: str, keep_last: int, keep_last_steps: int = 2) -> None:
+    """Keep the newest ``keep_last`` epoch and ``keep_last_steps`` step checkpoints, ``best`` and ``latest``; a step
+    checkpoint older than the newest epoch checkpoint goes (and any unfinished folder)."""
+    tags = _checkpoint_folders(root)[::-1]  # oldest first
     complete = [t for t in tags if _has_manifest(os.path.join(root, t))]
-    keep = set(complete[-keep_last:]) | {_read_pointer(root, "best"), _read_pointer(root, "latest")}
+    epochs = [t for t in complete if t.startswith("epoch_")]
+    newest_epoch = tag_key(epochs[-1]) if epochs else None
+    steps = [t for t in complete if t.startswith("step_") and (tag_key(t) or (0, 0)) > (newest_epoch or (0, 0))]
+    keep: set[str | None] = {*epochs[-keep_last:], *steps[-keep_last_steps:]}
+    keep |= {_read_pointer(root, "best"), _read_pointer(root, "latest")}
     for tag in tags:
         if tag not in keep:
             shutil.rmtree(os.path.join(root, tag), ignore_errors=True)

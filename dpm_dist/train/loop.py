@@ -87,8 +87,9 @@ def _stop_signal(env: DistEnv) -> int:
     return next((int(s) for s, n in zip(STOP_SIGNALS, got.tolist(), strict=True) if n > 0), 0)
 
 
-def _stopped(cfg: DPMConfig, signum: int, state: RunState, where: str) -> RunStopped:
-    """What a stop leaves: the latest checkpoint (checkpoints are per epoch) and the steps a resume redoes."""
+def _stopped(cfg: DPMConfig, signum: int, state: RunState, where: str, saved_now: bool = False) -> RunStopped:
+    """What a stop leaves: the latest checkpoint (``saved_now``: the step checkpoint written at this stop) and the
+    steps a resume redoes."""
     ckpts = os.path.join(cfg.log.output_dir, "checkpoints")
     meta = checkpoint.latest_meta(ckpts)
     if meta is None:
@@ -99,10 +100,13 @@ def _stopped(cfg: DPMConfig, signum: int, state: RunState, where: str) -> RunSto
         again = (
             f" (the {redo} step{'s' if plural else ''} since it {'are' if plural else 'is'} trained again)"
             if redo
+            else " (no step is trained again)"
+            if saved_now
             else ""
         )
+        now = ", written at this stop," if saved_now else ""
         saved = (
-            f"the latest checkpoint is {meta['tag']} (epoch {meta['epoch']} of {cfg.optim.epochs}) in {ckpts}; "
+            f"the latest checkpoint is {checkpoint.describe(meta, cfg.optim.epochs)}{now} in {ckpts}; "
             f"re-run the same command to resume from it{again}"
         )
     return RunStopped(signum, f"{where}; {saved}")
@@ -194,12 +198,21 @@ def resume_plan(cfg: DPMConfig, resolved: dict[str, Any], saved: dict[str, Any] 
             f"{saved['tag']} (epoch {saved['epoch']}); set optim.epochs >= {saved['epoch']} or use a new log.output_dir"
         )
     history = list(saved.get("config_changes", []))
-    return history + [{"after_epoch": saved["epoch"], "changes": changes}] if changes else history
+    # A step checkpoint: the changes apply from its next step, inside its epoch.
+    mid = _mid_epoch(saved) is not None
+    where = {"after_epoch": saved["epoch"] - 1, "after_step": saved["step"]} if mid else {"after_epoch": saved["epoch"]}
+    return history + [{**where, "changes": changes}] if changes else history
+
+
+def _mid_epoch(saved: dict[str, Any]) -> int | None:
+    """``None`` for a checkpoint at the end of its epoch, else the steps of its epoch it had taken (a step checkpoint)."""
+    step, steps = int(saved.get("epoch_step", 0)), int(saved.get("epoch_steps", 0))
+    return step if 0 < step < steps else None
 
 
 def is_finished(cfg: DPMConfig, saved: dict[str, Any] | None) -> bool:
     """The last epoch is checkpointed and the run's files were written: re-running changes nothing."""
-    if not saved:
+    if not saved or _mid_epoch(saved) is not None:
         return False
     return saved["epoch"] == cfg.optim.epochs and os.path.isfile(os.path.join(cfg.log.output_dir, "results.json"))
 
@@ -207,9 +220,7 @@ def is_finished(cfg: DPMConfig, saved: dict[str, Any] | None) -> bool:
 def write_config(out_dir: str, resolved: dict[str, Any], history: list[dict[str, Any]]) -> None:
     """``config.yaml``: the resolved config, headed by the changes made on resume, if any."""
     lines = [
-        f"# from epoch {h['after_epoch'] + 1}: {k} {old!r} -> {new!r}"
-        for h in history
-        for k, (old, new) in h["changes"].items()
+        f"# from {_change_start(h)}: {k} {old!r} -> {new!r}" for h in history for k, (old, new) in h["changes"].items()
     ]
     head = (
         "# This run's configuration changed when it was resumed (values below are the latest):\n"
@@ -219,6 +230,12 @@ def write_config(out_dir: str, resolved: dict[str, Any], history: list[dict[str,
         else ""
     )
     write_text_atomic(os.path.join(out_dir, "config.yaml"), head + OmegaConf.to_yaml(OmegaConf.create(resolved)))
+
+
+def _change_start(change: dict[str, Any]) -> str:
+    """Where a change made on resume starts: ``epoch 4``, or ``step 7 (epoch 4)`` after a step checkpoint."""
+    epoch = f"epoch {change['after_epoch'] + 1}"
+    return f"step {change['after_step'] + 1} ({epoch})" if "after_step" in change else epoch
 
 
 _HPARAMS = {
@@ -376,29 +393,29 @@ def _run(
     if not state.rng_restored:  # fresh run, or another world size: seed per rank and epoch
         seed_everything(cfg.engine.seed * 1000 + env.rank + 7919 * (state.epoch + 1))  # drop-path RNG
     loaders = TrainLoader(cfg.data, env, seed=cfg.engine.seed, sample_keyed=cfg.engine.invariant == "on")
-    first, last = state.epoch + 1, cfg.optim.epochs
-    loader = loaders.epoch(first) if first <= last else None
+    first, last = state.epoch + (0 if state.mid_epoch else 1), cfg.optim.epochs
+    start = _resume_start(loaders.cfg.batch_size, env, state) if state.mid_epoch else 0
+    loader = loaders.epoch(first, start, replay=_same_stream(cfg, env, saved)) if first <= last else None
     steps = _epoch_steps(cfg, loader) if loader is not None else 0
     print_summary(cfg, env, manifest, steps, state)
     # Reopening the event files after a crash: TensorBoard drops what the crashed run logged past the checkpoint.
     logger = build_logger(cfg.log, env, purge_step=state.step + 1 if saved else None)
-    config_due = saved is not None  # a fresh run wrote config.yaml before it started; a resumed one at its first save
+    state.config_unwritten = saved is not None  # a fresh run wrote config.yaml already; a resumed one at its first save
     # The bar is closed (its line ended) on Ctrl-C too, so the interrupt message gets a line of its own.
-    with _progress_bar(cfg, env, steps * (last - first + 1)) as bar:
+    with _progress_bar(cfg, env, steps * (last - first + 1) - min(start, steps)) as bar:
         for epoch in range(first, last + 1):
             signum = _stop_signal(env)  # collective: after the previous epoch's evaluation and save
             if signum:
-                done = f"after epoch {state.epoch}, step {state.step}" if state.step else "before the first step"
-                raise _stopped(cfg, signum, state, done)
+                raise _stopped(cfg, signum, state, state.position())
             state.epoch = epoch
             engine.start_epoch(epoch)
             loader = loader if epoch == first else loaders.epoch(epoch)
             bar.set_description(f"epoch {epoch}/{last}")
-            _train_epoch(cfg, env, engine, loader, state, logger, bar)
+            _train_epoch(cfg, env, engine, loader, state, logger, bar, resumed=epoch == first and state.mid_epoch)
             final = epoch == last  # saved before its evaluation: an evaluation failure costs no training
             improved = _evaluate(cfg, env, engine, state, logger) if _eval_due(cfg, epoch) and not final else False
-            folder = _save(cfg, env, engine, state, improved, config_due) if _save_due(cfg, epoch) else None
-            config_due = config_due and folder is None
+            stopping = _stop_signal(env)  # collective: a stop at the epoch's end saves it, due or not
+            folder = _save(cfg, env, engine, state, improved) if _save_due(cfg, epoch) or stopping else None
             if final:
                 _final_evaluation(cfg, env, engine, state, logger)
             if report is not None and _eval_due(cfg, epoch):
@@ -409,35 +426,87 @@ def _run(
     return state
 
 
+def _resume_start(batch_size: int, env: DistEnv, state: RunState) -> int:
+    """The batch a run resumed from a step checkpoint starts its epoch with: the one after the samples of the epoch's
+    global order trained so far, in this world's steps (:func:`~dpm_dist.data.sampling.resume_position`). On another
+    world size whose global batch (``batch_size`` per rank) does not divide them, the step boundary before, said in
+    one line."""
+    from dpm_dist.data.sampling import resume_position
+
+    start, again = resume_position(state.epoch_samples, batch_size, env.world_size)
+    if again and env.is_main:
+        log.warning(
+            "resuming epoch %d at its step %d of this world size: the %d samples trained before the stop are not a whole "
+            "number of global batches of %d; the last %d of them are trained again",
+            state.epoch,
+            start + 1,
+            state.epoch_samples,
+            batch_size * env.world_size,
+            again,
+        )
+    return start
+
+
+def _same_stream(cfg: DPMConfig, env: DistEnv, saved: dict[str, Any] | None) -> bool:
+    """Whether the stream sampler's batches of a resumed epoch are the ones it had: the same world size and
+    ``data.num_workers`` (each (rank, worker) draws its own stream). Then its first batches are read again."""
+    if not saved:
+        return True
+    workers = saved.get("config", {}).get("data", {}).get("num_workers", cfg.data.num_workers)
+    return int(saved["world_size"]) == env.world_size and workers == cfg.data.num_workers
+
+
 def _train_epoch(
-    cfg: DPMConfig, env: DistEnv, engine: Any, loader: Any, state: RunState, logger: Any, bar: Any
+    cfg: DPMConfig,
+    env: DistEnv,
+    engine: Any,
+    loader: Any,
+    state: RunState,
+    logger: Any,
+    bar: Any,
+    resumed: bool = False,
 ) -> None:
-    """One epoch's steps: update, count the skipped samples, the bar, a log every ``log.log_every`` steps; a
-    streak of non-finite steps stops the run (:func:`check_nonfinite`)."""
+    """One epoch's steps (``resumed``: from the position of a step checkpoint on): update, count the skipped samples,
+    the bar, a log every ``log.log_every`` steps, a step checkpoint every ``log.checkpoint_every_steps``; a streak of
+    non-finite steps stops the run (:func:`check_nonfinite`); a stop signal saves a step checkpoint and stops it."""
     t_data, t_epoch, seen = 0.0, time.time(), 0
     t_mark, steps = time.time(), _epoch_steps(cfg, loader)
-    for i, batch in enumerate(loader):
-        if cfg.optim.steps_per_epoch and i >= cfg.optim.steps_per_epoch:
+    start = min(getattr(loader, "start", 0), steps)
+    state.epoch_steps = steps
+    if not resumed:
+        state.epoch_step, state.epoch_samples = 0, 0
+    state.epoch_step = start
+    rng = torch.get_rng_state()
+    batches = iter(loader)  # a DataLoader iterator draws its base seed from the global RNG ...
+    if resumed and state.rng_restored:
+        torch.set_rng_state(rng)  # ... which the run resumed had drawn before the steps its checkpoint holds
+    for i, batch in enumerate(batches, start=start):
+        if i >= steps:  # optim.steps_per_epoch
             break
         t_data += time.time() - t_mark
         metrics = engine.step(batch)
         state.uncounted_corrupt += int(batch.get("num_skipped", 0))
         state.uncounted_keys.update(batch.get("skipped_keys", ()))
         state.step += 1
+        state.epoch_step = i + 1
+        state.epoch_samples += batch["images"].shape[0] * env.world_size
         seen += batch["images"].shape[0] * env.world_size
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.3f}", refresh=False)
         if state.step % cfg.log.log_every == 0:
             elapsed = max(time.time() - t_epoch, 1e-9)
-            perf = {"perf/samples_per_sec": seen / elapsed, "perf/data_time": t_data / (i + 1)}
+            perf = {"perf/samples_per_sec": seen / elapsed, "perf/data_time": t_data / (i + 1 - start)}
             logger.log(_step_logs(engine, metrics, perf, state.epoch), state.step)
         if engine.last_skip:
             check_nonfinite(cfg, env, engine, state.step, os.path.join(cfg.log.output_dir, "checkpoints"))
-        if i + 1 < steps:  # the epoch's last step goes on to its evaluation and checkpoint first
-            signum = _stop_signal(env)  # collective
-            if signum:
-                where = f"after step {state.step} (epoch {state.epoch}, step {i + 1} of {steps})"
-                raise _stopped(cfg, signum, state, where)
+        last = i + 1 >= steps  # the epoch's last step goes on to its evaluation and checkpoint first
+        every = cfg.log.checkpoint_every_steps
+        due = bool(every) and state.step % every == 0 and not (last and _save_due(cfg, state.epoch))
+        signum = 0 if last else _stop_signal(env)  # collective
+        if due or signum:
+            _save(cfg, env, engine, state, False, in_epoch=True)
+        if signum:
+            raise _stopped(cfg, signum, state, state.position(), saved_now=True)
         t_mark = time.time()
 
 
@@ -532,8 +601,9 @@ def _count_skipped(state: RunState, engine: Any) -> None:
     state.num_skipped_steps = engine.skipped_steps
 
 
-def _save(cfg: DPMConfig, env: DistEnv, engine: Any, state: RunState, improved: bool, write_cfg: bool) -> str:
-    """The epoch's checkpoint (collective); then ``config.yaml`` if due, and ``model_best.pt`` on a new best."""
+def _save(cfg: DPMConfig, env: DistEnv, engine: Any, state: RunState, improved: bool, in_epoch: bool = False) -> str:
+    """The epoch's checkpoint, or (``in_epoch``) a step checkpoint at the run's position in the epoch (collective);
+    then ``config.yaml`` if due, and ``model_best.pt`` on a new best."""
     from dpm_dist.model.files import save_model_file
 
     _count_skipped(state, engine)  # collective
@@ -543,12 +613,14 @@ def _save(cfg: DPMConfig, env: DistEnv, engine: Any, state: RunState, improved: 
         epoch=state.epoch,
         step=state.step,
         env=env,
-        meta=state.checkpoint_meta(),
+        meta=state.checkpoint_meta(in_epoch=in_epoch),
         keep_last=cfg.log.keep_last,
+        keep_last_steps=cfg.log.keep_last_steps,
         is_best=improved and cfg.log.keep_best,
     )
-    if env.is_main and write_cfg:  # only now do weights trained with this configuration exist
+    if env.is_main and state.config_unwritten:  # only now do weights trained with this configuration exist
         write_config(cfg.log.output_dir, state.config, state.config_changes)
+    state.config_unwritten = False
     if improved and cfg.log.keep_best:
         weights = engine.model_state()  # collective: a sharded head's W is gathered onto rank 0
         if env.is_main:

@@ -19,6 +19,9 @@ class RunState:
     datasets: list[dict[str, Any]]  # the training datasets, in order (the manifest's "datasets")
     epoch: int = 0  # the epoch being trained, or the last one finished
     step: int = 0  # optimiser steps taken since the run began (skipped ones too)
+    epoch_step: int = 0  # steps of `epoch` taken (resumed from a step checkpoint: > 0 and < epoch_steps)
+    epoch_steps: int = 0  # the steps `epoch` has
+    epoch_samples: int = 0  # samples of `epoch`'s global order trained so far (every rank's)
     best: float = -1.0  # the best search.metric of an evaluation so far
     results: dict[str, float] = field(default_factory=dict)  # the last evaluation's metrics
     best_epoch: int = 0  # the epoch of that best evaluation (0: none yet)
@@ -34,18 +37,25 @@ class RunState:
     resumed_world_size: int = 0  # the world size that checkpoint was written with
     uncounted_corrupt: int = 0  # this rank's skipped samples not yet in num_skipped_corrupt (never saved)
     uncounted_keys: set[str] = field(default_factory=set)  # their keys, not yet in skipped_corrupt_keys (never saved)
+    config_unwritten: bool = False  # resumed: config.yaml is rewritten with the first checkpoint saved (never saved)
 
     @classmethod
     def from_meta(
         cls, meta: dict[str, Any], config: dict[str, Any], changes: list[dict[str, Any]], datasets: list[dict[str, Any]]
     ) -> RunState:
-        """The state saved in a checkpoint's ``meta.json`` (as :func:`dpm_dist.train.checkpoint.resume` returns it)."""
+        """The state saved in a checkpoint's ``meta.json`` (as :func:`dpm_dist.train.checkpoint.resume` returns it).
+        A step checkpoint at the last step of its epoch is that epoch finished."""
+        epoch_step, epoch_steps = int(meta.get("epoch_step", 0)), int(meta.get("epoch_steps", 0))
+        mid_epoch = 0 < epoch_step < epoch_steps
         return cls(
             config=config,
             config_changes=changes,
             datasets=datasets,
             epoch=meta["epoch"],
             step=meta["step"],
+            epoch_step=epoch_step if mid_epoch else 0,
+            epoch_steps=epoch_steps if mid_epoch else 0,
+            epoch_samples=int(meta.get("epoch_samples", 0)) if mid_epoch else 0,
             best=meta.get("best", -1.0),
             results=dict(meta.get("results", {})),
             best_epoch=meta.get("best_epoch", 0),
@@ -59,18 +69,42 @@ class RunState:
             resumed_world_size=meta["world_size"],
         )
 
+    @property
+    def mid_epoch(self) -> bool:
+        """Resumed from a step checkpoint inside ``epoch`` (which is then not finished)."""
+        return 0 < self.epoch_step < self.epoch_steps
+
+    def position(self) -> str:
+        """Where the run is, for messages: ``after step 31 (epoch 16, step 1 of 2)``, or after a whole epoch."""
+        if not self.step:
+            return "before the first step"
+        if self.mid_epoch:
+            return f"after step {self.step} (epoch {self.epoch}, step {self.epoch_step} of {self.epoch_steps})"
+        return f"after epoch {self.epoch}, step {self.step}"
+
     def start_line(self) -> str:
         """How this invocation starts, for the start-up block."""
         if self.resumed_tag is None:
             return "new run"
+        if self.mid_epoch:
+            return (
+                f"resumed from {self.resumed_tag} (epoch {self.epoch}, step {self.epoch_step} of {self.epoch_steps}; "
+                f"step {self.step}, world size {self.resumed_world_size})"
+            )
         return (
             f"resumed from {self.resumed_tag} (epoch {self.epoch}, step {self.step}, "
             f"world size {self.resumed_world_size})"
         )
 
-    def checkpoint_meta(self) -> dict[str, Any]:
-        """What a checkpoint's ``meta.json`` holds of the run (the save adds epoch, step, tag, world size)."""
-        return {
+    def checkpoint_meta(self, in_epoch: bool = False) -> dict[str, Any]:
+        """What a checkpoint's ``meta.json`` holds of the run (the save adds epoch, step, tag, world size); ``in_epoch``:
+        a step checkpoint's, with the position in the epoch (``epoch_step`` of ``epoch_steps``, ``epoch_samples``)."""
+        position = (
+            {"epoch_step": self.epoch_step, "epoch_steps": self.epoch_steps, "epoch_samples": self.epoch_samples}
+            if in_epoch
+            else {}
+        )
+        return position | {
             "best": self.best,
             "results": self.results,
             "best_epoch": self.best_epoch,
