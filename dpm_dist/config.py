@@ -24,6 +24,10 @@ SAMPLERS = ("stream", "exact")
 LOG_LEVELS = ("warning", "info", "debug")
 CLASSIFIERS = ("replicated", "sharded")
 INVARIANT_MODES = ("off", "on", "auto")
+# The paper's ablations (docs/method.md §4.7): the loss of each classification branch and where the mask acts.
+PLAIN_BRANCHES = ("softmax", "arcface")  # Table 4's S / A on the plain (Cls) branch
+MASKED_BRANCHES = ("arcface", "softmax", "off")  # Table 4's A / S on the masked (Mask-Cls) branch; off: no branch
+MASK_PLACEMENTS = ("P_n", "P", "P_n+F_n", "P+F")  # Table 5's rows
 
 
 def _check(cond: bool, name: str, message: str) -> None:
@@ -109,8 +113,15 @@ class LossConfig:
     triplet_weight: float = 1.0
     hem_ref_batch: int = 64  # L_hem = Σ_b/heads² over this many samples, whatever the per-rank batch
     sample_rate: float = 1.0  # Partial FC (model.classifier=sharded): share of each shard's classes per step; 1 = all
+    # Ablations of the paper's tables (docs/method.md §4.7); the defaults are the paper's final model.
+    plain_branch: str = "softmax"  # softmax: CE(f_bn·Wᵀ) | arcface: ArcFace(s, m) on cos(f_bn, W)
+    masked_branch: str = "arcface"  # arcface: ArcFace(s, m) | softmax: s·cos, no margin | off: no masked branch
+    mask_placement: str = "P_n"  # P_n | P | P_n+F_n | P+F: where the mask acts in the masked cosine
 
     def __post_init__(self) -> None:
+        _check_choice(self.plain_branch, "loss.plain_branch", PLAIN_BRANCHES)
+        _check_choice(self.masked_branch, "loss.masked_branch", MASKED_BRANCHES)
+        _check_choice(self.mask_placement, "loss.mask_placement", MASK_PLACEMENTS)
         _check(0.0 <= self.alpha <= 1.0, "loss.alpha", f"must be in [0, 1], got {self.alpha}")
         _check(self.beta >= 0.0, "loss.beta", f"must be >= 0, got {self.beta}")
         _check(0.0 <= self.margin < 3.14159, "loss.margin", f"must be in [0, π), got {self.margin}")
@@ -573,6 +584,7 @@ class DPMConfig:
     """Root of the configuration tree composed by Hydra."""
 
     name: str = "dpm"
+    paper_row: str = ""  # the paper's table row this run reproduces, e.g. table3/baseline (dpm-report; docs/paper.md)
     model: ModelConfig = field(default_factory=ModelConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -583,6 +595,14 @@ class DPMConfig:
     search: SearchConfig = field(default_factory=SearchConfig)
 
     def __post_init__(self) -> None:
+        if self.paper_row:
+            from dpm_dist.report import PAPER_ROWS
+
+            _check(
+                self.paper_row in PAPER_ROWS,
+                "paper_row",
+                f"unknown row {self.paper_row!r}; expected one of {', '.join(PAPER_ROWS)}",
+            )
         _check(
             list(self.model.img_size) == list(self.data.img_size),
             "data.img_size",
@@ -605,6 +625,13 @@ class DPMConfig:
             "engine.gradient_clipping",
             "the global norm would leave out the sharded prototypes; use 0 with model.classifier=sharded",
         )
+        for name in ("plain_branch", "masked_branch", "mask_placement"):
+            value, paper = getattr(self.loss, name), getattr(LossConfig, name)
+            _check(
+                not (sharded and value != paper),
+                f"loss.{name}",
+                f"{value!r} is an ablation of the replicated head only; use model.classifier=replicated",
+            )
 
 
 def for_world_size(cfg: DPMConfig, world_size: int) -> DPMConfig:

@@ -21,7 +21,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "dpm_dist"
 SUBPACKAGES = {"cli", "data", "deploy", "eval", "model", "train", "tune"}
-TOP_LEVEL = {"__init__", "config", "dist", "fsio", "loggers"}
+TOP_LEVEL = {"__init__", "config", "dist", "fsio", "loggers", "report"}
 
 
 def _module_name(path: Path) -> str:
@@ -139,7 +139,7 @@ LAZY_TOP_LEVEL = {"dpm_dist": {"dpm_dist.deploy.loading", "dpm_dist.deploy.loadi
 def test_nothing_imports_the_command_line_and_top_level_modules_import_no_subpackage():
     outside = [line for line in _offenders("dpm_dist", ("dpm_dist.cli",)) if not line.startswith("dpm_dist.cli")]
     assert not outside
-    for mod in ("dpm_dist", "dpm_dist.config", "dpm_dist.dist", "dpm_dist.loggers"):
+    for mod in ("dpm_dist", "dpm_dist.config", "dpm_dist.dist", "dpm_dist.loggers", "dpm_dist.report"):
         found = {n for n in MODULES[mod] if n.split(".")[:2][-1] in SUBPACKAGES and n.startswith("dpm_dist.")}
         assert not found - LAZY_TOP_LEVEL.get(mod, set()), mod
 

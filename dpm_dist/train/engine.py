@@ -257,7 +257,9 @@ class DPMEngine:
             build_scheduler(opt_mask, cfg.optim) if cfg.optim.schedule_mask_generator else None,
         )
         loss = dict(
-            loss_terms_from_config(cfg.loss), hem_ref_batch=cfg.loss.hem_ref_batch if e.hem_global_batch else None
+            loss_terms_from_config(cfg.loss),
+            hem_ref_batch=cfg.loss.hem_ref_batch if e.hem_global_batch else None,
+            masked_branch=cfg.loss.masked_branch,  # off (Table 3's baseline): no step 2 (docs/method.md §4.7)
         )
         options = EngineOptions(
             e.update_mode, e.zero_stage, e.precision, e.gather_triplet, loss, invariant=e.invariant == "on"
@@ -317,7 +319,8 @@ class DPMEngine:
             labels=pids,
             prototypes=None,
             id_terms=self.head.classification_terms(out.feat_bn, out.mask, pids),
-            **triplet,
+            triplet_feat=triplet.get("triplet_feat"),
+            triplet_labels=triplet.get("triplet_labels"),
             **self.options.loss,
         )
 
@@ -358,6 +361,9 @@ class DPMEngine:
         if stop:
             return self._skipped(main_causes, stats, self._metrics(losses, out))
         self.head.step()  # a sharded head's own update; fp16 (the only non-stopping cause) is refused with one
+        if self.options.loss.get("masked_branch") == "off":  # no masked branch: nothing trains the HMG
+            self._count(main_causes)
+            return self._metrics(losses, out)
 
         # Step 2: train the mask generator; everything else is not stepped.
         _set_requires_grad(self._main_params, mode == "reference")

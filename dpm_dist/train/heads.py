@@ -18,7 +18,7 @@ import torch
 
 from dpm_dist.dist import DistEnv
 from dpm_dist.model.dpm import DPMNet
-from dpm_dist.train.losses import classification_terms, masked_arcface_ce
+from dpm_dist.train.losses import branch_options, classification_terms, masked_arcface_ce
 
 
 class PrototypeHead(Protocol):
@@ -58,8 +58,10 @@ class PrototypeHead(Protocol):
 class ReplicatedHead:
     """W inside the DeepSpeed-wrapped model: the main engine updates, saves and loads it; this only computes."""
 
-    def __init__(self, model: DPMNet, *, margin: float, scale: float) -> None:
+    def __init__(self, model: DPMNet, *, margin: float, scale: float, branches: dict[str, str] | None = None) -> None:
+        """``branches``: the ablations of :func:`losses.branch_options` (docs/method.md §4.7); None: the paper's."""
         self.model, self.margin, self.scale = model, margin, scale
+        self.branches = branches or {}
 
     def begin_iteration(self) -> None:
         pass
@@ -67,11 +69,14 @@ class ReplicatedHead:
     def classification_terms(
         self, feat_bn: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
     ) -> dict[str, torch.Tensor]:
-        return classification_terms(feat_bn, mask, self.model.prototypes, labels, margin=self.margin, scale=self.scale)
+        return classification_terms(
+            feat_bn, mask, self.model.prototypes, labels, margin=self.margin, scale=self.scale, **self.branches
+        )
 
     def masked_arcface_ce(self, feat_bn: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        masked = {k: v for k, v in self.branches.items() if k != "plain_branch"}
         return masked_arcface_ce(
-            feat_bn, mask, self.model.prototypes.detach(), labels, margin=self.margin, scale=self.scale
+            feat_bn, mask, self.model.prototypes.detach(), labels, margin=self.margin, scale=self.scale, **masked
         )
 
     def step(self) -> None:
@@ -103,4 +108,4 @@ def build_head(model: DPMNet, cfg: Any, env: DistEnv) -> PrototypeHead:
         from dpm_dist.train.sharded_head import ShardedHead
 
         return ShardedHead(model, cfg, env)
-    return ReplicatedHead(model, margin=cfg.loss.margin, scale=cfg.loss.scale)
+    return ReplicatedHead(model, margin=cfg.loss.margin, scale=cfg.loss.scale, branches=branch_options(cfg.loss))

@@ -19,6 +19,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
+from dpm_dist.config import MASK_PLACEMENTS
+
 if TYPE_CHECKING:
     from dpm_dist.config import LossConfig
 
@@ -36,27 +38,48 @@ def _fp32(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def masked_cosine(feat_bn: torch.Tensor, mask: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+def masked_cosine(
+    feat_bn: torch.Tensor, mask: torch.Tensor, prototypes: torch.Tensor, placement: str = "P_n"
+) -> torch.Tensor:
     """Cosine between each feature and every prototype masked by that sample's mask (docs/method.md §4.4).
 
     Equals the official per-sample loop ``⟨f̂_b, normalize(m_b ⊙ Ŵ_c)⟩`` with two matmuls:
     ``((f̂ ⊙ m) · Ŵᵀ) ⊘ max(√((m ⊙ m) · (Ŵ ⊙ Ŵ)ᵀ), 1e-12)``; no (B, C, D) tensor is formed.
 
+    ``placement`` (``loss.mask_placement``, paper Table 5, docs/method.md §4.7): ``P_n`` (the final model,
+    above); ``P_n+F_n`` masks the feature too, renormalised: ``⟨normalize(m ⊙ f̂), normalize(m ⊙ Ŵ_c)⟩``;
+    ``P`` and ``P+F`` apply the mask to the normalised vectors without renormalising:
+    ``⟨f̂, m ⊙ Ŵ_c⟩`` and ``⟨m ⊙ f̂, m ⊙ Ŵ_c⟩``.
+
     Args:
         feat_bn: (B, D) features after the BNNeck.
         mask: (B, D) mask-generator output in (0, 1).
         prototypes: (C, D) classifier weight W.
+        placement: where the mask acts: P_n | P | P_n+F_n | P+F.
 
     Returns:
         (B, C) cosines in fp32 (fp64 for fp64 inputs).
     """
+    if placement not in MASK_PLACEMENTS:
+        raise ValueError(f"unknown mask placement {placement!r}; expected one of {', '.join(MASK_PLACEMENTS)}")
     with _no_autocast(feat_bn):
         f = F.normalize(_fp32(feat_bn), dim=1, eps=NORM_EPS)  # (B, D)
         w = F.normalize(_fp32(prototypes), dim=1, eps=NORM_EPS)  # (C, D)
         m = _fp32(mask)  # (B, D)
+        if placement in ("P", "P+F"):  # the mask scales the unit vectors; nothing renormalises them
+            return ((f * m * m) if placement == "P+F" else (f * m)) @ w.t()
+        if placement == "P_n+F_n":
+            f = F.normalize(f * m, dim=1, eps=NORM_EPS)  # the masked feature, renormalised
         num = (f * m) @ w.t()  # (B, C)
         den = ((m * m) @ (w * w).t()).sqrt().clamp_min(NORM_EPS)  # (B, C) = ‖m_b ⊙ Ŵ_c‖
         return num / den
+
+
+def plain_cosine(feat_bn: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """(B, C) cosines of the features and the unmasked prototypes in fp32 (``loss.plain_branch=arcface``)."""
+    with _no_autocast(feat_bn):
+        f = F.normalize(_fp32(feat_bn), dim=1, eps=NORM_EPS)
+        return f @ F.normalize(_fp32(prototypes), dim=1, eps=NORM_EPS).t()
 
 
 def arcface_logits(cos: torch.Tensor, labels: torch.Tensor, *, margin: float, scale: float) -> torch.Tensor:
@@ -105,6 +128,8 @@ def masked_arcface_ce(
     *,
     margin: float,
     scale: float,
+    masked_branch: str = "arcface",
+    mask_placement: str = "P_n",
 ) -> torch.Tensor:
     """CE of the masked ArcFace logits ("L_M-cls"), mean over the batch: the only mask-dependent term.
 
@@ -115,11 +140,19 @@ def masked_arcface_ce(
         labels: (B,) class indices.
         margin: ArcFace m.
         scale: ArcFace s.
+        masked_branch: ``arcface`` (the paper) or ``softmax``: the logits ``s·cos``, no margin (Table 4's S).
+        mask_placement: see :func:`masked_cosine`.
 
     Returns:
         Scalar loss in fp32.
     """
-    logits = arcface_logits(masked_cosine(feat_bn, mask, prototypes), labels, margin=margin, scale=scale)
+    cos = masked_cosine(feat_bn, mask, prototypes, mask_placement)
+    if masked_branch == "arcface":
+        logits = arcface_logits(cos, labels, margin=margin, scale=scale)
+    elif masked_branch == "softmax":
+        logits = scale * cos
+    else:
+        raise ValueError(f"masked branch {masked_branch!r} has no loss; expected arcface or softmax")
     return F.cross_entropy(logits, labels)
 
 
@@ -197,12 +230,40 @@ def classification_terms(
     *,
     margin: float,
     scale: float,
+    plain_branch: str = "softmax",
+    masked_branch: str = "arcface",
+    mask_placement: str = "P_n",
 ) -> dict[str, torch.Tensor]:
-    """``loss_id`` (plain CE of f_bn·Wᵀ), ``loss_mask_id`` (masked ArcFace CE) and the detached plain ``acc``."""
-    logits = _fp32(F.linear(feat_bn, prototypes))  # (B, C) raw dot products: no norm, no scale
+    """``loss_id`` (plain CE of f_bn·Wᵀ), ``loss_mask_id`` (masked ArcFace CE) and the detached plain ``acc``.
+
+    The ablations of docs/method.md §4.7: ``plain_branch=arcface`` makes ``loss_id`` the ArcFace CE of the
+    unmasked cosines (``acc`` then from the cosines); ``masked_branch=softmax`` drops the margin of the masked
+    branch; ``masked_branch=off`` makes ``loss_mask_id`` a constant 0 (no mask-dependent term).
+    """
+    if plain_branch == "softmax":
+        logits = _fp32(F.linear(feat_bn, prototypes))  # (B, C) raw dot products: no norm, no scale
+        loss_id = F.cross_entropy(logits, labels)
+    elif plain_branch == "arcface":
+        logits = plain_cosine(feat_bn, prototypes)
+        loss_id = F.cross_entropy(arcface_logits(logits, labels, margin=margin, scale=scale), labels)
+    else:
+        raise ValueError(f"unknown plain branch {plain_branch!r}; expected softmax or arcface")
+    if masked_branch == "off":
+        loss_mask_id = torch.zeros((), dtype=logits.dtype, device=logits.device)
+    else:
+        loss_mask_id = masked_arcface_ce(
+            feat_bn,
+            mask,
+            prototypes,
+            labels,
+            margin=margin,
+            scale=scale,
+            masked_branch=masked_branch,
+            mask_placement=mask_placement,
+        )
     return {
-        "loss_id": F.cross_entropy(logits, labels),
-        "loss_mask_id": masked_arcface_ce(feat_bn, mask, prototypes, labels, margin=margin, scale=scale),
+        "loss_id": loss_id,
+        "loss_mask_id": loss_mask_id,
         "acc": (logits.detach().argmax(1) == labels).float().mean(),
     }
 
@@ -224,6 +285,7 @@ def dpm_loss(
     triplet_feat: torch.Tensor | None = None,
     triplet_labels: torch.Tensor | None = None,
     id_terms: dict[str, torch.Tensor] | None = None,
+    masked_branch: str = "arcface",
 ) -> dict[str, torch.Tensor]:
     """The full DPM objective (docs/method.md §4.6) and its named terms.
 
@@ -245,6 +307,8 @@ def dpm_loss(
         triplet_labels: (N,) identities of ``triplet_feat``.
         id_terms: the two classification terms computed elsewhere (``loss_id``, ``loss_mask_id``, ``acc``:
             a sharded head); ``prototypes`` is then unused.
+        masked_branch: ``off`` (Table 3's baseline, docs/method.md §4.7): no masked term, and the plain CE
+            weighs 1 instead of α; otherwise the loss of the masked branch (:func:`masked_arcface_ce`).
 
     Returns:
         ``loss`` (total), ``loss_id`` (plain CE), ``loss_mask_id`` (masked ArcFace CE), ``loss_hem``,
@@ -259,12 +323,17 @@ def dpm_loss(
     if id_terms is None:
         if prototypes is None:
             raise ValueError("dpm_loss needs the prototypes, or id_terms computed elsewhere")
-        id_terms = classification_terms(feat_bn, mask, prototypes, labels, margin=margin, scale=scale)
+        id_terms = classification_terms(
+            feat_bn, mask, prototypes, labels, margin=margin, scale=scale, masked_branch=masked_branch
+        )
     loss_id, loss_mask_id = id_terms["loss_id"], id_terms["loss_mask_id"]
     loss_hem = hem_loss(attn_logits, ref_batch=hem_ref_batch)
     d_ap, d_an = batch_hard_distances(triplet_feat, triplet_labels)
     loss_triplet = F.softplus(d_ap - d_an).mean()
-    loss = alpha * loss_id + (1.0 - alpha) * loss_mask_id + beta * loss_hem + triplet_weight * loss_triplet
+    if masked_branch == "off":
+        loss = loss_id + beta * loss_hem + triplet_weight * loss_triplet
+    else:
+        loss = alpha * loss_id + (1.0 - alpha) * loss_mask_id + beta * loss_hem + triplet_weight * loss_triplet
     return {
         "loss": loss,
         "loss_id": loss_id,
@@ -286,4 +355,13 @@ def loss_terms_from_config(loss_cfg: LossConfig) -> dict[str, Any]:
         "scale": loss_cfg.scale,
         "triplet_weight": loss_cfg.triplet_weight,
         "hem_ref_batch": loss_cfg.hem_ref_batch,
+    }
+
+
+def branch_options(loss_cfg: LossConfig) -> dict[str, str]:
+    """The ablation keywords of :func:`classification_terms` taken from a ``LossConfig`` (docs/method.md §4.7)."""
+    return {
+        "plain_branch": loss_cfg.plain_branch,
+        "masked_branch": loss_cfg.masked_branch,
+        "mask_placement": loss_cfg.mask_placement,
     }
