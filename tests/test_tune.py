@@ -394,6 +394,48 @@ def test_a_trial_interrupted_just_after_a_stopping_report_is_stopped_when_the_se
     assert TrialCap.to_replay == []
 
 
+@pytest.mark.parametrize(
+    ("overrides", "global_ids", "any_size"),
+    [
+        (["engine.invariant=auto", "data.num_ids=3"], 6, True),  # 2 workers: auto was on in the trial
+        (["engine.invariant=on", "data.global_num_ids=12"], 12, True),
+        (["engine.invariant=off", "data.num_ids=3"], 0, False),
+        (["engine.invariant=auto", "data.num_ids=3", "search.workers_per_trial=1"], 0, False),  # auto: off on 1
+    ],
+)
+def test_the_best_preset_trains_the_trials_model_on_any_world_size_when_the_trial_was_invariant(
+    tmp_path, overrides, global_ids, any_size
+):
+    """dpm-tune's best preset states the trial's global batch and turns the invariant mode on (not auto, which is off
+    on one rank), so 1, 2, 3 or 6 ranks run the trial's global batch in the trial's mode; a trial that was not
+    invariant is reproduced on its own world size only, and the preset and the printed line say so."""
+    from dpm_dist.config import for_world_size
+    from dpm_dist.tune.results import write_best
+
+    trial_cfg = _base(["experiment=tiny", "search.workers_per_trial=2", *overrides])
+    trial = {"trial": "t0", "summary": "mAP=0.5", "overrides": {"loss.alpha": 0.4}}
+    path = write_best(trial_cfg, trial, str(tmp_path), "s")
+    header = open(path).read().splitlines()[3]
+    preset = OmegaConf.load(path)
+    workers = trial_cfg["search"]["workers_per_trial"]
+    ran = for_world_size(to_config(OmegaConf.create(trial_cfg)), workers)
+    schema = OmegaConf.structured(to_config(OmegaConf.create(trial_cfg)))  # the typed config the preset fills
+    if not any_size:
+        assert header.startswith(f"# It trains the trial's model on {workers} rank(s), as it ran"), header
+        assert preset.data.global_num_ids == trial_cfg["data"]["global_num_ids"] == 0
+        return
+    assert header == (
+        "# It trains the trial's model on any number of ranks that divides its global batch (engine.invariant=on, "
+        f"data.global_num_ids={global_ids}; it ran on {workers})"
+    )
+    assert preset.engine.invariant == "on" and preset.data.global_num_ids == global_ids
+    assert ran.engine.invariant == "on" and ran.data.num_ids * workers == global_ids
+    for ranks in (1, 2, 3, 6):
+        runs = for_world_size(to_config(OmegaConf.merge(schema, preset)), ranks)
+        assert runs.engine.invariant == "on" and runs.data.num_ids * ranks == global_ids  # the trial's global batch
+        assert runs.engine.gather_triplet and runs.engine.hem_global_batch
+
+
 def test_tune_group_is_added_to_the_hydra_overrides():
     from dpm_dist.cli.tune import hydra_argv
 
@@ -592,6 +634,7 @@ def test_search_overcommitted_resumed_interrupted_resumed_and_best_config_reused
     assert (storage / "tiny_asha" / f"trial_{completed}" / "model_final.pt").is_file()
 
     best = tmp_path / "results" / "best"
+    assert "trains the trial's model on 2 rank(s), as it ran (search.workers_per_trial)" in second.stdout
     header = (best / "experiment" / "best.yaml").read_text().splitlines()[1]
     assert header.startswith(f"# dpm-train --config-dir {best} experiment=best")
     train = subprocess.run(

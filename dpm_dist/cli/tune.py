@@ -106,6 +106,7 @@ def run(cfg_node: Any) -> list[dict[str, Any]]:
         UNFINISHED,
         failed_trials,
         format_table,
+        reproducible,
         results_dir,
         results_rows,
         write_best,
@@ -128,7 +129,7 @@ def run(cfg_node: Any) -> list[dict[str, Any]]:
         path = write_best(config, trial, out, search["name"])
         print(
             f"best: {trial['trial']} ({trial['summary']})\n  dpm-train --config-dir {os.path.dirname(os.path.dirname(path))} "
-            f"experiment={BEST_EXPERIMENT}",
+            f"experiment={BEST_EXPERIMENT}\n  trains the trial's model {reproducible(config)[1]}",
             flush=True,
         )
     remote = publish_results(out, search)

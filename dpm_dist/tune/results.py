@@ -63,7 +63,7 @@ def write_best(best: dict[str, Any], trial: dict[str, Any], out_dir: str, search
     """
     folder = os.path.join(out_dir, "best")
     os.makedirs(os.path.join(folder, "experiment"), exist_ok=True)
-    config = dict(best)
+    config, where = reproducible(best)
     config["search"] = {"metric": best["search"]["metric"], "mode": best["search"]["mode"]}
     config["log"] = dict(best["log"], output_dir=f"runs/{search_name}_best")
     searched = ", ".join(f"{k}={v}" for k, v in trial["overrides"].items())
@@ -71,6 +71,7 @@ def write_best(best: dict[str, Any], trial: dict[str, Any], out_dir: str, search
         f"# @package _global_\n"
         f"# dpm-train --config-dir {folder} experiment={BEST_EXPERIMENT}\n"
         f"# Best trial {trial['trial']} of search {search_name}: {trial['summary']}; {searched}\n"
+        f"# It trains the trial's model {where}\n"
     )
     path = os.path.join(folder, "experiment", f"{BEST_EXPERIMENT}.yaml")
     with open(path, "w") as f:
@@ -78,6 +79,33 @@ def write_best(best: dict[str, Any], trial: dict[str, Any], out_dir: str, search
     with open(os.path.join(folder, "overrides.txt"), "w") as f:
         f.write("".join(f"{k}={v}\n" for k, v in trial["overrides"].items()))
     return path
+
+
+def reproducible(best: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """The best trial's config as a preset that trains the trial's model, and on how many ranks it does.
+
+    A trial runs on ``search.workers_per_trial`` ranks. In the world-size-invariant mode (``engine.invariant``
+    on, or ``auto`` with more than one worker) its model depends on its global batch only, so the preset states
+    that batch (``data.global_num_ids``: the trial's per-rank P × its workers, unless given) and
+    ``engine.invariant=on`` (``auto`` would turn it off on one rank), and trains the same model on any number of
+    ranks that divides it. Otherwise the trial's model is one of its world size, and the sentence says so.
+    """
+    config = dict(best)
+    workers = int(best["search"]["workers_per_trial"])
+    data, engine = best["data"], best["engine"]
+    mode = {"true": "on", "false": "off"}.get(str(engine["invariant"]).lower(), str(engine["invariant"]).lower())
+    if mode == "on" or (mode == "auto" and workers > 1):
+        global_ids = int(data.get("global_num_ids") or 0) or int(data["num_ids"]) * workers
+        config["data"] = dict(data, global_num_ids=global_ids)
+        config["engine"] = dict(engine, invariant="on")
+        return config, (
+            f"on any number of ranks that divides its global batch (engine.invariant=on, "
+            f"data.global_num_ids={global_ids}; it ran on {workers})"
+        )
+    return config, (
+        f"on {workers} rank(s), as it ran (search.workers_per_trial); engine.invariant={mode}, so on another "
+        "number of ranks it trains another model (docs/training.md, World-size invariance)"
+    )
 
 
 def failed_trials(grid: Iterable[Any]) -> list[tuple[str, str, str]]:
