@@ -5,6 +5,13 @@
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 MASTER_PORT=29500 bash launch/torchrun.sh 8 experiment=occluded_duke
 # Several nodes, c10d rendezvous (elastic membership; same command on every node):
 #   NNODES=2 RDZV_ENDPOINT=10.0.0.1:29400 RDZV_ID=dpm42 bash launch/torchrun.sh 8 experiment=occluded_duke
+# Elastic: a range of nodes (c10d only). A node lost mid-run makes the survivors fail their next collective
+# (engine.collective_timeout_s), re-rendezvous without it (once the rendezvous gave up on it) and restart from the
+# newest checkpoint that verifies, on the smaller world; with log.checkpoint_every_steps=N at most N steps are lost:
+#   NNODES=1:4 RDZV_ENDPOINT=10.0.0.1:29400 RDZV_ID=dpm42 bash launch/torchrun.sh 8 experiment=... log.checkpoint_every_steps=200
+# (RDZV_LAST_CALL_TIMEOUT: seconds the rendezvous waits for more nodes once the minimum is there, default 30;
+# LOCAL_ADDR: this node's address for the rendezvous, when its hostname does not resolve to it; RDZV_IS_HOST=true
+# on the node that hosts the rendezvous store, false elsewhere, when torchrun cannot tell from the addresses.)
 # Restarts: a failed or killed rank makes torchrun restart every rank of the node, up to MAX_RESTARTS times
 # (default 3; 0 turns it off); each restart resumes from the newest checkpoint that verifies. The arguments are
 # checked once before torchrun starts (DPM_PREFLIGHT), so a configuration error is reported once, not restarted.
@@ -31,12 +38,28 @@ pick_python() {
 PY=$(pick_python)
 NNODES=${NNODES:-1}
 RESTARTS=${MAX_RESTARTS:-3}
+if [[ "$NNODES" == *:* ]]; then
+    if ! [[ "$NNODES" =~ ^[1-9][0-9]*:[1-9][0-9]*$ ]] || [ "${NNODES%%:*}" -gt "${NNODES##*:}" ]; then
+        echo "$(basename "$0"): error: NNODES=$NNODES: expected a node count (2) or a range MIN:MAX with MIN <= MAX (1:4)" >&2
+        exit 2
+    fi
+    if [ -z "${RDZV_ENDPOINT:-}" ]; then
+        echo "$(basename "$0"): error: NNODES=$NNODES is a range of nodes: it needs the c10d rendezvous (set RDZV_ENDPOINT=host:port, the same on every node)" >&2
+        exit 2
+    fi
+elif ! [[ "$NNODES" =~ ^[1-9][0-9]*$ ]]; then
+    echo "$(basename "$0"): error: NNODES=$NNODES: expected a node count (2) or a range MIN:MAX (1:4)" >&2
+    exit 2
+fi
 if [ "$RESTARTS" -gt 0 ] && [[ " $* " != *" -"* ]]; then  # not for --help / --cfg job
     DPM_PREFLIGHT=1 "$PY" -m dpm_dist.cli.train "$@"
 fi
 if [ -n "${RDZV_ENDPOINT:-}" ]; then
+    CONF="join_timeout=${RDZV_JOIN_TIMEOUT:-600}${RDZV_LAST_CALL_TIMEOUT:+,last_call_timeout=$RDZV_LAST_CALL_TIMEOUT}"
+    CONF+="${RDZV_IS_HOST:+,is_host=$RDZV_IS_HOST}"
     RUN=(--nnodes "$NNODES" --rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "${RDZV_ID:-dpm}"
-         --rdzv-conf "join_timeout=${RDZV_JOIN_TIMEOUT:-600}")
+         --rdzv-conf "$CONF")
+    if [ -n "${LOCAL_ADDR:-}" ]; then RUN+=(--local-addr "$LOCAL_ADDR"); fi
 elif [ "$NNODES" -gt 1 ]; then
     RUN=(--nnodes "$NNODES" --node-rank "${NODE_RANK:?set NODE_RANK}" --master-addr "${MASTER_ADDR:?set MASTER_ADDR}"
          --master-port "${MASTER_PORT:-29500}")

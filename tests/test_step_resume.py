@@ -6,6 +6,8 @@ real command: ``bash launch/torchrun.sh N`` on the tiny model from a folder outs
   step in TensorBoard once.
 * A run killed (``kill -9`` of every rank) in the middle of an epoch resumes from its newest step checkpoint on 1 and
   on 3 ranks, in the world-size-invariant mode, and ends where the uninterrupted 2-rank run does (‖Δ‖/‖w‖ ≤ 1e-5).
+* Elastic continuation (root: network namespaces): ``NNODES=1:2`` with c10d and restarts, one node cut in the
+  middle of an epoch: the other re-rendezvous, resumes from the newest step checkpoint on a world of 1 and finishes.
 * In process (fast): the order of checkpoint tags, what pruning keeps, the exact sampler's position on another
   world size (the batches after the samples already trained, in the same global order), and the stream sampler's
   replay on the same world size.
@@ -13,10 +15,17 @@ real command: ``bash launch/torchrun.sh N`` on the tiny model from a folder outs
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import os
+import random
 import shutil
+import signal
 import subprocess
+import time
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +38,7 @@ from tests.conftest import (
     VENV_BIN,
     assert_identical,
     fault_env,
+    free_port,
     model_weights,
     relative_workdir,
     train_env,
@@ -259,6 +269,115 @@ def test_the_exact_sampler_resumes_at_the_same_place_of_the_global_order_on_anot
         assert (start, redo) == (done // (cfg.batch_size * world), again)
         rest = _global_order(cfg, world, epoch=3, start=start)
         assert rest == two[done - redo : done - redo + len(rest)] and rest, world
+
+
+# ---- elastic continuation: a lost node, the survivor finishes by itself (issue 22 item 5) -------------------------
+
+NODE_TIMEOUT_S = 20  # engine.collective_timeout_s of the two-"node" run
+
+
+@contextlib.contextmanager
+def _two_netns_nodes(tag: str, subnet: str) -> Iterator[None]:
+    """Two network namespaces joined by a veth pair, as launch/two_node_netns.sh makes them (root only)."""
+    run = functools.partial(subprocess.run, check=True, capture_output=True)
+    try:
+        for i in (0, 1):
+            run(["ip", "netns", "add", f"{tag}n{i}"])
+        run(["ip", "link", "add", f"{tag}v0", "type", "veth", "peer", "name", f"{tag}v1"])
+        for i in (0, 1):
+            run(["ip", "link", "set", f"{tag}v{i}", "netns", f"{tag}n{i}"])
+            run(["ip", "-n", f"{tag}n{i}", "addr", "add", f"{subnet}.{i + 1}/24", "dev", f"{tag}v{i}"])
+            run(["ip", "-n", f"{tag}n{i}", "link", "set", f"{tag}v{i}", "up"])
+            run(["ip", "-n", f"{tag}n{i}", "link", "set", "lo", "up"])
+        yield
+    finally:
+        for i in (0, 1):
+            _kill_netns(f"{tag}n{i}")
+            subprocess.run(["ip", "netns", "del", f"{tag}n{i}"], capture_output=True)
+
+
+def _kill_netns(netns: str) -> None:
+    """SIGKILL every process in ``netns`` (what a scheduler does with a node it lost)."""
+    pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True).stdout.split()
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(pid), signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_a_lost_node_the_survivor_re_rendezvous_and_finishes_from_the_newest_step_checkpoint(
+    tiny_shards, tmp_path, request
+):
+    """``NNODES=1:2`` with the c10d rendezvous and restarts, one rank per netns "node", a step checkpoint after every
+    step. Node 1's rank freezes as it is about to take step 4 (fault ``signal_at``, SIGSTOP), its link is cut and its
+    processes killed; node 0's rank fails its collective after the timeout, its torchrun re-rendezvous without node 1
+    and restarts it on a world of 1, which resumes from step_0002_000001 (resharding ZeRO-1) and finishes the run.
+    In the world-size-invariant mode (when the build has it) the final weights equal the uninterrupted 2-rank run's."""
+    from tests.test_train import _can_make_netns
+
+    why = _can_make_netns()
+    if why:
+        pytest.skip(why)
+    invariant = INVARIANT if _invariant_mode_exists() else []
+    tag, subnet = f"dr{uuid.uuid4().hex[:6]}", f"10.203.{random.randint(20, 220)}"
+    work = relative_workdir(tmp_path / "work", tiny_shards)
+    args = [*invariant, "log.checkpoint_every_steps=1", f"engine.collective_timeout_s={NODE_TIMEOUT_S}"]
+    env = _env(
+        "signal_at",
+        DPM_FAULT_SIGNAL_STEP="4",
+        DPM_FAULT_SIGNAL="STOP",
+        MAX_RESTARTS="2",
+        NNODES="1:2",
+        RDZV_ENDPOINT=f"{subnet}.1:{free_port()}",
+        RDZV_ID=tag,
+        RDZV_LAST_CALL_TIMEOUT="5",
+        MASTER_ADDR=f"{subnet}.1",
+    )
+    latest = work / "run" / "checkpoints" / "latest"
+    with _two_netns_nodes(tag, subnet):
+        procs, logs = [], [tmp_path / f"node{i}.log" for i in (0, 1)]
+        for i in (0, 1):
+            node = ["ip", "netns", "exec", f"{tag}n{i}", "env", f"GLOO_SOCKET_IFNAME={tag}v{i}"]
+            with open(logs[i], "w") as log:
+                procs.append(
+                    subprocess.Popen(
+                        [
+                            *node,
+                            f"LOCAL_ADDR={subnet}.{i + 1}",
+                            f"RDZV_IS_HOST={str(i == 0).lower()}",
+                            *_launch(1, *args),
+                        ],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                        cwd=work,
+                    )
+                )
+        deadline = time.time() + RUN_TIMEOUT_S
+        try:
+            while not (latest.is_file() and latest.read_text() == STOP_TAG):  # node 1 then freezes before step 4
+                assert procs[0].poll() is None and time.time() < deadline, logs[0].read_text()[-3000:]
+                time.sleep(0.05)
+            subprocess.run(["ip", "-n", f"{tag}n1", "link", "set", f"{tag}v1", "down"], check=True)
+            _kill_netns(f"{tag}n1")
+            cut = time.time()
+            rc = procs[0].wait(timeout=RUN_TIMEOUT_S)
+            finished = time.time() - cut
+        finally:
+            for proc in procs:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait(timeout=60)
+    node0 = logs[0].read_text()
+    print(f"\n[elastic] node 1 cut after {STOP_TAG}: node 0 finished the run alone {finished:.0f} s later")
+    assert rc == 0, node0[-5000:]
+    assert f"resumed from {STOP_TAG} (epoch 2, step 1 of 2; step 3, world size 2)" in node0, node0[-5000:]
+    assert "resharding the ZeRO-1 optimiser state of " + STOP_TAG + " from 2 to 1 ranks" in node0
+    run = work / "run"
+    assert json.loads((run / "results.json").read_text())["steps"] == 6
+    _each_step_once(run, 6)
+    if invariant:
+        _assert_close(model_weights(run), model_weights(request.getfixturevalue("invariant_reference")))
 
 
 def test_the_stream_sampler_resumes_inside_an_epoch_with_the_batches_it_had(tiny_shards):
