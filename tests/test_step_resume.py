@@ -407,3 +407,20 @@ def test_the_stream_sampler_resumes_inside_an_epoch_with_the_batches_it_had(tiny
     assert len(whole) == 5
     assert keys(3) == whole[3:]
     assert keys(3, replay=False) == whole[:2]
+
+
+def test_a_position_another_global_batch_does_not_divide_resumes_at_the_step_boundary_before_it(caplog):
+    from dpm_dist.dist import DistEnv
+    from dpm_dist.train.loop import _resume_start
+    from dpm_dist.train.state import RunState
+
+    state = RunState({}, [], [], epoch=2, step=3, epoch_step=2, epoch_steps=3, epoch_samples=16)
+    with caplog.at_level("WARNING", logger="dpm_dist"):
+        assert _resume_start(4, DistEnv(rank=0, world_size=3), state) == 1
+    assert state.epoch_samples == 12  # what the next step checkpoint counts from
+    assert "resuming epoch 2 at its step 2 of this world size: the 16 samples trained before the stop are not a " in (
+        caplog.text
+    )
+    assert "global batches of 12; the last 4 of them are trained again" in caplog.text
+    state = RunState({}, [], [], epoch=2, step=3, epoch_step=2, epoch_steps=3, epoch_samples=16)
+    assert _resume_start(8, DistEnv(rank=0, world_size=1), state) == 2 and state.epoch_samples == 16

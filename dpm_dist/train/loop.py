@@ -444,6 +444,7 @@ def _resume_start(batch_size: int, env: DistEnv, state: RunState) -> int:
             batch_size * env.world_size,
             again,
         )
+    state.epoch_samples -= again  # the position resumed at: what the next step checkpoint counts from
     return start
 
 
