@@ -424,3 +424,21 @@ def test_a_position_another_global_batch_does_not_divide_resumes_at_the_step_bou
     assert "global batches of 12; the last 4 of them are trained again" in caplog.text
     state = RunState({}, [], [], epoch=2, step=3, epoch_step=2, epoch_steps=3, epoch_samples=16)
     assert _resume_start(8, DistEnv(rank=0, world_size=1), state) == 2 and state.epoch_samples == 16
+
+
+def test_a_change_made_when_resuming_from_a_step_checkpoint_is_recorded_from_its_next_step(tmp_path):
+    from dpm_dist.config import DPMConfig
+    from dpm_dist.train.loop import resolved_config, resume_plan, write_config
+
+    cfg = DPMConfig()
+    cfg.log.output_dir = str(tmp_path)
+    cfg.log.allow_config_change = ["loss.alpha"]
+    before = resolved_config(cfg)
+    cfg.loss.alpha = 0.3
+    saved = {"config": before, "epoch": 2, "step": 7, "epoch_step": 1, "epoch_steps": 6, "tag": "step_0002_000001"}
+    history = resume_plan(cfg, resolved_config(cfg), saved)
+    assert history == [{"after_epoch": 1, "after_step": 7, "changes": {"loss.alpha": [0.5, 0.3]}}]
+    write_config(str(tmp_path), resolved_config(cfg), history)
+    assert "# from step 8 (epoch 2): loss.alpha 0.5 -> 0.3" in (tmp_path / "config.yaml").read_text()
+    epoch_end = dict(saved, tag="epoch_0002", epoch_step=6)  # a step checkpoint at its epoch's end: the epoch's
+    assert resume_plan(cfg, resolved_config(cfg), epoch_end)[0]["after_epoch"] == 2
