@@ -12,6 +12,7 @@ import datetime
 import os
 import re
 import socket
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -184,7 +185,16 @@ def all_gather_varlen(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def destroy() -> None:
-    if tdist.is_available() and tdist.is_initialized():
+    """End the default process group. Through DeepSpeed's ``deepspeed.comm`` when DeepSpeed has used it: that also
+    drops the groups DeepSpeed cached on it, which would otherwise outlive it, and a later engine in the same
+    process (a new group: tests, notebooks, several commands in one process) would fail with "Group ... is not
+    registered"."""
+    if not (tdist.is_available() and tdist.is_initialized()):
+        return
+    ds_comm = sys.modules.get("deepspeed.comm.comm")
+    if ds_comm is not None and getattr(ds_comm, "cdb", None) is not None and ds_comm.cdb.is_initialized():
+        ds_comm.destroy_process_group()
+    else:
         tdist.destroy_process_group()
 
 
