@@ -11,7 +11,9 @@
 #   NNODES=1:4 RDZV_ENDPOINT=10.0.0.1:29400 RDZV_ID=dpm42 bash launch/torchrun.sh 8 experiment=... log.checkpoint_every_steps=200
 # (RDZV_LAST_CALL_TIMEOUT: seconds the rendezvous waits for more nodes once the minimum is there, default 30;
 # LOCAL_ADDR: this node's address for the rendezvous, when its hostname does not resolve to it; RDZV_IS_HOST=true
-# on the node that hosts the rendezvous store, false elsewhere, when torchrun cannot tell from the addresses.)
+# on the node that hosts the rendezvous store, false elsewhere, when torchrun cannot tell from the addresses.
+# A node joining a job that already runs, a replacement or one more up to MAX, starts with PREFLIGHT=0: the one-process
+# check would find the run folder held by that job and refuse.)
 # Restarts: a failed or killed rank makes torchrun restart every rank of the node, up to MAX_RESTARTS times
 # (default 3; 0 turns it off); each restart resumes from the newest checkpoint that verifies. The arguments are
 # checked once before torchrun starts (DPM_PREFLIGHT), so a configuration error is reported once, not restarted.
@@ -51,7 +53,7 @@ elif ! [[ "$NNODES" =~ ^[1-9][0-9]*$ ]]; then
     echo "$(basename "$0"): error: NNODES=$NNODES: expected a node count (2) or a range MIN:MAX (1:4)" >&2
     exit 2
 fi
-if [ "$RESTARTS" -gt 0 ] && [[ " $* " != *" -"* ]]; then  # not for --help / --cfg job
+if [ "$RESTARTS" -gt 0 ] && [ "${PREFLIGHT:-1}" != 0 ] && [[ " $* " != *" -"* ]]; then  # not for --help / --cfg job
     DPM_PREFLIGHT=1 "$PY" -m dpm_dist.cli.train "$@"
 fi
 if [ -n "${RDZV_ENDPOINT:-}" ]; then
