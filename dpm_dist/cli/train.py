@@ -167,6 +167,9 @@ def run_training(cfg_node: Any, state: dict[str, Any]) -> dict[str, float]:
         return {}
 
     env = DistEnv.from_env()
+    from dpm_dist.config import for_world_size
+
+    for_world_size(cfg, env.world_size)  # data.global_num_ids this world size cannot share: one line, no process group
     # SIGINT, SIGTERM, SIGUSR1: recorded, acted on at the next step boundary. Under torchrun, SIGTERM stays
     # torchrun's way to stop the ranks at once (a restart after a rank died); launch/torchrun.sh forwards a
     # SIGTERM it receives as SIGUSR1 and names it in a file (stop_signal).

@@ -46,7 +46,13 @@ def _per_channel(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 
 class _GlobalBatchNormFn(torch.autograd.Function):
-    """Batch normalisation over the union of every rank's batch (fp32 arithmetic; the output in the input's dtype)."""
+    """Batch normalisation over the union of every rank's batch (fp32 arithmetic; the output in the input's dtype).
+
+    The per-element work is torch's own fused CPU kernels: ``batch_norm`` in evaluation form with the global
+    statistics (forward), ``native_batch_norm_backward`` in evaluation form for the per-channel sums and two
+    ``addcmul`` for the input's gradient (backward), as ``SyncBatchNorm``'s ``batch_norm_elemt`` /
+    ``batch_norm_backward_reduce`` / ``batch_norm_backward_elemt`` do on CUDA.
+    """
 
     @staticmethod
     def forward(
@@ -59,7 +65,7 @@ class _GlobalBatchNormFn(torch.autograd.Function):
         eps: float,
         momentum: float,
     ) -> torch.Tensor:
-        xf = x.float()
+        xf = x.contiguous().float()
         dims, channels = _channel_dims(x), x.shape[1]
         count = x.numel() // channels
         var, mean = torch.var_mean(xf, dim=dims, correction=0)
@@ -71,39 +77,42 @@ class _GlobalBatchNormFn(torch.autograd.Function):
         total = counts.sum()
         mean = (means * counts).sum(0) / total
         var = (m2s.sum(0) + (counts * (means - mean) ** 2).sum(0)) / total
-        invstd = torch.rsqrt(var + eps)
         if running_mean is not None and running_var is not None:
             with torch.no_grad():  # torch's update: the biased variance normalises, the unbiased one is tracked
                 running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
                 unbiased = var * (total / (total - 1).clamp_min(1))
                 running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
-        y = (xf - _per_channel(mean, x)) * _per_channel(invstd, x)
-        if weight is not None:
-            y = y * _per_channel(weight.float(), x)
-        if bias is not None:
-            y = y + _per_channel(bias.float(), x)
-        ctx.save_for_backward(x, weight, mean, invstd)
-        ctx.total = float(total)
+        w = weight.float() if weight is not None else torch.ones_like(mean)
+        b = bias.float() if bias is not None else torch.zeros_like(mean)
+        y = torch.nn.functional.batch_norm(xf, mean, var, w, b, False, 0.0, eps)  # (x − μ)/√(σ² + ε)·w + b, fused
+        ctx.save_for_backward(xf, w, mean, var)
+        ctx.eps, ctx.total, ctx.dtype, ctx.affine = eps, float(total), x.dtype, weight is not None
         return y.to(x.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, mean, invstd = ctx.saved_tensors
-        dims, channels = _channel_dims(x), x.shape[1]
-        dy = grad.float()
-        xhat = (x.float() - _per_channel(mean, x)) * _per_channel(invstd, x)
-        sum_dy, sum_dy_xhat = dy.sum(dims), (dy * xhat).sum(dims)
-        grad_weight = sum_dy_xhat.to(weight.dtype) if weight is not None and ctx.needs_input_grad[1] else None
-        grad_bias = sum_dy.to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None
+        xf, w, mean, var = ctx.saved_tensors
+        dy = grad.contiguous().float()
+        # Σ dy·x̂ and Σ dy per channel (x̂ from the global statistics), one fused pass
+        _, sum_dy_xhat, sum_dy = torch.ops.aten.native_batch_norm_backward(
+            dy, xf, w, mean, var, None, None, False, ctx.eps, [False, True, True]
+        )
+        needs = ctx.needs_input_grad
+        grad_weight = sum_dy_xhat if ctx.affine and needs[1] else None
+        grad_bias = sum_dy if ctx.affine and needs[2] else None
         grad_x = None
-        if ctx.needs_input_grad[0]:
+        if needs[0]:
+            channels = xf.shape[1]
             sums = torch.cat([sum_dy, sum_dy_xhat])
             tdist.all_reduce(sums)  # every rank's samples moved the statistics this rank's samples were normalised by
             mean_dy, mean_dy_xhat = sums[:channels] / ctx.total, sums[channels:] / ctx.total
-            scale = invstd if weight is None else invstd * weight.float()
-            grad_x = (
-                (dy - _per_channel(mean_dy, x) - xhat * _per_channel(mean_dy_xhat, x)) * _per_channel(scale, x)
-            ).to(x.dtype)
+            invstd = torch.rsqrt(var + ctx.eps)
+            # dx = w·invstd·(dy − mean(dy) − x̂·mean(dy·x̂)) = a·dy + b·x + c, per channel
+            a = w * invstd
+            b = -a * invstd * mean_dy_xhat
+            c = -a * mean_dy - b * mean
+            grad_x = torch.addcmul(_per_channel(c, xf), xf, _per_channel(b, xf))
+            grad_x = grad_x.addcmul_(dy, _per_channel(a, xf)).to(ctx.dtype)
         return grad_x, grad_weight, grad_bias, None, None, None, None
 
 

@@ -1,0 +1,131 @@
+"""Seconds per training step with ``engine.invariant`` on and off, at 2 gloo ranks, side by side in one run.
+
+    DS_ACCELERATOR=cpu .venv/bin/python benchmarks/invariance.py                 # tiny model, 2 CPU ranks
+    DS_ACCELERATOR=cpu .venv/bin/python benchmarks/invariance.py --steps 40 --ranks 3
+    DS_ACCELERATOR=cpu .venv/bin/python benchmarks/invariance.py --model vit_s --ids 4 --steps 10
+
+The script starts its own gloo ranks. Each rank builds two engines over identical models (drop-path 0.1):
+today's per-rank mode (``engine.invariant=off``: per-rank BatchNorm, process-RNG drop-path, local triplet
+mining) and the invariant mode (global BatchNorm, sample-keyed drop-path, triplet gather, metrics averaged over
+ranks). They are timed round-robin (one step of each per round, after warm-up) so machine noise hits both
+alike. Rank 0 prints the median seconds per step of each (wall clock, and the CPU time of its process, which a
+busy machine disturbs less) and the ratio invariant / today. The loader's part (the augmentation seeds) costs the
+same in both modes and is left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import time
+
+import torch
+
+MODELS = {  # the tiny demo model, and a ViT-S-sized one (12 blocks of 384) with more work per collective
+    "tiny": dict(
+        model=dict(embed_dim=64, depth=4, num_heads=4, tap_blocks=(1, 2, 3, 4)), img=(128, 64), stride=(12, 12)
+    ),
+    "vit_s": dict(model=dict(embed_dim=384, depth=12, num_heads=6), img=(256, 128), stride=(16, 16)),
+}
+DROP_PATH, K = 0.1, 4
+
+
+def _engine(name: str, invariant: str, ids: int, world: int, classes: int):
+    from dpm_dist.config import to_config
+    from dpm_dist.dist import DistEnv
+    from dpm_dist.model.dpm import create_model
+    from dpm_dist.train.engine import DPMEngine
+
+    env, spec = DistEnv.from_env(), MODELS[name]
+    img, stride = spec["img"], spec["stride"]
+    torch.manual_seed(0)
+    model = create_model(
+        num_classes=classes, num_cams=8, img_size=img, stride=stride, drop_path=DROP_PATH, **spec["model"]
+    )
+    cfg = to_config(
+        {
+            "model": {"img_size": list(img), "stride": list(stride), "drop_path": DROP_PATH},
+            "data": {"img_size": list(img), "global_num_ids": ids * world, "num_instances": K},
+            "engine": {"invariant": invariant, "zero_stage": 0},
+        }
+    )
+    engine = DPMEngine.from_config(cfg, env, model)
+    engine.start_epoch(10)
+    return engine
+
+
+def _rank(rank: int, world: int, port: int, model: str, ids: int, steps: int, threads: int) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(threads)
+    from dpm_dist.dist import DistEnv, init_process_group
+
+    env = DistEnv.from_env()
+    init_process_group(env)
+    classes, batch = 702, ids * K
+    modes = {
+        "today": _engine(model, "off", ids, world, classes),
+        "invariant": _engine(model, "on", ids, world, classes),
+    }
+    g = torch.Generator().manual_seed(rank)
+    data = {
+        "images": torch.randn(batch, 3, *MODELS[model]["img"], generator=g),
+        "pids": (torch.arange(ids).repeat_interleave(K) + rank * ids) % classes,
+        "camids": torch.randint(0, 8, (batch,), generator=g),
+        "sample_seeds": torch.arange(batch) + rank * batch,
+    }
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    cpu: dict[str, list[float]] = {m: [] for m in modes}
+    for engine in modes.values():  # warm-up
+        engine.step(data)
+    for _ in range(steps):
+        for name, engine in modes.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            engine.step(data)
+            times[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
+    if env.is_main:
+        today = statistics.median(times["today"])
+        spec = MODELS[model]
+        print(
+            f"{model} DPM ({spec['model']['embed_dim']}-wide, {spec['model']['depth']} blocks, "
+            f"{spec['img'][0]}x{spec['img'][1]}), {world} gloo ranks x {batch} images, fp32, ZeRO-0, "
+            f"{steps} timed steps per mode, {threads} thread(s) per rank"
+        )
+        today_cpu = statistics.median(cpu["today"])
+        print(f"{'mode':<10} {'s/step':>8} {'vs today':>9} {'CPU s/step':>11} {'vs today':>9}")
+        for name in modes:
+            med, med_cpu = statistics.median(times[name]), statistics.median(cpu[name])
+            print(f"{name:<10} {med:8.3f} {med / today:8.3f}x {med_cpu:11.3f} {med_cpu / today_cpu:8.3f}x")
+    from dpm_dist import dist
+
+    dist.barrier()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", choices=sorted(MODELS))
+    parser.add_argument("--ranks", type=int, default=2)
+    parser.add_argument("--ids", type=int, default=8, help="identities per rank (× 4 images)")
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    args = parser.parse_args()
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    spawn_args = (args.ranks, port, args.model, args.ids, args.steps, args.threads)
+    mp.spawn(_rank, args=spawn_args, nprocs=args.ranks, join=True)
+
+
+if __name__ == "__main__":
+    main()
