@@ -442,3 +442,23 @@ def test_a_change_made_when_resuming_from_a_step_checkpoint_is_recorded_from_its
     assert "# from step 8 (epoch 2): loss.alpha 0.5 -> 0.3" in (tmp_path / "config.yaml").read_text()
     epoch_end = dict(saved, tag="epoch_0002", epoch_step=6)  # a step checkpoint at its epoch's end: the epoch's
     assert resume_plan(cfg, resolved_config(cfg), epoch_end)[0]["after_epoch"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "nnodes,rdzv,message",
+    [
+        (
+            "1:2",
+            "",
+            "NNODES=1:2 is a range of nodes: it needs the c10d rendezvous (set RDZV_ENDPOINT=host:port, the same on every node)",
+        ),
+        ("2:1", "127.0.0.1:29400", "NNODES=2:1: expected a node count (2) or a range MIN:MAX with MIN <= MAX (1:4)"),
+        ("two", "", "NNODES=two: expected a node count (2) or a range MIN:MAX (1:4)"),
+    ],
+)
+def test_a_node_range_needs_c10d_and_a_valid_range(tmp_path, nnodes, rdzv, message):
+    env = dict(_env(), NNODES=nnodes, RDZV_ENDPOINT=rdzv)
+    proc = _run(["bash", str(ROOT / "launch" / "torchrun.sh"), "1", "optim.epochs=1"], tmp_path, env)
+    assert proc.returncode == 2 and proc.stderr.strip() == f"torchrun.sh: error: {message}", proc.stderr
+    assert not proc.stdout
