@@ -25,9 +25,11 @@ import torch
 
 from dpm_dist.config import for_world_size, to_config
 from dpm_dist.dist import DistEnv
+from dpm_dist.model.dpm import create_model
 from tests.conftest import ROOT, TINY, TINY_TRAIN, relative_workdir, run_ranks, train_env
 
 sys.path.insert(0, str(Path(__file__).parent))
+import engine_worker as W
 import invariance_worker as IW
 
 REL, FLOOR = 1e-5, 1e-3
@@ -170,6 +172,39 @@ def test_dpm_train_names_a_global_batch_the_ranks_cannot_share(tiny_shards, tmp_
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert "`data.global_num_ids`: 4 identities per global batch cannot be shared equally by 3 ranks" in lines[0]
+
+
+def test_the_invariant_mode_on_one_rank_is_the_default_but_for_the_drop_path_draws():
+    """One rank, ``engine.invariant=on``: the global BatchNorm is torch's, the gather and the metrics' mean are no-ops,
+    so without drop-path the run is the default's bit for bit; with it only the (keyed) masks differ."""
+    import dataclasses
+
+    from dpm_dist.dist import init_process_group
+    from dpm_dist.train.engine import DPMEngine
+
+    init_process_group(DistEnv())  # a world of one over an in-memory store (once per process), as dpm-train
+
+    def run(invariant: str, drop_path: float) -> dict:
+        cfg = W.make_cfg("exact", 0)
+        cfg = dataclasses.replace(cfg, engine=dataclasses.replace(cfg.engine, invariant=invariant))
+        torch.manual_seed(0)
+        model = create_model(**dict(W.TINY, drop_path=drop_path))
+        torch.nn.init.normal_(model.mask_gen.fc.weight, std=0.05)  # as W.fresh_model
+        engine = DPMEngine.from_config(cfg, DistEnv(), model)
+        engine.start_epoch(2)
+        for i, batch in enumerate(W.batches(DistEnv(), 3)):
+            engine.step(dict(batch, sample_seeds=torch.arange(6) + 6 * i))
+        return {k: v.detach().clone() for k, v in engine.model.state_dict().items()}
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        plain, keyed = run("off", 0.0), run("on", 0.0)
+        assert all(torch.equal(plain[k], keyed[k]) for k in plain)
+        drop_plain, drop_keyed = run("off", 0.3), run("on", 0.3)
+        assert not all(torch.equal(drop_plain[k], drop_keyed[k]) for k in drop_plain)
+    finally:
+        torch.set_num_threads(threads)
 
 
 # ---- global BatchNorm on gloo -------------------------------------------------------------------------------
