@@ -86,7 +86,7 @@ def _optimizer_state(engine) -> dict[str, torch.Tensor]:
     return out
 
 
-def run(variant: str, shards: str, switch: str, env) -> dict:
+def run(variant: str, shards: str, switch: str, env, extra: tuple[str, ...] = ()) -> dict:
     from dpm_dist.cli.common import compose_config
     from dpm_dist.config import for_world_size
     from dpm_dist.data.loader import TrainLoader, load_manifest
@@ -100,6 +100,7 @@ def run(variant: str, shards: str, switch: str, env) -> dict:
             f"engine.zero_stage={zero.removeprefix('zero')}",
             f"model.classifier={classifier}",
             f"engine.invariant={switch}",
+            *extra,
         ]
     )
     cfg = for_world_size(cfg, env.world_size)  # as the loop's _run
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--shards", required=True)
     parser.add_argument("--switch", default="on", help="engine.invariant")
+    parser.add_argument("--override", action="append", default=[], help="one more config override (repeatable)")
     parser.add_argument("variants", nargs="+", help="zero<k>:<replicated|sharded>")
     args = parser.parse_args(argv)
     from dpm_dist.dist import DistEnv, init_process_group
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     env = DistEnv.from_env()
     init_process_group(env)
     for variant in args.variants:
-        result = run(variant, args.shards, args.switch, env)
+        result = run(variant, args.shards, args.switch, env, tuple(args.override))
         if env.is_main:
             torch.save(result, os.path.join(args.out, variant.replace(":", "_") + ".pt"))
     return 0
