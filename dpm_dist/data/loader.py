@@ -355,7 +355,6 @@ def _exact_batches(
     else the per-rank ``data.num_ids``. Seeds are keyed by (rank, batch, place in the rank's batch), or with
     ``sample_keyed`` (``engine.invariant``) by the sample's place in the global order
     (:func:`~dpm_dist.data.sampling.draw_seed`): the same on one rank."""
-
     shared = stream_seed(seed, epoch)  # the same on every rank, as rank 0's seed is in docs/method.md §5.6
     labels = [m["label"] for *_, m in index]
     rngs = (random.Random(shared), np.random.RandomState(shared % 2**32))
@@ -410,7 +409,6 @@ class _ExactLoader:
         sample_keyed: bool = False,
     ) -> None:
         self.cfg, self.env, self.index, self.seed, self.sample_keyed = cfg, env, index, seed, sample_keyed
-
         self.datasets, self.batches = manifest["datasets"], _EpochBatches()
         self.loader = DataLoader(
             _IndexedTrain(index, cfg),
@@ -478,7 +476,6 @@ class TrainLoader:
         order, not by the rank. ``data.global_num_ids`` is shared out over ``env.world_size`` ranks here."""
         cfg = cfg.for_world_size(env.world_size)
         self.cfg, self.env, self.seed, self.sample_keyed = cfg, env, seed, sample_keyed
-
         keep = cfg.persistent_workers if persistent is None else persistent
         self.persistent = keep and cfg.num_workers > 0
         self.loader: DataLoader | None = None
