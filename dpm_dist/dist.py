@@ -261,7 +261,19 @@ def describe_peer_failure(err: BaseException, env: DistEnv, timeout_s: float) ->
             if other_nodes
             else "a peer rank"
         )
-    return f"{who} stopped answering ({cause}; seen by rank {env.rank} on node {me}); {RESUME_HINT}"
+    return f"{who} stopped answering ({cause}; seen by rank {env.rank} on node {me}); {resume_hint()}"
+
+
+def resume_hint() -> str:
+    """How a run goes on after a lost peer: torchrun's own restart while it has restarts left (an elastic job,
+    ``NNODES=MIN:MAX``, then finishes on the nodes that are left), else a re-run of the command on every node."""
+    restarts, limit = os.environ.get("TORCHELASTIC_RESTART_COUNT"), os.environ.get("TORCHELASTIC_MAX_RESTARTS")
+    if restarts and limit and restarts.isdigit() and limit.isdigit() and int(restarts) < int(limit):
+        return (
+            f"torchrun restarts the ranks that are left from the newest checkpoint (restart {int(restarts) + 1} of "
+            f"at most {limit})"
+        )
+    return RESUME_HINT
 
 
 @contextlib.contextmanager

@@ -116,6 +116,18 @@ def test_the_message_names_the_lost_rank_and_node(monkeypatch, gloo, expected):
     with pytest.raises(dist.PeerLostError) as err, dist.peer_failures(dist.DistEnv(rank=0, world_size=4), 5.0):
         raise RuntimeError(gloo)
     assert str(err.value).startswith(expected) and str(err.value).endswith(HINT)
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "0")  # under torchrun with restarts left: it goes on by itself
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    with pytest.raises(dist.PeerLostError) as err, dist.peer_failures(dist.DistEnv(rank=0, world_size=4), 5.0):
+        raise RuntimeError(gloo)
+    assert str(err.value).startswith(expected)
+    assert str(err.value).endswith(
+        "torchrun restarts the ranks that are left from the newest checkpoint (restart 1 of at most 3)"
+    )
+    monkeypatch.setenv("TORCHELASTIC_RESTART_COUNT", "3")  # the last restart used: a re-run it is
+    with pytest.raises(dist.PeerLostError) as err, dist.peer_failures(dist.DistEnv(rank=0, world_size=4), 5.0):
+        raise RuntimeError(gloo)
+    assert str(err.value).endswith(HINT)
     with pytest.raises(RuntimeError, match="not a collective"):  # anything else keeps its traceback
         with dist.peer_failures(dist.DistEnv(rank=0, world_size=4), 5.0):
             raise RuntimeError("not a collective")

@@ -59,7 +59,7 @@ $CONFIG
 def interrupted_hint(cfg: Any) -> str:
     """What Ctrl-C leaves behind and how to go on (rank 0 only: one line per run, not per rank)."""
     from dpm_dist.dist import DistEnv
-    from dpm_dist.train.checkpoint import latest_meta
+    from dpm_dist.train.checkpoint import describe, latest_meta
 
     if cfg is None:
         return "nothing was saved"
@@ -70,7 +70,7 @@ def interrupted_hint(cfg: Any) -> str:
     if meta is None:
         return f"no checkpoint was saved in {ckpts}; re-running the same command starts the run over"
     return (
-        f"the latest checkpoint is {meta['tag']} (epoch {meta['epoch']} of {cfg.optim.epochs}) in {ckpts}; "
+        f"the latest checkpoint is {describe(meta, cfg.optim.epochs)} in {ckpts}; "
         "re-run the same command to resume from it"
     )
 
