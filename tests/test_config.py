@@ -164,3 +164,17 @@ def test_composition_errors_are_one_line_naming_the_field(override, expected):
         check_overrides(["--cfg", "job", override])
     assert expected in str(info.value) and "\n" not in str(info.value)
     assert "To append to your config use" not in str(info.value)
+
+
+def test_a_per_rank_p_on_the_command_line_is_refused_where_the_preset_states_the_global_batch():
+    """data.num_ids is not used while data.global_num_ids is set (the paper presets): refused naming the field, not
+    silently ignored; with data.global_num_ids given too, or on a preset without a global batch, it is accepted."""
+    from dpm_dist.cli.common import check_overrides
+
+    with pytest.raises(
+        ValueError, match=r"^config field `data.num_ids`: not used: the preset sets data.global_num_ids=16"
+    ):
+        check_overrides(["experiment=occluded_duke", "data.num_ids=2"])
+    check_overrides(["experiment=occluded_duke", "data.num_ids=2", "data.global_num_ids=0"])
+    check_overrides(["experiment=occluded_duke", "data.global_num_ids=8"])
+    check_overrides(["experiment=tiny", "data.num_ids=2"])

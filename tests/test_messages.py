@@ -93,8 +93,17 @@ def test_tiny_run_says_which_weights_and_prints_no_accelerator_line(tiny_shards,
 def test_a_paper_preset_without_imagenet_weights_warns_in_one_line(tiny_shards, tmp_path):
     work = relative_workdir(tmp_path / "work", tiny_shards)
     small = ["data.dataset=synthetic", "model.img_size=[64,64]", "data.img_size=[64,64]", "model.stride=[16,16]"]
-    batch = ["data.num_ids=2", "data.num_instances=2", "data.num_workers=0", "data.eval_batch_size=8"]
-    proc = dpm_train("experiment=occluded_duke", *small, *batch, "log.output_dir=paper", cwd=work)
+    batch = ["data.num_instances=2", "data.num_workers=0", "data.eval_batch_size=8"]
+    # the preset states the paper's global batch: a per-rank P on the command line would be ignored, so it is refused
+    refused = dpm_train("experiment=occluded_duke", *small, *batch, "data.num_ids=2", "log.output_dir=paper", cwd=work)
+    assert refused.returncode == 2 and [ln for ln in refused.stderr.splitlines() if ln.strip()] == [
+        "dpm-train: error: config field `data.num_ids`: not used: the preset sets data.global_num_ids=16 (identities "
+        "per global batch, shared by the ranks), which decides the per-rank P; set data.global_num_ids=<P × ranks> "
+        "instead, or data.global_num_ids=0 to give data.num_ids per rank"
+    ], refused.stderr
+    proc = dpm_train(
+        "experiment=occluded_duke", *small, *batch, "data.global_num_ids=2", "log.output_dir=paper", cwd=work
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     text = proc.stdout + proc.stderr
     assert "\n  weights   random initialisation (model.pretrained not set)\n" in proc.stdout, proc.stdout[:2000]

@@ -229,7 +229,7 @@ def test_help_and_cfg_job_still_work(tmp_path):
     assert help_.returncode == 0 and "Configuration groups" in help_.stdout
     assert help_.stdout.startswith("dpm-tune: search DPM's loss weights"), help_.stdout[:500]
     assert "Usage: dpm-tune [tune=PRESET] [experiment=PRESET]" in help_.stdout
-    assert "tune: grid_margin_scale, optuna_asha, tiny_asha" in help_.stdout
+    assert f"tune: {', '.join(TUNE_PRESETS)}" in help_.stdout  # every preset, in order
     assert "Powered by Hydra" not in help_.stdout and "my_app" not in help_.stdout
     job = subprocess.run(
         [str(VENV_BIN / "dpm-tune"), "--cfg", "job", "search.worker_start_retries=0"],
@@ -434,6 +434,24 @@ def test_the_best_preset_trains_the_trials_model_on_any_world_size_when_the_tria
         runs = for_world_size(to_config(OmegaConf.merge(schema, preset)), ranks)
         assert runs.engine.invariant == "on" and runs.data.num_ids * ranks == global_ids  # the trial's global batch
         assert runs.engine.gather_triplet and runs.engine.hem_global_batch
+
+
+def test_a_restored_trial_reports_the_result_of_the_epoch_it_resumes_from_again():
+    """The interrupted search may never have received the result of the epoch the trial's Ray Train run checkpointed
+    last (a CI run: epoch 2 saved after the search stopped, so ASHA judged the trial at epoch 2's rung on epoch 3's
+    result); the restored worker reports it again first. Nothing for a new trial, a step checkpoint, or an epoch
+    without an evaluation."""
+    from dpm_dist.tune.search import restored_result
+
+    evaluations = [
+        {"epoch": 1, "step": 2, "results": {"mAP": 0.23}},
+        {"epoch": 2, "step": 4, "results": {"mAP": 0.232}},
+    ]
+    assert restored_result({"epoch": 2, "evaluations": evaluations}) == {"mAP": 0.232, "epoch": 2}
+    assert restored_result({"epoch": 1, "evaluations": evaluations}) == {"mAP": 0.23, "epoch": 1}
+    assert restored_result({}) is None
+    assert restored_result({"epoch": 2, "epoch_step": 1, "evaluations": evaluations}) is None
+    assert restored_result({"epoch": 3, "evaluations": evaluations}) is None
 
 
 def test_tune_group_is_added_to_the_hydra_overrides():

@@ -90,7 +90,14 @@ def check_overrides(argv: Sequence[str]) -> None:
             config_dir = word.split("=", 1)[1]
         elif "=" in word and not word.startswith("-"):
             overrides.append(word)
-    compose_config(overrides, config_dir=config_dir)
+    cfg = compose_config(overrides, config_dir=config_dir)
+    given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+    if "data.num_ids" in given and "data.global_num_ids" not in given and cfg.data.global_num_ids:
+        raise ValueError(
+            f"config field `data.num_ids`: not used: the preset sets data.global_num_ids={cfg.data.global_num_ids} "
+            "(identities per global batch, shared by the ranks), which decides the per-rank P; set "
+            "data.global_num_ids=<P × ranks> instead, or data.global_num_ids=0 to give data.num_ids per rank"
+        )
 
 
 def _type_name(key: str) -> str:

@@ -161,9 +161,10 @@ def train_shards(cfg: DataConfig) -> tuple[list[Shard], dict[str, Any]]:
             raise ValueError(f"no training shards in {part.root} (index.json has no train split)")
         shards += mine
     where = found[0][0].root if len(found) == 1 else f"the union of data.roots ({len(found)} datasets)"
-    if manifest["num_train_ids"] < cfg.num_ids:
+    field = "data.global_num_ids" if cfg.global_num_ids else "data.num_ids"
+    if manifest["num_train_ids"] < cfg.order_num_ids():
         raise ValueError(
-            f"config field `data.num_ids`: P={cfg.num_ids} but the training set {where} has only "
+            f"config field `{field}`: P={cfg.order_num_ids()} but the training set {where} has only "
             f"{manifest['num_train_ids']} identities"
         )
     return shards, manifest

@@ -102,20 +102,36 @@ def trial_config(base: dict[str, Any], overrides: dict[str, Any], output_dir: st
 # ---- per-worker training function ---------------------------------------------------------------
 
 
-def _materialize(checkpoint: ray.train.Checkpoint | None, run_dir: str) -> int:
-    """Rebuild ``run_dir/checkpoints`` from the Ray checkpoint (an ``epoch_XXXX`` folder); its epoch or 0."""
+def _materialize(checkpoint: ray.train.Checkpoint | None, run_dir: str) -> dict[str, Any]:
+    """Rebuild ``run_dir/checkpoints`` from the Ray checkpoint (an ``epoch_XXXX`` folder); its meta.json ({}:
+    none, a new trial)."""
     shutil.rmtree(run_dir, ignore_errors=True)  # stale local state of an earlier attempt on this node
     ckpt_root = os.path.join(run_dir, "checkpoints")
     os.makedirs(ckpt_root)
     if checkpoint is None:
-        return 0
+        return {}
     staging = os.path.join(ckpt_root, "incoming")
     checkpoint.to_directory(staging)
     with open(os.path.join(staging, "meta.json")) as f:
         meta = json.load(f)
     os.replace(staging, os.path.join(ckpt_root, meta["tag"]))
     write_text_atomic(os.path.join(ckpt_root, "latest"), meta["tag"])
-    return int(meta["epoch"])
+    return meta
+
+
+def restored_result(meta: dict[str, Any]) -> dict[str, Any] | None:
+    """The evaluation of the epoch a restored trial resumes from (from its checkpoint's meta.json), or None.
+
+    A search interrupted (Ctrl-C) saves its state as it stops, while the trial's Ray Train run may still checkpoint
+    one more epoch: the resumed trial then starts after an epoch whose result the search never received, and ASHA
+    would judge the trial at that epoch's rung on a later epoch's result. The worker reports it again first; a
+    result the search had already received changes nothing (ASHA records a trial once per rung).
+    """
+    epoch = int(meta.get("epoch", 0))
+    if not epoch or meta.get("epoch_step"):  # none, or a step checkpoint (Ray gets epoch checkpoints only)
+        return None
+    done = [e for e in meta.get("evaluations", []) if int(e.get("epoch", -1)) == epoch]
+    return dict(done[-1]["results"], epoch=epoch) if done else None
 
 
 def _upload_tensorboard(run_dir: str) -> None:
@@ -183,9 +199,13 @@ def train_worker(loop: dict[str, Any]) -> None:
         local_world_size=ctx.get_local_world_size(),
     )
     run_dir = os.path.join(loop["local_dir"], f"rank_{env.rank}")
-    restored_epoch = _materialize(ray.train.get_checkpoint(), run_dir)
+    restored = _materialize(ray.train.get_checkpoint(), run_dir)
+    restored_epoch = int(restored.get("epoch", 0))
     cfg = trial_config(loop["base"], loop["overrides"], output_dir=run_dir)
     uploaded: dict[str, int] = {}
+    again = restored_result(restored)
+    if again is not None:  # every rank reports, as after each evaluation; no checkpoint: the search has it
+        ray.train.report(dict(again, restored_epoch=restored_epoch, **{PG_KEY: _placement_group_id()}))
 
     def report(metrics: dict[str, float], epoch: int, folder: str | None) -> None:
         checkpoint = ray.train.Checkpoint.from_directory(folder) if folder else None
