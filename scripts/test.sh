@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The README's test command: bootstrap the environment, then run the whole suite on CPU.
 # Extra arguments go to pytest (e.g. bash scripts/test.sh -k losses).
+# Two pytest-xdist workers by default (DPM_TEST_WORKERS=N for another count, 0 for one process), each test file
+# on one worker (--dist loadfile: a file's module fixtures, e.g. a trained run, are built once).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/bootstrap.sh
@@ -10,7 +12,12 @@ export DS_ACCELERATOR=cpu PYTHONHASHSEED=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 # rebuilds what the other built (a minute or more, every time a test process of the other kind starts).
 export PATH="$PWD/.venv/bin:$PATH"
 set +e
-.venv/bin/python -m pytest "$@"
+workers=${DPM_TEST_WORKERS:-2}
+if [ "$workers" = "0" ]; then
+    .venv/bin/python -m pytest "$@"
+else
+    .venv/bin/python -m pytest -n "$workers" --dist loadfile "$@"
+fi
 rc=$?
 set -e
 if [ "$rc" -eq 5 ]; then
