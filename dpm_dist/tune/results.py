@@ -90,14 +90,16 @@ def reproducible(best: dict[str, Any]) -> tuple[dict[str, Any], str]:
     ``engine.invariant=on`` (``auto`` would turn it off on one rank), and trains the same model on any number of
     ranks that divides it. Otherwise the trial's model is one of its world size, and the sentence says so.
     """
+    from dpm_dist.config import for_world_size, to_config
+
     config = dict(best)
     workers = int(best["search"]["workers_per_trial"])
-    data, engine = best["data"], best["engine"]
-    mode = {"true": "on", "false": "off"}.get(str(engine["invariant"]).lower(), str(engine["invariant"]).lower())
-    if mode == "on" or (mode == "auto" and workers > 1):
-        global_ids = int(data.get("global_num_ids") or 0) or int(data["num_ids"]) * workers
-        config["data"] = dict(data, global_num_ids=global_ids)
-        config["engine"] = dict(engine, invariant="on")
+    ran = for_world_size(to_config(best), workers)  # the trial as it ran: `auto` decided, the per-rank P
+    mode = best["engine"]["invariant"]
+    if ran.engine.invariant == "on":
+        global_ids = ran.data.global_num_ids or ran.data.num_ids * workers
+        config["data"] = dict(best["data"], global_num_ids=global_ids)
+        config["engine"] = dict(best["engine"], invariant="on")
         return config, (
             f"on any number of ranks that divides its global batch (engine.invariant=on, "
             f"data.global_num_ids={global_ids}; it ran on {workers})"
