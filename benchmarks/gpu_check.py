@@ -6,6 +6,8 @@
     python3 benchmarks/gpu_check.py loader PARTS [--dry-run]
     python3 benchmarks/gpu_check.py report PARTS OUTDIR
 
+(The head step is benchmarks/head_scale.py --json PARTS/head.json; ``report`` reads it as it reads the others.)
+
 gpu_check.sh runs each under its own ``timeout`` and records ``PARTS/<step>.status`` (exit code, seconds)
 so that ``report`` can say which step failed or ran out of time. Output: OUTDIR/gpu_check.md (one table)
 and OUTDIR/gpu_check.json (every number).
@@ -49,7 +51,7 @@ def _driver() -> str:
 
 
 def summary() -> dict[str, Any]:
-    """The machine, the versions, and proof that dpm_dist and its configs import from the staged source."""
+    """The machine, the versions, and proof that dpm_dist and its configs import from the installed wheel."""
     import torch
 
     import dpm_dist
@@ -155,6 +157,40 @@ def _train_rows(parts: str, peak: float | None) -> list[list[str]]:
     return rows
 
 
+def _head_rows(parts: str) -> list[list[str]]:
+    """One row per C of head_scale.py's JSON: replicated vs Partial FC, step time and peak memory side by side."""
+    data = _load(parts, "head")
+    status = _status(parts, "head")
+    if not data or not data.get("rows"):
+        return [["5. head, replicated vs Partial FC", "–", status]]
+    rows = []
+    rate = data["sample_rate"]
+    for row in data["rows"]:
+        cells = []
+        for kind, label in (("replicated", "replicated"), ("sampled", f"Partial FC {rate:.0%}")):
+            got = row.get(kind) or {}
+            if "s_per_step" not in got:
+                cells.append(f"{label}: {got.get('missing', '–')}")
+                continue
+            mem = f", {got['peak_gb']:.2f} GB" if got.get("peak_gb") is not None else ""
+            cells.append(f"{label}: {got['s_per_step'] * 1e3:.1f} ms/step{mem}")
+        rep, smp = row.get("replicated") or {}, row.get("sampled") or {}
+        if "s_per_step" in rep and "s_per_step" in smp:
+            ratio = f"Partial FC/replicated {smp['s_per_step'] / rep['s_per_step']:.2f}× time"
+            if rep.get("peak_gb") and smp.get("peak_gb") is not None:
+                ratio += f", {smp['peak_gb'] / rep['peak_gb']:.2f}× memory"
+            cells.append(ratio)
+        where = data.get("gpu") or data["device"]
+        rows.append(
+            [
+                f"5. head C = {row['classes']:,}, {data['precision']}, {where} (memory: {data['memory']})",
+                "; ".join(cells),
+                status,
+            ]
+        )
+    return rows
+
+
 def report(parts: str, outdir: str) -> None:
     dry = os.path.exists(os.path.join(parts, "dry_run"))
     info = _load(parts, "summary") or {}
@@ -192,6 +228,7 @@ def report(parts: str, outdir: str) -> None:
             _status(parts, "loader"),
         ]
     )
+    rows += _head_rows(parts)
     header = (
         f"GPU check{' (DRY RUN: CPU, tiny sizes)' if dry else ''}; MFU against {peak_note}; FLOPs per image "
         "counted by torch.utils.flop_counter.FlopCounterMode on one eager iteration (both steps, forward and "
@@ -208,9 +245,9 @@ def report(parts: str, outdir: str) -> None:
         "peak_note": peak_note,
         "rows": rows,
         "status": {
-            n: _status(parts, n) for n in ("summary", "tests", "train_eager", "train_compile", "eval", "loader")
+            n: _status(parts, n) for n in ("summary", "tests", "train_eager", "train_compile", "eval", "loader", "head")
         },
-        **{n: _load(parts, n) for n in ("summary", "train_eager", "train_compile", "eval", "loader")},
+        **{n: _load(parts, n) for n in ("summary", "train_eager", "train_compile", "eval", "loader", "head")},
     }
     gpu_bench.write(os.path.join(outdir, "gpu_check.json"), everything)
     print("\n".join(lines))

@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Fill .whl/ with the wheels the GPU machine lacks (it has no network), for benchmarks/gpu_check.sh.
+# Fill .whl/ with the wheels the GPU machine lacks (it has no network), for benchmarks/gpu_check.sh: the
+# project's own wheel (dpm_dist-*-py3-none-any.whl, configs inside) and its dependencies' the machine lacks.
 #
-#     bash benchmarks/gpu_wheels.sh            # here, in the repository root, before a GPU session
+#     bash benchmarks/gpu_wheels.sh                    # here, in the repository root, before a GPU session
+#     bash benchmarks/gpu_wheels.sh --project DEST     # only the project's wheel, into DEST (the dry run's)
 #
+# The project's wheel is built from a copy of what it is made of (dpm_dist/, configs/, pyproject.toml,
+# README.md), as tests/test_install.py builds it, so no stale build/ folder of the checkout leaks into it.
 # The GPU machine runs Python 3.12 (cp312, manylinux x86_64) with torch, torchvision, numpy, pillow,
 # tensorboard, pyyaml, packaging, psutil, msgpack, ninja, py-cpuinfo, einops, tqdm, fsspec present.
 # Missing there: deepspeed, webdataset, hydra-core, omegaconf, antlr4-python3-runtime, braceexpand, hjson,
@@ -13,9 +17,25 @@
 # it when the call names it: carry [".whl"] (64 MiB in all with the working tree).
 set -euo pipefail
 
-cd "$(git rev-parse --show-toplevel)"
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY=${PYTHON:-.venv/bin/python}
 DEST=.whl
+
+project_wheel() {  # DEST: build dpm_dist's wheel into DEST (no dependencies, no build isolation: this venv's setuptools)
+    local src
+    src=$(mktemp -d)
+    mkdir -p "$1"
+    cp -r dpm_dist configs pyproject.toml README.md "$src"/
+    find "$src" \( -name __pycache__ -o -name '*.egg-info' \) -prune -exec rm -rf {} +
+    "$PY" -m pip wheel -q --no-deps --no-build-isolation --no-cache-dir -w "$1" "$src" || { rm -rf "$src"; return 1; }
+    rm -rf "$src"
+}
+
+if [ "${1:-}" = "--project" ]; then
+    [ $# -eq 2 ] || { echo "usage: bash benchmarks/gpu_wheels.sh [--project DEST]" >&2; exit 2; }
+    project_wheel "$2"
+    exit
+fi
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo '/.whl/' >> .git/info/exclude; }
 
 pin() {  # NAME -> NAME==VERSION from constraints.txt (names compared case- and -/_-insensitively)
@@ -42,6 +62,9 @@ for name in "${SDISTS[@]}"; do
     DS_BUILD_OPS=0 DS_ACCELERATOR=cuda "$PY" -m pip wheel -q --no-deps --no-build-isolation --no-cache-dir -w "$DEST" "$(pin "$name")"
 done
 
+# The project's own wheel: gpu_check.sh installs it (not the source tree) on the GPU machine's Python 3.12.
+project_wheel "$DEST"
+
 # Every wheel must install where it goes (cp312 / py3) and there must be one version of each.
 for whl in "$DEST"/*.whl; do
     case "$(basename "$whl")" in *-py3-none-any.whl|*-py2.py3-none-any.whl|*-cp312-*manylinux*x86_64*.whl) ;;
@@ -57,9 +80,20 @@ trap 'rm -rf "$scratch"' EXIT
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$scratch" $(ls "$DEST"/*-none-any.whl)
 "$PY" -m zipfile -l "$DEST"/pydantic_core-*-cp312-*.whl | grep -c "_pydantic_core.cpython-312-x86_64-linux-gnu.so" >/dev/null \
     || { echo "gpu_wheels: the pydantic-core wheel holds no cp312 x86_64 extension" >&2; exit 1; }
-for mod in deepspeed webdataset hydra omegaconf antlr4 braceexpand hjson timm; do
+for mod in deepspeed webdataset hydra omegaconf antlr4 braceexpand hjson timm dpm_dist; do
     [ -d "$scratch/$mod" ] || [ -f "$scratch/$mod.py" ] || { echo "gpu_wheels: $mod missing after install" >&2; exit 1; }
 done
+[ -f "$scratch/dpm_dist/configs/train.yaml" ] || { echo "gpu_wheels: the dpm_dist wheel holds no configs" >&2; exit 1; }
+# its Requires-Python must admit the GPU machine's 3.12 (pip there refuses the wheel otherwise)
+"$PY" - "$scratch" <<'PY' || exit 1
+import glob, sys
+from email.parser import Parser
+from packaging.specifiers import SpecifierSet
+meta = Parser().parse(open(glob.glob(f"{sys.argv[1]}/dpm_dist-*.dist-info/METADATA")[0]))
+spec = SpecifierSet(meta["Requires-Python"] or "")
+if "3.12" not in spec:
+    sys.exit(f"gpu_wheels: dpm_dist's Requires-Python {spec} excludes the GPU machine's Python 3.12")
+PY
 [ -f "$scratch/deepspeed/git_version_info_installed.py" ] && grep -q "accelerator_name='cuda'" "$scratch/deepspeed/git_version_info_installed.py" \
     || echo "gpu_wheels: note: the deepspeed wheel records no cuda accelerator (harmless: no prebuilt ops)" >&2
 

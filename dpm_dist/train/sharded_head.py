@@ -165,6 +165,26 @@ def shard_masked_arcface_ce(
     return shard_cross_entropy(scale * cos.scatter(1, col, phi), labels, start, width=width, rows=rows)[0]
 
 
+def shard_classification_terms(
+    feats: torch.Tensor,
+    masks: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    start: int,
+    *,
+    margin: float,
+    scale: float,
+    rows: torch.Tensor | None = None,
+) -> dict[str, torch.Tensor]:
+    """Step 1's ``loss_id``, ``loss_mask_id`` and ``acc`` of the N gathered rows against this rank's prototype rows
+    ``weight`` (the whole shard, from class ``start``) or the sampled ``rows`` of them (:meth:`ShardedHead.classification_terms`;
+    benchmarks/head_scale.py times it alone)."""
+    w = weight if rows is None else weight.index_select(0, rows)  # unsampled rows: zero gradient
+    loss_id, acc = shard_cross_entropy(_fp32(F.linear(feats, w)), labels, start, width=weight.shape[0], rows=rows)
+    loss_mask_id = shard_masked_arcface_ce(feats, masks, weight, labels, start, margin=margin, scale=scale, rows=rows)
+    return {"loss_id": loss_id, "loss_mask_id": loss_mask_id, "acc": acc.detach()}
+
+
 def sample_rows(labels: torch.Tensor, start: int, width: int, rate: float, generator: torch.Generator) -> torch.Tensor:
     """Partial FC's rows of one shard for one step, sorted: every class of the shard that a label of the global batch
     names (the positives), plus negatives drawn uniformly without replacement from ``generator`` up to
@@ -240,15 +260,16 @@ class ShardedHead:
         """``loss_id``, ``loss_mask_id`` and ``acc`` over the global batch (the same on every rank). Collective."""
         feats, masks = gather_rows(feat_bn, self.world_size), gather_rows(mask, self.world_size)
         labels = gather_rows(labels, self.world_size)
-        rows = self.sampled_rows(labels)
-        weight = self.weight if rows is None else self.weight.index_select(0, rows)  # unsampled rows: zero gradient
-        loss_id, acc = shard_cross_entropy(
-            _fp32(F.linear(feats, weight)), labels, self.start, width=self.stop - self.start, rows=rows
+        return shard_classification_terms(
+            feats,
+            masks,
+            self.weight,
+            labels,
+            self.start,
+            margin=self.margin,
+            scale=self.scale,
+            rows=self.sampled_rows(labels),
         )
-        loss_mask_id = shard_masked_arcface_ce(
-            feats, masks, self.weight, labels, self.start, margin=self.margin, scale=self.scale, rows=rows
-        )
-        return {"loss_id": loss_id, "loss_mask_id": loss_mask_id, "acc": acc.detach()}
 
     def masked_arcface_ce(self, feat_bn: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Step 2's masked ArcFace CE with W held fixed: only the mask receives a gradient. Collective."""
