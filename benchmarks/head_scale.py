@@ -156,7 +156,7 @@ def measure_one_device(
         torch.cuda.reset_peak_memory_stats(dev)
     try:
         times, _ = run_steps(kind, classes, dim, batch, steps, rate, device=dev, precision=precision)
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:  # (the same class as torch.OutOfMemoryError in recent torch)
         return "out of memory"
     finally:
         gc.collect()
@@ -244,7 +244,7 @@ def main() -> None:
     else:
         where = f"{args.precision} on CPU gloo ranks; GB = peak RSS per rank process"
     print(f"sampled = sharded at sample_rate {args.sample_rate}; ratios against the replicated head of the same row")
-    print(f"{where}; D = {args.dim}, B = {args.batch} per rank, median of {args.steps} steps after the first")
+    print(f"{where}; D = {args.dim}, B = {args.batch} per rank, median of steps 2-{args.steps}")
     print(
         "| C | ranks | "
         + " | ".join(f"{k} s/step" for k in kinds)

@@ -2,6 +2,8 @@
 # Idempotent environment set-up: creates .venv and installs dpm-dist with the pinned, verified
 # dependency set (constraints.txt). Re-running is a no-op unless pyproject.toml or constraints.txt
 # changed.  Usage: bash scripts/bootstrap.sh
+# Python 3.11 (the suite's and CI's) by default; PYTHON=python3.12 or python3.13 for a .venv on another version
+# pyproject's requires-python admits (README, "Two commands"). An existing .venv keeps its version.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3.11}

@@ -114,3 +114,16 @@ def test_installed_wheel_trains_two_steps_from_another_folder_with_relative_path
     out = _run(train, cwd=tmp_path, env=env)
     assert (tmp_path / "runs" / "two_steps" / "model_final.pt").is_file(), out.stdout[-2000:]
     assert "mAP" in out.stdout
+
+
+def test_requires_python_admits_3_11_to_3_13():
+    """pyproject's requires-python admits every version the pinned set installs on: pip's resolver, for CPython
+    3.11, 3.12 and 3.13 on manylinux x86_64, found a wheel of every pin of constraints.txt but deepspeed and
+    antlr4-python3-runtime, pure-Python sdists that build anywhere (README, "Install"). A user on Ubuntu 24.04's
+    Python 3.12 must not get "requires a different Python"."""
+    import tomllib
+
+    from packaging.specifiers import SpecifierSet
+
+    spec = SpecifierSet(tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["requires-python"])
+    assert all(v in spec for v in ("3.11", "3.12", "3.13")), spec
