@@ -45,7 +45,7 @@ if [ "$DRY" = 1 ]; then
 else
     PY=${PYTHON:-python3}
     WHEELS="$ROOT/.whl"
-    ls "$WHEELS"/dpm_dist-*.whl >/dev/null 2>&1 || { echo "gpu_check: no wheels in $WHEELS: run benchmarks/gpu_wheels.sh here and carry .whl" >&2; exit 2; }
+    ls "$WHEELS"/dpm_dist-*.whl >/dev/null 2>&1 || { echo "gpu_check: no dpm_dist wheel in $WHEELS: run benchmarks/gpu_wheels.sh here and carry .whl" >&2; exit 2; }
     DEPS=()
     for whl in "$WHEELS"/*.whl; do case "$(basename "$whl")" in dpm_dist-*) ;; *) DEPS+=("$whl") ;; esac; done
 fi
