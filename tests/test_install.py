@@ -119,7 +119,7 @@ def test_installed_wheel_trains_two_steps_from_another_folder_with_relative_path
 def test_requires_python_admits_3_11_to_3_13():
     """pyproject's requires-python admits every version the pinned set installs on: pip's resolver, for CPython
     3.11, 3.12 and 3.13 on manylinux x86_64, found a wheel of every pin of constraints.txt but deepspeed and
-    antlr4-python3-runtime, pure-Python sdists that build anywhere (README, "Install"). A user on Ubuntu 24.04's
+    antlr4-python3-runtime, pure-Python sdists that build anywhere (README, "Two commands"). A user on Ubuntu 24.04's
     Python 3.12 must not get "requires a different Python"."""
     import tomllib
 
