@@ -439,6 +439,7 @@ def test_deepspeed_launcher_with_a_hostfile_and_no_ssh(tiny_shards, tmp_path):
         PATH=f"{VENV_BIN}:{os.environ['PATH']}",
     )
     env.pop("DEEPSPEED", None)
+    leftovers = f"deepspeed_allreduce_buffer_{os.getuid()}_*_{env['MASTER_PORT']}_*"  # DeepSpeed's shm workspaces
     proc = subprocess.run(
         [
             "bash",
@@ -460,6 +461,8 @@ def test_deepspeed_launcher_with_a_hostfile_and_no_ssh(tiny_shards, tmp_path):
     meta = json.loads((work / "ds" / "checkpoints" / "epoch_0001" / "meta.json").read_text())
     assert meta["world_size"] == 2 and json.loads((work / "ds" / "results.json").read_text())["steps"] == 2
     assert "Cosine annealing scheduler will have no effect" not in proc.stdout + proc.stderr  # timm, at optim.epochs=1
+    # DeepSpeed's launcher sets LOCAL_SIZE, so its CPU backend mapped a 66 MiB workspace per rank; none is left behind
+    assert not list(Path("/dev/shm").glob(leftovers)), sorted(p.name for p in Path("/dev/shm").glob(leftovers))
 
 
 @pytest.mark.slow

@@ -185,7 +185,27 @@ def _wrap(
             dist_init_required=env.distributed,
         )
         engines.append(engine)
+    _release_shm_workspace(env)
     return engines[0], engines[1]
+
+
+def _release_shm_workspace(env: DistEnv) -> None:
+    """Drop the names of DeepSpeed's shared-memory workspaces; the memory goes when the ranks end.
+
+    When every rank runs on one machine (DeepSpeed's launcher sets ``LOCAL_SIZE`` to the world size), DeepSpeed's
+    CPU backend maps a 66 MiB workspace per rank in ``/dev/shm`` for its inference all-reduce, named after the
+    user, ``MASTER_ADDR``, ``MASTER_PORT`` and the rank, and never unlinks it: every run used to leave 66 MiB a rank
+    there until the machine restarts, and a full ``/dev/shm`` ends DataLoader workers with bus errors. DeepSpeed's
+    initialisation returns once a rank has mapped every peer's workspace; after a barrier no rank opens one again.
+    Collective (only when ``LOCAL_SIZE`` is the world size, the same on every rank).
+    """
+    if env.world_size < 2 or os.environ.get("LOCAL_SIZE") != str(env.world_size) or torch.cuda.is_available():
+        return
+    dist.barrier()
+    address, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{address}_{port}_{env.rank}"  # DeepSpeed's shm.cpp
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join("/dev/shm", name))
 
 
 @dataclass(frozen=True)
