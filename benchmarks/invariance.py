@@ -11,11 +11,19 @@ ranks). They are timed round-robin (one step of each per round, after warm-up) s
 alike. Rank 0 prints the median seconds per step of each (wall clock, and the CPU time of its process, which a
 busy machine disturbs less) and the ratio invariant / today. The loader's part (the augmentation seeds) costs the
 same in both modes and is left out.
+
+It also counts the collectives of a step in each mode (every ``torch.distributed`` call the step makes, DeepSpeed's
+included) and times a bare collective of the same kind between the same ranks (a gather of 129 floats, median of
+200). On this 2-core VM the invariant mode's extra cost is mostly its synchronisation points: besides the
+collectives' own latency, every one of them makes the faster rank wait for the slower; it is a fixed cost per
+step that a bigger model's compute hides (docs/benchmarks.md, "World-size invariance cost").
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import functools
 import os
 import socket
 import statistics
@@ -23,9 +31,12 @@ import time
 
 import torch
 
-MODELS = {  # the tiny demo model, and a ViT-S-sized one (12 blocks of 384) with more work per collective
+MODELS = {  # the tiny demo model, half a ViT-Ti (6 blocks of 192) and a ViT-S-sized one (12 blocks of 384)
     "tiny": dict(
         model=dict(embed_dim=64, depth=4, num_heads=4, tap_blocks=(1, 2, 3, 4)), img=(128, 64), stride=(12, 12)
+    ),
+    "small": dict(
+        model=dict(embed_dim=192, depth=6, num_heads=3, tap_blocks=(3, 4, 5, 6)), img=(256, 128), stride=(16, 16)
     ),
     "vit_s": dict(model=dict(embed_dim=384, depth=12, num_heads=6), img=(256, 128), stride=(16, 16)),
 }
@@ -56,6 +67,37 @@ def _engine(name: str, invariant: str, ids: int, world: int, classes: int):
     return engine
 
 
+_CALLS: collections.Counter[str] = collections.Counter()
+
+
+def _count_collectives() -> None:
+    """Count every collective ``torch.distributed`` call of this process (DeepSpeed's go through the same module)."""
+    import torch.distributed as tdist
+
+    for name in ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast"):
+        original = getattr(tdist, name)
+
+        @functools.wraps(original)
+        def counted(*args, _original=original, _name=name, **kwargs):
+            _CALLS[_name] += 1
+            return _original(*args, **kwargs)
+
+        setattr(tdist, name, counted)
+
+
+def _collective_latency(world: int, rounds: int = 200) -> float:
+    """Median seconds of one small all-gather (129 floats: a BatchNorm's statistics at 64 channels) on this group."""
+    import torch.distributed as tdist
+
+    local, parts = torch.randn(129), [torch.empty(129) for _ in range(world)]
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        tdist.all_gather(parts, local)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
 def _rank(rank: int, world: int, port: int, model: str, ids: int, steps: int, threads: int) -> None:
     os.environ.update(
         RANK=str(rank),
@@ -70,6 +112,7 @@ def _rank(rank: int, world: int, port: int, model: str, ids: int, steps: int, th
 
     env = DistEnv.from_env()
     init_process_group(env)
+    _count_collectives()
     classes, batch = 702, ids * K
     modes = {
         "today": _engine(model, "off", ids, world, classes),
@@ -86,6 +129,11 @@ def _rank(rank: int, world: int, port: int, model: str, ids: int, steps: int, th
     cpu: dict[str, list[float]] = {m: [] for m in modes}
     for engine in modes.values():  # warm-up
         engine.step(data)
+    calls = {}
+    for name, engine in modes.items():  # one counted step of each
+        _CALLS.clear()
+        engine.step(data)
+        calls[name] = sum(_CALLS.values())
     for _ in range(steps):
         for name, engine in modes.items():
             t0, c0 = time.perf_counter(), time.process_time()
@@ -105,6 +153,15 @@ def _rank(rank: int, world: int, port: int, model: str, ids: int, steps: int, th
         for name in modes:
             med, med_cpu = statistics.median(times[name]), statistics.median(cpu[name])
             print(f"{name:<10} {med:8.3f} {med / today:8.3f}x {med_cpu:11.3f} {med_cpu / today_cpu:8.3f}x")
+    latency = _collective_latency(world)
+    if env.is_main:
+        extra = calls["invariant"] - calls["today"]
+        print(
+            f"collectives per step: today {calls['today']}, invariant {calls['invariant']}; one small gather between "
+            f"ranks that wait for it: {latency * 1e3:.2f} ms ({extra} of them: {extra * latency * 1e3:.0f} ms, "
+            f"{extra * latency / today:.1%} of today's step); the rest of the difference is the mode's own "
+            "arithmetic and each rank waiting for the slower one at every synchronisation point"
+        )
     from dpm_dist import dist
 
     dist.barrier()
