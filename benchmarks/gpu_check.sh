@@ -55,8 +55,9 @@ fi
     || { echo "gpu_check: wheel install failed (see $LOG)" >&2; tail -5 "$LOG" >&2; exit 1; }
 export PYTHONPATH="$SITE" PYTHONSAFEPATH=1 PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 export TORCHINDUCTOR_CACHE_DIR="$PARTS/inductor" TOKENIZERS_PARALLELISM=false
-(cd "$WORK" && "$PY" -c "import dpm_dist, platform; print('gpu_check: Python', platform.python_version(), 'imports dpm_dist from', dpm_dist.__file__)") 2>&1 | tee -a "$LOG"
-case "$(cd "$WORK" && "$PY" -c 'import dpm_dist; print(dpm_dist.__file__)' 2>/dev/null)" in
+read -r PYVER FOUND < <(cd "$WORK" && "$PY" -c "import dpm_dist, platform; print(platform.python_version(), dpm_dist.__file__)" 2>>"$LOG")
+echo "gpu_check: Python ${PYVER:-?} imports dpm_dist from ${FOUND:-nowhere}" | tee -a "$LOG"
+case "${FOUND:-}" in
     "$SITE"/dpm_dist/*) ;;
     *) echo "gpu_check: dpm_dist does not import from the installed wheel in $SITE" >&2; exit 1 ;;
 esac

@@ -140,6 +140,7 @@ def _rank(rank: int, world: int, port: int, model: str, ids: int, steps: int, th
             engine.step(data)
             times[name].append(time.perf_counter() - t0)
             cpu[name].append(time.process_time() - c0)
+    latency = _collective_latency(world)  # collective: every rank, before rank 0 prints
     if env.is_main:
         today = statistics.median(times["today"])
         spec = MODELS[model]
@@ -153,8 +154,6 @@ def _rank(rank: int, world: int, port: int, model: str, ids: int, steps: int, th
         for name in modes:
             med, med_cpu = statistics.median(times[name]), statistics.median(cpu[name])
             print(f"{name:<10} {med:8.3f} {med / today:8.3f}x {med_cpu:11.3f} {med_cpu / today_cpu:8.3f}x")
-    latency = _collective_latency(world)
-    if env.is_main:
         extra = calls["invariant"] - calls["today"]
         print(
             f"collectives per step: today {calls['today']}, invariant {calls['invariant']}; one small gather between "

@@ -9,7 +9,7 @@ bash scripts/bootstrap.sh
 workers=${DPM_TEST_WORKERS:-2}
 # One torch thread per xdist worker (two on one process): two workers of two threads each oversubscribe the two
 # cores, and OpenMP's spinning threads then take each other's time (the fast tier: 65-69 s with 2 threads a
-# worker, 37-63 s with 1, 51 s on average over three runs). The commands the tests start set their own (tests/conftest.py, train_env: 1).
+# worker, 37-63 s with 1). The commands the tests start set their own (tests/conftest.py, train_env: 1).
 if [ "$workers" = "0" ]; then threads=2; else threads=1; fi
 export DS_ACCELERATOR=cpu PYTHONHASHSEED=0 OMP_NUM_THREADS=${OMP_NUM_THREADS:-$threads}
 # The environment's commands first, ninja included: DeepSpeed JIT-builds its CPU comm op with the ninja on PATH,
