@@ -125,6 +125,30 @@ def pytest_runtest_call(item: pytest.Item):
         return (yield)
 
 
+TIMELINE_ENV = "DPM_TEST_TIMELINE"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    _timeline("start", item.nodeid)  # where the test runs (an xdist worker), setup to teardown
+    try:
+        return (yield)
+    finally:
+        _timeline("end", item.nodeid)
+
+
+def _timeline(event: str, nodeid: str) -> None:
+    """``DPM_TEST_TIMELINE=FILE``: one line per test start and end (time, xdist worker, event, test) appended to
+    FILE, for ``scripts/test_timeline.py`` (where a run's time went, worker by worker)."""
+    path = os.environ.get(TIMELINE_ENV)
+    if path:
+        import time
+
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+        with open(path, "a") as out:
+            out.write(f"{time.time():.3f}\t{worker}\t{event}\t{nodeid}\n")
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -303,15 +327,42 @@ def kill_tree(pid: int) -> None:
     psutil.wait_procs(victims, timeout=60)
 
 
+@contextlib.contextmanager
+def built_once(tmp_path_factory: pytest.TempPathFactory, worker_id: str, name: str) -> Iterator[tuple[Path, bool]]:
+    """A session folder ``name`` that every pytest-xdist worker of the session shares: ``(folder, built)``, under a
+    file lock; the first worker builds it while the others wait, then they read what it built. ``built`` is False
+    for the builder, which must fill the folder; leaving the block without an error marks it built (a failed build
+    is tried again by the next worker). Without xdist the folder is the session's own."""
+    from filelock import FileLock
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base if worker_id == "master" else base.parent  # pytest-N/: this session's, above popen-gw0, -gw1, ...
+    folder, done = shared / name, shared / f"{name}.built"
+    with FileLock(str(shared / f"{name}.lock")):
+        built = done.exists()
+        if not built:
+            subprocess.run(["rm", "-rf", str(folder)], check=True)  # a failed build's leftovers
+            folder.mkdir()
+        yield folder, built
+        done.touch()
+
+
 @pytest.fixture(scope="session")
-def uninterrupted(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def uninterrupted(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory, worker_id: str) -> Path:
     """The reference run: 2 ranks, ZeRO-1, 3 epochs × 2 steps, evaluated at the end, never stopped.
 
     Started as a user would: ``bash launch/torchrun.sh 2`` from a folder of their own, relative paths, the
     environment's python found on PATH; its output is kept in ``reference.log`` next to the run. Read-only:
-    tests that resume from its checkpoints copy it first.
+    tests that resume from its checkpoints copy it first. Trained once a session (six test files, on every
+    xdist worker, use it).
     """
-    work = relative_workdir(tmp_path_factory.mktemp("train") / "work", tiny_shards)
+    with built_once(tmp_path_factory, worker_id, "uninterrupted") as (folder, built):
+        if not built:
+            _train_uninterrupted(relative_workdir(folder / "work", tiny_shards))
+    return folder / "work" / "uninterrupted"
+
+
+def _train_uninterrupted(work: Path) -> None:
     env = dict(train_env(), PATH=f"{VENV_BIN}:{os.environ['PATH']}")
     env.pop("PYTHON", None)
     cmd = [
@@ -326,7 +377,6 @@ def uninterrupted(tiny_shards: Path, tmp_path_factory: pytest.TempPathFactory) -
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work, timeout=RUN_TIMEOUT_S)
     (work / "reference.log").write_text(proc.stdout + "\n----- stderr -----\n" + proc.stderr)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return work / "uninterrupted"
 
 
 def official_file(ours: Path, dst: Path) -> Path:
