@@ -103,3 +103,21 @@ def test_train_and_tune_refuse_unknown_keys_and_bad_types_in_one_line(tmp_path: 
     assert len(lines) == 1 and lines[0].startswith(expected), proc.stderr[-2000:]
     assert "To append to your config use" not in proc.stdout + proc.stderr
     assert not any(tmp_path.iterdir()), "a refused command wrote into the working folder"
+
+
+@pytest.mark.slow
+def test_a_file_url_data_root_is_checked_as_the_folder_it_names(tmp_path: Path) -> None:
+    """``data.root=file:///...`` is a local folder: missing, or without index.json, it is named as the config field
+    before anything starts (it used to pass the check and fail later naming index.json, not the field)."""
+    (tmp_path / "empty").mkdir()
+    cases = {
+        f"file://{tmp_path / 'nowhere'}": f"no such folder: file://{tmp_path / 'nowhere'} (make shards with",
+        f"file://{tmp_path / 'empty'}": f"file://{tmp_path / 'empty'} holds no index.json (not a shard folder; "
+        f"see `dpm-shards verify {tmp_path / 'empty'}`)",
+    }
+    for root, expected in cases.items():
+        proc = dpm("dpm-train", f"data.root={root}", "log.output_dir=run", cwd=tmp_path)
+        assert proc.returncode == 2, proc.stdout[-1000:] + proc.stderr[-2000:]
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"dpm-train: error: config field `data.root`: {expected}"), lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]  # nothing written

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar, overload
 
-from dpm_dist.data.storage import is_remote
+from dpm_dist.data.storage import is_remote, local_path
 
 T = TypeVar("T")
 
@@ -196,17 +196,18 @@ def check_local_inputs(
         *(("data.roots", root, True) for root in cfg.data.roots),
     ]
     for field, root, needs_index in roots:
-        if not root or "://" in root:
+        if not root or ("://" in root and not root.startswith("file://")):
             continue
-        if not os.path.isdir(root):
+        folder = local_path(root)  # a file:// root is a local folder too
+        if not os.path.isdir(folder):
             raise FileNotFoundError(
                 f"config field `{field}`: no such folder: {root} "
-                f"(make shards with `dpm-shards write ...` or `dpm-shards synth --out {root}`)"
+                f"(make shards with `dpm-shards write ...` or `dpm-shards synth --out {folder}`)"
             )
-        if needs_index and not os.path.isfile(os.path.join(root, "index.json")):
+        if needs_index and not os.path.isfile(os.path.join(folder, "index.json")):
             raise FileNotFoundError(
                 f"config field `{field}`: {root} holds no index.json (not a shard folder; "
-                f"see `dpm-shards verify {root}`)"
+                f"see `dpm-shards verify {folder}`)"
             )
     d = cfg.data
     urls = [d.root, d.eval_root, *d.roots, *d.train_urls, *d.query_urls, *d.gallery_urls]
