@@ -175,9 +175,15 @@ def test_a_warmup_longer_than_the_run_names_the_field_to_lower_and_a_run_of_warm
     # The tiny preset (warmup_epochs: 2) with optim.epochs=2: refused before ("must be in [0, epochs)"), now
     # accepted; DPM_PREFLIGHT=1 runs the checks the launch scripts run before the ranks, and trains nothing.
     cmd = [str(VENV_BIN / "dpm-train"), "experiment=tiny", "data.root=shards", "log.output_dir=run", "optim.epochs=2"]
-    env = dict(train_env(), DPM_PREFLIGHT="1")
+    env = dict(train_env(), DPM_PREFLIGHT="1", PYTHONPROFILEIMPORTTIME="1")  # each import on stderr
     checked = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=work, timeout=RUN_TIMEOUT_S)
-    assert checked.returncode == 0 and not checked.stderr.strip(), checked.stdout[-2000:] + checked.stderr[-3000:]
+    imports = [line for line in checked.stderr.splitlines() if line.startswith("import time:")]
+    said = [line for line in checked.stderr.splitlines() if not line.startswith("import time:") and line.strip()]
+    assert checked.returncode == 0 and not said, checked.stdout[-2000:] + "\n".join(said)[-3000:]
+    # the launch scripts run this check before torchrun starts the ranks: no image stack (torchvision and, through
+    # its ops, torch._dynamo: 1-2 s of a launch's start)
+    loaded = {line.rsplit("|", 1)[-1].strip() for line in imports}
+    assert "dpm_dist.train.loop" in loaded and not loaded & {"torchvision", "timm", "torch._dynamo"}, sorted(loaded)
 
 
 @pytest.mark.slow

@@ -327,7 +327,7 @@ def resolved_config(cfg: DPMConfig) -> dict[str, Any]:
 def preflight(cfg: DPMConfig) -> None:
     """The checks of :func:`train` that need no process group: the resume against the latest checkpoint's
     configuration and the dataset against the shards. Raises ``ValueError`` naming the field."""
-    from dpm_dist.data.loader import load_manifest
+    from dpm_dist.data.manifest import load_manifest  # not the loader: no torchvision in the preflight
 
     resolved = resolved_config(cfg)
     saved = checkpoint.latest_meta(os.path.join(cfg.log.output_dir, "checkpoints"))  # verified by train() itself
