@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -341,7 +342,7 @@ def built_once(tmp_path_factory: pytest.TempPathFactory, worker_id: str, name: s
     with FileLock(str(shared / f"{name}.lock")):
         built = done.exists()
         if not built:
-            subprocess.run(["rm", "-rf", str(folder)], check=True)  # a failed build's leftovers
+            shutil.rmtree(folder, ignore_errors=True)  # a failed build's leftovers
             folder.mkdir()
         yield folder, built
         done.touch()
